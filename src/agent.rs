@@ -1,0 +1,288 @@
+//! The running agent (`causeway run`): one QUIC endpoint, the links, the grants and the
+//! admin API, started together and stopped together.
+//!
+//! Incoming QUIC connections are dispatched by ALPN: link connections to [`Links::accept`],
+//! redeem connections to [`Issuer::serve`]. Handshakes in flight are bounded by a semaphore.
+//! Shutdown is explicit, as in mini-redis: one [`CancellationToken`] is cancelled, every
+//! connection is closed with a reason the peer logs, and the agent waits (bounded) for its
+//! tasks to finish before the endpoint is dropped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::admin::{self, Request};
+use crate::config::{Config, is_dns_label};
+use crate::identity::{self, PeerTrust, SiteIdentity};
+use crate::link::redeem::{self, Issuer};
+use crate::link::{LinkRecord, LinkState, Links, Role};
+use crate::protocol::{ALPN_LINK, ALPN_REDEEM, close};
+use crate::state::{StateDir, rfc3339};
+use crate::token::{GrantStore, Token};
+
+/// Handshakes (and redemptions) processed at once; more wait in quinn's queue.
+const MAX_HANDSHAKES: usize = 256;
+/// How long `token redeem` waits for the new link to come up before answering.
+const REDEEM_WAIT_UP: Duration = Duration::from_secs(10);
+
+/// A running agent.
+pub struct Agent {
+    /// The configuration it was started with.
+    pub config: Config,
+    /// Its state directory.
+    pub state: StateDir,
+    /// Our certificates.
+    identity: Arc<SiteIdentity>,
+    /// The one QUIC endpoint (links and redemptions, in and out).
+    endpoint: quinn::Endpoint,
+    /// The address the endpoint is bound to (the port may have been chosen by the OS).
+    pub local_addr: SocketAddr,
+    /// Links to other sites.
+    links: Arc<Links>,
+    /// Grants issued by this site.
+    grants: Arc<GrantStore>,
+    /// The issuer side of redemption.
+    issuer: Arc<Issuer>,
+    /// Cancelled to stop everything.
+    shutdown: CancellationToken,
+    /// Tasks that are not per-link (accept loop, admin API, handshakes).
+    tasks: TaskTracker,
+    /// When the agent started, for `status`.
+    started: SystemTime,
+}
+
+impl Agent {
+    /// Starts an agent on `state` with `config`: binds the QUIC port and the admin socket
+    /// and re-establishes every recorded link.
+    pub async fn start(state: StateDir, config: Config) -> anyhow::Result<Arc<Agent>> {
+        let identity = Arc::new(identity::load(&state).with_context(|| {
+            format!("loading the site identity from {} (run `causeway init` first?)", state.root.display())
+        })?);
+        if identity.site != config.site {
+            anyhow::bail!(
+                "causeway.yaml names site {:?} but the state dir {} holds site {:?}",
+                config.site,
+                state.root.display(),
+                identity.site
+            );
+        }
+        let trust = PeerTrust::new();
+        let server = identity::server_config(&identity, trust.clone(), &[ALPN_LINK, ALPN_REDEEM])?;
+        let endpoint = quinn::Endpoint::server(server, config.listen)
+            .with_context(|| format!("binding the QUIC link port {} (listen)", config.listen))?;
+        let local_addr = endpoint.local_addr().context("reading the bound QUIC address")?;
+        let shutdown = CancellationToken::new();
+        let vips_cidr = config.vips.cidr.to_string();
+        let links = Links::start(&state, identity.clone(), trust, endpoint.clone(), vips_cidr.clone(), shutdown.child_token())
+            .context("loading links")?;
+        let grants = Arc::new(GrantStore::load(state.grants()).context("loading grants")?);
+        let issuer = Arc::new(Issuer { identity: identity.clone(), grants: grants.clone(), links: links.clone(), vips_cidr });
+        let socket_path = state.admin_socket();
+        let listener = admin::bind(&socket_path)
+            .await
+            .with_context(|| format!("binding the admin socket {}", socket_path.display()))?;
+        let agent = Arc::new(Agent {
+            config,
+            state,
+            identity,
+            endpoint,
+            local_addr,
+            links,
+            grants,
+            issuer,
+            shutdown,
+            tasks: TaskTracker::new(),
+            started: SystemTime::now(),
+        });
+        agent.tasks.spawn(agent.clone().accept_loop());
+        agent.tasks.spawn(admin::serve(
+            listener,
+            socket_path,
+            agent.clone(),
+            agent.shutdown.clone(),
+            agent.tasks.clone(),
+        ));
+        info!(site = %agent.identity.site, quic = %local_addr, state = %agent.state.root.display(), "agent started");
+        Ok(agent)
+    }
+
+    /// The site id.
+    pub fn site(&self) -> &str {
+        &self.identity.site
+    }
+
+    async fn accept_loop(self: Arc<Self>) {
+        let limit = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        loop {
+            let incoming = tokio::select! {
+                i = self.endpoint.accept() => match i { Some(i) => i, None => break },
+                _ = self.shutdown.cancelled() => break,
+            };
+            let Ok(permit) = limit.clone().acquire_owned().await else { break };
+            let me = self.clone();
+            let remote = incoming.remote_address();
+            self.tasks.spawn(
+                async move {
+                    let conn = match tokio::time::timeout(Duration::from_secs(10), async { incoming.accept()?.await }).await {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => {
+                            debug!(error = %crate::link::describe_connection_error(&e), "handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!("handshake timed out");
+                            return;
+                        }
+                    };
+                    let alpn = conn
+                        .handshake_data()
+                        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                        .and_then(|h| h.protocol);
+                    match alpn.as_deref() {
+                        Some(ALPN_REDEEM) => {
+                            me.issuer.serve(conn).await;
+                            drop(permit);
+                        }
+                        Some(ALPN_LINK) => {
+                            drop(permit);
+                            if conn.peer_identity().is_none() {
+                                warn!("link attempt without a client certificate refused");
+                                conn.close(close::REJECTED.into(), b"links require a client certificate");
+                                return;
+                            }
+                            me.links.clone().accept(conn).await;
+                        }
+                        _ => conn.close(close::PROTOCOL.into(), b"unknown ALPN"),
+                    }
+                }
+                .instrument(info_span!("conn", %remote)),
+            );
+        }
+    }
+
+    /// Answers one admin request.
+    pub async fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
+        match req {
+            Request::TokenIssue { uses, expires_secs } => self.issue(uses, Duration::from_secs(expires_secs)).await,
+            Request::TokenRedeem { token, name, cost } => self.redeem(&token, name, cost).await,
+            Request::LinkList => Ok(json!(self.links.list())),
+            Request::LinkRemove { name } => {
+                let record = self.links.remove(&name).map_err(|e| e.to_string())?;
+                Ok(json!({"name": record.name, "peer_site": record.peer_site}))
+            }
+            Request::Status => Ok(self.status().await),
+        }
+    }
+
+    fn advertised(&self) -> Vec<String> {
+        if !self.config.advertise.is_empty() {
+            return self.config.advertise.clone();
+        }
+        let mut addr = self.local_addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+        }
+        vec![addr.to_string()]
+    }
+
+    async fn issue(&self, uses: u32, ttl: Duration) -> Result<serde_json::Value, String> {
+        let (grant, secret) = self.grants.issue(uses, ttl).await.map_err(|e| e.to_string())?;
+        let addresses = self.advertised();
+        if addresses.iter().all(|a| a.starts_with("127.") || a.starts_with("[::1]") || a.starts_with("localhost")) {
+            warn!(
+                ?addresses,
+                "the token advertises only loopback addresses; set `advertise:` in causeway.yaml so other machines can reach this site"
+            );
+        }
+        let token = Token {
+            version: crate::token::TOKEN_VERSION,
+            issuer: self.identity.site.clone(),
+            addresses,
+            ca: self.identity.ca_pem.clone(),
+            grant: grant.id.clone(),
+            secret,
+            expires: grant.expires,
+        };
+        info!(grant = %grant.id, uses, expires = %rfc3339::format(grant.expires), "token issued");
+        Ok(json!({"token": token.to_yaml(), "grant": grant.id, "expires": rfc3339::format(grant.expires), "uses": uses}))
+    }
+
+    async fn redeem(&self, text: &str, name: Option<String>, cost: u32) -> Result<serde_json::Value, String> {
+        let token = Token::parse(text).map_err(|e| e.to_string())?;
+        let name = name.unwrap_or_else(|| token.issuer.clone());
+        if !is_dns_label(&name) {
+            return Err(format!("link name {name:?} must be a DNS-1123 label (lowercase letters, digits, '-')"));
+        }
+        if cost == 0 {
+            return Err("--cost must be at least 1".into());
+        }
+        if self.links.contains(&name) {
+            return Err(crate::link::LinkError::Exists(name).to_string());
+        }
+        let span = info_span!("redeem", issuer = %token.issuer, link = %name);
+        let redeemed = redeem::redeem(&self.endpoint, &self.identity, &token, &self.config.vips.cidr.to_string())
+            .instrument(span)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.links
+            .add(LinkRecord {
+                name: name.clone(),
+                peer_site: redeemed.site.clone(),
+                role: Role::Dialer,
+                addresses: token.addresses.clone(),
+                peer_ca: token.ca.clone(),
+                cost,
+                created: SystemTime::now(),
+            })
+            .map_err(|e| e.to_string())?;
+        info!(link = %name, peer = %redeemed.site, addr = %redeemed.addr, "token redeemed");
+        let status = self.links.wait_up(&name, REDEEM_WAIT_UP).await;
+        Ok(json!({
+            "name": name,
+            "peer_site": redeemed.site,
+            "addr": redeemed.addr.to_string(),
+            "state": status.as_ref().map(|s| s.state).unwrap_or(LinkState::Connecting),
+            "last_error": status.and_then(|s| s.last_error),
+        }))
+    }
+
+    async fn status(&self) -> serde_json::Value {
+        let links = self.links.list();
+        let up = links.iter().filter(|l| l.state == LinkState::Up).count();
+        json!({
+            "site": self.identity.site,
+            "listen": self.local_addr.to_string(),
+            "advertise": self.advertised(),
+            "state_dir": self.state.root.display().to_string(),
+            "started": rfc3339::format(self.started),
+            "uptime_secs": self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+            "links": links,
+            "counters": {
+                "links_total": links.len(),
+                "links_up": up,
+                "grants_open": self.grants.open_count().await,
+            },
+        })
+    }
+
+    /// Stops the agent: closes links with a reason, stops the admin API and waits (bounded)
+    /// for every task.
+    pub async fn shutdown(&self) {
+        info!("shutting down");
+        self.shutdown.cancel();
+        self.links.shutdown().await;
+        self.endpoint.close(close::SHUTDOWN.into(), b"agent shutting down");
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.tasks.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        let _ = std::fs::remove_file(self.state.admin_socket());
+        info!("stopped");
+    }
+}

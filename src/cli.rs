@@ -1,0 +1,382 @@
+//! The command line: argument parsing (clap derive) and the output of every command.
+//!
+//! Commands other than `init`, `run` and `demo` talk to the running agent through the admin
+//! socket in the state directory. Every command exits 0 on success and 1 on error, printing
+//! one line on stderr that names what was wrong and what to do; `-o json|yaml` gives machine
+//! readable output where a command lists things.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::admin::{self, Request};
+use crate::agent::Agent;
+use crate::config::{self, Config, is_dns_label};
+use crate::identity;
+use crate::link::LinkStatus;
+use crate::state::StateDir;
+
+/// Stretch clustered software across sites: one binary, one token.
+#[derive(Debug, Parser)]
+#[command(name = "causeway", version, about, long_about = None)]
+pub struct Cli {
+    /// The site's state directory (keys, certificates, links, grants).
+    #[arg(long, global = true, env = "CAUSEWAY_STATE", default_value = "/var/lib/causeway")]
+    pub state: PathBuf,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Output format of listing commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the state dir: site CA, agent certificate, and causeway.yaml if absent.
+    Init {
+        /// The site's cluster id (a DNS-1123 label).
+        #[arg(long)]
+        site: String,
+        /// Where to write causeway.yaml (default: <state>/causeway.yaml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run the agent in the foreground until SIGINT/SIGTERM.
+    Run {
+        /// The configuration file (default: <state>/causeway.yaml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Issue and redeem link tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// List and remove links to other sites.
+    #[command(subcommand)]
+    Link(LinkCommand),
+    /// Site, links and counters in one view.
+    Status {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Two sites in one process on loopback, linked by a token; prints each step.
+    Demo,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Ask the running agent for a grant and write the token.
+    Issue {
+        /// How many sites may redeem this token.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// How long the token stays valid (e.g. 15m, 2h, 1d).
+        #[arg(long, default_value = "15m", value_parser = parse_duration)]
+        expires: Duration,
+        /// Write the token to this file (mode 0600) instead of standard output.
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+    },
+    /// Redeem a token (a file, or - for standard input): link this site to the issuer.
+    Redeem {
+        /// The token file, or - to read standard input.
+        file: String,
+        /// Local name of the link (default: the issuer's site id).
+        #[arg(long)]
+        name: Option<String>,
+        /// Routing cost of the link; lower is preferred.
+        #[arg(long, default_value_t = 1)]
+        cost: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LinkCommand {
+    /// List links with peer site, state, RTT, cost and since.
+    List {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Drop a link and revoke the peer's trust on this side at once.
+    Remove { name: String },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 15m, 2h, 7d)"))
+}
+
+/// Parses the command line, runs the command and maps errors to exit status 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let default = match cli.command {
+        Command::Run { .. } => "info",
+        _ => "warn",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match cli.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let state = StateDir::new(&cli.state);
+    match cli.command {
+        Command::Init { site, config } => init(&state, &site, config.as_deref()),
+        Command::Run { config } => run_agent(state, config).await,
+        Command::Token(TokenCommand::Issue { uses, expires, output }) => token_issue(&state, uses, expires, output).await,
+        Command::Token(TokenCommand::Redeem { file, name, cost }) => token_redeem(&state, &file, name, cost).await,
+        Command::Link(LinkCommand::List { output }) => {
+            let data = call(&state, Request::LinkList).await?;
+            let links: Vec<LinkStatus> = serde_json::from_value(data.clone()).context("reading the agent's answer")?;
+            print_output(output, &data, || links_table(&links))
+        }
+        Command::Link(LinkCommand::Remove { name }) => {
+            let data = call(&state, Request::LinkRemove { name }).await?;
+            println!(
+                "removed link {} to {}; its trust is revoked",
+                data["name"].as_str().unwrap_or("?"),
+                data["peer_site"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+        Command::Status { output } => {
+            let data = call(&state, Request::Status).await?;
+            print_output(output, &data, || status_table(&data))
+        }
+        Command::Demo => crate::demo::run().await,
+    }
+}
+
+async fn call(state: &StateDir, req: Request) -> anyhow::Result<serde_json::Value> {
+    Ok(admin::call(&state.root, &state.admin_socket(), &req).await?)
+}
+
+fn init(state: &StateDir, site: &str, config_path: Option<&Path>) -> anyhow::Result<()> {
+    if !is_dns_label(site) {
+        bail!("--site {site:?} is not a valid site id: use a DNS-1123 label (lowercase letters, digits and '-', at most 63, e.g. london or eu-west-1)");
+    }
+    identity::create(state, site)?;
+    let config_path = config_path.map(Path::to_path_buf).unwrap_or_else(|| state.config());
+    let wrote_config = if config_path.exists() {
+        false
+    } else {
+        crate::state::write_new(&config_path, config::default_yaml(site).as_bytes(), 0o600)?;
+        true
+    };
+    println!("initialised site {site} in {}", state.root.display());
+    println!("  site CA        {}", state.ca_cert().display());
+    println!("  agent cert     {}", state.agent_cert().display());
+    if wrote_config {
+        println!("  configuration  {}", config_path.display());
+    } else {
+        println!("  configuration  {} (kept: it already existed)", config_path.display());
+    }
+    println!("next: causeway --state {} run", state.root.display());
+    Ok(())
+}
+
+async fn run_agent(state: StateDir, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let path = config_path.unwrap_or_else(|| state.config());
+    let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let agent = Agent::start(state, config).await?;
+    wait_for_signal().await?;
+    agent.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}
+
+async fn token_issue(state: &StateDir, uses: u32, expires: Duration, output: Option<PathBuf>) -> anyhow::Result<()> {
+    let data = call(state, Request::TokenIssue { uses, expires_secs: expires.as_secs().max(1) }).await?;
+    let token = data["token"].as_str().context("the agent returned no token")?;
+    match output {
+        Some(path) => {
+            crate::state::write_atomic(&path, token.as_bytes(), 0o600)?;
+            eprintln!(
+                "wrote token to {} ({} use(s), expires {}); redeem it on the other site with: causeway token redeem {}",
+                path.display(),
+                uses,
+                data["expires"].as_str().unwrap_or("?"),
+                path.display()
+            );
+        }
+        None => {
+            std::io::stdout().write_all(token.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+async fn token_redeem(state: &StateDir, file: &str, name: Option<String>, cost: u32) -> anyhow::Result<()> {
+    let token = if file == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading the token from standard input")?;
+        s
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading token file {file}"))?
+    };
+    let data = call(state, Request::TokenRedeem { token, name, cost }).await?;
+    let peer = data["peer_site"].as_str().unwrap_or("?");
+    let addr = data["addr"].as_str().unwrap_or("?");
+    if data["state"] == "up" {
+        println!("linked to {peer} ({addr})");
+    } else {
+        println!("redeemed; link to {peer} ({addr}) is still {}", data["state"].as_str().unwrap_or("connecting"));
+        if let Some(e) = data["last_error"].as_str() {
+            eprintln!("warning: last attempt: {e}");
+        }
+    }
+    Ok(())
+}
+
+fn print_output(output: Output, data: &serde_json::Value, table: impl FnOnce() -> String) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(data)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(data)?),
+        Output::Table => print!("{}", table()),
+    }
+    Ok(())
+}
+
+/// Renders rows as aligned columns.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn links_table(links: &[LinkStatus]) -> String {
+    if links.is_empty() {
+        return "no links; link a site with `causeway token issue` here and `causeway token redeem` there\n".into();
+    }
+    let rows: Vec<Vec<String>> = links
+        .iter()
+        .map(|l| {
+            vec![
+                l.name.clone(),
+                l.peer_site.clone(),
+                l.state.to_string(),
+                l.rtt_ms.map(|r| format!("{r:.1}ms")).unwrap_or_else(|| "-".into()),
+                l.cost.to_string(),
+                l.since.clone(),
+                format!("{:?}", l.role).to_lowercase(),
+                l.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "PEER", "STATE", "RTT", "COST", "SINCE", "ROLE", "LAST ERROR"], &rows)
+}
+
+fn status_table(data: &serde_json::Value) -> String {
+    let mut out = format!(
+        "site      {}\nlisten    {}\nadvertise {}\nstarted   {}\n",
+        data["site"].as_str().unwrap_or("?"),
+        data["listen"].as_str().unwrap_or("?"),
+        data["advertise"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
+        data["started"].as_str().unwrap_or("?"),
+    );
+    if let Some(c) = data["counters"].as_object() {
+        let counters: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.push_str(&format!("counters  {}\n\n", counters.join(" ")));
+    }
+    let links: Vec<LinkStatus> = serde_json::from_value(data["links"].clone()).unwrap_or_default();
+    out.push_str(&links_table(&links));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn spec_command_lines_parse() {
+        for line in [
+            "causeway --state ./london init --site london",
+            "causeway --state ./london run",
+            "causeway --state ./london token issue --uses 1 --expires 15m -o paris.token",
+            "causeway --state ./paris token redeem paris.token --name hub --cost 5",
+            "causeway token redeem -",
+            "causeway link list -o json",
+            "causeway link remove paris",
+            "causeway status -o yaml",
+            "causeway --log-format json demo",
+        ] {
+            let args: Vec<&str> = line.split_whitespace().collect();
+            Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{line}: {e}"));
+        }
+        assert!(Cli::try_parse_from(["causeway", "token", "issue", "--expires", "soon"]).is_err());
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y\n");
+    }
+}

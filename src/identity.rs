@@ -1,0 +1,466 @@
+//! Site identity and the TLS that rests on it.
+//!
+//! Every site owns a certificate authority (ECDSA P-256, made by rcgen at `init`) and an
+//! agent certificate that CA signs. Links are mutual TLS 1.3 inside QUIC: the dialer pins the
+//! peer's CA (learned from the token it redeemed) and the acceptor admits a client certificate
+//! only when it chains to the CA of a site it has linked with ([`PeerTrust`]). Trust changes
+//! at run time (a redemption adds a CA, `link remove` drops one), so the verifier reads a
+//! shared, swappable set rather than a fixed root store. A client certificate that does not
+//! chain to a trusted CA fails the handshake. A client may also present none: that is how a
+//! redeemer connects, proving its certificate's key instead by signing the connection's TLS
+//! exporter ([`SiteIdentity::sign`], [`verify_signature`]); such a connection can do nothing
+//! but redeem, which the agent enforces after the handshake.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName as TlsDn, RootCertStore, SignatureScheme};
+
+use crate::state::{StateDir, StateError, write_new};
+
+/// Errors creating or loading a site identity, or building TLS from it.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("generating certificates: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("{what}: not a valid PEM certificate or key")]
+    Pem { what: String },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error(
+        "state dir {dir} already holds a site ({file} exists); refusing to overwrite it. \
+         Use another --state, or remove the directory to start over"
+    )]
+    Exists { dir: String, file: String },
+}
+
+/// The crypto provider used everywhere: ring only, so that rustls never sees two providers.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A site's own keys and certificates, loaded from its state directory.
+pub struct SiteIdentity {
+    /// The site id the agent certificate was issued for; peers verify it as the server name.
+    pub site: String,
+    /// The site CA certificate in PEM, as written into tokens.
+    pub ca_pem: String,
+    /// The site CA certificate in DER, to recognise our own members and to refuse self-links.
+    pub ca_der: CertificateDer<'static>,
+    /// The agent certificate in PEM, sent when redeeming.
+    pub cert_pem: String,
+    /// The agent certificate followed by the CA certificate: the chain presented on links.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The agent's private key (PKCS#8).
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for SiteIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiteIdentity").field("site", &self.site).finish_non_exhaustive()
+    }
+}
+
+impl Clone for SiteIdentity {
+    fn clone(&self) -> Self {
+        SiteIdentity {
+            site: self.site.clone(),
+            ca_pem: self.ca_pem.clone(),
+            ca_der: self.ca_der.clone(),
+            cert_pem: self.cert_pem.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+/// Creates the site CA and agent certificate in `state`, refusing to overwrite a site.
+pub fn create(state: &StateDir, site: &str) -> Result<(), IdentityError> {
+    for path in [state.ca_cert(), state.ca_key(), state.agent_cert(), state.agent_key()] {
+        if path.exists() {
+            return Err(IdentityError::Exists {
+                dir: state.root.display().to_string(),
+                file: path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+            });
+        }
+    }
+    state.create()?;
+
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.distinguished_name = dn(&format!("causeway site CA {site}"));
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, &ca_key);
+
+    let agent_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let agent_cert = leaf_params(site, &format!("causeway agent {site}"))?.signed_by(&agent_key, &issuer)?;
+
+    write_new(&state.ca_key(), ca_key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&state.ca_cert(), ca_cert.pem().as_bytes(), 0o600)?;
+    write_new(&state.agent_key(), agent_key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&state.agent_cert(), agent_cert.pem().as_bytes(), 0o600)?;
+    Ok(())
+}
+
+fn dn(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, "causeway");
+    dn
+}
+
+/// Parameters of a certificate for an agent of `site`: its DNS SAN is the site id, which is
+/// the server name peers verify, and it may serve and authenticate as a client.
+fn leaf_params(site: &str, common_name: &str) -> Result<CertificateParams, IdentityError> {
+    let mut params = CertificateParams::new(vec![site.to_string()])?;
+    params.distinguished_name = dn(common_name);
+    params.is_ca = IsCa::NoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    Ok(params)
+}
+
+/// Loads the identity from `state`.
+pub fn load(state: &StateDir) -> Result<SiteIdentity, IdentityError> {
+    let read = |path: std::path::PathBuf| -> Result<String, IdentityError> {
+        std::fs::read_to_string(&path).map_err(|e| StateError::io(&path, e).into())
+    };
+    let ca_pem = read(state.ca_cert())?;
+    let ca_der = parse_cert_pem(&ca_pem, "ca.crt")?;
+    let cert_pem = read(state.agent_cert())?;
+    let agent_der = parse_cert_pem(&cert_pem, "agent.crt")?;
+    let key = PrivateKeyDer::from_pem_slice(read(state.agent_key())?.as_bytes())
+        .map_err(|_| IdentityError::Pem { what: state.agent_key().display().to_string() })?;
+    let site = cert_dns_name(&agent_der).ok_or_else(|| IdentityError::Pem {
+        what: format!("{} (no site name in the certificate)", state.agent_cert().display()),
+    })?;
+    let chain = vec![agent_der, ca_der.clone()];
+    Ok(SiteIdentity { site, ca_pem, ca_der, cert_pem, chain, key })
+}
+
+/// Parses one PEM certificate.
+pub fn parse_cert_pem(pem: &str, what: &str) -> Result<CertificateDer<'static>, IdentityError> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|_| IdentityError::Pem { what: what.to_string() })
+}
+
+/// The first DNS subject-alternative name of a certificate: for our certificates, the site id.
+pub fn cert_dns_name(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(name) => Some(name.to_string()),
+        _ => None,
+    })
+}
+
+/// A site whose CA this agent trusts, because a token was redeemed one way or the other.
+struct TrustedPeer {
+    /// The peer's site id, as recorded at redemption.
+    site: String,
+    /// Verifies client certificates against this one CA only, so that a verified peer is
+    /// also identified.
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+/// The set of peer CAs this agent accepts links from, shared by the TLS verifier and the
+/// link manager, and changed at run time.
+pub struct PeerTrust {
+    peers: RwLock<Vec<TrustedPeer>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl std::fmt::Debug for PeerTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerTrust").finish_non_exhaustive()
+    }
+}
+
+impl PeerTrust {
+    pub fn new() -> Arc<Self> {
+        Arc::new(PeerTrust { peers: RwLock::new(Vec::new()), provider: provider() })
+    }
+
+    /// Replaces the trusted set with `(site, ca)` pairs.
+    pub fn set(&self, peers: &[(String, CertificateDer<'static>)]) -> Result<(), IdentityError> {
+        let mut built = Vec::with_capacity(peers.len());
+        for (site, ca) in peers {
+            built.push(TrustedPeer { site: site.clone(), verifier: self.single_root_verifier(ca)? });
+        }
+        match self.peers.write() {
+            Ok(mut guard) => *guard = built,
+            Err(poisoned) => *poisoned.into_inner() = built,
+        }
+        Ok(())
+    }
+
+    pub fn single_root_verifier(&self, ca: &CertificateDer<'static>) -> Result<Arc<dyn ClientCertVerifier>, IdentityError> {
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone()).map_err(|e| IdentityError::Tls(format!("peer CA: {e}")))?;
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| IdentityError::Tls(e.to_string()))
+    }
+
+    /// The trusted site whose CA issued `leaf`, if any.
+    pub fn identify(&self, leaf: &CertificateDer<'_>) -> Option<String> {
+        let now = UnixTime::now();
+        let peers = match self.peers.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        peers
+            .iter()
+            .find(|p| p.verifier.verify_client_cert(leaf, &[], now).is_ok())
+            .map(|p| p.site.clone())
+    }
+}
+
+/// rustls' view of [`PeerTrust`].
+#[derive(Debug)]
+struct LinkClientVerifier {
+    trust: Arc<PeerTrust>,
+}
+
+impl ClientCertVerifier for LinkClientVerifier {
+    fn root_hint_subjects(&self) -> &[TlsDn] {
+        &[]
+    }
+
+    /// Optional: a redeemer connects without a certificate (see the module doc).
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        {
+            let peers = match self.trust.peers.read() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if peers.iter().any(|p| p.verifier.verify_client_cert(end_entity, &[], now).is_ok()) {
+                return Ok(ClientCertVerified::assertion());
+            }
+        }
+        Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.trust.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.trust.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.trust.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// QUIC transport settings shared by every link: keep-alives that notice a dead peer within
+/// 5 s, and flow-control windows of at least the bandwidth-delay product of a 100 ms, 1 Gbit/s
+/// path so that one stream can fill such a link.
+pub fn transport_config() -> quinn::TransportConfig {
+    const BDP: u32 = 16 * 1024 * 1024; // > 1 Gbit/s × 100 ms = 12.5 MB
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_millis(1000)));
+    // 4 s of silence: the peer is gone (keep-alives every 1 s make this safe).
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(4_000))));
+    t.stream_receive_window(quinn::VarInt::from_u32(BDP));
+    t.receive_window(quinn::VarInt::from_u32(4 * BDP));
+    t.send_window(4 * BDP as u64);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(16_384));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
+    t.datagram_receive_buffer_size(Some(4 * 1024 * 1024));
+    t.datagram_send_buffer_size(4 * 1024 * 1024);
+    t
+}
+
+/// The acceptor's QUIC server configuration: our agent chain, client certificates required
+/// and checked against `trust`, TLS 1.3 only, the given ALPNs.
+pub fn server_config(
+    id: &SiteIdentity,
+    trust: Arc<PeerTrust>,
+    alpns: &[&[u8]],
+) -> Result<quinn::ServerConfig, IdentityError> {
+    let verifier = Arc::new(LinkClientVerifier { trust });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| IdentityError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(id.chain.clone(), id.key.clone_key())
+        .map_err(|e| IdentityError::Tls(e.to_string()))?;
+    tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+    tls.max_early_data_size = 0;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| IdentityError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport_config()));
+    Ok(cfg)
+}
+
+/// A dialer's QUIC client configuration pinned to one peer CA: the server must present a
+/// certificate signed by `peer_ca` for the peer's site id. With `present`, we present our
+/// agent chain (links); without, none (redemption, which proves the key differently).
+pub fn client_config(
+    id: &SiteIdentity,
+    peer_ca: &CertificateDer<'static>,
+    alpn: &[u8],
+    present: bool,
+) -> Result<quinn::ClientConfig, IdentityError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(peer_ca.clone()).map_err(|e| IdentityError::Tls(format!("peer CA: {e}")))?;
+    let verifier: Arc<dyn ServerCertVerifier> =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| IdentityError::Tls(e.to_string()))?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| IdentityError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut tls = if present {
+        builder
+            .with_client_auth_cert(id.chain.clone(), id.key.clone_key())
+            .map_err(|e| IdentityError::Tls(e.to_string()))?
+    } else {
+        builder.with_no_client_auth()
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.enable_early_data = false;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| IdentityError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport_config()));
+    Ok(cfg)
+}
+
+impl SiteIdentity {
+    /// Signs `msg` with the agent key (ECDSA P-256, ASN.1 signature).
+    pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, IdentityError> {
+        use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
+        let rng = ring::rand::SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, self.key.secret_der(), &rng)
+            .map_err(|e| IdentityError::Tls(format!("agent key: {e}")))?;
+        key.sign(&rng, msg)
+            .map(|s| s.as_ref().to_vec())
+            .map_err(|e| IdentityError::Tls(format!("signing: {e}")))
+    }
+}
+
+/// Whether `sig` is a valid ECDSA P-256 signature of `msg` by the key of certificate `cert`.
+pub fn verify_signature(cert: &CertificateDer<'_>, msg: &[u8], sig: &[u8]) -> bool {
+    use ring::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return false;
+    };
+    let point = parsed.public_key().subject_public_key.data.as_ref();
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, point).verify(msg, sig).is_ok()
+}
+
+/// The TLS server name a peer's agent certificate is issued for: its site id.
+pub fn server_name(site: &str) -> Result<ServerName<'static>, IdentityError> {
+    ServerName::try_from(site.to_string()).map_err(|e| IdentityError::Tls(format!("site name {site:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(dir: &std::path::Path, name: &str) -> SiteIdentity {
+        let state = StateDir::new(dir.join(name));
+        create(&state, name).unwrap();
+        load(&state).unwrap()
+    }
+
+    #[test]
+    fn create_load_and_refuse_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = site(dir.path(), "london");
+        assert_eq!(id.site, "london");
+        assert_eq!(id.chain.len(), 2);
+        let err = create(&StateDir::new(dir.path().join("london")), "london").unwrap_err();
+        assert!(err.to_string().contains("refusing to overwrite"), "{err}");
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["ca.key", "agent.key", "ca.crt", "agent.crt"] {
+            let m = std::fs::metadata(dir.path().join("london").join(f)).unwrap().permissions().mode();
+            assert_eq!(m & 0o777, 0o600, "{f}");
+        }
+    }
+
+    #[test]
+    fn trust_identifies_only_trusted_sites() {
+        let dir = tempfile::tempdir().unwrap();
+        let london = site(dir.path(), "london");
+        let paris = site(dir.path(), "paris");
+        let trust = PeerTrust::new();
+        assert_eq!(trust.identify(&paris.chain[0]), None);
+        trust.set(&[("paris".into(), paris.ca_der.clone())]).unwrap();
+        assert_eq!(trust.identify(&paris.chain[0]).as_deref(), Some("paris"));
+        assert_eq!(trust.identify(&london.chain[0]), None);
+
+        let v = LinkClientVerifier { trust: trust.clone() };
+        assert!(v.verify_client_cert(&paris.chain[0], &paris.chain[1..], UnixTime::now()).is_ok());
+        assert!(v.verify_client_cert(&london.chain[0], &london.chain[1..], UnixTime::now()).is_err());
+        // Presenting a trusted CA beside an untrusted leaf does not help.
+        assert!(v.verify_client_cert(&london.chain[0], &paris.chain[1..], UnixTime::now()).is_err());
+        trust.set(&[]).unwrap();
+        assert!(v.verify_client_cert(&paris.chain[0], &paris.chain[1..], UnixTime::now()).is_err());
+    }
+
+    #[test]
+    fn signatures_prove_the_certificate_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let london = site(dir.path(), "london");
+        let paris = site(dir.path(), "paris");
+        let sig = london.sign(b"exporter").unwrap();
+        assert!(verify_signature(&london.chain[0], b"exporter", &sig));
+        assert!(!verify_signature(&london.chain[0], b"other", &sig));
+        assert!(!verify_signature(&paris.chain[0], b"exporter", &sig));
+        assert!(!verify_signature(&london.chain[0], b"exporter", b"garbage"));
+    }
+
+    #[test]
+    fn site_name_is_in_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = site(dir.path(), "tokyo-1");
+        assert_eq!(cert_dns_name(&id.chain[0]).as_deref(), Some("tokyo-1"));
+        assert!(server_name("tokyo-1").is_ok());
+    }
+}

@@ -1,0 +1,16 @@
+//! causeway: stretch clustered software across Kubernetes clusters and networks.
+//!
+//! One binary runs a **site agent** that links to other sites over mutually authenticated
+//! QUIC, carries flows through those links and answers `clusterset.local` DNS. The modules
+//! are one room per concern; `docs/ARCHITECTURE.md` walks through them.
+
+pub mod admin;
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod identity;
+pub mod link;
+pub mod protocol;
+pub mod state;
+pub mod token;

@@ -1,0 +1,626 @@
+//! Links between sites: the records that survive restarts, and the connections behind them.
+//!
+//! A link is born when a token is redeemed. Both sides record it in `links.yaml` with the
+//! peer's CA: the redeemer as the **dialer** (it knows the issuer's addresses), the issuer as
+//! the **acceptor** (the redeemer may sit behind NAT). The dialer keeps one QUIC connection up,
+//! reconnecting with [`backoff::Backoff`] after any failure or restart of either side; the
+//! acceptor admits it only with a client certificate from the recorded CA ([`PeerTrust`]).
+//! With TLS 1.3 the client's handshake can finish before the server has checked the client's
+//! certificate, so a link counts as `up` only after the application-level `Hello`/`Welcome`
+//! exchange on the control stream. QUIC keep-alives (1 s) and the idle timeout (4 s) notice a
+//! dead peer within 5 s. `link remove` drops the record and the trust at once and closes the
+//! connection with a reason the peer logs.
+
+pub mod backoff;
+pub mod redeem;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::identity::{self, PeerTrust, SiteIdentity};
+use crate::protocol::{self, ALPN_LINK, Control, PROTOCOL_VERSION, close};
+use crate::state::{self, StateError, rfc3339};
+use backoff::Backoff;
+
+/// How long a dial attempt (handshake plus hello) may take before it counts as failed.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of link bookkeeping.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error("no link named {0:?} (see `causeway link list`)")]
+    NotFound(String),
+    #[error("a link named {0:?} already exists; choose another with --name, or `causeway link remove {0}` first")]
+    Exists(String),
+}
+
+/// Which side of the link dials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// We redeemed the peer's token and dial its addresses.
+    Dialer,
+    /// The peer redeemed our token and dials us.
+    Acceptor,
+}
+
+/// A link as remembered in `links.yaml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkRecord {
+    /// Local name of the link (`--name`, default the peer's site id).
+    pub name: String,
+    /// The peer's site id, verified as the TLS server name and against its hello.
+    pub peer_site: String,
+    /// Whether we dial or accept.
+    pub role: Role,
+    /// Where the peer listens (dialers only).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// The peer's site CA (PEM): the only CA whose certificates this link accepts.
+    pub peer_ca: String,
+    /// Routing cost of the link (`--cost`), lower is preferred.
+    pub cost: u32,
+    /// When the link was created.
+    #[serde(with = "rfc3339")]
+    pub created: SystemTime,
+}
+
+/// The content of `links.yaml`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct LinkBook {
+    #[serde(default)]
+    links: Vec<LinkRecord>,
+}
+
+/// Whether a link's connection is usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    Up,
+    Connecting,
+    Down,
+}
+
+impl std::fmt::Display for LinkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LinkState::Up => "up",
+            LinkState::Connecting => "connecting",
+            LinkState::Down => "down",
+        })
+    }
+}
+
+/// One row of `link list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    pub name: String,
+    pub peer_site: String,
+    pub state: LinkState,
+    /// Smoothed round-trip time while up.
+    pub rtt_ms: Option<f64>,
+    pub cost: u32,
+    /// When the link entered its current state.
+    pub since: String,
+    pub role: Role,
+    /// The peer's address of the current connection, or the addresses a dialer tries.
+    pub remote: Option<String>,
+    /// Why the last attempt failed or the last connection ended, while not up.
+    pub last_error: Option<String>,
+}
+
+/// A link's record plus what is happening to it now.
+struct Entry {
+    record: LinkRecord,
+    state: LinkState,
+    since: SystemTime,
+    conn: Option<quinn::Connection>,
+    /// Stops this link's dialer task and session.
+    cancel: CancellationToken,
+    last_error: Option<String>,
+}
+
+/// The links of one agent.
+pub struct Links {
+    /// Our identity, presented on every connection.
+    identity: Arc<SiteIdentity>,
+    /// Peer CAs we accept, derived from the records and updated with them.
+    pub(crate) trust: Arc<PeerTrust>,
+    /// The one QUIC endpoint, for dialing.
+    endpoint: quinn::Endpoint,
+    /// Our `vips.cidr`, sent in hellos: the clusterset shares one range.
+    vips_cidr: String,
+    /// Where records are persisted.
+    path: std::path::PathBuf,
+    /// Records and live state by link name.
+    entries: Mutex<BTreeMap<String, Entry>>,
+    /// Woken whenever any link changes state (for `token redeem`, which waits for "up").
+    changed: tokio::sync::watch::Sender<u64>,
+    /// Cancelled at shutdown; every link's token is a child of it.
+    shutdown: CancellationToken,
+    /// Every dialer and session task, so shutdown can wait for them.
+    tasks: TaskTracker,
+    /// Ourselves, for the tasks we spawn.
+    me: Weak<Links>,
+}
+
+impl Links {
+    /// Loads `links.yaml`, installs trust for every recorded peer, and starts dialing.
+    pub fn start(
+        state_dir: &state::StateDir,
+        identity: Arc<SiteIdentity>,
+        trust: Arc<PeerTrust>,
+        endpoint: quinn::Endpoint,
+        vips_cidr: String,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Links>, LinkError> {
+        let path = state_dir.links();
+        let book: LinkBook = state::read_yaml_or_default(&path)?;
+        let now = SystemTime::now();
+        let mut entries = BTreeMap::new();
+        for record in book.links {
+            let state = match record.role {
+                Role::Dialer => LinkState::Connecting,
+                Role::Acceptor => LinkState::Down,
+            };
+            let cancel = shutdown.child_token();
+            entries.insert(
+                record.name.clone(),
+                Entry { record, state, since: now, conn: None, cancel, last_error: None },
+            );
+        }
+        let links = Arc::new_cyclic(|me| Links {
+            me: me.clone(),
+            identity,
+            trust,
+            endpoint,
+            vips_cidr,
+            path,
+            entries: Mutex::new(entries),
+            changed: tokio::sync::watch::channel(0).0,
+            shutdown,
+            tasks: TaskTracker::new(),
+        });
+        links.refresh_trust()?;
+        let dialers: Vec<String> = links
+            .lock()
+            .values()
+            .filter(|e| e.record.role == Role::Dialer)
+            .map(|e| e.record.name.clone())
+            .collect();
+        for name in dialers {
+            links.spawn_dialer(&name);
+        }
+        Ok(links)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        match self.entries.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Writes the records and rebuilds the trust set from them.
+    fn persist(&self, entries: &BTreeMap<String, Entry>) -> Result<(), LinkError> {
+        let book = LinkBook { links: entries.values().map(|e| e.record.clone()).collect() };
+        state::write_yaml(&self.path, &book)?;
+        Ok(())
+    }
+
+    fn refresh_trust(&self) -> Result<(), LinkError> {
+        let peers: Vec<(String, CertificateDer<'static>)> = self
+            .lock()
+            .values()
+            .filter_map(|e| {
+                identity::parse_cert_pem(&e.record.peer_ca, "peer_ca")
+                    .ok()
+                    .map(|ca| (e.record.peer_site.clone(), ca))
+            })
+            .collect();
+        self.trust.set(&peers)?;
+        Ok(())
+    }
+
+    /// Whether a link of this name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.lock().contains_key(name)
+    }
+
+    /// Adds (or, for the same peer CA, replaces) a link record durably, trusts its CA, and
+    /// starts dialing if we are the dialer.
+    pub fn add(&self, record: LinkRecord) -> Result<(), LinkError> {
+        let name = record.name.clone();
+        let role = record.role;
+        {
+            let mut entries = self.lock();
+            if let Some(old) = entries.get(&name) {
+                if old.record.peer_ca != record.peer_ca || old.record.role != role {
+                    return Err(LinkError::Exists(name));
+                }
+                old.cancel.cancel();
+                if let Some(c) = &old.conn {
+                    c.close(close::REPLACED.into(), b"link re-created");
+                }
+            }
+            let state = if role == Role::Dialer { LinkState::Connecting } else { LinkState::Down };
+            entries.insert(
+                name.clone(),
+                Entry {
+                    record,
+                    state,
+                    since: SystemTime::now(),
+                    conn: None,
+                    cancel: self.shutdown.child_token(),
+                    last_error: None,
+                },
+            );
+            self.persist(&entries)?;
+        }
+        self.refresh_trust()?;
+        if role == Role::Dialer {
+            self.spawn_dialer(&name);
+        }
+        self.notify();
+        Ok(())
+    }
+
+    /// Removes a link: the record and the peer's trust go at once, and its connection is
+    /// closed with a reason the peer logs.
+    pub fn remove(&self, name: &str) -> Result<LinkRecord, LinkError> {
+        let entry = {
+            let mut entries = self.lock();
+            let entry = entries.remove(name).ok_or_else(|| LinkError::NotFound(name.to_string()))?;
+            self.persist(&entries)?;
+            entry
+        };
+        self.refresh_trust()?;
+        entry.cancel.cancel();
+        if let Some(conn) = &entry.conn {
+            conn.close(close::REMOVED.into(), b"link removed");
+        }
+        info!(link = %name, peer = %entry.record.peer_site, "link removed; peer trust revoked");
+        self.notify();
+        Ok(entry.record)
+    }
+
+    /// The name of a link whose peer is this site, preferring acceptor records.
+    fn name_for_peer(&self, site: &str) -> Option<String> {
+        let entries = self.lock();
+        entries
+            .values()
+            .filter(|e| e.record.peer_site == site)
+            .min_by_key(|e| e.record.role != Role::Acceptor)
+            .map(|e| e.record.name.clone())
+    }
+
+    /// A fresh name for an acceptor record of `site` (the site id, or `site-2`, …).
+    pub fn acceptor_name(&self, site: &str, peer_ca: &str) -> String {
+        let entries = self.lock();
+        let free = |n: &str| entries.get(n).is_none_or(|e| e.record.peer_ca == peer_ca && e.record.role == Role::Acceptor);
+        if free(site) {
+            return site.to_string();
+        }
+        (2..).map(|i| format!("{site}-{i}")).find(|n| free(n)).unwrap_or_else(|| site.to_string())
+    }
+
+    /// Every link with its state.
+    pub fn list(&self) -> Vec<LinkStatus> {
+        self.lock()
+            .values()
+            .map(|e| LinkStatus {
+                name: e.record.name.clone(),
+                peer_site: e.record.peer_site.clone(),
+                state: e.state,
+                rtt_ms: e.conn.as_ref().filter(|_| e.state == LinkState::Up).map(|c| {
+                    (c.rtt().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
+                }),
+                cost: e.record.cost,
+                since: rfc3339::format(e.since),
+                role: e.record.role,
+                remote: match &e.conn {
+                    Some(c) if e.state == LinkState::Up => Some(c.remote_address().to_string()),
+                    _ if e.record.role == Role::Dialer => Some(e.record.addresses.join(",")),
+                    _ => None,
+                },
+                last_error: if e.state == LinkState::Up { None } else { e.last_error.clone() },
+            })
+            .collect()
+    }
+
+    /// Waits until the named link is up, or `timeout` passes; returns its status either way.
+    pub async fn wait_up(&self, name: &str, timeout: Duration) -> Option<LinkStatus> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.list().into_iter().find(|s| s.name == name);
+            match &status {
+                Some(s) if s.state == LinkState::Up => return status,
+                None => return None,
+                _ => {}
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return status;
+            }
+        }
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Records a state change of the named link (if `conn` still matches when given).
+    fn set_state(&self, name: &str, state: LinkState, conn: Option<quinn::Connection>, error: Option<String>) {
+        {
+            let mut entries = self.lock();
+            let Some(e) = entries.get_mut(name) else { return };
+            if state != LinkState::Up {
+                // Only the connection that is current may take the link down.
+                if let (Some(cur), Some(c)) = (&e.conn, &conn)
+                    && cur.stable_id() != c.stable_id()
+                {
+                    return;
+                }
+                e.conn = None;
+            } else {
+                if let Some(old) = e.conn.take()
+                    && conn.as_ref().is_some_and(|c| c.stable_id() != old.stable_id())
+                {
+                    old.close(close::REPLACED.into(), b"replaced by a newer connection");
+                }
+                e.conn = conn;
+            }
+            if e.state != state {
+                e.since = SystemTime::now();
+            }
+            e.state = state;
+            if error.is_some() {
+                e.last_error = error;
+            }
+        }
+        self.notify();
+    }
+
+    fn spawn_dialer(&self, name: &str) {
+        let Some((record, cancel)) = self.lock().get(name).map(|e| (e.record.clone(), e.cancel.clone())) else {
+            return;
+        };
+        let Some(me) = self.me.upgrade() else { return };
+        let span = info_span!("link", name = %record.name, peer = %record.peer_site, role = "dialer");
+        self.tasks.spawn(async move { me.dial_loop(record, cancel).await }.instrument(span));
+    }
+
+    /// Keeps a dialer link connected until it is removed or the agent stops.
+    async fn dial_loop(self: Arc<Self>, record: LinkRecord, cancel: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut attempt: u64 = 0;
+        while !cancel.is_cancelled() {
+            attempt += 1;
+            self.set_state(&record.name, LinkState::Connecting, None, None);
+            let result = tokio::select! {
+                r = self.connect(&record) => r,
+                _ = cancel.cancelled() => break,
+            };
+            match result {
+                Ok((conn, send, recv)) => {
+                    backoff.reset();
+                    info!(remote = %conn.remote_address(), rtt_ms = conn.rtt().as_millis() as u64, "link up");
+                    self.set_state(&record.name, LinkState::Up, Some(conn.clone()), None);
+                    let reason = self.session(&record.name, &conn, send, recv, &cancel).await;
+                    if cancel.is_cancelled() {
+                        break;
+                    }
+                    warn!(reason = %reason, "link down; reconnecting");
+                    self.set_state(&record.name, LinkState::Connecting, Some(conn), Some(reason));
+                }
+                Err(e) => {
+                    if attempt == 1 || attempt % 10 == 0 {
+                        warn!(attempt, error = %e, "link attempt failed");
+                    } else {
+                        debug!(attempt, error = %e, "link attempt failed");
+                    }
+                    self.set_state(&record.name, LinkState::Connecting, None, Some(e));
+                }
+            }
+            let delay = backoff.next_delay(rand::random::<f64>());
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => break,
+            }
+        }
+        debug!("dialer stopped");
+    }
+
+    /// One attempt: every address of the peer in turn, handshake, then hello.
+    async fn connect(&self, record: &LinkRecord) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
+        let ca = identity::parse_cert_pem(&record.peer_ca, "peer_ca").map_err(|e| e.to_string())?;
+        let cfg = identity::client_config(&self.identity, &ca, ALPN_LINK, true).map_err(|e| e.to_string())?;
+        let mut errors = Vec::new();
+        for addr in resolve_all(&record.addresses, &mut errors).await {
+            match tokio::time::timeout(DIAL_TIMEOUT, self.connect_addr(&cfg, addr, &record.peer_site)).await {
+                Ok(Ok(ok)) => return Ok(ok),
+                Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
+                Err(_) => errors.push(format!("{addr}: timed out")),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    async fn connect_addr(
+        &self,
+        cfg: &quinn::ClientConfig,
+        addr: std::net::SocketAddr,
+        peer_site: &str,
+    ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
+        let conn = self
+            .endpoint
+            .connect_with(cfg.clone(), addr, peer_site)
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| describe_connection_error(&e))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| describe_connection_error(&e))?;
+        let hello = Control::Hello { version: PROTOCOL_VERSION, site: self.identity.site.clone(), vips_cidr: self.vips_cidr.clone() };
+        protocol::write_frame(&mut send, &hello).await.map_err(|e| e.to_string())?;
+        match protocol::read_frame::<_, Control>(&mut recv).await {
+            Ok(Control::Welcome { site }) if site == peer_site => Ok((conn, send, recv)),
+            Ok(Control::Welcome { site }) => {
+                conn.close(close::PROTOCOL.into(), b"unexpected site");
+                Err(format!("peer answered as site {site:?}, expected {peer_site:?}"))
+            }
+            Ok(Control::Reject { message }) => Err(format!("peer rejected the link: {message}")),
+            Ok(other) => {
+                conn.close(close::PROTOCOL.into(), b"unexpected frame");
+                Err(format!("unexpected {other:?}"))
+            }
+            // With TLS 1.3 a refused client certificate shows up here, after connect().
+            Err(e) => Err(conn.close_reason().map(|r| describe_connection_error(&r)).unwrap_or_else(|| e.to_string())),
+        }
+    }
+
+    /// Handles a connection that arrived with the link ALPN: identifies the peer by its
+    /// certificate, checks its hello, and keeps the session until it ends.
+    pub async fn accept(self: Arc<Self>, conn: quinn::Connection) {
+        let remote = conn.remote_address();
+        let leaf = conn
+            .peer_identity()
+            .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|chain| chain.first().cloned());
+        let Some(site) = leaf.and_then(|l| self.trust.identify(&l)) else {
+            warn!(%remote, "link from an untrusted site refused");
+            conn.close(close::REJECTED.into(), b"not a trusted site");
+            return;
+        };
+        let Some(name) = self.name_for_peer(&site) else {
+            conn.close(close::REJECTED.into(), b"no link");
+            return;
+        };
+        let span = info_span!("link", name = %name, peer = %site, role = "acceptor");
+        async move {
+            let hello = async {
+                let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| describe_connection_error(&e))?;
+                let msg: Control = protocol::read_frame(&mut recv).await.map_err(|e| e.to_string())?;
+                let reject = match &msg {
+                    Control::Hello { version, .. } if *version != PROTOCOL_VERSION => {
+                        Some(format!("protocol version {version} is not supported (this agent speaks {PROTOCOL_VERSION})"))
+                    }
+                    Control::Hello { site: claimed, .. } if *claimed != site => {
+                        Some(format!("hello claims site {claimed:?} but the certificate is for {site:?}"))
+                    }
+                    Control::Hello { vips_cidr, .. } if *vips_cidr != self.vips_cidr => Some(format!(
+                        "vips.cidr differs: this site uses {}, the peer uses {vips_cidr}; every site of a clusterset must use the same range",
+                        self.vips_cidr
+                    )),
+                    Control::Hello { .. } => None,
+                    other => Some(format!("expected hello, got {other:?}")),
+                };
+                if let Some(message) = reject {
+                    let _ = protocol::write_frame(&mut send, &Control::Reject { message: message.clone() }).await;
+                    let _ = send.finish();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    conn.close(close::REJECTED.into(), message.as_bytes());
+                    return Err(message);
+                }
+                protocol::write_frame(&mut send, &Control::Welcome { site: self.identity.site.clone() })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((send, recv))
+            };
+            let (send, recv) = match tokio::time::timeout(DIAL_TIMEOUT, hello).await {
+                Ok(Ok(streams)) => streams,
+                Ok(Err(e)) => {
+                    warn!(%remote, error = %e, "link hello failed");
+                    return;
+                }
+                Err(_) => {
+                    conn.close(close::PROTOCOL.into(), b"hello timed out");
+                    warn!(%remote, "link hello timed out");
+                    return;
+                }
+            };
+            let Some(cancel) = self.lock().get(&name).map(|e| e.cancel.clone()) else { return };
+            info!(%remote, "link up");
+            self.set_state(&name, LinkState::Up, Some(conn.clone()), None);
+            let reason = self.session(&name, &conn, send, recv, &cancel).await;
+            info!(reason = %reason, "link down");
+            self.set_state(&name, LinkState::Down, Some(conn), Some(reason));
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Runs an established link until it ends; returns why it ended.
+    async fn session(
+        &self,
+        _name: &str,
+        conn: &quinn::Connection,
+        _send: quinn::SendStream,
+        _recv: quinn::RecvStream,
+        cancel: &CancellationToken,
+    ) -> String {
+        tokio::select! {
+            e = conn.closed() => describe_connection_error(&e),
+            _ = cancel.cancelled() => "link stopped".to_string(),
+        }
+    }
+
+    /// Tracks a task that belongs to the links (so shutdown waits for it).
+    pub fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(fut);
+    }
+
+    /// Closes every connection with a shutdown reason and waits for the link tasks to end.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        for e in self.lock().values() {
+            if let Some(c) = &e.conn {
+                c.close(close::SHUTDOWN.into(), b"agent shutting down");
+            }
+        }
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.tasks.wait()).await;
+    }
+}
+
+/// Resolves `host:port` strings, recording the ones that fail.
+pub async fn resolve_all(addresses: &[String], errors: &mut Vec<String>) -> Vec<std::net::SocketAddr> {
+    let mut out = Vec::new();
+    for a in addresses {
+        match tokio::net::lookup_host(a.as_str()).await {
+            Ok(it) => out.extend(it),
+            Err(e) => errors.push(format!("{a}: {e}")),
+        }
+    }
+    out
+}
+
+/// Words for why a QUIC connection failed or ended, naming certificate problems plainly.
+pub fn describe_connection_error(e: &quinn::ConnectionError) -> String {
+    use quinn::ConnectionError as E;
+    match e {
+        E::ApplicationClosed(c) => {
+            let reason = String::from_utf8_lossy(&c.reason);
+            format!("closed by peer: {} ({reason})", close::describe(c.error_code.into_inner()))
+        }
+        E::ConnectionClosed(c) if u64::from(c.error_code) & !0xff == 0x100 => {
+            format!("TLS handshake refused: {c}")
+        }
+        E::TransportError(t) => format!("transport error: {t}"),
+        E::TimedOut => "timed out (no answer from the peer)".to_string(),
+        E::LocallyClosed => "closed locally".to_string(),
+        other => other.to_string(),
+    }
+}

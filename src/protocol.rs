@@ -1,0 +1,211 @@
+//! The wire protocol between agents, above QUIC.
+//!
+//! One UDP port carries two purposes, told apart by ALPN: `causeway-redeem/1` connections
+//! redeem a token once, and `causeway-link/1` connections are the long-lived links. On both,
+//! the dialer opens one bidirectional *control stream* and the parties exchange frames on it:
+//! a 4-byte big-endian length followed by that many bytes of JSON. JSON keeps the control
+//! plane debuggable; the data plane (flows) never goes through this framing. A frame larger
+//! than [`MAX_FRAME`] is a protocol error, so a peer cannot make us buffer without bound.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// ALPN of a token redemption connection.
+pub const ALPN_REDEEM: &[u8] = b"causeway-redeem/1";
+/// ALPN of a link connection.
+pub const ALPN_LINK: &[u8] = b"causeway-link/1";
+/// Version spoken in `Hello`; bumped on incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest control frame accepted.
+pub const MAX_FRAME: usize = 8 * 1024 * 1024;
+
+/// QUIC application close codes, so the other side can log why a connection ended.
+pub mod close {
+    /// Normal end (a finished redemption).
+    pub const DONE: u32 = 0;
+    /// The agent is shutting down; the dialer should reconnect with backoff.
+    pub const SHUTDOWN: u32 = 1;
+    /// The link was removed by `link remove` on the closing side.
+    pub const REMOVED: u32 = 2;
+    /// The hello was refused (untrusted, wrong site, incompatible settings).
+    pub const REJECTED: u32 = 3;
+    /// A newer connection of the same link replaced this one.
+    pub const REPLACED: u32 = 4;
+    /// The peer broke the protocol.
+    pub const PROTOCOL: u32 = 5;
+
+    /// Human words for a close code.
+    pub fn describe(code: u64) -> &'static str {
+        match code as u32 {
+            DONE => "done",
+            SHUTDOWN => "peer is shutting down",
+            REMOVED => "peer removed this link",
+            REJECTED => "peer rejected the link",
+            REPLACED => "replaced by a newer connection",
+            PROTOCOL => "protocol error",
+            _ => "unknown reason",
+        }
+    }
+}
+
+/// Errors of the framing layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection closed")]
+    Closed,
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The redeemer's request on a redeem connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RedeemRequest {
+    /// The grant id from the token.
+    pub grant: String,
+    /// The token's one-time secret, proving possession of the token.
+    pub secret: String,
+    /// The redeemer's site id (must match its certificate).
+    pub site: String,
+    /// The redeemer's `vips.cidr`; the clusterset shares one range.
+    pub vips_cidr: String,
+    /// The redeemer's site CA (PEM): what the issuer will trust for this link.
+    pub ca: String,
+    /// The redeemer's agent certificate (PEM), signed by `ca`, naming `site`.
+    pub cert: String,
+    /// Hex ECDSA signature by `cert`'s key over this connection's TLS exporter
+    /// ([`REDEEM_EXPORTER_LABEL`]): proves the key without sending it, bound to this
+    /// connection so it cannot be replayed elsewhere.
+    pub proof: String,
+}
+
+/// TLS exporter label for the redeemer's proof of possession.
+pub const REDEEM_EXPORTER_LABEL: &[u8] = b"EXPORTER-causeway-redeem-v1";
+
+/// Why an issuer refused a redemption. Each says exactly what was wrong.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Rejection {
+    #[error("unknown grant: the issuer has no record of this token (issued by another agent, or its state was reset)")]
+    UnknownGrant,
+    #[error("wrong secret: the token's secret does not match the grant (the token was altered)")]
+    WrongSecret,
+    #[error("token expired at {at}")]
+    Expired { at: String },
+    #[error("token used up: all {uses} use(s) were already redeemed")]
+    UsedUp { uses: u32 },
+    #[error("the redeemer's certificate is for site {cert:?} but it claimed {claimed:?}")]
+    SiteMismatch { cert: String, claimed: String },
+    #[error("the redeemer's certificate is not signed by the CA it presented")]
+    BadCertificate,
+    #[error("the redeemer could not prove it holds its certificate's key")]
+    BadProof,
+    #[error("a site cannot link to itself ({site})")]
+    SameSite { site: String },
+    #[error("vips.cidr differs: issuer uses {issuer}, redeemer uses {redeemer}; every site of a clusterset must use the same range")]
+    VipsMismatch { issuer: String, redeemer: String },
+    #[error("issuer failed: {message}")]
+    Internal { message: String },
+}
+
+/// The issuer's answer on a redeem connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RedeemResponse {
+    Accepted { site: String },
+    Rejected(Rejection),
+}
+
+/// Messages on a link's control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control {
+    /// First frame from the dialer.
+    Hello { version: u32, site: String, vips_cidr: String },
+    /// The acceptor's yes: the link is up from here on.
+    Welcome { site: String },
+    /// The acceptor's no, with the reason; the connection is then closed.
+    Reject { message: String },
+}
+
+/// Encodes one frame.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
+    let body = serde_json::to_vec(msg).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    if body.len() > MAX_FRAME {
+        return Err(ProtocolError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Writes one frame.
+pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, msg: &T) -> Result<(), ProtocolError> {
+    let bytes = encode(msg)?;
+    w.write_all(&bytes).await?;
+    Ok(())
+}
+
+/// Reads one frame; `Closed` on a clean end of stream before a frame starts.
+pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Result<T, ProtocolError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ProtocolError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    serde_json::from_slice(&body).map_err(|e| ProtocolError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        let hello = Control::Hello { version: 1, site: "paris".into(), vips_cidr: "127.77.0.0/16".into() };
+        write_frame(&mut a, &hello).await.unwrap();
+        write_frame(&mut a, &RedeemResponse::Rejected(Rejection::UsedUp { uses: 1 })).await.unwrap();
+        drop(a);
+        let got: Control = read_frame(&mut b).await.unwrap();
+        assert_eq!(got, hello);
+        let got: RedeemResponse = read_frame(&mut b).await.unwrap();
+        assert_eq!(got, RedeemResponse::Rejected(Rejection::UsedUp { uses: 1 }));
+        assert!(matches!(read_frame::<_, Control>(&mut b).await, Err(ProtocolError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn oversized_and_garbage_frames_are_errors() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        assert!(matches!(read_frame::<_, Control>(&mut b).await, Err(ProtocolError::TooLarge(_))));
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(&3u32.to_be_bytes()).await.unwrap();
+        a.write_all(b"{x}").await.unwrap();
+        assert!(matches!(read_frame::<_, Control>(&mut b).await, Err(ProtocolError::Malformed(_))));
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        a.write_all(&10u32.to_be_bytes()).await.unwrap();
+        a.write_all(b"{").await.unwrap();
+        drop(a);
+        assert!(read_frame::<_, Control>(&mut b).await.is_err());
+    }
+
+    #[test]
+    fn rejections_say_what_was_wrong() {
+        let r = Rejection::Expired { at: "2026-01-01T00:00:00Z".into() };
+        assert_eq!(r.to_string(), "token expired at 2026-01-01T00:00:00Z");
+        let json = serde_json::to_string(&RedeemResponse::Rejected(Rejection::WrongSecret)).unwrap();
+        assert!(json.contains("wrong_secret"), "{json}");
+    }
+}
