@@ -34,7 +34,11 @@ pub enum Request {
     /// `token issue`.
     TokenIssue { uses: u32, expires_secs: u64 },
     /// `token redeem`: the token file's text.
-    TokenRedeem { token: String, name: Option<String>, cost: u32 },
+    TokenRedeem {
+        token: String,
+        name: Option<String>,
+        cost: u32,
+    },
     /// `link list`.
     LinkList,
     /// `link remove`.
@@ -91,7 +95,13 @@ pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
 }
 
 /// Serves the admin API until `shutdown`.
-pub async fn serve(listener: UnixListener, path: PathBuf, agent: Arc<Agent>, shutdown: CancellationToken, tasks: TaskTracker) {
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    agent: Arc<Agent>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
     let limit = Arc::new(Semaphore::new(MAX_CLIENTS));
     loop {
         let permit = tokio::select! {
@@ -139,7 +149,11 @@ async fn client(stream: UnixStream, agent: Arc<Agent>) -> std::io::Result<()> {
         } else {
             match serde_json::from_slice::<Request>(&line) {
                 Ok(req) => match agent.handle(req).await {
-                    Ok(data) => Response { ok: true, data, error: None },
+                    Ok(data) => Response {
+                        ok: true,
+                        data,
+                        error: None,
+                    },
                     Err(e) => failure(e),
                 },
                 Err(e) => failure(format!("malformed request: {e}")),
@@ -155,15 +169,27 @@ async fn client(stream: UnixStream, agent: Arc<Agent>) -> std::io::Result<()> {
 }
 
 fn failure(error: String) -> Response {
-    Response { ok: false, data: serde_json::Value::Null, error: Some(error) }
+    Response {
+        ok: false,
+        data: serde_json::Value::Null,
+        error: Some(error),
+    }
 }
 
 /// Sends one request to the agent of `state_dir` and returns its data.
 pub async fn call(state_dir: &Path, socket: &Path, req: &Request) -> Result<serde_json::Value, AdminError> {
-    let io = |source| AdminError::Io { socket: socket.display().to_string(), source };
+    let io = |source| AdminError::Io {
+        socket: socket.display().to_string(),
+        source,
+    };
     let stream = match UnixStream::connect(socket).await {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
             return Err(AdminError::NotRunning {
                 dir: state_dir.display().to_string(),
                 socket: socket.display().to_string(),
@@ -179,13 +205,17 @@ pub async fn call(state_dir: &Path, socket: &Path, req: &Request) -> Result<serd
     let mut answer = String::new();
     reader.read_line(&mut answer).await.map_err(io)?;
     if answer.is_empty() {
-        return Err(AdminError::Malformed("the agent closed the connection without answering".into()));
+        return Err(AdminError::Malformed(
+            "the agent closed the connection without answering".into(),
+        ));
     }
     let response: Response = serde_json::from_str(&answer).map_err(|e| AdminError::Malformed(e.to_string()))?;
     if response.ok {
         Ok(response.data)
     } else {
-        Err(AdminError::Agent(response.error.unwrap_or_else(|| "unknown error".into())))
+        Err(AdminError::Agent(
+            response.error.unwrap_or_else(|| "unknown error".into()),
+        ))
     }
 }
 
@@ -195,8 +225,14 @@ mod tests {
 
     #[test]
     fn requests_have_stable_json() {
-        let r = Request::TokenIssue { uses: 2, expires_secs: 900 };
-        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"op":"token_issue","uses":2,"expires_secs":900}"#);
+        let r = Request::TokenIssue {
+            uses: 2,
+            expires_secs: 900,
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"op":"token_issue","uses":2,"expires_secs":900}"#
+        );
         let back: Request = serde_json::from_str(r#"{"op":"link_remove","name":"paris"}"#).unwrap();
         assert_eq!(back, Request::LinkRemove { name: "paris".into() });
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());

@@ -63,7 +63,10 @@ impl Agent {
     /// and re-establishes every recorded link.
     pub async fn start(state: StateDir, config: Config) -> anyhow::Result<Arc<Agent>> {
         let identity = Arc::new(identity::load(&state).with_context(|| {
-            format!("loading the site identity from {} (run `causeway init` first?)", state.root.display())
+            format!(
+                "loading the site identity from {} (run `causeway init` first?)",
+                state.root.display()
+            )
         })?);
         if identity.site != config.site {
             anyhow::bail!(
@@ -80,10 +83,22 @@ impl Agent {
         let local_addr = endpoint.local_addr().context("reading the bound QUIC address")?;
         let shutdown = CancellationToken::new();
         let vips_cidr = config.vips.cidr.to_string();
-        let links = Links::start(&state, identity.clone(), trust, endpoint.clone(), vips_cidr.clone(), shutdown.child_token())
-            .context("loading links")?;
+        let links = Links::start(
+            &state,
+            identity.clone(),
+            trust,
+            endpoint.clone(),
+            vips_cidr.clone(),
+            shutdown.child_token(),
+        )
+        .context("loading links")?;
         let grants = Arc::new(GrantStore::load(state.grants()).context("loading grants")?);
-        let issuer = Arc::new(Issuer { identity: identity.clone(), grants: grants.clone(), links: links.clone(), vips_cidr });
+        let issuer = Arc::new(Issuer {
+            identity: identity.clone(),
+            grants: grants.clone(),
+            links: links.clone(),
+            vips_cidr,
+        });
         let socket_path = state.admin_socket();
         let listener = admin::bind(&socket_path)
             .await
@@ -125,22 +140,25 @@ impl Agent {
                 i = self.endpoint.accept() => match i { Some(i) => i, None => break },
                 _ = self.shutdown.cancelled() => break,
             };
-            let Ok(permit) = limit.clone().acquire_owned().await else { break };
+            let Ok(permit) = limit.clone().acquire_owned().await else {
+                break;
+            };
             let me = self.clone();
             let remote = incoming.remote_address();
             self.tasks.spawn(
                 async move {
-                    let conn = match tokio::time::timeout(Duration::from_secs(10), async { incoming.accept()?.await }).await {
-                        Ok(Ok(c)) => c,
-                        Ok(Err(e)) => {
-                            debug!(error = %crate::link::describe_connection_error(&e), "handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            debug!("handshake timed out");
-                            return;
-                        }
-                    };
+                    let conn =
+                        match tokio::time::timeout(Duration::from_secs(10), async { incoming.accept()?.await }).await {
+                            Ok(Ok(c)) => c,
+                            Ok(Err(e)) => {
+                                debug!(error = %crate::link::describe_connection_error(&e), "handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!("handshake timed out");
+                                return;
+                            }
+                        };
                     let alpn = conn
                         .handshake_data()
                         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
@@ -182,20 +200,16 @@ impl Agent {
     }
 
     fn advertised(&self) -> Vec<String> {
-        if !self.config.advertise.is_empty() {
-            return self.config.advertise.clone();
-        }
-        let mut addr = self.local_addr;
-        if addr.ip().is_unspecified() {
-            addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
-        }
-        vec![addr.to_string()]
+        self.config.advertise_addrs(self.local_addr)
     }
 
     async fn issue(&self, uses: u32, ttl: Duration) -> Result<serde_json::Value, String> {
         let (grant, secret) = self.grants.issue(uses, ttl).await.map_err(|e| e.to_string())?;
         let addresses = self.advertised();
-        if addresses.iter().all(|a| a.starts_with("127.") || a.starts_with("[::1]") || a.starts_with("localhost")) {
+        if addresses
+            .iter()
+            .all(|a| a.starts_with("127.") || a.starts_with("[::1]") || a.starts_with("localhost"))
+        {
             warn!(
                 ?addresses,
                 "the token advertises only loopback addresses; set `advertise:` in causeway.yaml so other machines can reach this site"
@@ -211,14 +225,18 @@ impl Agent {
             expires: grant.expires,
         };
         info!(grant = %grant.id, uses, expires = %rfc3339::format(grant.expires), "token issued");
-        Ok(json!({"token": token.to_yaml(), "grant": grant.id, "expires": rfc3339::format(grant.expires), "uses": uses}))
+        Ok(
+            json!({"token": token.to_yaml(), "grant": grant.id, "expires": rfc3339::format(grant.expires), "uses": uses}),
+        )
     }
 
     async fn redeem(&self, text: &str, name: Option<String>, cost: u32) -> Result<serde_json::Value, String> {
         let token = Token::parse(text).map_err(|e| e.to_string())?;
         let name = name.unwrap_or_else(|| token.issuer.clone());
         if !is_dns_label(&name) {
-            return Err(format!("link name {name:?} must be a DNS-1123 label (lowercase letters, digits, '-')"));
+            return Err(format!(
+                "link name {name:?} must be a DNS-1123 label (lowercase letters, digits, '-')"
+            ));
         }
         if cost == 0 {
             return Err("--cost must be at least 1".into());
@@ -227,10 +245,15 @@ impl Agent {
             return Err(crate::link::LinkError::Exists(name).to_string());
         }
         let span = info_span!("redeem", issuer = %token.issuer, link = %name);
-        let redeemed = redeem::redeem(&self.endpoint, &self.identity, &token, &self.config.vips.cidr.to_string())
-            .instrument(span)
-            .await
-            .map_err(|e| e.to_string())?;
+        let redeemed = redeem::redeem(
+            &self.endpoint,
+            &self.identity,
+            &token,
+            &self.config.vips.cidr.to_string(),
+        )
+        .instrument(span)
+        .await
+        .map_err(|e| e.to_string())?;
         self.links
             .add(LinkRecord {
                 name: name.clone(),

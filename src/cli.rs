@@ -149,7 +149,9 @@ fn init_logging(cli: &Cli) {
         _ => "warn",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match cli.log_format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
@@ -161,7 +163,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Init { site, config } => init(&state, &site, config.as_deref()),
         Command::Run { config } => run_agent(state, config).await,
-        Command::Token(TokenCommand::Issue { uses, expires, output }) => token_issue(&state, uses, expires, output).await,
+        Command::Token(TokenCommand::Issue { uses, expires, output }) => {
+            token_issue(&state, uses, expires, output).await
+        }
         Command::Token(TokenCommand::Redeem { file, name, cost }) => token_redeem(&state, &file, name, cost).await,
         Command::Link(LinkCommand::List { output }) => {
             let data = call(&state, Request::LinkList).await?;
@@ -191,7 +195,9 @@ async fn call(state: &StateDir, req: Request) -> anyhow::Result<serde_json::Valu
 
 fn init(state: &StateDir, site: &str, config_path: Option<&Path>) -> anyhow::Result<()> {
     if !is_dns_label(site) {
-        bail!("--site {site:?} is not a valid site id: use a DNS-1123 label (lowercase letters, digits and '-', at most 63, e.g. london or eu-west-1)");
+        bail!(
+            "--site {site:?} is not a valid site id: use a DNS-1123 label (lowercase letters, digits and '-', at most 63, e.g. london or eu-west-1)"
+        );
     }
     identity::create(state, site)?;
     let config_path = config_path.map(Path::to_path_buf).unwrap_or_else(|| state.config());
@@ -234,7 +240,14 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 }
 
 async fn token_issue(state: &StateDir, uses: u32, expires: Duration, output: Option<PathBuf>) -> anyhow::Result<()> {
-    let data = call(state, Request::TokenIssue { uses, expires_secs: expires.as_secs().max(1) }).await?;
+    let data = call(
+        state,
+        Request::TokenIssue {
+            uses,
+            expires_secs: expires.as_secs().max(1),
+        },
+    )
+    .await?;
     let token = data["token"].as_str().context("the agent returned no token")?;
     match output {
         Some(path) => {
@@ -257,7 +270,8 @@ async fn token_issue(state: &StateDir, uses: u32, expires: Duration, output: Opt
 async fn token_redeem(state: &StateDir, file: &str, name: Option<String>, cost: u32) -> anyhow::Result<()> {
     let token = if file == "-" {
         let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading the token from standard input")?;
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .context("reading the token from standard input")?;
         s
     } else {
         std::fs::read_to_string(file).with_context(|| format!("reading token file {file}"))?
@@ -268,7 +282,10 @@ async fn token_redeem(state: &StateDir, file: &str, name: Option<String>, cost: 
     if data["state"] == "up" {
         println!("linked to {peer} ({addr})");
     } else {
-        println!("redeemed; link to {peer} ({addr}) is still {}", data["state"].as_str().unwrap_or("connecting"));
+        println!(
+            "redeemed; link to {peer} ({addr}) is still {}",
+            data["state"].as_str().unwrap_or("connecting")
+        );
         if let Some(e) = data["last_error"].as_str() {
             eprintln!("warning: last attempt: {e}");
         }
@@ -325,7 +342,10 @@ fn links_table(links: &[LinkStatus]) -> String {
             ]
         })
         .collect();
-    table(&["NAME", "PEER", "STATE", "RTT", "COST", "SINCE", "ROLE", "LAST ERROR"], &rows)
+    table(
+        &["NAME", "PEER", "STATE", "RTT", "COST", "SINCE", "ROLE", "LAST ERROR"],
+        &rows,
+    )
 }
 
 fn status_table(data: &serde_json::Value) -> String {
@@ -333,7 +353,10 @@ fn status_table(data: &serde_json::Value) -> String {
         "site      {}\nlisten    {}\nadvertise {}\nstarted   {}\n",
         data["site"].as_str().unwrap_or("?"),
         data["listen"].as_str().unwrap_or("?"),
-        data["advertise"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
+        data["advertise"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default(),
         data["started"].as_str().unwrap_or("?"),
     );
     if let Some(c) = data["counters"].as_object() {

@@ -67,9 +67,7 @@ pub enum ConfigError {
         message: String,
     },
     /// A `${VAR}` names an environment variable that is not set.
-    #[error(
-        "{origin}: line {line}: environment variable `{var}` is not set (write `$${{` for a literal `${{`)"
-    )]
+    #[error("{origin}: line {line}: environment variable `{var}` is not set (write `$${{` for a literal `${{`)")]
     UnsetVar {
         /// File (or other source) the text came from.
         origin: String,
@@ -230,11 +228,7 @@ pub struct Export {
     pub service: String,
     /// Namespace of the service, the second label of its DNS name; `None`
     /// means the top-level `namespace` (see [`Config::export_namespace`]).
-    #[serde(
-        default,
-        deserialize_with = "de_opt_label",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "de_opt_label", skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
     /// Ports remote sites may reach; at least one, since an export without
     /// ports can carry no traffic.
@@ -263,9 +257,7 @@ pub struct PortSpec {
 }
 
 /// Transport of an exported port.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
 pub enum Protocol {
     /// Streams, forwarded flow by flow over QUIC streams.
     #[default]
@@ -332,8 +324,7 @@ impl Config {
                 return Err(match serde_yaml::from_str::<serde_yaml::Value>(text) {
                     Ok(serde_yaml::Value::Null) => missing_site("the file is empty"),
                     Ok(serde_yaml::Value::Mapping(m))
-                        if !m.contains_key("site")
-                            && e.to_string().starts_with("missing field `site`") =>
+                        if !m.contains_key("site") && e.to_string().starts_with("missing field `site`") =>
                     {
                         missing_site("missing key")
                     }
@@ -357,12 +348,13 @@ impl Config {
     /// `advertise` is empty. An unspecified `listen` IP (`0.0.0.0` or `::`)
     /// can't be dialed, so it is replaced by loopback (`127.0.0.1` or `::1`):
     /// such a token only works from the same host, and real deployments set
-    /// `advertise`.
-    pub fn advertise_addrs(&self) -> Vec<String> {
+    /// `advertise`. `bound` is the address the agent actually bound for
+    /// `listen` (its port differs when `listen` asked for port 0).
+    pub fn advertise_addrs(&self, bound: SocketAddr) -> Vec<String> {
         if !self.advertise.is_empty() {
             return self.advertise.clone();
         }
-        let mut addr = self.listen;
+        let mut addr = bound;
         if addr.ip().is_unspecified() {
             addr.set_ip(match addr.ip() {
                 IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -384,10 +376,7 @@ impl Config {
         for (i, e) in self.exports.iter().enumerate() {
             let id = (e.service.as_str(), self.export_namespace(e));
             if let Some(first) = seen.iter().position(|s| *s == id) {
-                let nth = self.exports[..=i]
-                    .iter()
-                    .filter(|x| x.service == e.service)
-                    .count();
+                let nth = self.exports[..=i].iter().filter(|x| x.service == e.service).count();
                 let mut message = format!(
                     "duplicate export of service `{}` in namespace `{}` (also exports[{first}])",
                     id.0, id.1
@@ -465,19 +454,12 @@ pub fn is_dns_label(s: &str) -> bool {
 /// value with YAML syntax in it (or a newline, which shifts later line
 /// numbers) should be quoted around the reference. Errors name the origin
 /// `causeway.yaml`; [`Config::load`] names the real path.
-pub fn expand_env(
-    text: &str,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, ConfigError> {
+pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
     expand_env_in(text, DEFAULT_ORIGIN, &lookup)
 }
 
 /// [`expand_env`] with the origin to put in errors.
-fn expand_env_in(
-    text: &str,
-    origin: &str,
-    lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<String, ConfigError> {
+fn expand_env_in(text: &str, origin: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
     for (index, line) in text.split_inclusive('\n').enumerate() {
         let lineno = index + 1;
@@ -497,8 +479,7 @@ fn expand_env_in(
             } else if let Some(after) = tail.strip_prefix("${") {
                 let Some(end) = after.find('}') else {
                     return Err(syntax(
-                        "unterminated `${`: expected `${NAME}` (write `$${` for a literal `${`)"
-                            .to_owned(),
+                        "unterminated `${`: expected `${NAME}` (write `$${` for a literal `${`)".to_owned(),
                     ));
                 };
                 let name = &after[..end];
@@ -533,9 +514,7 @@ fn expand_env_in(
 /// Whether `s` is an environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
 fn is_env_name(s: &str) -> bool {
     let mut chars = s.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
@@ -681,9 +660,9 @@ fn check_label(s: &str) -> Result<String, String> {
 }
 
 fn check_socket_addr(s: &str) -> Result<SocketAddr, String> {
-    s.trim().parse().map_err(|_| {
-        format!("`{s}` is not a socket address: expected ip:port, e.g. 0.0.0.0:7400 or [::]:7400")
-    })
+    s.trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a socket address: expected ip:port, e.g. 0.0.0.0:7400 or [::]:7400"))
 }
 
 fn check_upstream(s: &str) -> Result<SocketAddr, String> {
@@ -748,9 +727,10 @@ fn check_zone(s: &str) -> Result<String, String> {
 }
 
 fn check_cidr(s: &str) -> Result<IpNet, String> {
-    let net: IpNet = s.trim().parse().map_err(|_| {
-        format!("`{s}` is not a CIDR block: expected address/prefix, e.g. 127.77.0.0/16")
-    })?;
+    let net: IpNet = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a CIDR block: expected address/prefix, e.g. 127.77.0.0/16"))?;
     let host_bits = net.max_prefix_len() - net.prefix_len();
     if host_bits < MIN_VIP_HOST_BITS {
         return Err(format!(
@@ -772,9 +752,7 @@ fn check_duration(s: &str) -> Result<Duration, String> {
     match humantime::parse_duration(s.trim()) {
         Ok(d) if d.is_zero() => Err(format!("`{s}`: must be more than zero")),
         Ok(d) => Ok(d),
-        Err(e) => Err(format!(
-            "`{s}` is not a duration ({e}): e.g. 60s, 2m, 1h30m"
-        )),
+        Err(e) => Err(format!("`{s}` is not a duration ({e}): e.g. 60s, 2m, 1h30m")),
     }
 }
 
@@ -997,10 +975,7 @@ fn check_export_entry(earlier: &[Export], e: &Export) -> Result<(), String> {
         .any(|x| x.service == e.service && x.namespace == e.namespace)
     {
         return Err(match &e.namespace {
-            Some(ns) => format!(
-                "duplicate export of service `{}` in namespace `{ns}`",
-                e.service
-            ),
+            Some(ns) => format!("duplicate export of service `{}` in namespace `{ns}`", e.service),
             None => format!("duplicate export of service `{}`", e.service),
         });
     }
@@ -1203,14 +1178,8 @@ exports:
         assert_eq!(c.namespace, "default");
         assert_eq!(c.listen, "0.0.0.0:7400".parse::<SocketAddr>().unwrap());
         assert_eq!(c.advertise, vec!["gw.london.example:7400".to_owned()]);
-        assert_eq!(
-            c.advertise_addrs(),
-            vec!["gw.london.example:7400".to_owned()]
-        );
-        assert_eq!(
-            c.dns.listen,
-            vec!["127.0.0.1:53".parse::<SocketAddr>().unwrap()]
-        );
+        assert_eq!(c.advertise_addrs(c.listen), vec!["gw.london.example:7400".to_owned()]);
+        assert_eq!(c.dns.listen, vec!["127.0.0.1:53".parse::<SocketAddr>().unwrap()]);
         assert_eq!(c.dns.zone, "clusterset.local");
         assert!(c.dns.upstream.is_empty());
         assert_eq!(c.dns.ttl, 5);
@@ -1280,22 +1249,15 @@ exports:
 
     #[test]
     fn unknown_nested_key() {
-        let text = SPEC.replace(
-            "  listen: [\"127.0.0.1:53\"]",
-            "  listn: [\"127.0.0.1:53\"]",
-        );
+        let text = SPEC.replace("  listen: [\"127.0.0.1:53\"]", "  listn: [\"127.0.0.1:53\"]");
         let e = err(&text);
         assert!(
             e.starts_with("causeway.yaml: dns: unknown field `listn`, expected one of"),
             "{e}"
         );
         assert!(e.ends_with("at line 6 column 3"), "{e}");
-        let e =
-            err("site: a\nexports:\n  - service: x\n    ports: [{name: p, port: 1, proto: TCP}]\n");
-        assert!(
-            e.contains("exports[0].ports[0]: unknown field `proto`"),
-            "{e}"
-        );
+        let e = err("site: a\nexports:\n  - service: x\n    ports: [{name: p, port: 1, proto: TCP}]\n");
+        assert!(e.contains("exports[0].ports[0]: unknown field `proto`"), "{e}");
         assert!(e.contains("line 4"), "{e}");
     }
 
@@ -1312,19 +1274,14 @@ exports:
         for text in ["", "# nothing yet\n", "namespace: default\n"] {
             let e = err(text);
             assert!(e.contains("site"), "{e}");
-            assert!(
-                matches!(parse(text), Err(ConfigError::Invalid { ref key, .. }) if key == "site")
-            );
+            assert!(matches!(parse(text), Err(ConfigError::Invalid { ref key, .. }) if key == "site"));
         }
     }
 
     #[test]
     fn bad_listen() {
         let e = err("site: london\nlisten: 0.0.0.0\n");
-        assert!(
-            e.contains("listen: `0.0.0.0` is not a socket address"),
-            "{e}"
-        );
+        assert!(e.contains("listen: `0.0.0.0` is not a socket address"), "{e}");
         assert!(e.contains("line 2"), "{e}");
         let e = err("site: london\ndns:\n  upstream: [\"10.0.0.1:53\", nope]\n");
         assert!(e.contains("dns.upstream[1]: `nope`"), "{e}");
@@ -1335,18 +1292,9 @@ exports:
 
     #[test]
     fn bad_advertise_and_gateway() {
-        for bad in [
-            "gw.example",
-            "gw.example:0",
-            ":7400",
-            "::1:7400",
-            "gw.example:99999",
-        ] {
+        for bad in ["gw.example", "gw.example:0", ":7400", "::1:7400", "gw.example:99999"] {
             let e = err(&format!("site: a\nadvertise: [\"{bad}\"]\n"));
-            assert!(
-                e.contains("advertise[0]:") && e.contains("line 2"),
-                "{bad}: {e}"
-            );
+            assert!(e.contains("advertise[0]:") && e.contains("line 2"), "{bad}: {e}");
         }
         let e = err("site: a\ngateway: \"gw_x:7400\"\n");
         assert!(e.contains("gateway:") && e.contains("line 2"), "{e}");
@@ -1357,16 +1305,10 @@ exports:
     #[test]
     fn bad_cidr() {
         let e = err("site: london\nvips:\n  cidr: 127.77.0.0/33\n");
-        assert!(
-            e.contains("vips.cidr: `127.77.0.0/33` is not a CIDR block"),
-            "{e}"
-        );
+        assert!(e.contains("vips.cidr: `127.77.0.0/33` is not a CIDR block"), "{e}");
         assert!(e.contains("line 3"), "{e}");
         let e = err("site: london\nvips:\n  cidr: 127.77.0.0/24\n");
-        assert!(
-            e.contains("vips.cidr:") && e.contains("16 host bits"),
-            "{e}"
-        );
+        assert!(e.contains("vips.cidr:") && e.contains("16 host bits"), "{e}");
         let c = parse("site: london\nvips:\n  cidr: fd00::5/112\n").unwrap();
         assert_eq!(c.vips.cidr, "fd00::/112".parse::<IpNet>().unwrap());
     }
@@ -1376,19 +1318,12 @@ exports:
         let e = err("site: a\ndns:\n  ttl: 86401\n");
         assert!(e.contains("dns.ttl:") && e.contains("line 3"), "{e}");
         let e = err("site: a\nlimits:\n  max_flows: 0\n");
-        assert!(
-            e.contains("limits.max_flows:") && e.contains("line 3"),
-            "{e}"
-        );
+        assert!(e.contains("limits.max_flows:") && e.contains("line 3"), "{e}");
         let e = err("site: a\nlimits:\n  udp_idle: soon\n");
-        assert!(
-            e.contains("limits.udp_idle:") && e.contains("line 3"),
-            "{e}"
-        );
+        assert!(e.contains("limits.udp_idle:") && e.contains("line 3"), "{e}");
         let e = err("site: a\ndns:\n  zone: bad_zone.local\n");
         assert!(e.contains("dns.zone:") && e.contains("line 3"), "{e}");
-        let c =
-            parse("site: a\ndns:\n  zone: ClusterSet.Local.\nlimits:\n  udp_idle: 2m\n").unwrap();
+        let c = parse("site: a\ndns:\n  zone: ClusterSet.Local.\nlimits:\n  udp_idle: 2m\n").unwrap();
         assert_eq!(c.dns.zone, "clusterset.local");
         assert_eq!(c.limits.udp_idle, Duration::from_secs(120));
     }
@@ -1397,10 +1332,7 @@ exports:
     fn port_zero() {
         let text = SPEC.replace("port: 2379", "port: 0");
         let e = err(&text);
-        assert!(
-            e.contains("exports[0].ports[1].port: 0 is not a port"),
-            "{e}"
-        );
+        assert!(e.contains("exports[0].ports[1].port: 0 is not a port"), "{e}");
         assert!(e.contains("line 22"), "{e}");
     }
 
@@ -1425,17 +1357,11 @@ exports:
     fn duplicate_ports() {
         let text = SPEC.replace("name: gossip", "name: peer");
         let e = err(&text);
-        assert!(
-            e.contains("exports[0].ports[2]: duplicate port name `peer`"),
-            "{e}"
-        );
+        assert!(e.contains("exports[0].ports[2]: duplicate port name `peer`"), "{e}");
         assert!(e.contains("line 23"), "{e}");
         let text = SPEC.replace("port: 7946, protocol: UDP", "port: 2380");
         let e = err(&text);
-        assert!(
-            e.contains("duplicate port 2380/TCP") && e.contains("line 23"),
-            "{e}"
-        );
+        assert!(e.contains("duplicate port 2380/TCP") && e.contains("line 23"), "{e}");
         // Same number over another protocol is fine.
         parse(&SPEC.replace("port: 7946", "port: 2380")).unwrap();
     }
@@ -1443,23 +1369,15 @@ exports:
     #[test]
     fn duplicate_or_portless_exports() {
         let base = "site: a\nexports:\n  - service: x\n    ports: [{name: p, port: 1}]\n";
-        let e = err(&format!(
-            "{base}  - service: x\n    ports: [{{name: p, port: 1}}]\n"
-        ));
-        assert!(
-            e.contains("exports[1]: duplicate export of service `x`"),
-            "{e}"
-        );
+        let e = err(&format!("{base}  - service: x\n    ports: [{{name: p, port: 1}}]\n"));
+        assert!(e.contains("exports[1]: duplicate export of service `x`"), "{e}");
         assert!(e.contains("line 5"), "{e}");
         // Duplicate only once the default namespace is applied.
         let e = err(&format!(
             "{base}  - service: \"x\"\n    namespace: default\n    ports: [{{name: p, port: 1}}]\n"
         ));
         assert!(e.contains("exports[1]: duplicate export"), "{e}");
-        assert!(
-            e.contains("namespace `default`") && e.contains("line 5"),
-            "{e}"
-        );
+        assert!(e.contains("namespace `default`") && e.contains("line 5"), "{e}");
         // Another namespace is another export.
         parse(&format!(
             "{base}  - service: x\n    namespace: other\n    ports: [{{name: p, port: 1}}]\n"
@@ -1505,17 +1423,10 @@ exports:
             other => panic!("unexpected {other:?}"),
         }
         let msg = e.to_string();
-        assert!(
-            msg.contains("POD_NAMESPACE") && msg.contains("line 3"),
-            "{msg}"
-        );
-        let e = expand_env("a: ${BAD NAME}\n", no_env)
-            .unwrap_err()
-            .to_string();
+        assert!(msg.contains("POD_NAMESPACE") && msg.contains("line 3"), "{msg}");
+        let e = expand_env("a: ${BAD NAME}\n", no_env).unwrap_err().to_string();
         assert!(e.contains("line 1"), "{e}");
-        let e = expand_env("a: b\na: ${OPEN\n", no_env)
-            .unwrap_err()
-            .to_string();
+        let e = expand_env("a: b\na: ${OPEN\n", no_env).unwrap_err().to_string();
         assert!(e.contains("unterminated") && e.contains("line 2"), "{e}");
     }
 
@@ -1530,10 +1441,7 @@ exports:
         let text = "# set ${NOPE} first\nsite: a # or ${NOPE}\nx: 'a # ${Q}'\ny: b#${Q}\n";
         let lookup = |name: &str| (name == "Q").then(|| "q".to_owned());
         let out = expand_env(text, lookup).unwrap();
-        assert_eq!(
-            out,
-            "# set ${NOPE} first\nsite: a # or ${NOPE}\nx: 'a # q'\ny: b#q\n"
-        );
+        assert_eq!(out, "# set ${NOPE} first\nsite: a # or ${NOPE}\nx: 'a # q'\ny: b#q\n");
         let text = "z: 'it''s' # ${NOPE}\nw: \"a \\\" # ${Q}\" # ${NOPE}\n";
         let out = expand_env(text, lookup).unwrap();
         assert_eq!(out, "z: 'it''s' # ${NOPE}\nw: \"a \\\" # q\" # ${NOPE}\n");
@@ -1542,11 +1450,11 @@ exports:
     #[test]
     fn advertise_defaults_from_listen() {
         let c = parse("site: a\n").unwrap();
-        assert_eq!(c.advertise_addrs(), vec!["127.0.0.1:7400".to_owned()]);
+        assert_eq!(c.advertise_addrs(c.listen), vec!["127.0.0.1:7400".to_owned()]);
         let c = parse("site: a\nlisten: \"[::]:7401\"\n").unwrap();
-        assert_eq!(c.advertise_addrs(), vec!["[::1]:7401".to_owned()]);
+        assert_eq!(c.advertise_addrs(c.listen), vec!["[::1]:7401".to_owned()]);
         let c = parse("site: a\nlisten: 10.0.0.5:7400\n").unwrap();
-        assert_eq!(c.advertise_addrs(), vec!["10.0.0.5:7400".to_owned()]);
+        assert_eq!(c.advertise_addrs(c.listen), vec!["10.0.0.5:7400".to_owned()]);
     }
 
     #[test]
@@ -1572,10 +1480,7 @@ exports:
         }
 
         let missing = dir.path().join("missing.yaml");
-        assert!(matches!(
-            Config::load(&missing),
-            Err(ConfigError::Io { .. })
-        ));
+        assert!(matches!(Config::load(&missing), Err(ConfigError::Io { .. })));
     }
 
     #[test]

@@ -18,8 +18,14 @@ use crate::state::StateDir;
 
 /// Runs the demo.
 pub async fn run() -> anyhow::Result<()> {
-    let dir = tempfile::Builder::new().prefix("causeway-demo-").tempdir().context("creating a temporary directory")?;
-    println!("causeway demo: two sites on loopback, state in {}", dir.path().display());
+    let dir = tempfile::Builder::new()
+        .prefix("causeway-demo-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    println!(
+        "causeway demo: two sites on loopback, state in {}",
+        dir.path().display()
+    );
 
     let mut agents = Vec::new();
     for site in ["london", "paris"] {
@@ -29,7 +35,10 @@ pub async fn run() -> anyhow::Result<()> {
         cfg.listen = "127.0.0.1:0".parse()?;
         cfg.metrics = None;
         let agent = Agent::start(state, cfg).await?;
-        println!("[1] site {site}: CA + agent certificate created, agent listening on udp {}", agent.local_addr);
+        println!(
+            "[1] site {site}: CA + agent certificate created, agent listening on udp {}",
+            agent.local_addr
+        );
         agents.push(agent);
     }
     let (london, paris) = (&agents[0], &agents[1]);
@@ -40,14 +49,43 @@ pub async fn run() -> anyhow::Result<()> {
         async move { admin::call(&root, &sock, &req).await }
     };
 
-    let issued = ask(london, Request::TokenIssue { uses: 1, expires_secs: 900 }).await?;
+    let issued = ask(
+        london,
+        Request::TokenIssue {
+            uses: 1,
+            expires_secs: 900,
+        },
+    )
+    .await?;
     let token = issued["token"].as_str().context("no token in the answer")?.to_string();
-    println!("[2] london issued a one-use token (grant {}, expires {})", issued["grant"], issued["expires"]);
+    println!(
+        "[2] london issued a one-use token (grant {}, expires {})",
+        issued["grant"], issued["expires"]
+    );
 
-    let redeemed = ask(paris, Request::TokenRedeem { token: token.clone(), name: None, cost: 1 }).await?;
-    println!("[3] paris redeemed it: linked to {} ({})", redeemed["peer_site"], redeemed["addr"]);
+    let redeemed = ask(
+        paris,
+        Request::TokenRedeem {
+            token: token.clone(),
+            name: None,
+            cost: 1,
+        },
+    )
+    .await?;
+    println!(
+        "[3] paris redeemed it: linked to {} ({})",
+        redeemed["peer_site"], redeemed["addr"]
+    );
 
-    let again = ask(paris, Request::TokenRedeem { token, name: Some("again".into()), cost: 1 }).await;
+    let again = ask(
+        paris,
+        Request::TokenRedeem {
+            token,
+            name: Some("again".into()),
+            cost: 1,
+        },
+    )
+    .await;
     match again {
         Err(e) => println!("[4] redeeming the same token again is refused: {e}"),
         Ok(_) => bail!("a one-use token was redeemed twice"),

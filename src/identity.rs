@@ -15,8 +15,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -69,7 +69,9 @@ pub struct SiteIdentity {
 
 impl std::fmt::Debug for SiteIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SiteIdentity").field("site", &self.site).finish_non_exhaustive()
+        f.debug_struct("SiteIdentity")
+            .field("site", &self.site)
+            .finish_non_exhaustive()
     }
 }
 
@@ -92,7 +94,10 @@ pub fn create(state: &StateDir, site: &str) -> Result<(), IdentityError> {
         if path.exists() {
             return Err(IdentityError::Exists {
                 dir: state.root.display().to_string(),
-                file: path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+                file: path
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
             });
         }
     }
@@ -134,10 +139,7 @@ fn leaf_params(site: &str, common_name: &str) -> Result<CertificateParams, Ident
     params.distinguished_name = dn(common_name);
     params.is_ca = IsCa::NoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     Ok(params)
 }
 
@@ -150,13 +152,21 @@ pub fn load(state: &StateDir) -> Result<SiteIdentity, IdentityError> {
     let ca_der = parse_cert_pem(&ca_pem, "ca.crt")?;
     let cert_pem = read(state.agent_cert())?;
     let agent_der = parse_cert_pem(&cert_pem, "agent.crt")?;
-    let key = PrivateKeyDer::from_pem_slice(read(state.agent_key())?.as_bytes())
-        .map_err(|_| IdentityError::Pem { what: state.agent_key().display().to_string() })?;
+    let key = PrivateKeyDer::from_pem_slice(read(state.agent_key())?.as_bytes()).map_err(|_| IdentityError::Pem {
+        what: state.agent_key().display().to_string(),
+    })?;
     let site = cert_dns_name(&agent_der).ok_or_else(|| IdentityError::Pem {
         what: format!("{} (no site name in the certificate)", state.agent_cert().display()),
     })?;
     let chain = vec![agent_der, ca_der.clone()];
-    Ok(SiteIdentity { site, ca_pem, ca_der, cert_pem, chain, key })
+    Ok(SiteIdentity {
+        site,
+        ca_pem,
+        ca_der,
+        cert_pem,
+        chain,
+        key,
+    })
 }
 
 /// Parses one PEM certificate.
@@ -198,14 +208,20 @@ impl std::fmt::Debug for PeerTrust {
 
 impl PeerTrust {
     pub fn new() -> Arc<Self> {
-        Arc::new(PeerTrust { peers: RwLock::new(Vec::new()), provider: provider() })
+        Arc::new(PeerTrust {
+            peers: RwLock::new(Vec::new()),
+            provider: provider(),
+        })
     }
 
     /// Replaces the trusted set with `(site, ca)` pairs.
     pub fn set(&self, peers: &[(String, CertificateDer<'static>)]) -> Result<(), IdentityError> {
         let mut built = Vec::with_capacity(peers.len());
         for (site, ca) in peers {
-            built.push(TrustedPeer { site: site.clone(), verifier: self.single_root_verifier(ca)? });
+            built.push(TrustedPeer {
+                site: site.clone(),
+                verifier: self.single_root_verifier(ca)?,
+            });
         }
         match self.peers.write() {
             Ok(mut guard) => *guard = built,
@@ -214,9 +230,14 @@ impl PeerTrust {
         Ok(())
     }
 
-    pub fn single_root_verifier(&self, ca: &CertificateDer<'static>) -> Result<Arc<dyn ClientCertVerifier>, IdentityError> {
+    pub fn single_root_verifier(
+        &self,
+        ca: &CertificateDer<'static>,
+    ) -> Result<Arc<dyn ClientCertVerifier>, IdentityError> {
         let mut roots = RootCertStore::empty();
-        roots.add(ca.clone()).map_err(|e| IdentityError::Tls(format!("peer CA: {e}")))?;
+        roots
+            .add(ca.clone())
+            .map_err(|e| IdentityError::Tls(format!("peer CA: {e}")))?;
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
             .build()
             .map_err(|e| IdentityError::Tls(e.to_string()))
@@ -263,11 +284,16 @@ impl ClientCertVerifier for LinkClientVerifier {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
-            if peers.iter().any(|p| p.verifier.verify_client_cert(end_entity, &[], now).is_ok()) {
+            if peers
+                .iter()
+                .any(|p| p.verifier.verify_client_cert(end_entity, &[], now).is_ok())
+            {
                 return Ok(ClientCertVerified::assertion());
             }
         }
-        Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ))
     }
 
     fn verify_tls12_signature(
@@ -276,7 +302,12 @@ impl ClientCertVerifier for LinkClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.trust.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.trust.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -285,11 +316,19 @@ impl ClientCertVerifier for LinkClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.trust.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.trust.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.trust.provider.signature_verification_algorithms.supported_schemes()
+        self.trust
+            .provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -328,8 +367,7 @@ pub fn server_config(
         .map_err(|e| IdentityError::Tls(e.to_string()))?;
     tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     tls.max_early_data_size = 0;
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| IdentityError::Tls(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| IdentityError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config()));
     Ok(cfg)
@@ -345,7 +383,9 @@ pub fn client_config(
     present: bool,
 ) -> Result<quinn::ClientConfig, IdentityError> {
     let mut roots = RootCertStore::empty();
-    roots.add(peer_ca.clone()).map_err(|e| IdentityError::Tls(format!("peer CA: {e}")))?;
+    roots
+        .add(peer_ca.clone())
+        .map_err(|e| IdentityError::Tls(format!("peer CA: {e}")))?;
     let verifier: Arc<dyn ServerCertVerifier> =
         rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()
@@ -364,8 +404,7 @@ pub fn client_config(
     };
     tls.alpn_protocols = vec![alpn.to_vec()];
     tls.enable_early_data = false;
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| IdentityError::Tls(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| IdentityError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config()));
     Ok(cfg)
@@ -391,7 +430,9 @@ pub fn verify_signature(cert: &CertificateDer<'_>, msg: &[u8], sig: &[u8]) -> bo
         return false;
     };
     let point = parsed.public_key().subject_public_key.data.as_ref();
-    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, point).verify(msg, sig).is_ok()
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, point)
+        .verify(msg, sig)
+        .is_ok()
 }
 
 /// The TLS server name a peer's agent certificate is issued for: its site id.
@@ -419,7 +460,10 @@ mod tests {
         assert!(err.to_string().contains("refusing to overwrite"), "{err}");
         use std::os::unix::fs::PermissionsExt;
         for f in ["ca.key", "agent.key", "ca.crt", "agent.crt"] {
-            let m = std::fs::metadata(dir.path().join("london").join(f)).unwrap().permissions().mode();
+            let m = std::fs::metadata(dir.path().join("london").join(f))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(m & 0o777, 0o600, "{f}");
         }
     }
@@ -436,12 +480,24 @@ mod tests {
         assert_eq!(trust.identify(&london.chain[0]), None);
 
         let v = LinkClientVerifier { trust: trust.clone() };
-        assert!(v.verify_client_cert(&paris.chain[0], &paris.chain[1..], UnixTime::now()).is_ok());
-        assert!(v.verify_client_cert(&london.chain[0], &london.chain[1..], UnixTime::now()).is_err());
+        assert!(
+            v.verify_client_cert(&paris.chain[0], &paris.chain[1..], UnixTime::now())
+                .is_ok()
+        );
+        assert!(
+            v.verify_client_cert(&london.chain[0], &london.chain[1..], UnixTime::now())
+                .is_err()
+        );
         // Presenting a trusted CA beside an untrusted leaf does not help.
-        assert!(v.verify_client_cert(&london.chain[0], &paris.chain[1..], UnixTime::now()).is_err());
+        assert!(
+            v.verify_client_cert(&london.chain[0], &paris.chain[1..], UnixTime::now())
+                .is_err()
+        );
         trust.set(&[]).unwrap();
-        assert!(v.verify_client_cert(&paris.chain[0], &paris.chain[1..], UnixTime::now()).is_err());
+        assert!(
+            v.verify_client_cert(&paris.chain[0], &paris.chain[1..], UnixTime::now())
+                .is_err()
+        );
     }
 
     #[test]

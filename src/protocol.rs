@@ -105,7 +105,9 @@ pub enum Rejection {
     BadProof,
     #[error("a site cannot link to itself ({site})")]
     SameSite { site: String },
-    #[error("vips.cidr differs: issuer uses {issuer}, redeemer uses {redeemer}; every site of a clusterset must use the same range")]
+    #[error(
+        "vips.cidr differs: issuer uses {issuer}, redeemer uses {redeemer}; every site of a clusterset must use the same range"
+    )]
     VipsMismatch { issuer: String, redeemer: String },
     #[error("issuer failed: {message}")]
     Internal { message: String },
@@ -124,7 +126,11 @@ pub enum RedeemResponse {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Control {
     /// First frame from the dialer.
-    Hello { version: u32, site: String, vips_cidr: String },
+    Hello {
+        version: u32,
+        site: String,
+        vips_cidr: String,
+    },
     /// The acceptor's yes: the link is up from here on.
     Welcome { site: String },
     /// The acceptor's no, with the reason; the connection is then closed.
@@ -174,26 +180,41 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip() {
         let (mut a, mut b) = tokio::io::duplex(1024);
-        let hello = Control::Hello { version: 1, site: "paris".into(), vips_cidr: "127.77.0.0/16".into() };
+        let hello = Control::Hello {
+            version: 1,
+            site: "paris".into(),
+            vips_cidr: "127.77.0.0/16".into(),
+        };
         write_frame(&mut a, &hello).await.unwrap();
-        write_frame(&mut a, &RedeemResponse::Rejected(Rejection::UsedUp { uses: 1 })).await.unwrap();
+        write_frame(&mut a, &RedeemResponse::Rejected(Rejection::UsedUp { uses: 1 }))
+            .await
+            .unwrap();
         drop(a);
         let got: Control = read_frame(&mut b).await.unwrap();
         assert_eq!(got, hello);
         let got: RedeemResponse = read_frame(&mut b).await.unwrap();
         assert_eq!(got, RedeemResponse::Rejected(Rejection::UsedUp { uses: 1 }));
-        assert!(matches!(read_frame::<_, Control>(&mut b).await, Err(ProtocolError::Closed)));
+        assert!(matches!(
+            read_frame::<_, Control>(&mut b).await,
+            Err(ProtocolError::Closed)
+        ));
     }
 
     #[tokio::test]
     async fn oversized_and_garbage_frames_are_errors() {
         let (mut a, mut b) = tokio::io::duplex(1024);
         a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
-        assert!(matches!(read_frame::<_, Control>(&mut b).await, Err(ProtocolError::TooLarge(_))));
+        assert!(matches!(
+            read_frame::<_, Control>(&mut b).await,
+            Err(ProtocolError::TooLarge(_))
+        ));
         let (mut a, mut b) = tokio::io::duplex(1024);
         a.write_all(&3u32.to_be_bytes()).await.unwrap();
         a.write_all(b"{x}").await.unwrap();
-        assert!(matches!(read_frame::<_, Control>(&mut b).await, Err(ProtocolError::Malformed(_))));
+        assert!(matches!(
+            read_frame::<_, Control>(&mut b).await,
+            Err(ProtocolError::Malformed(_))
+        ));
         let (mut a, mut b) = tokio::io::duplex(1024);
         a.write_all(&10u32.to_be_bytes()).await.unwrap();
         a.write_all(b"{").await.unwrap();
@@ -203,7 +224,9 @@ mod tests {
 
     #[test]
     fn rejections_say_what_was_wrong() {
-        let r = Rejection::Expired { at: "2026-01-01T00:00:00Z".into() };
+        let r = Rejection::Expired {
+            at: "2026-01-01T00:00:00Z".into(),
+        };
         assert_eq!(r.to_string(), "token expired at 2026-01-01T00:00:00Z");
         let json = serde_json::to_string(&RedeemResponse::Rejected(Rejection::WrongSecret)).unwrap();
         assert!(json.contains("wrong_secret"), "{json}");

@@ -80,8 +80,7 @@ impl StateDir {
     /// Creates the directory (mode 0700) if it does not exist.
     pub fn create(&self) -> Result<(), StateError> {
         fs::create_dir_all(&self.root).map_err(|e| StateError::io(&self.root, e))?;
-        fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
-            .map_err(|e| StateError::io(&self.root, e))
+        fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700)).map_err(|e| StateError::io(&self.root, e))
     }
 }
 
@@ -129,9 +128,7 @@ pub fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), StateErr
 }
 
 /// Reads a YAML file into `T`, or `T::default()` when the file does not exist.
-pub fn read_yaml_or_default<T: serde::de::DeserializeOwned + Default>(
-    path: &Path,
-) -> Result<T, StateError> {
+pub fn read_yaml_or_default<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Result<T, StateError> {
     match fs::read_to_string(path) {
         Ok(text) if text.trim().is_empty() => Ok(T::default()),
         Ok(text) => serde_yaml::from_str(&text).map_err(|e| StateError::Corrupt {

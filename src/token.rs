@@ -185,18 +185,27 @@ impl GrantBook {
     /// Decides one redemption and, on success, records it. The secret is checked before
     /// anything about the grant's state is revealed.
     pub fn redeem(&mut self, id: &str, secret: &str, site: &str, now: SystemTime) -> Result<(), Rejection> {
-        let grant = self.grants.iter_mut().find(|g| g.id == id).ok_or(Rejection::UnknownGrant)?;
+        let grant = self
+            .grants
+            .iter_mut()
+            .find(|g| g.id == id)
+            .ok_or(Rejection::UnknownGrant)?;
         let presented = sha256_hex(secret);
         if !bool::from(presented.as_bytes().ct_eq(grant.secret_sha256.as_bytes())) {
             return Err(Rejection::WrongSecret);
         }
         if now >= grant.expires {
-            return Err(Rejection::Expired { at: rfc3339::format(grant.expires) });
+            return Err(Rejection::Expired {
+                at: rfc3339::format(grant.expires),
+            });
         }
         if grant.remaining() == 0 {
             return Err(Rejection::UsedUp { uses: grant.uses });
         }
-        grant.redemptions.push(Redemption { site: site.to_string(), at: now });
+        grant.redemptions.push(Redemption {
+            site: site.to_string(),
+            at: now,
+        });
         Ok(())
     }
 
@@ -227,7 +236,10 @@ mod tests {
         let (g, secret) = book.issue(t0(), 1, Duration::from_secs(900)).unwrap();
         assert_ne!(g.secret_sha256, secret, "the secret itself is not stored");
         assert_eq!(book.redeem(&g.id, &secret, "paris", t0()), Ok(()));
-        assert_eq!(book.redeem(&g.id, &secret, "tokyo", t0()), Err(Rejection::UsedUp { uses: 1 }));
+        assert_eq!(
+            book.redeem(&g.id, &secret, "tokyo", t0()),
+            Err(Rejection::UsedUp { uses: 1 })
+        );
         assert_eq!(book.grants[0].redemptions[0].site, "paris");
     }
 
@@ -252,7 +264,9 @@ mod tests {
         let late = t0() + Duration::from_secs(61);
         assert_eq!(
             book.redeem(&g.id, &s, "p", late),
-            Err(Rejection::Expired { at: "2026-11-21T12:01:00Z".into() })
+            Err(Rejection::Expired {
+                at: "2026-11-21T12:01:00Z".into()
+            })
         );
         // A wrong secret on an expired grant reveals nothing about its state.
         assert_eq!(book.redeem(&g.id, &wrong, "p", late), Err(Rejection::WrongSecret));
@@ -303,7 +317,10 @@ pub enum GrantStoreError {
 impl GrantStore {
     pub fn load(path: std::path::PathBuf) -> Result<Self, GrantStoreError> {
         let book: GrantBook = crate::state::read_yaml_or_default(&path)?;
-        Ok(GrantStore { book: tokio::sync::Mutex::new(book), path })
+        Ok(GrantStore {
+            book: tokio::sync::Mutex::new(book),
+            path,
+        })
     }
 
     /// Creates a grant and records it durably before returning its secret.
@@ -329,6 +346,12 @@ impl GrantStore {
     /// The number of grants that can still be redeemed.
     pub async fn open_count(&self) -> usize {
         let now = SystemTime::now();
-        self.book.lock().await.grants.iter().filter(|g| g.remaining() > 0 && g.expires > now).count()
+        self.book
+            .lock()
+            .await
+            .grants
+            .iter()
+            .filter(|g| g.remaining() > 0 && g.expires > now)
+            .count()
     }
 }

@@ -177,7 +177,14 @@ impl Links {
             let cancel = shutdown.child_token();
             entries.insert(
                 record.name.clone(),
-                Entry { record, state, since: now, conn: None, cancel, last_error: None },
+                Entry {
+                    record,
+                    state,
+                    since: now,
+                    conn: None,
+                    cancel,
+                    last_error: None,
+                },
             );
         }
         let links = Arc::new_cyclic(|me| Links {
@@ -214,7 +221,9 @@ impl Links {
 
     /// Writes the records and rebuilds the trust set from them.
     fn persist(&self, entries: &BTreeMap<String, Entry>) -> Result<(), LinkError> {
-        let book = LinkBook { links: entries.values().map(|e| e.record.clone()).collect() };
+        let book = LinkBook {
+            links: entries.values().map(|e| e.record.clone()).collect(),
+        };
         state::write_yaml(&self.path, &book)?;
         Ok(())
     }
@@ -254,7 +263,11 @@ impl Links {
                     c.close(close::REPLACED.into(), b"link re-created");
                 }
             }
-            let state = if role == Role::Dialer { LinkState::Connecting } else { LinkState::Down };
+            let state = if role == Role::Dialer {
+                LinkState::Connecting
+            } else {
+                LinkState::Down
+            };
             entries.insert(
                 name.clone(),
                 Entry {
@@ -281,7 +294,9 @@ impl Links {
     pub fn remove(&self, name: &str) -> Result<LinkRecord, LinkError> {
         let entry = {
             let mut entries = self.lock();
-            let entry = entries.remove(name).ok_or_else(|| LinkError::NotFound(name.to_string()))?;
+            let entry = entries
+                .remove(name)
+                .ok_or_else(|| LinkError::NotFound(name.to_string()))?;
             self.persist(&entries)?;
             entry
         };
@@ -308,11 +323,18 @@ impl Links {
     /// A fresh name for an acceptor record of `site` (the site id, or `site-2`, …).
     pub fn acceptor_name(&self, site: &str, peer_ca: &str) -> String {
         let entries = self.lock();
-        let free = |n: &str| entries.get(n).is_none_or(|e| e.record.peer_ca == peer_ca && e.record.role == Role::Acceptor);
+        let free = |n: &str| {
+            entries
+                .get(n)
+                .is_none_or(|e| e.record.peer_ca == peer_ca && e.record.role == Role::Acceptor)
+        };
         if free(site) {
             return site.to_string();
         }
-        (2..).map(|i| format!("{site}-{i}")).find(|n| free(n)).unwrap_or_else(|| site.to_string())
+        (2..)
+            .map(|i| format!("{site}-{i}"))
+            .find(|n| free(n))
+            .unwrap_or_else(|| site.to_string())
     }
 
     /// Every link with its state.
@@ -323,9 +345,11 @@ impl Links {
                 name: e.record.name.clone(),
                 peer_site: e.record.peer_site.clone(),
                 state: e.state,
-                rtt_ms: e.conn.as_ref().filter(|_| e.state == LinkState::Up).map(|c| {
-                    (c.rtt().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
-                }),
+                rtt_ms: e
+                    .conn
+                    .as_ref()
+                    .filter(|_| e.state == LinkState::Up)
+                    .map(|c| (c.rtt().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0),
                 cost: e.record.cost,
                 since: rfc3339::format(e.since),
                 role: e.record.role,
@@ -334,7 +358,11 @@ impl Links {
                     _ if e.record.role == Role::Dialer => Some(e.record.addresses.join(",")),
                     _ => None,
                 },
-                last_error: if e.state == LinkState::Up { None } else { e.last_error.clone() },
+                last_error: if e.state == LinkState::Up {
+                    None
+                } else {
+                    e.last_error.clone()
+                },
             })
             .collect()
     }
@@ -398,7 +426,8 @@ impl Links {
         };
         let Some(me) = self.me.upgrade() else { return };
         let span = info_span!("link", name = %record.name, peer = %record.peer_site, role = "dialer");
-        self.tasks.spawn(async move { me.dial_loop(record, cancel).await }.instrument(span));
+        self.tasks
+            .spawn(async move { me.dial_loop(record, cancel).await }.instrument(span));
     }
 
     /// Keeps a dialer link connected until it is removed or the agent stops.
@@ -443,7 +472,10 @@ impl Links {
     }
 
     /// One attempt: every address of the peer in turn, handshake, then hello.
-    async fn connect(&self, record: &LinkRecord) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
+    async fn connect(
+        &self,
+        record: &LinkRecord,
+    ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
         let ca = identity::parse_cert_pem(&record.peer_ca, "peer_ca").map_err(|e| e.to_string())?;
         let cfg = identity::client_config(&self.identity, &ca, ALPN_LINK, true).map_err(|e| e.to_string())?;
         let mut errors = Vec::new();
@@ -470,8 +502,14 @@ impl Links {
             .await
             .map_err(|e| describe_connection_error(&e))?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| describe_connection_error(&e))?;
-        let hello = Control::Hello { version: PROTOCOL_VERSION, site: self.identity.site.clone(), vips_cidr: self.vips_cidr.clone() };
-        protocol::write_frame(&mut send, &hello).await.map_err(|e| e.to_string())?;
+        let hello = Control::Hello {
+            version: PROTOCOL_VERSION,
+            site: self.identity.site.clone(),
+            vips_cidr: self.vips_cidr.clone(),
+        };
+        protocol::write_frame(&mut send, &hello)
+            .await
+            .map_err(|e| e.to_string())?;
         match protocol::read_frame::<_, Control>(&mut recv).await {
             Ok(Control::Welcome { site }) if site == peer_site => Ok((conn, send, recv)),
             Ok(Control::Welcome { site }) => {
@@ -484,7 +522,10 @@ impl Links {
                 Err(format!("unexpected {other:?}"))
             }
             // With TLS 1.3 a refused client certificate shows up here, after connect().
-            Err(e) => Err(conn.close_reason().map(|r| describe_connection_error(&r)).unwrap_or_else(|| e.to_string())),
+            Err(e) => Err(conn
+                .close_reason()
+                .map(|r| describe_connection_error(&r))
+                .unwrap_or_else(|| e.to_string())),
         }
     }
 
@@ -613,7 +654,10 @@ pub fn describe_connection_error(e: &quinn::ConnectionError) -> String {
     match e {
         E::ApplicationClosed(c) => {
             let reason = String::from_utf8_lossy(&c.reason);
-            format!("closed by peer: {} ({reason})", close::describe(c.error_code.into_inner()))
+            format!(
+                "closed by peer: {} ({reason})",
+                close::describe(c.error_code.into_inner())
+            )
         }
         E::ConnectionClosed(c) if u64::from(c.error_code) & !0xff == 0x100 => {
             format!("TLS handshake refused: {c}")

@@ -68,7 +68,10 @@ pub async fn redeem(
         return Err(RedeemError::OwnToken(id.site.clone()));
     }
     if SystemTime::now() >= token.expires {
-        return Err(RedeemError::Expired(rfc3339::format(token.expires), token.issuer.clone()));
+        return Err(RedeemError::Expired(
+            rfc3339::format(token.expires),
+            token.issuer.clone(),
+        ));
     }
     let ca = identity::parse_cert_pem(&token.ca, "token ca").map_err(|e| RedeemError::Local(e.to_string()))?;
     let cfg = identity::client_config(id, &ca, ALPN_REDEEM, false).map_err(|e| RedeemError::Local(e.to_string()))?;
@@ -101,20 +104,32 @@ pub async fn redeem(
         };
         let result = tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(&conn, id, token, vips_cidr)).await;
         conn.close(close::DONE.into(), b"done");
-        let protocol_err = |detail: String| RedeemError::Protocol { site: token.issuer.clone(), addr: addr.to_string(), detail };
+        let protocol_err = |detail: String| RedeemError::Protocol {
+            site: token.issuer.clone(),
+            addr: addr.to_string(),
+            detail,
+        };
         return match result {
             Err(_) => Err(protocol_err("the issuer did not answer in time".into())),
             Ok(Err(detail)) => Err(protocol_err(detail)),
             Ok(Ok(RedeemResponse::Accepted { site })) => Ok(Redeemed { site, addr }),
-            Ok(Ok(RedeemResponse::Rejected(rejection))) => {
-                Err(RedeemError::Rejected { site: token.issuer.clone(), rejection })
-            }
+            Ok(Ok(RedeemResponse::Rejected(rejection))) => Err(RedeemError::Rejected {
+                site: token.issuer.clone(),
+                rejection,
+            }),
         };
     }
     if let Some((addr, detail)) = mismatch {
-        return Err(RedeemError::IssuerMismatch { site: token.issuer.clone(), addr: addr.to_string(), detail });
+        return Err(RedeemError::IssuerMismatch {
+            site: token.issuer.clone(),
+            addr: addr.to_string(),
+            detail,
+        });
     }
-    Err(RedeemError::Unreachable { site: token.issuer.clone(), tried: tried.join("; ") })
+    Err(RedeemError::Unreachable {
+        site: token.issuer.clone(),
+        tried: tried.join("; "),
+    })
 }
 
 fn is_crypto(code: u64) -> bool {
@@ -141,12 +156,16 @@ async fn exchange(
         proof: hex::encode(proof),
     };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| describe_connection_error(&e))?;
-    protocol::write_frame(&mut send, &req).await.map_err(|e| e.to_string())?;
+    protocol::write_frame(&mut send, &req)
+        .await
+        .map_err(|e| e.to_string())?;
     let _ = send.finish();
-    protocol::read_frame(&mut recv).await.map_err(|e| match conn.close_reason() {
-        Some(r) => describe_connection_error(&r),
-        None => e.to_string(),
-    })
+    protocol::read_frame(&mut recv)
+        .await
+        .map_err(|e| match conn.close_reason() {
+            Some(r) => describe_connection_error(&r),
+            None => e.to_string(),
+        })
 }
 
 /// What the issuer's side needs.
@@ -174,14 +193,18 @@ impl Issuer {
             let response = match self.decide(&req, &exporter).await {
                 Ok(()) => {
                     info!(%remote, site = %req.site, "token redeemed; link accepted");
-                    RedeemResponse::Accepted { site: self.identity.site.clone() }
+                    RedeemResponse::Accepted {
+                        site: self.identity.site.clone(),
+                    }
                 }
                 Err(rejection) => {
                     warn!(%remote, site = %req.site, %rejection, "redemption refused");
                     RedeemResponse::Rejected(rejection)
                 }
             };
-            protocol::write_frame(&mut send, &response).await.map_err(|e| e.to_string())?;
+            protocol::write_frame(&mut send, &response)
+                .await
+                .map_err(|e| e.to_string())?;
             let _ = send.finish();
             // Let the redeemer read the answer and close.
             let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
@@ -198,13 +221,20 @@ impl Issuer {
     async fn decide(&self, req: &RedeemRequest, exporter: &[u8]) -> Result<(), Rejection> {
         let ca = identity::parse_cert_pem(&req.ca, "ca").map_err(|_| Rejection::BadCertificate)?;
         let cert = identity::parse_cert_pem(&req.cert, "cert").map_err(|_| Rejection::BadCertificate)?;
-        let verifier = self.links.trust.single_root_verifier(&ca).map_err(|_| Rejection::BadCertificate)?;
+        let verifier = self
+            .links
+            .trust
+            .single_root_verifier(&ca)
+            .map_err(|_| Rejection::BadCertificate)?;
         verifier
             .verify_client_cert(&cert, &[], rustls::pki_types::UnixTime::now())
             .map_err(|_| Rejection::BadCertificate)?;
         let cert_site = identity::cert_dns_name(&cert).unwrap_or_default();
         if cert_site != req.site {
-            return Err(Rejection::SiteMismatch { cert: cert_site, claimed: req.site.clone() });
+            return Err(Rejection::SiteMismatch {
+                cert: cert_site,
+                claimed: req.site.clone(),
+            });
         }
         let proof = hex::decode(&req.proof).map_err(|_| Rejection::BadProof)?;
         if !identity::verify_signature(&cert, exporter, &proof) {
@@ -214,7 +244,10 @@ impl Issuer {
             return Err(Rejection::SameSite { site: req.site.clone() });
         }
         if req.vips_cidr != self.vips_cidr {
-            return Err(Rejection::VipsMismatch { issuer: self.vips_cidr.clone(), redeemer: req.vips_cidr.clone() });
+            return Err(Rejection::VipsMismatch {
+                issuer: self.vips_cidr.clone(),
+                redeemer: req.vips_cidr.clone(),
+            });
         }
         self.grants.redeem(&req.grant, &req.secret, &req.site).await?;
         let record = LinkRecord {
@@ -226,6 +259,8 @@ impl Issuer {
             cost: 1,
             created: SystemTime::now(),
         };
-        self.links.add(record).map_err(|e| Rejection::Internal { message: e.to_string() })
+        self.links
+            .add(record)
+            .map_err(|e| Rejection::Internal { message: e.to_string() })
     }
 }

@@ -1,0 +1,216 @@
+//! Test harness: real `causeway` agents as separate processes, each with its own state dir.
+//!
+//! A [`Site`] is initialised with the real `causeway init`, its causeway.yaml adjusted to a
+//! free loopback port, and run as a child process (`causeway run`) whose log goes to a file
+//! that is printed when a test fails. Dropping a site kills its agent, so a failing test
+//! leaves no process behind.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_causeway");
+
+/// A free UDP port on loopback (bound and released; good enough for tests).
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.local_addr().expect("addr").port()
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub struct Site {
+    pub name: String,
+    pub state: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Site {
+    /// `causeway init` in `dir/<name>`, then listen on a free loopback port.
+    pub fn init(dir: &Path, name: &str) -> Site {
+        let state = dir.join(name);
+        let out = Command::new(BIN)
+            .arg("--state")
+            .arg(&state)
+            .args(["init", "--site", name])
+            .output()
+            .expect("run init");
+        assert!(
+            out.status.success(),
+            "init {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_udp_port();
+        let cfg_path = state.join("causeway.yaml");
+        let cfg = std::fs::read_to_string(&cfg_path).expect("read config");
+        let cfg = cfg
+            .lines()
+            .map(|l| {
+                if l.starts_with("listen:") {
+                    format!("listen: 127.0.0.1:{port}")
+                } else if l.starts_with("metrics:") {
+                    String::new()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&cfg_path, cfg).expect("write config");
+        Site {
+            name: name.to_string(),
+            log: dir.join(format!("{name}.log")),
+            state,
+            port,
+            child: None,
+        }
+    }
+
+    /// Starts `causeway run` and waits for its admin socket.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} already running", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(BIN)
+            .arg("--state")
+            .arg(&self.state)
+            .arg("run")
+            .env("RUST_LOG", "causeway=debug,info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        self.child = Some(child);
+        let ok = wait_for(Duration::from_secs(10), || {
+            self.cli(&["status", "-o", "json"]).status.success()
+        });
+        assert!(ok, "agent {} did not start:\n{}", self.name, self.log_text());
+    }
+
+    /// SIGTERM and wait: a graceful stop.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    assert!(
+                        status.success(),
+                        "agent {} exited with {status}:\n{}",
+                        self.name,
+                        self.log_text()
+                    );
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("agent {} did not stop within 10 s:\n{}", self.name, self.log_text());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// SIGKILL: the agent vanishes without a word.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the agent process is still alive.
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Runs a `causeway` command against this site's state.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--state")
+            .arg(&self.state)
+            .args(args)
+            .output()
+            .expect("run causeway")
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "`causeway {}` on {} failed: {}\nagent log:\n{}",
+            args.join(" "),
+            self.name,
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a command that must fail; returns its stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "`causeway {}` on {} unexpectedly succeeded",
+            args.join(" "),
+            self.name
+        );
+        assert_eq!(out.status.code(), Some(1), "exit status must be 1");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Issues a token into `dir/<file>` and returns its path.
+    pub fn issue(&self, extra: &[&str], file: &Path) -> PathBuf {
+        let mut args = vec!["token", "issue", "-o", file.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        self.ok(&args);
+        file.to_path_buf()
+    }
+
+    /// `link list -o json`, parsed.
+    pub fn links(&self) -> Vec<serde_json::Value> {
+        let out = self.ok(&["link", "list", "-o", "json"]);
+        serde_json::from_str(&out).expect("link list json")
+    }
+
+    /// The state of the named link, if it exists.
+    pub fn link_state(&self, name: &str) -> Option<String> {
+        self.links()
+            .into_iter()
+            .find(|l| l["name"] == name)
+            .and_then(|l| l["state"].as_str().map(String::from))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

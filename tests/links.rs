@@ -1,0 +1,438 @@
+//! End-to-end tests of site identity, tokens and links: real agents as separate processes.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::{Site, wait_for};
+
+/// Two running sites, paris linked to london through a redeemed token.
+fn linked_pair(dir: &std::path::Path) -> (Site, Site) {
+    let mut london = Site::init(dir, "london");
+    let mut paris = Site::init(dir, "paris");
+    london.start();
+    paris.start();
+    let token = london.issue(&[], &dir.join("paris.token"));
+    let out = paris.ok(&["token", "redeem", token.to_str().unwrap()]);
+    assert!(out.starts_with("linked to london (127.0.0.1:"), "{out}");
+    (london, paris)
+}
+
+fn field(text: &str, key: &str) -> String {
+    let prefix = format!("{key}: ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {key} in token"))
+        .to_string()
+}
+
+fn replace_field(text: &str, key: &str, value: &str) -> String {
+    let prefix = format!("{key}: ");
+    text.lines()
+        .map(|l| {
+            if l.starts_with(&prefix) {
+                format!("{prefix}{value}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn link_comes_up_on_both_sides_and_lists_per_spec() {
+    let dir = tempfile::tempdir().unwrap();
+    let (london, paris) = linked_pair(dir.path());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("paris.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "token files are secrets");
+    let sock_mode = std::fs::metadata(london.state.join("admin.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(sock_mode & 0o777, 0o600, "admin socket is private");
+
+    let links = paris.links();
+    assert_eq!(links.len(), 1);
+    let l = &links[0];
+    assert_eq!(l["name"], "london");
+    assert_eq!(l["peer_site"], "london");
+    assert_eq!(l["state"], "up");
+    assert_eq!(l["cost"], 1);
+    assert!(l["rtt_ms"].as_f64().is_some(), "{l}");
+    assert!(l["since"].as_str().unwrap().ends_with('Z'));
+    assert!(wait_for(Duration::from_secs(5), || london
+        .link_state("paris")
+        .as_deref()
+        == Some("up")));
+
+    let table = paris.ok(&["link", "list"]);
+    assert!(table.lines().nth(1).unwrap().starts_with("london"), "{table}");
+    assert!(table.contains(" up "), "{table}");
+    let yaml = paris.ok(&["link", "list", "-o", "yaml"]);
+    assert!(yaml.contains("peer_site: london"), "{yaml}");
+    let status: serde_json::Value = serde_json::from_str(&paris.ok(&["status", "-o", "json"])).unwrap();
+    assert_eq!(status["site"], "paris");
+    assert_eq!(status["links"][0]["state"], "up");
+    assert!(paris.ok(&["status"]).contains("site      paris"));
+}
+
+#[test]
+fn redeem_with_name_and_cost_from_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut london = Site::init(dir.path(), "london");
+    let mut paris = Site::init(dir.path(), "paris");
+    london.start();
+    paris.start();
+    let token = london.ok(&["token", "issue", "--uses", "1", "--expires", "5m"]);
+    let mut child = std::process::Command::new(common::BIN)
+        .arg("--state")
+        .arg(&paris.state)
+        .args(["token", "redeem", "-", "--name", "hub", "--cost", "7"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(token.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let links = paris.links();
+    assert_eq!(links[0]["name"], "hub");
+    assert_eq!(links[0]["peer_site"], "london");
+    assert_eq!(links[0]["cost"], 7);
+}
+
+#[test]
+fn link_returns_after_either_side_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut london, mut paris) = linked_pair(dir.path());
+
+    // The issuer restarts: the dialer notices and reconnects.
+    london.stop();
+    assert!(wait_for(Duration::from_secs(6), || paris
+        .link_state("london")
+        .as_deref()
+        != Some("up")));
+    london.start();
+    assert!(
+        wait_for(Duration::from_secs(10), || paris.link_state("london").as_deref()
+            == Some("up")),
+        "paris did not re-link after london restarted:\n{}",
+        paris.log_text()
+    );
+    assert!(wait_for(Duration::from_secs(5), || london
+        .link_state("paris")
+        .as_deref()
+        == Some("up")));
+
+    // The redeemer restarts: it dials again from its saved state.
+    paris.stop();
+    assert!(wait_for(Duration::from_secs(6), || london
+        .link_state("paris")
+        .as_deref()
+        != Some("up")));
+    paris.start();
+    assert!(
+        wait_for(Duration::from_secs(10), || london.link_state("paris").as_deref()
+            == Some("up")),
+        "london did not see paris again:\n{}",
+        london.log_text()
+    );
+    assert!(wait_for(Duration::from_secs(5), || paris
+        .link_state("london")
+        .as_deref()
+        == Some("up")));
+}
+
+#[test]
+fn dead_peer_is_noticed_within_five_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut london, paris) = linked_pair(dir.path());
+    london.kill();
+    let start = Instant::now();
+    assert!(wait_for(Duration::from_secs(6), || paris
+        .link_state("london")
+        .as_deref()
+        != Some("up")));
+    eprintln!("dead peer noticed after {:?}", start.elapsed());
+}
+
+#[test]
+fn expired_token_is_refused_with_the_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut london = Site::init(dir.path(), "london");
+    let mut paris = Site::init(dir.path(), "paris");
+    london.start();
+    paris.start();
+    let token = london.issue(&["--expires", "1s"], &dir.path().join("t"));
+    std::thread::sleep(Duration::from_millis(2100));
+    let err = paris.fails(&["token", "redeem", token.to_str().unwrap()]);
+    assert!(err.contains("token expired at 20"), "{err}");
+
+    // Moving the expiry forward in the file does not help: the issuer keeps its own.
+    let text = std::fs::read_to_string(&token).unwrap();
+    let forged = dir.path().join("forged");
+    std::fs::write(&forged, replace_field(&text, "expires", "2099-01-01T00:00:00Z")).unwrap();
+    let err = paris.fails(&["token", "redeem", forged.to_str().unwrap()]);
+    assert!(err.contains("london refused the token: token expired at 20"), "{err}");
+    assert!(paris.links().is_empty());
+}
+
+#[test]
+fn used_up_unknown_and_tampered_tokens_name_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut london = Site::init(dir.path(), "london");
+    let mut paris = Site::init(dir.path(), "paris");
+    let mut tokyo = Site::init(dir.path(), "tokyo");
+    london.start();
+    paris.start();
+    tokyo.start();
+    let token = london.issue(&[], &dir.path().join("t"));
+    let text = std::fs::read_to_string(&token).unwrap();
+
+    let secret = field(&text, "secret");
+    let flipped = format!("{}{}", if secret.starts_with('0') { "1" } else { "0" }, &secret[1..]);
+    let tampered = dir.path().join("tampered");
+    std::fs::write(&tampered, replace_field(&text, "secret", &flipped)).unwrap();
+    let err = tokyo.fails(&["token", "redeem", tampered.to_str().unwrap()]);
+    assert!(err.contains("wrong secret"), "{err}");
+
+    let unknown = dir.path().join("unknown");
+    std::fs::write(&unknown, replace_field(&text, "grant", &"ab".repeat(16))).unwrap();
+    let err = tokyo.fails(&["token", "redeem", unknown.to_str().unwrap()]);
+    assert!(err.contains("unknown grant"), "{err}");
+
+    paris.ok(&["token", "redeem", token.to_str().unwrap()]);
+    let err = tokyo.fails(&["token", "redeem", token.to_str().unwrap()]);
+    assert!(err.contains("used up"), "{err}");
+    assert!(tokyo.links().is_empty());
+
+    let garbage = dir.path().join("garbage");
+    std::fs::write(&garbage, "hello: world\n").unwrap();
+    let err = tokyo.fails(&["token", "redeem", garbage.to_str().unwrap()]);
+    assert!(err.contains("not a causeway token"), "{err}");
+
+    // A site cannot redeem its own token.
+    let own = london.issue(&[], &dir.path().join("own"));
+    let err = london.fails(&["token", "redeem", own.to_str().unwrap()]);
+    assert!(err.contains("issued by this site"), "{err}");
+}
+
+#[test]
+fn token_pinned_to_another_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut london = Site::init(dir.path(), "london");
+    let mut paris = Site::init(dir.path(), "paris");
+    let mut mallory = Site::init(dir.path(), "mallory");
+    london.start();
+    paris.start();
+    mallory.start();
+    let token = london.issue(&[], &dir.path().join("t"));
+    let text = std::fs::read_to_string(&token).unwrap();
+
+    // The token's addresses lead to another agent (an interceptor): its certificate is not
+    // signed by the CA the token pins.
+    let redirected = dir.path().join("redirected");
+    std::fs::write(
+        &redirected,
+        text.replace(
+            &format!("127.0.0.1:{}", london.port),
+            &format!("127.0.0.1:{}", mallory.port),
+        ),
+    )
+    .unwrap();
+    let err = paris.fails(&["token", "redeem", redirected.to_str().unwrap()]);
+    assert!(err.contains("issuer certificate does not match the token"), "{err}");
+
+    // The token's CA was swapped for another site's: london no longer matches it.
+    let mallory_ca = std::fs::read_to_string(mallory.state.join("ca.crt")).unwrap();
+    let ca_start = text.find("ca: |").unwrap();
+    let ca_end =
+        text[ca_start..].find("-----END CERTIFICATE-----").unwrap() + ca_start + "-----END CERTIFICATE-----".len();
+    let indented: String = mallory_ca.trim_end().lines().map(|l| format!("  {l}\n")).collect();
+    let swapped = format!("{}ca: |\n{}{}", &text[..ca_start], indented.trim_end(), &text[ca_end..]);
+    let swapped_path = dir.path().join("swapped");
+    std::fs::write(&swapped_path, swapped).unwrap();
+    let err = paris.fails(&["token", "redeem", swapped_path.to_str().unwrap()]);
+    assert!(err.contains("issuer certificate does not match the token"), "{err}");
+    assert!(paris.links().is_empty());
+
+    // The genuine token still works afterwards: nothing was consumed.
+    paris.ok(&["token", "redeem", token.to_str().unwrap()]);
+}
+
+#[test]
+fn unreachable_issuer_names_the_addresses_tried() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut london = Site::init(dir.path(), "london");
+    let mut paris = Site::init(dir.path(), "paris");
+    london.start();
+    paris.start();
+    let token = london.issue(&[], &dir.path().join("t"));
+    london.stop();
+    let started = Instant::now();
+    let err = paris.fails(&["token", "redeem", token.to_str().unwrap()]);
+    assert!(
+        err.contains("not reachable") && err.contains(&format!("127.0.0.1:{}", london.port)),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "gave up in {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn concurrent_redemptions_of_a_one_use_token_link_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut london = Site::init(dir.path(), "london");
+    london.start();
+    let mut sites: Vec<Site> = (0..8).map(|i| Site::init(dir.path(), &format!("site-{i}"))).collect();
+    for s in &mut sites {
+        s.start();
+    }
+    let token = london.issue(&["--uses", "1"], &dir.path().join("t"));
+    let results: Vec<bool> = std::thread::scope(|scope| {
+        let handles: Vec<_> = sites
+            .iter()
+            .map(|s| {
+                let token = token.clone();
+                scope.spawn(move || s.cli(&["token", "redeem", token.to_str().unwrap()]))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                let out = h.join().unwrap();
+                if !out.status.success() {
+                    let err = String::from_utf8_lossy(&out.stderr);
+                    assert!(err.contains("used up"), "{err}");
+                }
+                out.status.success()
+            })
+            .collect()
+    });
+    assert_eq!(results.iter().filter(|ok| **ok).count(), 1, "{results:?}");
+    assert_eq!(london.links().len(), 1);
+    let grants = std::fs::read_to_string(london.state.join("grants.yaml")).unwrap();
+    assert_eq!(grants.matches("site: site-").count(), 1, "{grants}");
+}
+
+#[test]
+fn removed_link_closes_at_once_and_peer_cannot_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let (london, paris) = linked_pair(dir.path());
+    assert!(wait_for(Duration::from_secs(5), || london
+        .link_state("paris")
+        .as_deref()
+        == Some("up")));
+    let out = london.ok(&["link", "remove", "paris"]);
+    assert!(out.contains("removed link paris"), "{out}");
+    let removed_at = Instant::now();
+    assert!(wait_for(Duration::from_secs(1), || paris
+        .link_state("london")
+        .as_deref()
+        != Some("up")));
+    eprintln!("peer saw the close after {:?}", removed_at.elapsed());
+    assert!(london.links().is_empty());
+    // The peer keeps trying and keeps failing the handshake.
+    std::thread::sleep(Duration::from_secs(3));
+    let l = &paris.links()[0];
+    assert_ne!(l["state"], "up");
+    let err = l["last_error"].as_str().unwrap_or_default();
+    assert!(err.contains("TLS handshake refused") || err.contains("removed"), "{l}");
+    assert!(paris.log_text().contains("link attempt failed") || paris.log_text().contains("link down"));
+    let err = london.fails(&["link", "remove", "paris"]);
+    assert!(err.contains("no link named \"paris\""), "{err}");
+}
+
+#[test]
+fn garbage_on_the_quic_port_and_admin_socket_does_not_hurt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut london, paris) = linked_pair(dir.path());
+
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut seed: u64 = 0x9e3779b97f4a7c15;
+    for i in 0..2000 {
+        let len = [1, 20, 1200, 1500, 65000][i % 5];
+        let buf: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let _ = udp.send_to(&buf, ("127.0.0.1", london.port));
+    }
+
+    use std::os::unix::net::UnixStream;
+    let sock = london.state.join("admin.sock");
+    for junk in [
+        &b"\x00\xff\xfe garbage\n"[..],
+        b"{\"op\":\"nope\"}\n",
+        b"{not json",
+        b"\n\n\n",
+    ] {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        let _ = s.write_all(junk);
+    }
+    {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        let _ = s.write_all(&vec![b'x'; 2 * 1024 * 1024]);
+    }
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(b"{\"op\":\"nope\"}\n").unwrap();
+    let mut answer = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&s), &mut answer).unwrap();
+    assert!(
+        answer.contains("\"ok\":false") && answer.contains("malformed request"),
+        "{answer}"
+    );
+
+    assert!(london.alive(), "agent died:\n{}", london.log_text());
+    london.ok(&["status"]);
+    assert_eq!(paris.link_state("london").as_deref(), Some("up"));
+}
+
+#[test]
+fn init_refuses_to_overwrite_and_config_errors_name_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let london = Site::init(dir.path(), "london");
+    let err = london.fails(&["init", "--site", "london"]);
+    assert!(err.contains("refusing to overwrite"), "{err}");
+    let err = london.fails(&["init", "--site", "Bad_Name"]);
+    assert!(err.contains("not a valid site id"), "{err}");
+
+    let cfg = london.state.join("causeway.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{text}\nlisn: 1\n")).unwrap();
+    let err = london.fails(&["run"]);
+    assert!(err.contains("lisn") && err.contains("line"), "{err}");
+
+    std::fs::write(&cfg, text.replace("site: london", "site: paris")).unwrap();
+    let err = london.fails(&["run"]);
+    assert!(err.contains("holds site \"london\""), "{err}");
+
+    let err = london.fails(&["link", "list"]);
+    assert!(err.contains("no agent is running"), "{err}");
+}
+
+#[test]
+fn demo_runs_on_a_fresh_machine() {
+    let out = std::process::Command::new(common::BIN).arg("demo").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("paris redeemed it: linked to"), "{stdout}");
+    assert!(stdout.contains("is up"), "{stdout}");
+}
