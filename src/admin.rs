@@ -45,6 +45,8 @@ pub enum Request {
     LinkRemove { name: String },
     /// `status`.
     Status,
+    /// `service list`.
+    ServiceList,
 }
 
 /// The agent's answer: `data` on success, `error` (one line, for the user) on failure.

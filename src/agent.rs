@@ -20,17 +20,30 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::admin::{self, Request};
 use crate::config::{Config, is_dns_label};
+use crate::forward::{ForwardOptions, Forwarder};
 use crate::identity::{self, PeerTrust, SiteIdentity};
 use crate::link::redeem::{self, Issuer};
-use crate::link::{LinkRecord, LinkState, Links, Role};
-use crate::protocol::{ALPN_LINK, ALPN_REDEEM, close};
+use crate::link::{Established, LinkHandler, LinkRecord, LinkState, Links, Role, describe_connection_error};
+use crate::mesh::Mesh;
+use crate::metrics::Metrics;
+use crate::protocol::{self, ALPN_LINK, ALPN_REDEEM, Control, close};
 use crate::state::{StateDir, rfc3339};
 use crate::token::{GrantStore, Token};
+use crate::vips::VipRange;
 
 /// Handshakes (and redemptions) processed at once; more wait in quinn's queue.
 const MAX_HANDSHAKES: usize = 256;
 /// How long `token redeem` waits for the new link to come up before answering.
 const REDEEM_WAIT_UP: Duration = Duration::from_secs(10);
+
+/// How an agent is started beyond its configuration.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// The configuration file to watch for changes to `exports` (none: no hot reload).
+    pub config_path: Option<std::path::PathBuf>,
+    /// Do not listen on our own endpoints' VIPs (`causeway demo`, whose sites share a host).
+    pub skip_own_vips: bool,
+}
 
 /// A running agent.
 pub struct Agent {
@@ -56,12 +69,17 @@ pub struct Agent {
     tasks: TaskTracker,
     /// When the agent started, for `status`.
     started: SystemTime,
+    /// The live catalog and routes.
+    mesh: Arc<Mesh>,
+    /// The data plane.
+    forwarder: Arc<Forwarder>,
+    metrics: Arc<Metrics>,
 }
 
 impl Agent {
     /// Starts an agent on `state` with `config`: binds the QUIC port and the admin socket
     /// and re-establishes every recorded link.
-    pub async fn start(state: StateDir, config: Config) -> anyhow::Result<Arc<Agent>> {
+    pub async fn start(state: StateDir, config: Config, opts: StartOptions) -> anyhow::Result<Arc<Agent>> {
         let identity = Arc::new(identity::load(&state).with_context(|| {
             format!(
                 "loading the site identity from {} (run `causeway init` first?)",
@@ -83,12 +101,36 @@ impl Agent {
         let local_addr = endpoint.local_addr().context("reading the bound QUIC address")?;
         let shutdown = CancellationToken::new();
         let vips_cidr = config.vips.cidr.to_string();
+        let metrics = Metrics::new();
+        let range = VipRange::new(config.vips.cidr).context("vips.cidr")?;
+        let block = config
+            .vips
+            .block
+            .unwrap_or_else(|| VipRange::block_of_site(&config.site));
+        let mesh = Mesh::new(&config.site, range, block, metrics.clone());
+        mesh.set_exports(&config.exports, &config.namespace)
+            .context("assigning VIPs to exports")?;
+        let forwarder = Forwarder::start(
+            mesh.clone(),
+            metrics.clone(),
+            ForwardOptions {
+                max_flows: config.limits.max_flows,
+                udp_idle: config.limits.udp_idle,
+                bind_own: !opts.skip_own_vips,
+            },
+            shutdown.child_token(),
+        );
+        let handler = Arc::new(Session {
+            mesh: mesh.clone(),
+            forwarder: forwarder.clone(),
+        });
         let links = Links::start(
             &state,
             identity.clone(),
             trust,
             endpoint.clone(),
             vips_cidr.clone(),
+            handler,
             shutdown.child_token(),
         )
         .context("loading links")?;
@@ -115,7 +157,26 @@ impl Agent {
             shutdown,
             tasks: TaskTracker::new(),
             started: SystemTime::now(),
+            mesh,
+            forwarder,
+            metrics,
         });
+        if let Some(addr) = agent.config.metrics {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics address {addr} (metrics)"))?;
+            info!(metrics = %listener.local_addr().unwrap_or(addr), "serving Prometheus metrics at /metrics");
+            agent.tasks.spawn(crate::metrics::serve(
+                listener,
+                agent.metrics.clone(),
+                Arc::new(|| true),
+                agent.shutdown.clone(),
+            ));
+        }
+        agent.tasks.spawn(agent.clone().refresh_link_metrics());
+        if let Some(path) = opts.config_path.clone() {
+            agent.tasks.spawn(agent.clone().watch_config(path));
+        }
         agent.tasks.spawn(agent.clone().accept_loop());
         agent.tasks.spawn(admin::serve(
             listener,
@@ -196,6 +257,7 @@ impl Agent {
                 Ok(json!({"name": record.name, "peer_site": record.peer_site}))
             }
             Request::Status => Ok(self.status().await),
+            Request::ServiceList => Ok(json!(self.mesh.view().services)),
         }
     }
 
@@ -278,6 +340,7 @@ impl Agent {
 
     async fn status(&self) -> serde_json::Value {
         let links = self.links.list();
+        let view = self.mesh.view();
         let up = links.iter().filter(|l| l.state == LinkState::Up).count();
         json!({
             "site": self.identity.site,
@@ -287,10 +350,20 @@ impl Agent {
             "started": rfc3339::format(self.started),
             "uptime_secs": self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
             "links": links,
+            "vips": {
+                "cidr": self.mesh.range().cidr().to_string(),
+                "block": self.mesh.block(),
+            },
+            "services": view.services,
+            "conflicts": view.conflicts,
+            "listener_errors": self.forwarder.bind_errors(),
             "counters": {
                 "links_total": links.len(),
                 "links_up": up,
                 "grants_open": self.grants.open_count().await,
+                "services": view.services.len(),
+                "endpoints_ready": view.services.iter().flat_map(|s| &s.endpoints).filter(|e| e.ready).count(),
+                "listeners": self.forwarder.listener_count(),
             },
         })
     }
@@ -301,11 +374,150 @@ impl Agent {
         info!("shutting down");
         self.shutdown.cancel();
         self.links.shutdown().await;
+        self.forwarder.shutdown().await;
         self.endpoint.close(close::SHUTDOWN.into(), b"agent shutting down");
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(3), self.tasks.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         let _ = std::fs::remove_file(self.state.admin_socket());
         info!("stopped");
+    }
+}
+
+impl Agent {
+    /// Keeps the per-link metrics current.
+    async fn refresh_link_metrics(self: Arc<Self>) {
+        let mut known: Vec<(String, String)> = Vec::new();
+        loop {
+            let stats = self.links.stats();
+            for (name, peer) in &known {
+                if !stats.iter().any(|s| &s.0 == name && &s.1 == peer) {
+                    self.metrics.remove_link(name, peer);
+                }
+            }
+            known = stats.iter().map(|s| (s.0.clone(), s.1.clone())).collect();
+            for (name, peer, up, rtt, tx, rx) in stats {
+                self.metrics.set_link(&name, &peer, up, rtt, tx, rx);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Picks up changes to `exports` in the configuration file while running. Kubernetes
+    /// updates a mounted ConfigMap by swapping a symlink, so the file is compared by content.
+    async fn watch_config(self: Arc<Self>, path: std::path::PathBuf) {
+        let mut last = std::fs::read(&path).ok();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let now = std::fs::read(&path).ok();
+            if now.is_none() || now == last {
+                continue;
+            }
+            last = now;
+            match Config::load(&path) {
+                Ok(cfg) => {
+                    if let Err(e) = self.mesh.set_exports(&cfg.exports, &cfg.namespace) {
+                        warn!(error = %e, "new exports not applied");
+                    }
+                }
+                Err(e) => warn!(error = %e, "configuration change not applied (the previous one stays in force)"),
+            }
+        }
+    }
+}
+
+/// The agent's [`LinkHandler`]: adverts on the control stream, flows and datagrams on the
+/// connection.
+struct Session {
+    mesh: Arc<Mesh>,
+    forwarder: Arc<Forwarder>,
+}
+
+/// Takes a link out of the mesh however its session ends (including being dropped).
+struct UpGuard<'a> {
+    mesh: &'a Mesh,
+    name: String,
+    conn: quinn::Connection,
+}
+
+impl Drop for UpGuard<'_> {
+    fn drop(&mut self) {
+        self.mesh.link_down(&self.name, &self.conn);
+    }
+}
+
+#[async_trait::async_trait]
+impl LinkHandler for Session {
+    async fn run(&self, link: Established) -> String {
+        let Established {
+            name,
+            peer_site,
+            cost,
+            conn,
+            mut send,
+            mut recv,
+            cancel: _,
+        } = link;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        self.mesh.link_up(&name, &peer_site, cost, conn.clone(), tx);
+        let _guard = UpGuard {
+            mesh: &self.mesh,
+            name: name.clone(),
+            conn: conn.clone(),
+        };
+        let writer = async {
+            while let Some(msg) = rx.recv().await {
+                if let Err(e) = protocol::write_frame(&mut send, &msg).await {
+                    return format!("control stream: {e}");
+                }
+            }
+            "control stream closed".to_string()
+        };
+        let reader = async {
+            loop {
+                match protocol::read_frame::<_, Control>(&mut recv).await {
+                    Ok(Control::Advert(advert)) => self.mesh.on_advert(&name, *advert),
+                    Ok(other) => debug!(?other, "unexpected control frame ignored"),
+                    Err(e) => return format!("control stream: {e}"),
+                }
+            }
+        };
+        let streams = async {
+            loop {
+                match conn.accept_bi().await {
+                    Ok((s, r)) => self.forwarder.accept_stream(s, r),
+                    Err(e) => return describe_connection_error(&e),
+                }
+            }
+        };
+        let datagrams = async {
+            loop {
+                match conn.read_datagram().await {
+                    Ok(d) => self.forwarder.on_link_datagram(&conn, &d),
+                    Err(e) => return describe_connection_error(&e),
+                }
+            }
+        };
+        let unis = async {
+            loop {
+                match conn.accept_uni().await {
+                    Ok(r) => self.forwarder.accept_uni(conn.clone(), r),
+                    Err(e) => return describe_connection_error(&e),
+                }
+            }
+        };
+        tokio::select! {
+            r = writer => r,
+            r = reader => r,
+            r = streams => r,
+            r = datagrams => r,
+            r = unis => r,
+        }
     }
 }

@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::admin::{self, Request};
 use crate::agent::Agent;
+use crate::catalog::ServiceView;
 use crate::config::{self, Config, is_dns_label};
 use crate::identity;
 use crate::link::LinkStatus;
@@ -71,6 +72,9 @@ pub enum Command {
     /// List and remove links to other sites.
     #[command(subcommand)]
     Link(LinkCommand),
+    /// Services of the clusterset.
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Site, links and counters in one view.
     Status {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
@@ -104,6 +108,15 @@ pub enum TokenCommand {
         /// Routing cost of the link; lower is preferred.
         #[arg(long, default_value_t = 1)]
         cost: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Every service in the clusterset: site, endpoints, ports, ready, virtual IPs.
+    List {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
 }
 
@@ -146,6 +159,7 @@ fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
     let default = match cli.command {
         Command::Run { .. } => "info",
+        Command::Demo => "error",
         _ => "warn",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
@@ -180,6 +194,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 data["peer_site"].as_str().unwrap_or("?")
             );
             Ok(())
+        }
+        Command::Service(ServiceCommand::List { output }) => {
+            let data = call(&state, Request::ServiceList).await?;
+            let services: Vec<ServiceView> =
+                serde_json::from_value(data.clone()).context("reading the agent's answer")?;
+            print_output(output, &data, || services_table(&services))
         }
         Command::Status { output } => {
             let data = call(&state, Request::Status).await?;
@@ -222,7 +242,11 @@ fn init(state: &StateDir, site: &str, config_path: Option<&Path>) -> anyhow::Res
 async fn run_agent(state: StateDir, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let path = config_path.unwrap_or_else(|| state.config());
     let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let agent = Agent::start(state, config).await?;
+    let opts = crate::agent::StartOptions {
+        config_path: Some(path),
+        skip_own_vips: false,
+    };
+    let agent = Agent::start(state, config, opts).await?;
     wait_for_signal().await?;
     agent.shutdown().await;
     Ok(())
@@ -348,6 +372,32 @@ fn links_table(links: &[LinkStatus]) -> String {
     )
 }
 
+fn services_table(services: &[ServiceView]) -> String {
+    if services.is_empty() {
+        return "no services; export one under `exports:` in causeway.yaml\n".into();
+    }
+    let mut rows = Vec::new();
+    for s in services {
+        let ports: Vec<String> = s
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}:{}", p.name, p.protocol, p.port))
+            .collect();
+        for e in &s.endpoints {
+            rows.push(vec![
+                format!("{}.{}", s.service, s.namespace),
+                e.site.clone(),
+                e.hostname.clone(),
+                e.ip.to_string(),
+                e.vip.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+                if e.ready { "yes".into() } else { "no".into() },
+                ports.join(","),
+            ]);
+        }
+    }
+    table(&["SERVICE", "SITE", "HOSTNAME", "IP", "VIP", "READY", "PORTS"], &rows)
+}
+
 fn status_table(data: &serde_json::Value) -> String {
     let mut out = format!(
         "site      {}\nlisten    {}\nadvertise {}\nstarted   {}\n",
@@ -389,6 +439,7 @@ mod tests {
             "causeway link list -o json",
             "causeway link remove paris",
             "causeway status -o yaml",
+            "causeway service list -o json",
             "causeway --log-format json demo",
         ] {
             let args: Vec<&str> = line.split_whitespace().collect();

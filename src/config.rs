@@ -185,13 +185,27 @@ pub struct VipsConfig {
     /// IPv6); host bits given in the address are cleared.
     #[serde(deserialize_with = "de_cidr")]
     pub cidr: IpNet,
+    /// Which of the range's 256 blocks this site assigns its endpoints' VIPs from
+    /// (a causeway extension). Unset: derived from the site id by hash, which
+    /// is stable; set it only to resolve a reported block collision.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "de_block")]
+    pub block: Option<u32>,
 }
 
 impl Default for VipsConfig {
     fn default() -> Self {
         VipsConfig {
             cidr: parse_default(DEFAULT_VIPS),
+            block: None,
         }
+    }
+}
+
+fn de_block<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let v = Option::<u32>::deserialize(d)?;
+    match v {
+        Some(b) if b > 255 => Err(de::Error::custom(format!("block {b} is out of range: use 0 to 255"))),
+        other => Ok(other),
     }
 }
 
@@ -241,7 +255,7 @@ pub struct Export {
 }
 
 /// One port of an export.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PortSpec {
     /// Port name, unique within the export, so SRV records and logs can

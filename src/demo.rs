@@ -2,16 +2,22 @@
 //!
 //! Two sites (london and paris) are initialised in a temporary directory, each runs a real
 //! agent on its own loopback port, london issues a token through its admin socket, paris
-//! redeems it through its own, and the link is shown up. Every step goes through the same
-//! code (and the same admin API) as the real commands, and is printed as it happens.
+//! redeems it through its own, and the link is shown up. London exports a small echo
+//! service (TCP and UDP); paris learns it through the link, listens on its virtual IP, and
+//! the demo connects to that VIP and prints what came back through the tunnel. Every step
+//! goes through the same code (and the same admin API) as the real commands.
+//!
+//! Both sites share this host's loopback, so london does not listen on its own endpoint's
+//! VIP here (it would in production): the VIP on this host is paris's listener, and a
+//! connection to it really crosses the link.
 
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 
 use crate::admin::{self, Request};
-use crate::agent::Agent;
-use crate::config::{self, Config};
+use crate::agent::{Agent, StartOptions};
+use crate::config::{self, Config, EndpointSpec, Export, PortSpec, Protocol};
 use crate::identity;
 use crate::link::LinkStatus;
 use crate::state::StateDir;
@@ -27,6 +33,7 @@ pub async fn run() -> anyhow::Result<()> {
         dir.path().display()
     );
 
+    let echo_port = start_echo_servers().await?;
     let mut agents = Vec::new();
     for site in ["london", "paris"] {
         let state = StateDir::new(dir.path().join(site));
@@ -34,13 +41,21 @@ pub async fn run() -> anyhow::Result<()> {
         let mut cfg = Config::parse(&config::default_yaml(site), "demo")?;
         cfg.listen = "127.0.0.1:0".parse()?;
         cfg.metrics = None;
-        let agent = Agent::start(state, cfg).await?;
+        if site == "london" {
+            cfg.exports = vec![echo_export(echo_port)];
+        }
+        let opts = StartOptions {
+            config_path: None,
+            skip_own_vips: site == "london",
+        };
+        let agent = Agent::start(state, cfg, opts).await?;
         println!(
             "[1] site {site}: CA + agent certificate created, agent listening on udp {}",
             agent.local_addr
         );
         agents.push(agent);
     }
+    println!("    london exports service echo.default (an echo server on 127.0.0.1:{echo_port}, TCP and UDP)");
     let (london, paris) = (&agents[0], &agents[1]);
 
     let ask = |agent: &Agent, req: Request| {
@@ -116,9 +131,134 @@ pub async fn run() -> anyhow::Result<()> {
         }
     }
 
+    // paris learns london's export through the link and listens on its VIP.
+    let mut vip = None;
+    for _ in 0..100 {
+        let services: Vec<crate::catalog::ServiceView> =
+            serde_json::from_value(ask(paris, Request::ServiceList).await?)?;
+        vip = services
+            .iter()
+            .find(|s| s.service == "echo")
+            .and_then(|s| s.endpoints.first())
+            .and_then(|e| e.vip);
+        if vip.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let vip = vip.context("paris never learned london's echo service")?;
+    println!("[6] paris sees echo.default: endpoint echo-0 in london (real address 127.0.0.1), VIP {vip}");
+
+    let addr = std::net::SocketAddr::new(vip, echo_port);
+    let message = b"hello from paris, through the causeway";
+    let mut reply = Vec::new();
+    for _ in 0..50 {
+        match tcp_round_trip(addr, message).await {
+            Ok(r) => {
+                reply = r;
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    if reply != message {
+        bail!(
+            "the echo over TCP through the tunnel came back wrong: {:?}",
+            String::from_utf8_lossy(&reply)
+        );
+    }
+    println!(
+        "[7] TCP  {addr}: sent {:?}, got back {:?}",
+        String::from_utf8_lossy(message),
+        String::from_utf8_lossy(&reply)
+    );
+    let reply = udp_round_trip(addr, b"a datagram from paris").await?;
+    println!(
+        "[8] UDP  {addr}: sent \"a datagram from paris\", got back {:?}",
+        String::from_utf8_lossy(&reply)
+    );
+
     for agent in &agents {
         agent.shutdown().await;
     }
     println!("demo finished: both agents shut down cleanly");
     Ok(())
+}
+
+fn echo_export(port: u16) -> Export {
+    Export {
+        service: "echo".into(),
+        namespace: None,
+        ports: vec![
+            PortSpec {
+                name: "tcp-echo".into(),
+                port,
+                protocol: Protocol::Tcp,
+            },
+            PortSpec {
+                name: "udp-echo".into(),
+                port,
+                protocol: Protocol::Udp,
+            },
+        ],
+        endpoints: vec![EndpointSpec {
+            hostname: "echo-0".into(),
+            ip: [127, 0, 0, 1].into(),
+            ready: true,
+        }],
+    }
+}
+
+/// Starts TCP and UDP echo servers on the same free port of 127.0.0.1.
+async fn start_echo_servers() -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for _ in 0..20 {
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = tcp.local_addr()?.port();
+        let Ok(udp) = tokio::net::UdpSocket::bind(("127.0.0.1", port)).await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = tcp.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+                let _ = udp.send_to(&buf[..n], from).await;
+            }
+        });
+        return Ok(port);
+    }
+    bail!("no free port for the echo servers")
+}
+
+async fn tcp_round_trip(addr: std::net::SocketAddr, message: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(message).await?;
+    s.shutdown().await?;
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await??;
+    Ok(reply)
+}
+
+async fn udp_round_trip(addr: std::net::SocketAddr, message: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..10 {
+        s.send_to(message, addr).await?;
+        if let Ok(Ok((n, _))) = tokio::time::timeout(Duration::from_millis(500), s.recv_from(&mut buf)).await {
+            return Ok(buf[..n].to_vec());
+        }
+    }
+    bail!("no UDP answer from {addr} through the tunnel")
 }

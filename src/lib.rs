@@ -6,11 +6,17 @@
 
 pub mod admin;
 pub mod agent;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod forward;
 pub mod identity;
 pub mod link;
+pub mod mesh;
+pub mod metrics;
 pub mod protocol;
+pub mod routing;
 pub mod state;
 pub mod token;
+pub mod vips;

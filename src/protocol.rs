@@ -130,11 +130,20 @@ pub enum Control {
         version: u32,
         site: String,
         vips_cidr: String,
+        /// The link's cost (`token redeem --cost`), which both ends advertise.
+        #[serde(default = "default_cost")]
+        cost: u32,
     },
     /// The acceptor's yes: the link is up from here on.
     Welcome { site: String },
     /// The acceptor's no, with the reason; the connection is then closed.
     Reject { message: String },
+    /// A site's advertisement (exports, VIP block, links), flooded over every link.
+    Advert(Box<crate::catalog::Advert>),
+}
+
+fn default_cost() -> u32 {
+    1
 }
 
 /// Encodes one frame.
@@ -184,6 +193,7 @@ mod tests {
             version: 1,
             site: "paris".into(),
             vips_cidr: "127.77.0.0/16".into(),
+            cost: 3,
         };
         write_frame(&mut a, &hello).await.unwrap();
         write_frame(&mut a, &RedeemResponse::Rejected(Rejection::UsedUp { uses: 1 }))

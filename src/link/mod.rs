@@ -120,6 +120,30 @@ pub struct LinkStatus {
     pub last_error: Option<String>,
 }
 
+/// An established link (after `Hello`/`Welcome`), handed to the agent's [`LinkHandler`].
+pub struct Established {
+    /// Local name of the link.
+    pub name: String,
+    /// The verified peer site.
+    pub peer_site: String,
+    /// The link's cost, as the dialer configured it.
+    pub cost: u32,
+    pub conn: quinn::Connection,
+    /// The control stream, after the hello exchange.
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    /// Cancelled when the link is removed or the agent stops.
+    pub cancel: CancellationToken,
+}
+
+/// What runs on an established link: the catalog exchange and the data plane. The link
+/// layer knows nothing of either; the agent supplies this.
+#[async_trait::async_trait]
+pub trait LinkHandler: Send + Sync + 'static {
+    /// Runs until the link ends (or is cancelled); returns why it ended.
+    async fn run(&self, link: Established) -> String;
+}
+
 /// A link's record plus what is happening to it now.
 struct Entry {
     record: LinkRecord,
@@ -153,6 +177,8 @@ pub struct Links {
     tasks: TaskTracker,
     /// Ourselves, for the tasks we spawn.
     me: Weak<Links>,
+    /// Runs established links.
+    handler: Arc<dyn LinkHandler>,
 }
 
 impl Links {
@@ -163,6 +189,7 @@ impl Links {
         trust: Arc<PeerTrust>,
         endpoint: quinn::Endpoint,
         vips_cidr: String,
+        handler: Arc<dyn LinkHandler>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Links>, LinkError> {
         let path = state_dir.links();
@@ -189,6 +216,7 @@ impl Links {
         }
         let links = Arc::new_cyclic(|me| Links {
             me: me.clone(),
+            handler,
             identity,
             trust,
             endpoint,
@@ -446,7 +474,17 @@ impl Links {
                     backoff.reset();
                     info!(remote = %conn.remote_address(), rtt_ms = conn.rtt().as_millis() as u64, "link up");
                     self.set_state(&record.name, LinkState::Up, Some(conn.clone()), None);
-                    let reason = self.session(&record.name, &conn, send, recv, &cancel).await;
+                    let reason = self
+                        .session(Established {
+                            name: record.name.clone(),
+                            peer_site: record.peer_site.clone(),
+                            cost: record.cost,
+                            conn: conn.clone(),
+                            send,
+                            recv,
+                            cancel: cancel.clone(),
+                        })
+                        .await;
                     if cancel.is_cancelled() {
                         break;
                     }
@@ -480,7 +518,12 @@ impl Links {
         let cfg = identity::client_config(&self.identity, &ca, ALPN_LINK, true).map_err(|e| e.to_string())?;
         let mut errors = Vec::new();
         for addr in resolve_all(&record.addresses, &mut errors).await {
-            match tokio::time::timeout(DIAL_TIMEOUT, self.connect_addr(&cfg, addr, &record.peer_site)).await {
+            match tokio::time::timeout(
+                DIAL_TIMEOUT,
+                self.connect_addr(&cfg, addr, &record.peer_site, record.cost),
+            )
+            .await
+            {
                 Ok(Ok(ok)) => return Ok(ok),
                 Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
                 Err(_) => errors.push(format!("{addr}: timed out")),
@@ -494,6 +537,7 @@ impl Links {
         cfg: &quinn::ClientConfig,
         addr: std::net::SocketAddr,
         peer_site: &str,
+        cost: u32,
     ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
         let conn = self
             .endpoint
@@ -506,6 +550,7 @@ impl Links {
             version: PROTOCOL_VERSION,
             site: self.identity.site.clone(),
             vips_cidr: self.vips_cidr.clone(),
+            cost,
         };
         protocol::write_frame(&mut send, &hello)
             .await
@@ -575,9 +620,13 @@ impl Links {
                 protocol::write_frame(&mut send, &Control::Welcome { site: self.identity.site.clone() })
                     .await
                     .map_err(|e| e.to_string())?;
-                Ok::<_, String>((send, recv))
+                let cost = match msg {
+                    Control::Hello { cost, .. } => cost.max(1),
+                    _ => 1,
+                };
+                Ok::<_, String>((send, recv, cost))
             };
-            let (send, recv) = match tokio::time::timeout(DIAL_TIMEOUT, hello).await {
+            let (send, recv, cost) = match tokio::time::timeout(DIAL_TIMEOUT, hello).await {
                 Ok(Ok(streams)) => streams,
                 Ok(Err(e)) => {
                     warn!(%remote, error = %e, "link hello failed");
@@ -592,7 +641,17 @@ impl Links {
             let Some(cancel) = self.lock().get(&name).map(|e| e.cancel.clone()) else { return };
             info!(%remote, "link up");
             self.set_state(&name, LinkState::Up, Some(conn.clone()), None);
-            let reason = self.session(&name, &conn, send, recv, &cancel).await;
+            let reason = self
+                .session(Established {
+                    name: name.clone(),
+                    peer_site: site.clone(),
+                    cost,
+                    conn: conn.clone(),
+                    send,
+                    recv,
+                    cancel,
+                })
+                .await;
             info!(reason = %reason, "link down");
             self.set_state(&name, LinkState::Down, Some(conn), Some(reason));
         }
@@ -601,18 +660,34 @@ impl Links {
     }
 
     /// Runs an established link until it ends; returns why it ended.
-    async fn session(
-        &self,
-        _name: &str,
-        conn: &quinn::Connection,
-        _send: quinn::SendStream,
-        _recv: quinn::RecvStream,
-        cancel: &CancellationToken,
-    ) -> String {
+    async fn session(&self, link: Established) -> String {
+        let conn = link.conn.clone();
+        let cancel = link.cancel.clone();
         tokio::select! {
+            reason = self.handler.run(link) => reason,
             e = conn.closed() => describe_connection_error(&e),
             _ = cancel.cancelled() => "link stopped".to_string(),
         }
+    }
+
+    /// Per-link numbers for metrics: (name, peer, up, rtt, bytes sent, bytes received).
+    pub fn stats(&self) -> Vec<(String, String, bool, Option<Duration>, u64, u64)> {
+        self.lock()
+            .values()
+            .map(|e| {
+                let up = e.state == LinkState::Up;
+                let conn = e.conn.as_ref().filter(|_| up);
+                let stats = conn.map(|c| c.stats());
+                (
+                    e.record.name.clone(),
+                    e.record.peer_site.clone(),
+                    up,
+                    conn.map(|c| c.rtt()),
+                    stats.as_ref().map(|s| s.udp_tx.bytes).unwrap_or(0),
+                    stats.as_ref().map(|s| s.udp_rx.bytes).unwrap_or(0),
+                )
+            })
+            .collect()
     }
 
     /// Tracks a task that belongs to the links (so shutdown waits for it).

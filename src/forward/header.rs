@@ -1,0 +1,275 @@
+//! Wire formats of the data plane: the header that opens every TCP flow's QUIC stream, and
+//! the framing of UDP datagrams. Pure encode/decode, fuzzable and tested without sockets.
+//!
+//! A flow names its destination by the owning site and the endpoint's VIP and port, never
+//! by the endpoint's real address: the terminating agent maps the VIP to one of its *own*
+//! exported endpoints, so a peer cannot make an agent connect anywhere else.
+//!
+//! ```text
+//! flow header:  u16 length | u8 version | u8 ttl | u8 family (4|6) | vip (4|16) | u16 port | u8 len | site
+//! datagram:     u8 kind=1 (forward) | u64 flow | flow header | payload
+//!               u8 kind=2 (reply)   | u64 flow | payload
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Version of the flow header.
+pub const VERSION: u8 = 1;
+/// Hops a flow may take before it is dropped (loop guard while routes converge).
+pub const MAX_TTL: u8 = 16;
+/// Largest encoded header body (site ids are at most 63 bytes).
+pub const MAX_HEADER: usize = 128;
+
+/// Errors decoding data-plane frames.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("truncated frame")]
+    Truncated,
+    #[error("unsupported header version {0}")]
+    Version(u8),
+    #[error("malformed frame: {0}")]
+    Invalid(&'static str),
+}
+
+/// Where a flow goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowHeader {
+    /// Hops left.
+    pub ttl: u8,
+    /// The site that owns the endpoint.
+    pub site: String,
+    /// The endpoint's VIP.
+    pub vip: IpAddr,
+    /// The exported port.
+    pub port: u16,
+}
+
+impl FlowHeader {
+    /// Appends the header, length-prefixed.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0, 0, VERSION, self.ttl]);
+        match self.vip {
+            IpAddr::V4(v4) => {
+                out.push(4);
+                out.extend_from_slice(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                out.push(6);
+                out.extend_from_slice(&v6.octets());
+            }
+        }
+        out.extend_from_slice(&self.port.to_be_bytes());
+        let site = &self.site.as_bytes()[..self.site.len().min(63)];
+        out.push(site.len() as u8);
+        out.extend_from_slice(site);
+        let len = (out.len() - start - 2) as u16;
+        out[start..start + 2].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Decodes a length-prefixed header from the start of `buf`; returns it and the bytes used.
+    pub fn decode(buf: &[u8]) -> Result<(FlowHeader, usize), HeaderError> {
+        let len = u16::from_be_bytes(
+            buf.get(..2)
+                .ok_or(HeaderError::Truncated)?
+                .try_into()
+                .map_err(|_| HeaderError::Truncated)?,
+        ) as usize;
+        if len > MAX_HEADER {
+            return Err(HeaderError::Invalid("header too long"));
+        }
+        let body = buf.get(2..2 + len).ok_or(HeaderError::Truncated)?;
+        Ok((Self::decode_body(body)?, 2 + len))
+    }
+
+    /// Decodes a header body (without its length prefix).
+    pub fn decode_body(body: &[u8]) -> Result<FlowHeader, HeaderError> {
+        let mut r = Reader(body);
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(HeaderError::Version(version));
+        }
+        let ttl = r.u8()?;
+        let vip = match r.u8()? {
+            4 => IpAddr::V4(Ipv4Addr::from(
+                <[u8; 4]>::try_from(r.take(4)?).map_err(|_| HeaderError::Truncated)?,
+            )),
+            6 => IpAddr::V6(Ipv6Addr::from(
+                <[u8; 16]>::try_from(r.take(16)?).map_err(|_| HeaderError::Truncated)?,
+            )),
+            _ => return Err(HeaderError::Invalid("address family")),
+        };
+        let port = u16::from_be_bytes(r.take(2)?.try_into().map_err(|_| HeaderError::Truncated)?);
+        let site_len = r.u8()? as usize;
+        let site = std::str::from_utf8(r.take(site_len)?).map_err(|_| HeaderError::Invalid("site is not UTF-8"))?;
+        if !r.0.is_empty() {
+            return Err(HeaderError::Invalid("trailing bytes"));
+        }
+        if !crate::config::is_dns_label(site) {
+            return Err(HeaderError::Invalid("site is not a DNS label"));
+        }
+        Ok(FlowHeader {
+            ttl,
+            site: site.to_string(),
+            vip,
+            port,
+        })
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn u8(&mut self) -> Result<u8, HeaderError> {
+        Ok(self.take(1)?[0])
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], HeaderError> {
+        if self.0.len() < n {
+            return Err(HeaderError::Truncated);
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+}
+
+const KIND_FORWARD: u8 = 1;
+const KIND_REPLY: u8 = 2;
+
+/// A UDP datagram on a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Datagram<'a> {
+    /// Client → endpoint; relays route it by `header`.
+    Forward {
+        flow: u64,
+        header: FlowHeader,
+        payload: &'a [u8],
+    },
+    /// Endpoint → client, retracing the flow's path.
+    Reply { flow: u64, payload: &'a [u8] },
+}
+
+impl Datagram<'_> {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Datagram::Forward { flow, header, payload } => {
+                let mut out = Vec::with_capacity(1 + 8 + 32 + payload.len());
+                out.push(KIND_FORWARD);
+                out.extend_from_slice(&flow.to_be_bytes());
+                header.encode(&mut out);
+                out.extend_from_slice(payload);
+                out
+            }
+            Datagram::Reply { flow, payload } => {
+                let mut out = Vec::with_capacity(9 + payload.len());
+                out.push(KIND_REPLY);
+                out.extend_from_slice(&flow.to_be_bytes());
+                out.extend_from_slice(payload);
+                out
+            }
+        }
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<Datagram<'_>, HeaderError> {
+        let kind = *buf.first().ok_or(HeaderError::Truncated)?;
+        let flow = u64::from_be_bytes(
+            buf.get(1..9)
+                .ok_or(HeaderError::Truncated)?
+                .try_into()
+                .map_err(|_| HeaderError::Truncated)?,
+        );
+        match kind {
+            KIND_FORWARD => {
+                let (header, used) = FlowHeader::decode(&buf[9..])?;
+                Ok(Datagram::Forward {
+                    flow,
+                    header,
+                    payload: &buf[9 + used..],
+                })
+            }
+            KIND_REPLY => Ok(Datagram::Reply {
+                flow,
+                payload: &buf[9..],
+            }),
+            _ => Err(HeaderError::Invalid("datagram kind")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(vip: &str) -> FlowHeader {
+        FlowHeader {
+            ttl: 16,
+            site: "london".into(),
+            vip: vip.parse().unwrap(),
+            port: 2379,
+        }
+    }
+
+    #[test]
+    fn headers_round_trip() {
+        for vip in ["127.77.1.10", "fd00:77::1"] {
+            let h = header(vip);
+            let mut buf = Vec::new();
+            h.encode(&mut buf);
+            buf.extend_from_slice(b"rest");
+            let (back, used) = FlowHeader::decode(&buf).unwrap();
+            assert_eq!(back, h);
+            assert_eq!(&buf[used..], b"rest");
+        }
+    }
+
+    #[test]
+    fn datagrams_round_trip() {
+        let fwd = Datagram::Forward {
+            flow: 7,
+            header: header("127.77.1.10"),
+            payload: b"query",
+        };
+        assert_eq!(Datagram::decode(&fwd.encode()).unwrap(), fwd);
+        let rep = Datagram::Reply {
+            flow: u64::MAX,
+            payload: b"",
+        };
+        assert_eq!(Datagram::decode(&rep.encode()).unwrap(), rep);
+    }
+
+    #[test]
+    fn every_truncation_and_corruption_is_an_error_not_a_panic() {
+        let mut buf = Vec::new();
+        header("fd00:77::1").encode(&mut buf);
+        for n in 0..buf.len() {
+            assert!(FlowHeader::decode(&buf[..n]).is_err(), "prefix {n}");
+        }
+        let d = Datagram::Forward {
+            flow: 1,
+            header: header("127.77.1.10"),
+            payload: b"x",
+        }
+        .encode();
+        for i in 0..d.len() {
+            for b in [0u8, 1, 2, 4, 6, 0x7f, 0xff] {
+                let mut c = d.clone();
+                c[i] = b;
+                let _ = Datagram::decode(&c);
+            }
+            let _ = Datagram::decode(&d[..i]);
+        }
+        let mut bad = Vec::new();
+        FlowHeader {
+            ttl: 1,
+            site: "Not A Label".into(),
+            vip: "127.0.0.1".parse().unwrap(),
+            port: 1,
+        }
+        .encode(&mut bad);
+        assert_eq!(
+            FlowHeader::decode(&bad),
+            Err(HeaderError::Invalid("site is not a DNS label"))
+        );
+        assert_eq!(Datagram::decode(&[9; 20]), Err(HeaderError::Invalid("datagram kind")));
+    }
+}

@@ -1,0 +1,220 @@
+//! The data plane: VIP listeners, and flows carried through the links.
+//!
+//! For every ready endpoint in the view with a VIP, the agent listens on `VIP:port` for each
+//! exported port (TCP listener or UDP socket), in its own site too, where the listener
+//! forwards to the local endpoint. A TCP connection becomes one QUIC bidirectional stream
+//! (see [`tcp`]); UDP datagrams travel as QUIC datagrams tagged with a flow id (see [`udp`]).
+//! Flows are routed hop by hop to the site that owns the endpoint ([`Mesh::next_hop`]); the
+//! terminating agent accepts only VIPs of its own exports. Listeners follow the view: an
+//! endpoint withdrawn anywhere loses its listeners here at once (flows already open go on
+//! until they end). Concurrent TCP flows are bounded by `limits.max_flows`.
+
+pub mod header;
+pub mod tcp;
+pub mod udp;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::catalog::View;
+use crate::config::Protocol;
+use crate::mesh::Mesh;
+use crate::metrics::Metrics;
+
+/// QUIC stream error codes of flows, carried on reset/stop so each side learns why.
+pub mod codes {
+    /// The far endpoint refused the connection (or the flow's endpoint is not exported).
+    pub const REFUSED: u32 = 1;
+    /// No route to the owning site, or the endpoint did not answer.
+    pub const UNREACHABLE: u32 = 2;
+    /// One side reset the connection.
+    pub const RESET: u32 = 3;
+    /// The agent is at its flow limit.
+    pub const LIMIT: u32 = 4;
+    /// The flow header was malformed or its TTL ran out.
+    pub const BAD_HEADER: u32 = 5;
+}
+
+/// A listener's identity: address, port, protocol.
+pub type ListenerKey = (IpAddr, u16, Protocol);
+
+/// Options of the data plane.
+#[derive(Debug, Clone)]
+pub struct ForwardOptions {
+    /// Most concurrent TCP flows (and UDP flows) this agent carries.
+    pub max_flows: usize,
+    /// Idle UDP flows are forgotten after this long.
+    pub udp_idle: Duration,
+    /// Whether to listen on the VIPs of our own endpoints too. Always true in production;
+    /// `causeway demo` turns it off because its two sites share one host's loopback.
+    pub bind_own: bool,
+}
+
+/// The data plane of one agent.
+pub struct Forwarder {
+    site: String,
+    mesh: Arc<Mesh>,
+    metrics: Arc<Metrics>,
+    opts: ForwardOptions,
+    /// Permits for concurrent TCP flows.
+    flow_permits: Arc<Semaphore>,
+    /// UDP flow tables.
+    udp: udp::Tables,
+    /// Running listeners and how to stop each.
+    listeners: Mutex<HashMap<ListenerKey, CancellationToken>>,
+    /// Listeners that could not be bound, with the error (shown in `status`).
+    bind_errors: Mutex<BTreeMap<String, String>>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Forwarder {
+    pub fn start(
+        mesh: Arc<Mesh>,
+        metrics: Arc<Metrics>,
+        opts: ForwardOptions,
+        shutdown: CancellationToken,
+    ) -> Arc<Forwarder> {
+        let fwd = Arc::new(Forwarder {
+            site: mesh.site().to_string(),
+            flow_permits: Arc::new(Semaphore::new(opts.max_flows)),
+            udp: udp::Tables::default(),
+            mesh,
+            metrics,
+            opts,
+            listeners: Mutex::new(HashMap::new()),
+            bind_errors: Mutex::new(BTreeMap::new()),
+            shutdown,
+            tasks: TaskTracker::new(),
+        });
+        fwd.tasks.spawn(fwd.clone().follow_view());
+        fwd.tasks.spawn(fwd.clone().sweep_udp());
+        fwd
+    }
+
+    /// Listener bind failures, for `status`.
+    pub fn bind_errors(&self) -> BTreeMap<String, String> {
+        lock(&self.bind_errors).clone()
+    }
+
+    /// Number of running listeners.
+    pub fn listener_count(&self) -> usize {
+        lock(&self.listeners).len()
+    }
+
+    async fn follow_view(self: Arc<Self>) {
+        let mut rx = self.mesh.subscribe();
+        loop {
+            let view = rx.borrow_and_update().clone();
+            self.reconcile(&view);
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { break },
+                _ = self.shutdown.cancelled() => break,
+            }
+        }
+        for (_, token) in lock(&self.listeners).drain() {
+            token.cancel();
+        }
+    }
+
+    /// Starts listeners the view wants and stops the ones it no longer does.
+    fn reconcile(self: &Arc<Self>, view: &View) {
+        let mut wanted: HashSet<ListenerKey> = HashSet::new();
+        for (vip, target) in &view.vips {
+            if !target.ready || (!self.opts.bind_own && target.site == self.site) {
+                continue;
+            }
+            for p in &target.ports {
+                wanted.insert((*vip, p.port, p.protocol));
+            }
+        }
+        let mut listeners = lock(&self.listeners);
+        listeners.retain(|key, token| {
+            let keep = wanted.contains(key);
+            if !keep {
+                debug!(vip = %key.0, port = key.1, proto = %key.2, "listener stopped");
+                token.cancel();
+            }
+            keep
+        });
+        let mut errors = lock(&self.bind_errors);
+        errors.retain(|k, _| wanted.iter().any(|w| listener_name(w) == *k));
+        for key in wanted {
+            if listeners.contains_key(&key) {
+                continue;
+            }
+            let addr = SocketAddr::new(key.0, key.1);
+            let token = self.shutdown.child_token();
+            let result = match key.2 {
+                Protocol::Tcp => tcp::bind(addr).map(|l| {
+                    self.tasks.spawn(self.clone().tcp_listener(l, key, token.clone()));
+                }),
+                Protocol::Udp => udp::bind(addr).map(|s| {
+                    self.tasks.spawn(self.clone().udp_listener(s, key, token.clone()));
+                }),
+            };
+            match result {
+                Ok(()) => {
+                    debug!(%addr, proto = %key.2, "listener started");
+                    errors.remove(&listener_name(&key));
+                    listeners.insert(key, token);
+                }
+                Err(e) => {
+                    let hint = if e.kind() == std::io::ErrorKind::AddrNotAvailable {
+                        " (the VIP range is not local here: keep vips.cidr inside 127.0.0.0/8, or make it local with \
+                         `ip route add local <cidr> dev lo`)"
+                    } else {
+                        ""
+                    };
+                    let name = listener_name(&key);
+                    if errors.insert(name.clone(), format!("{e}{hint}")).is_none() {
+                        warn!(listener = %name, error = %e, "cannot listen on VIP{hint}");
+                    }
+                }
+            }
+        }
+        if !listeners.is_empty() {
+            info!(listeners = listeners.len(), "VIP listeners reconciled");
+        }
+    }
+
+    /// Takes a flow stream that arrived on a link (relay or deliver it).
+    pub fn accept_stream(self: &Arc<Self>, send: quinn::SendStream, recv: quinn::RecvStream) {
+        self.tasks.spawn(self.clone().serve_stream(send, recv));
+    }
+
+    /// Takes an oversized datagram carried on a unidirectional stream.
+    pub fn accept_uni(self: &Arc<Self>, from: quinn::Connection, mut recv: quinn::RecvStream) {
+        let me = self.clone();
+        self.tasks.spawn(async move {
+            match recv.read_to_end(udp::MAX_STREAMED).await {
+                Ok(data) => me.on_link_datagram(&from, &data),
+                Err(e) => debug!(error = %e, "streamed datagram dropped"),
+            }
+        });
+    }
+
+    /// Waits (bounded) for listener and flow tasks after shutdown was cancelled.
+    pub async fn shutdown(&self) {
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
+    }
+}
+
+fn listener_name(key: &ListenerKey) -> String {
+    format!("{}/{}", SocketAddr::new(key.0, key.1), key.2)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}

@@ -1,0 +1,369 @@
+//! TCP flows: one accepted connection is one QUIC bidirectional stream.
+//!
+//! The origin agent (where the client connected to a VIP) opens a stream on the next hop's
+//! link and writes a [`FlowHeader`]; relays read the header and open the next stream; the
+//! terminating agent connects to its own endpoint. Bytes are then copied both ways with large
+//! buffers (`read_chunk` on the QUIC side hands over received data without a copy). Each
+//! direction ends on its own: a FIN becomes a stream finish and a finish becomes a FIN
+//! (`shutdown(Write)`), so half-closed connections work. A reset anywhere becomes a stream
+//! reset (with a [`codes`] reason) and a reset becomes a TCP RST (`SO_LINGER` 0), so a refused
+//! endpoint at the far side resets the client's connection at once instead of hanging it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, debug_span, warn};
+
+use super::header::{FlowHeader, MAX_HEADER, MAX_TTL};
+use super::{Forwarder, ListenerKey, codes};
+use crate::config::Protocol;
+
+/// Copy buffer per direction: large reads and writes matter more than anything else here.
+const BUF: usize = 256 * 1024;
+/// How long the terminating agent waits for its endpoint to accept.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds a VIP listener.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// How a flow ended badly.
+#[derive(Debug, thiserror::Error)]
+enum End {
+    /// The TCP side reset or failed.
+    #[error("tcp: {0}")]
+    Tcp(std::io::Error),
+    /// The QUIC side reset the stream, or the link failed.
+    #[error("link: {0}")]
+    Quic(String),
+}
+
+/// Sends a TCP RST instead of a FIN when the socket is dropped.
+fn reset(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}
+
+impl Forwarder {
+    pub(super) async fn tcp_listener(
+        self: Arc<Self>,
+        listener: TcpListener,
+        key: ListenerKey,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let (client, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => return,
+            };
+            let span = debug_span!("flow", proto = "tcp", vip = %key.0, port = key.1, client = %peer);
+            self.tasks.spawn(self.clone().tcp_origin(client, key).instrument(span));
+        }
+    }
+
+    /// A client connected to a VIP here.
+    async fn tcp_origin(self: Arc<Self>, client: TcpStream, (vip, port, _): ListenerKey) {
+        let view = self.mesh.view();
+        let Some(target) = view
+            .vips
+            .get(&vip)
+            .filter(|t| t.ready && t.exports(port, Protocol::Tcp))
+        else {
+            debug!("VIP no longer exported");
+            return reset(client);
+        };
+        let (svc, ns) = (target.service.as_str(), target.namespace.as_str());
+        let Ok(_permit) = self.flow_permits.clone().try_acquire_owned() else {
+            self.metrics.flow_failed(svc, ns, "tcp", "origin", "limit");
+            return reset(client);
+        };
+        let _ = client.set_nodelay(true);
+        self.metrics.flow_opened(svc, ns, "tcp", "origin");
+        if target.site == self.site {
+            let server = match connect(SocketAddr::new(target.ip, port)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(error = %e, "local endpoint refused");
+                    self.metrics.flow_failed(svc, ns, "tcp", "origin", "refused");
+                    return reset(client);
+                }
+            };
+            return self.splice_tcp_tcp(client, server, svc, ns).await;
+        }
+        let Some(conn) = self.mesh.next_hop(&target.site) else {
+            self.metrics.flow_failed(svc, ns, "tcp", "origin", "no_route");
+            return reset(client);
+        };
+        let header = FlowHeader {
+            ttl: MAX_TTL,
+            site: target.site.clone(),
+            vip,
+            port,
+        };
+        let (mut send, recv) = match open(&conn, &header).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "opening the stream failed");
+                self.metrics.flow_failed(svc, ns, "tcp", "origin", "unreachable");
+                return reset(client);
+            }
+        };
+        let _ = &mut send;
+        self.splice_tcp_quic(client, send, recv, svc, ns, "origin").await;
+    }
+
+    /// A stream arrived on a link: relay it, or deliver it to one of our endpoints.
+    pub async fn serve_stream(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let header = match read_header(&mut recv).await {
+            Ok(h) => h,
+            Err(e) => {
+                debug!(error = %e, "bad flow header");
+                let _ = send.reset(codes::BAD_HEADER.into());
+                let _ = recv.stop(codes::BAD_HEADER.into());
+                return;
+            }
+        };
+        let span = debug_span!("flow", proto = "tcp", vip = %header.vip, port = header.port, dst = %header.site);
+        async move {
+            let view = self.mesh.view();
+            let labels = view
+                .vips
+                .get(&header.vip)
+                .map(|t| (t.service.clone(), t.namespace.clone()))
+                .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
+            let (svc, ns) = (labels.0.as_str(), labels.1.as_str());
+            let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: u32| {
+                let _ = send.reset(code.into());
+                let _ = recv.stop(code.into());
+            };
+            let Ok(_permit) = self.flow_permits.clone().try_acquire_owned() else {
+                self.metrics.flow_failed(svc, ns, "tcp", "relay", "limit");
+                return refuse(&mut send, &mut recv, codes::LIMIT);
+            };
+            if header.site != self.site {
+                if header.ttl == 0 {
+                    return refuse(&mut send, &mut recv, codes::BAD_HEADER);
+                }
+                let Some(conn) = self.mesh.next_hop(&header.site) else {
+                    self.metrics.flow_failed(svc, ns, "tcp", "relay", "no_route");
+                    return refuse(&mut send, &mut recv, codes::UNREACHABLE);
+                };
+                let next = FlowHeader {
+                    ttl: header.ttl - 1,
+                    ..header.clone()
+                };
+                let (send2, recv2) = match open(&conn, &next).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        self.metrics.flow_failed(svc, ns, "tcp", "relay", "unreachable");
+                        return refuse(&mut send, &mut recv, codes::UNREACHABLE);
+                    }
+                };
+                self.metrics.flow_opened(svc, ns, "tcp", "relay");
+                let (a, b) = tokio::join!(pipe_quic(recv, send2), pipe_quic(recv2, send));
+                self.metrics.add_bytes(svc, ns, "tcp", "to_endpoint", a);
+                self.metrics.add_bytes(svc, ns, "tcp", "from_endpoint", b);
+                self.metrics.flow_closed(svc, ns, "tcp", "relay");
+                return;
+            }
+            let target = view
+                .vips
+                .get(&header.vip)
+                .filter(|t| t.site == self.site && t.ready && t.exports(header.port, Protocol::Tcp));
+            let Some(target) = target else {
+                self.metrics.flow_failed(svc, ns, "tcp", "terminus", "not_exported");
+                return refuse(&mut send, &mut recv, codes::REFUSED);
+            };
+            let tcp = match connect(SocketAddr::new(target.ip, header.port)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(error = %e, "endpoint refused");
+                    let code = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                        codes::REFUSED
+                    } else {
+                        codes::UNREACHABLE
+                    };
+                    self.metrics.flow_failed(
+                        svc,
+                        ns,
+                        "tcp",
+                        "terminus",
+                        if code == codes::REFUSED {
+                            "refused"
+                        } else {
+                            "unreachable"
+                        },
+                    );
+                    return refuse(&mut send, &mut recv, code);
+                }
+            };
+            self.metrics.flow_opened(svc, ns, "tcp", "terminus");
+            self.splice_tcp_quic(tcp, send, recv, svc, ns, "terminus").await;
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Copies between a TCP connection and a QUIC stream until both directions end.
+    async fn splice_tcp_quic(
+        &self,
+        mut tcp: TcpStream,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        svc: &str,
+        ns: &str,
+        role: &str,
+    ) {
+        // The TCP side's bytes go "to the endpoint" at the origin and "from" it at the terminus.
+        let (tcp_dir, quic_dir) = if role == "origin" {
+            ("to_endpoint", "from_endpoint")
+        } else {
+            ("from_endpoint", "to_endpoint")
+        };
+        let (mut tr, mut tw) = tcp.split();
+        let mut up_bytes = 0u64;
+        let mut down_bytes = 0u64;
+        let up = async {
+            let mut buf = vec![0u8; BUF];
+            loop {
+                match tr.read(&mut buf).await {
+                    Ok(0) => {
+                        let _ = send.finish();
+                        return Ok(());
+                    }
+                    Ok(n) => {
+                        send.write_all(&buf[..n]).await.map_err(|e| End::Quic(e.to_string()))?;
+                        up_bytes += n as u64;
+                    }
+                    Err(e) => return Err(End::Tcp(e)),
+                }
+            }
+        };
+        let down = async {
+            loop {
+                match recv.read_chunk(BUF, true).await {
+                    Ok(Some(chunk)) => {
+                        tw.write_all(&chunk.bytes).await.map_err(End::Tcp)?;
+                        down_bytes += chunk.bytes.len() as u64;
+                    }
+                    Ok(None) => {
+                        let _ = tw.shutdown().await;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(End::Quic(e.to_string())),
+                }
+            }
+        };
+        let result = tokio::try_join!(up, down);
+        self.metrics.add_bytes(svc, ns, "tcp", tcp_dir, up_bytes);
+        self.metrics.add_bytes(svc, ns, "tcp", quic_dir, down_bytes);
+        match result {
+            Ok(_) => self.metrics.flow_closed(svc, ns, "tcp", role),
+            Err(end) => {
+                debug!(%end, "flow reset");
+                self.metrics.flow_failed(svc, ns, "tcp", role, "reset");
+                let _ = send.reset(codes::RESET.into());
+                let _ = recv.stop(codes::RESET.into());
+                reset(tcp);
+            }
+        }
+    }
+
+    /// Copies between two TCP connections (an origin whose endpoint is in this site).
+    async fn splice_tcp_tcp(&self, mut client: TcpStream, mut server: TcpStream, svc: &str, ns: &str) {
+        match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, BUF, BUF).await {
+            Ok((up, down)) => {
+                self.metrics.add_bytes(svc, ns, "tcp", "to_endpoint", up);
+                self.metrics.add_bytes(svc, ns, "tcp", "from_endpoint", down);
+                self.metrics.flow_closed(svc, ns, "tcp", "origin");
+            }
+            Err(_) => {
+                self.metrics.flow_failed(svc, ns, "tcp", "origin", "reset");
+                reset(client);
+                reset(server);
+            }
+        }
+    }
+}
+
+/// Connects to an endpoint with a timeout and `TCP_NODELAY`.
+async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Opens a stream on `conn` and writes the flow header.
+async fn open(conn: &quinn::Connection, header: &FlowHeader) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let mut buf = Vec::with_capacity(64);
+    header.encode(&mut buf);
+    send.write_all(&buf).await.map_err(|e| e.to_string())?;
+    Ok((send, recv))
+}
+
+/// Reads the flow header that starts a stream.
+async fn read_header(recv: &mut quinn::RecvStream) -> Result<FlowHeader, String> {
+    let mut len = [0u8; 2];
+    recv.read_exact(&mut len).await.map_err(|e| e.to_string())?;
+    let len = u16::from_be_bytes(len) as usize;
+    if len > MAX_HEADER {
+        return Err("header too long".into());
+    }
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    FlowHeader::decode_body(&body).map_err(|e| e.to_string())
+}
+
+/// Relays one direction between two QUIC streams, carrying finish and reset across.
+async fn pipe_quic(mut from: quinn::RecvStream, mut to: quinn::SendStream) -> u64 {
+    let mut total = 0u64;
+    loop {
+        match from.read_chunk(BUF, true).await {
+            Ok(Some(chunk)) => {
+                total += chunk.bytes.len() as u64;
+                if let Err(e) = to.write_chunk(chunk.bytes).await {
+                    let code = match e {
+                        quinn::WriteError::Stopped(code) => code,
+                        _ => codes::RESET.into(),
+                    };
+                    let _ = from.stop(code);
+                    return total;
+                }
+            }
+            Ok(None) => {
+                let _ = to.finish();
+                return total;
+            }
+            Err(quinn::ReadError::Reset(code)) => {
+                let _ = to.reset(code);
+                return total;
+            }
+            Err(_) => {
+                let _ = to.reset(codes::RESET.into());
+                return total;
+            }
+        }
+    }
+}

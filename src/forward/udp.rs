@@ -1,0 +1,463 @@
+//! UDP flows: datagrams carried as QUIC datagrams, tagged with a flow id.
+//!
+//! A flow is one client (address, port) talking to one VIP port. The origin agent gives it a
+//! random 64-bit id and sends each datagram as a [`Datagram::Forward`] (id, destination,
+//! payload) to the next hop. Relays pass it on and remember which link it came from; the
+//! terminating agent sends the payload to its endpoint from a socket of the flow's own, and
+//! every answer from the endpoint travels back as a [`Datagram::Reply`] along the same hops
+//! to the origin, which hands it to the client from the VIP socket, so replies reach the
+//! right client. Flows idle for `limits.udp_idle` are forgotten everywhere.
+//!
+//! A datagram larger than the link's current QUIC datagram limit (about 1.2 KB on a fresh
+//! path) is **not dropped**: it is carried on a short-lived unidirectional stream instead,
+//! counted in `causeway_udp_datagrams_via_stream_total` and logged once per flow. So large
+//! DNS answers, for instance, still arrive whole.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::header::{Datagram, FlowHeader, MAX_TTL};
+use super::{Forwarder, ListenerKey, lock};
+use crate::config::Protocol;
+
+/// Largest datagram accepted from a stream (a UDP payload is at most 65,507 bytes).
+pub const MAX_STREAMED: usize = 70_000;
+
+/// Binds a VIP's UDP socket.
+pub fn bind(addr: SocketAddr) -> std::io::Result<Arc<UdpSocket>> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(Arc::new(UdpSocket::from_std(s.into())?))
+}
+
+/// Where a flow's replies go from here.
+#[derive(Clone)]
+enum ReplyPath {
+    /// Back over this link (we are a relay or the terminus of a remote flow).
+    Link(quinn::Connection),
+    /// Straight to the client (the endpoint is in our own site).
+    Local { socket: Arc<UdpSocket>, client: SocketAddr },
+}
+
+/// A flow whose client is here.
+struct OriginFlow {
+    socket: Arc<UdpSocket>,
+    client: SocketAddr,
+    service: String,
+    namespace: String,
+    last: Instant,
+    /// Whether "too large for a datagram" was logged already.
+    warned: bool,
+}
+
+/// A flow passing through.
+struct RelayFlow {
+    back: quinn::Connection,
+    last: Instant,
+}
+
+/// A flow delivered to one of our endpoints.
+struct TerminusFlow {
+    /// Connected to the endpoint.
+    socket: Arc<UdpSocket>,
+    reply: ReplyPath,
+    service: String,
+    namespace: String,
+    last: Instant,
+    /// Stops the task reading the endpoint's answers.
+    stop: CancellationToken,
+    warned: bool,
+}
+
+/// The UDP flow tables of one agent.
+#[derive(Default)]
+pub struct Tables {
+    inner: std::sync::Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    origin: HashMap<u64, OriginFlow>,
+    by_client: HashMap<(ListenerKey, SocketAddr), u64>,
+    relay: HashMap<u64, RelayFlow>,
+    terminus: HashMap<u64, TerminusFlow>,
+}
+
+impl State {
+    fn flows(&self) -> usize {
+        self.origin.len() + self.relay.len() + self.terminus.len()
+    }
+}
+
+impl Forwarder {
+    pub(super) async fn udp_listener(
+        self: Arc<Self>,
+        socket: Arc<UdpSocket>,
+        key: ListenerKey,
+        stop: CancellationToken,
+    ) {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let (n, client) = tokio::select! {
+                r = socket.recv_from(&mut buf) => match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        debug!(error = %e, "udp receive failed");
+                        continue;
+                    }
+                },
+                _ = stop.cancelled() => return,
+            };
+            self.udp_from_client(&socket, key, client, &buf[..n]);
+        }
+    }
+
+    /// A datagram from a client to a VIP here.
+    fn udp_from_client(
+        self: &Arc<Self>,
+        socket: &Arc<UdpSocket>,
+        key: ListenerKey,
+        client: SocketAddr,
+        payload: &[u8],
+    ) {
+        let (vip, port, _) = key;
+        let view = self.mesh.view();
+        let Some(target) = view
+            .vips
+            .get(&vip)
+            .filter(|t| t.ready && t.exports(port, Protocol::Udp))
+        else {
+            return;
+        };
+        let (flow, warned) = {
+            let mut st = lock(&self.udp.inner);
+            match st.by_client.get(&(key, client)).copied() {
+                Some(id) => {
+                    let f = st.origin.get_mut(&id);
+                    let warned = f.as_ref().is_some_and(|f| f.warned);
+                    if let Some(f) = f {
+                        f.last = Instant::now();
+                    }
+                    (id, warned)
+                }
+                None => {
+                    if st.flows() >= self.opts.max_flows {
+                        self.metrics
+                            .datagram_dropped(&target.service, &target.namespace, "limit");
+                        return;
+                    }
+                    let id = rand::random::<u64>();
+                    st.by_client.insert((key, client), id);
+                    st.origin.insert(
+                        id,
+                        OriginFlow {
+                            socket: socket.clone(),
+                            client,
+                            service: target.service.clone(),
+                            namespace: target.namespace.clone(),
+                            last: Instant::now(),
+                            warned: false,
+                        },
+                    );
+                    debug!(flow = id, %client, %vip, port, "udp flow opened");
+                    self.metrics
+                        .flow_opened(&target.service, &target.namespace, "udp", "origin");
+                    (id, false)
+                }
+            }
+        };
+        self.metrics.datagram(&target.service, &target.namespace, "to_endpoint");
+        self.metrics.add_bytes(
+            &target.service,
+            &target.namespace,
+            "udp",
+            "to_endpoint",
+            payload.len() as u64,
+        );
+        let header = FlowHeader {
+            ttl: MAX_TTL,
+            site: target.site.clone(),
+            vip,
+            port,
+        };
+        if target.site == self.site {
+            self.deliver(
+                flow,
+                &header,
+                payload,
+                ReplyPath::Local {
+                    socket: socket.clone(),
+                    client,
+                },
+            );
+            return;
+        }
+        let Some(conn) = self.mesh.next_hop(&target.site) else {
+            self.metrics
+                .datagram_dropped(&target.service, &target.namespace, "no_route");
+            return;
+        };
+        let dgram = Datagram::Forward { flow, header, payload }.encode();
+        if self.send(&conn, dgram, &target.service, &target.namespace, warned) {
+            if let Some(f) = lock(&self.udp.inner).origin.get_mut(&flow) {
+                f.warned = true;
+            }
+        }
+    }
+
+    /// Sends a datagram on a link, or on a stream when it is too large; returns whether it
+    /// went by stream.
+    fn send(&self, conn: &quinn::Connection, dgram: Vec<u8>, svc: &str, ns: &str, warned: bool) -> bool {
+        let fits = conn.max_datagram_size().is_some_and(|max| dgram.len() <= max);
+        if fits {
+            if let Err(e) = conn.send_datagram(Bytes::from(dgram)) {
+                debug!(error = %e, "datagram not sent");
+                self.metrics.datagram_dropped(svc, ns, "link");
+            }
+            return false;
+        }
+        if !warned {
+            info!(
+                size = dgram.len(),
+                limit = ?conn.max_datagram_size(),
+                "datagram larger than the link's datagram limit; carrying it on a stream (logged once per flow)"
+            );
+        }
+        self.metrics.datagram_via_stream(svc, ns);
+        let conn = conn.clone();
+        self.tasks.spawn(async move {
+            if let Ok(mut s) = conn.open_uni().await {
+                let _ = s.write_all(&dgram).await;
+                let _ = s.finish();
+            }
+        });
+        true
+    }
+
+    /// A datagram arrived on a link (as a datagram or on a uni stream).
+    pub fn on_link_datagram(self: &Arc<Self>, from: &quinn::Connection, data: &[u8]) {
+        let dgram = match Datagram::decode(data) {
+            Ok(d) => d,
+            Err(e) => {
+                debug!(error = %e, "malformed datagram dropped");
+                self.metrics.datagram_dropped("unknown", "unknown", "malformed");
+                return;
+            }
+        };
+        match dgram {
+            Datagram::Forward { flow, header, payload } => {
+                if header.site == self.site {
+                    self.deliver(flow, &header, payload, ReplyPath::Link(from.clone()));
+                    return;
+                }
+                if header.ttl == 0 {
+                    return;
+                }
+                let Some(next) = self.mesh.next_hop(&header.site) else {
+                    self.metrics.datagram_dropped("unknown", "unknown", "no_route");
+                    return;
+                };
+                {
+                    let mut st = lock(&self.udp.inner);
+                    if !st.relay.contains_key(&flow) && st.flows() >= self.opts.max_flows {
+                        return;
+                    }
+                    st.relay.insert(
+                        flow,
+                        RelayFlow {
+                            back: from.clone(),
+                            last: Instant::now(),
+                        },
+                    );
+                }
+                let header = FlowHeader {
+                    ttl: header.ttl - 1,
+                    ..header
+                };
+                let out = Datagram::Forward { flow, header, payload }.encode();
+                self.send(&next, out, "relay", "relay", true);
+            }
+            Datagram::Reply { flow, payload } => {
+                let mut st = lock(&self.udp.inner);
+                if let Some(f) = st.origin.get_mut(&flow) {
+                    f.last = Instant::now();
+                    let (socket, client) = (f.socket.clone(), f.client);
+                    self.metrics.datagram(&f.service, &f.namespace, "from_endpoint");
+                    self.metrics
+                        .add_bytes(&f.service, &f.namespace, "udp", "from_endpoint", payload.len() as u64);
+                    drop(st);
+                    let _ = socket.try_send_to(payload, client);
+                } else if let Some(f) = st.relay.get_mut(&flow) {
+                    f.last = Instant::now();
+                    let back = f.back.clone();
+                    drop(st);
+                    self.send(&back, data.to_vec(), "relay", "relay", true);
+                } else {
+                    self.metrics.datagram_dropped("unknown", "unknown", "no_flow");
+                }
+            }
+        }
+    }
+
+    /// Delivers a datagram to one of our endpoints, opening the flow's socket on first use.
+    fn deliver(self: &Arc<Self>, flow: u64, header: &FlowHeader, payload: &[u8], reply: ReplyPath) {
+        let mut st = lock(&self.udp.inner);
+        if let Some(f) = st.terminus.get_mut(&flow) {
+            f.last = Instant::now();
+            f.reply = reply;
+            let socket = f.socket.clone();
+            drop(st);
+            let _ = socket.try_send(payload);
+            return;
+        }
+        let view = self.mesh.view();
+        let Some(target) = view
+            .vips
+            .get(&header.vip)
+            .filter(|t| t.site == self.site && t.ready && t.exports(header.port, Protocol::Udp))
+        else {
+            debug!(vip = %header.vip, port = header.port, "datagram for a VIP we do not export");
+            return;
+        };
+        if st.flows() >= self.opts.max_flows {
+            self.metrics
+                .datagram_dropped(&target.service, &target.namespace, "limit");
+            return;
+        }
+        let endpoint = SocketAddr::new(target.ip, header.port);
+        let socket = match connected_socket(endpoint) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(%endpoint, error = %e, "cannot open a socket to the endpoint");
+                self.metrics
+                    .flow_failed(&target.service, &target.namespace, "udp", "terminus", "unreachable");
+                return;
+            }
+        };
+        let stop = self.shutdown.child_token();
+        st.terminus.insert(
+            flow,
+            TerminusFlow {
+                socket: socket.clone(),
+                reply,
+                service: target.service.clone(),
+                namespace: target.namespace.clone(),
+                last: Instant::now(),
+                stop: stop.clone(),
+                warned: false,
+            },
+        );
+        drop(st);
+        self.metrics
+            .flow_opened(&target.service, &target.namespace, "udp", "terminus");
+        let _ = socket.try_send(payload);
+        self.tasks.spawn(self.clone().endpoint_replies(flow, socket, stop));
+    }
+
+    /// Carries an endpoint's answers back along the flow's reply path.
+    async fn endpoint_replies(self: Arc<Self>, flow: u64, socket: Arc<UdpSocket>, stop: CancellationToken) {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let n = tokio::select! {
+                r = socket.recv(&mut buf) => match r {
+                    Ok(n) => n,
+                    // ICMP port unreachable surfaces as an error on a connected socket.
+                    Err(_) => continue,
+                },
+                _ = stop.cancelled() => return,
+            };
+            let (reply, svc, ns, warned) = {
+                let mut st = lock(&self.udp.inner);
+                let Some(f) = st.terminus.get_mut(&flow) else { return };
+                f.last = Instant::now();
+                (f.reply.clone(), f.service.clone(), f.namespace.clone(), f.warned)
+            };
+            match reply {
+                ReplyPath::Local {
+                    socket: vip_socket,
+                    client,
+                } => {
+                    self.metrics.datagram(&svc, &ns, "from_endpoint");
+                    self.metrics.add_bytes(&svc, &ns, "udp", "from_endpoint", n as u64);
+                    let _ = vip_socket.try_send_to(&buf[..n], client);
+                }
+                ReplyPath::Link(conn) => {
+                    let out = Datagram::Reply {
+                        flow,
+                        payload: &buf[..n],
+                    }
+                    .encode();
+                    if self.send(&conn, out, &svc, &ns, warned) {
+                        if let Some(f) = lock(&self.udp.inner).terminus.get_mut(&flow) {
+                            f.warned = true;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets idle flows, periodically.
+    pub(super) async fn sweep_udp(self: Arc<Self>) {
+        let idle = self.opts.udp_idle;
+        let period = (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let now = Instant::now();
+            let mut st = lock(&self.udp.inner);
+            let expired: Vec<u64> = st
+                .origin
+                .iter()
+                .filter(|(_, f)| now - f.last > idle)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                if let Some(f) = st.origin.remove(&id) {
+                    self.metrics.flow_closed(&f.service, &f.namespace, "udp", "origin");
+                }
+            }
+            let live: std::collections::HashSet<u64> = st.origin.keys().copied().collect();
+            st.by_client.retain(|_, id| live.contains(id));
+            st.relay.retain(|_, f| now - f.last <= idle);
+            st.terminus.retain(|_, f| {
+                let keep = now - f.last <= idle;
+                if !keep {
+                    f.stop.cancel();
+                    self.metrics.flow_closed(&f.service, &f.namespace, "udp", "terminus");
+                }
+                keep
+            });
+        }
+    }
+}
+
+/// A UDP socket on an ephemeral port, connected to `endpoint`.
+fn connected_socket(endpoint: SocketAddr) -> std::io::Result<Arc<UdpSocket>> {
+    let local: SocketAddr = if endpoint.is_ipv4() {
+        "0.0.0.0:0".parse()
+    } else {
+        "[::]:0".parse()
+    }
+    .map_err(|_| std::io::Error::other("address"))?;
+    let s = std::net::UdpSocket::bind(local)?;
+    s.connect(endpoint)?;
+    s.set_nonblocking(true)?;
+    Ok(Arc::new(UdpSocket::from_std(s)?))
+}
