@@ -354,6 +354,9 @@ impl Agent {
                 "cidr": self.mesh.range().cidr().to_string(),
                 "block": self.mesh.block(),
             },
+            "routes": view.routes.iter().map(|(site, r)| {
+                (site.clone(), json!({"next_hop": r.next_hop, "cost": r.cost, "hops": r.hops}))
+            }).collect::<serde_json::Map<_, _>>(),
             "services": view.services,
             "conflicts": view.conflicts,
             "listener_errors": self.forwarder.bind_errors(),

@@ -260,6 +260,7 @@ impl Forwarder {
         };
         match dgram {
             Datagram::Forward { flow, header, payload } => {
+                debug!(flow, len = payload.len(), "forward datagram from link");
                 if header.site == self.site {
                     self.deliver(flow, &header, payload, ReplyPath::Link(from.clone()));
                     return;
@@ -300,7 +301,7 @@ impl Forwarder {
                     self.metrics
                         .add_bytes(&f.service, &f.namespace, "udp", "from_endpoint", payload.len() as u64);
                     drop(st);
-                    let _ = socket.try_send_to(payload, client);
+                    let _ = send_to_now(&socket, payload, client);
                 } else if let Some(f) = st.relay.get_mut(&flow) {
                     f.last = Instant::now();
                     let back = f.back.clone();
@@ -321,7 +322,8 @@ impl Forwarder {
             f.reply = reply;
             let socket = f.socket.clone();
             drop(st);
-            let _ = socket.try_send(payload);
+            let sent = send_now(&socket, payload);
+            debug!(flow, ?sent, "udp datagram to endpoint (existing flow)");
             return;
         }
         let view = self.mesh.view();
@@ -364,7 +366,8 @@ impl Forwarder {
         drop(st);
         self.metrics
             .flow_opened(&target.service, &target.namespace, "udp", "terminus");
-        let _ = socket.try_send(payload);
+        let sent = send_now(&socket, payload);
+        debug!(flow, %endpoint, ?sent, "udp flow delivered to endpoint");
         self.tasks.spawn(self.clone().endpoint_replies(flow, socket, stop));
     }
 
@@ -376,7 +379,10 @@ impl Forwarder {
                 r = socket.recv(&mut buf) => match r {
                     Ok(n) => n,
                     // ICMP port unreachable surfaces as an error on a connected socket.
-                    Err(_) => continue,
+                    Err(e) => {
+                        debug!(flow, error = %e, "endpoint socket error");
+                        continue;
+                    }
                 },
                 _ = stop.cancelled() => return,
             };
@@ -386,6 +392,7 @@ impl Forwarder {
                 f.last = Instant::now();
                 (f.reply.clone(), f.service.clone(), f.namespace.clone(), f.warned)
             };
+            debug!(flow, bytes = n, "endpoint answered");
             match reply {
                 ReplyPath::Local {
                     socket: vip_socket,
@@ -393,7 +400,7 @@ impl Forwarder {
                 } => {
                     self.metrics.datagram(&svc, &ns, "from_endpoint");
                     self.metrics.add_bytes(&svc, &ns, "udp", "from_endpoint", n as u64);
-                    let _ = vip_socket.try_send_to(&buf[..n], client);
+                    let _ = send_to_now(&vip_socket, &buf[..n], client);
                 }
                 ReplyPath::Link(conn) => {
                     let out = Datagram::Reply {
@@ -446,6 +453,17 @@ impl Forwarder {
             });
         }
     }
+}
+
+/// Sends on a connected socket now, with one non-blocking system call. (tokio's `try_send`
+/// refuses until it has seen the socket writable, which a fresh socket never has been.)
+fn send_now(socket: &UdpSocket, payload: &[u8]) -> std::io::Result<usize> {
+    socket2::SockRef::from(socket).send(payload)
+}
+
+/// Sends to `to` now, with one non-blocking system call.
+fn send_to_now(socket: &UdpSocket, payload: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+    socket2::SockRef::from(socket).send_to(payload, &to.into())
 }
 
 /// A UDP socket on an ephemeral port, connected to `endpoint`.

@@ -4,7 +4,11 @@
 //! free loopback port, and run as a child process (`causeway run`) whose log goes to a file
 //! that is printed when a test fails. Dropping a site kills its agent, so a failing test
 //! leaves no process behind.
+//!
+//! [`netns`] puts sites in separate network namespaces joined by a WAN ([`Site::init_in`]).
 #![allow(dead_code)]
+
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -37,6 +41,8 @@ pub struct Site {
     pub state: PathBuf,
     pub port: u16,
     pub log: PathBuf,
+    /// The network namespace the agent runs in ([`Site::init_in`]); None: the host's.
+    pub netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -77,8 +83,87 @@ impl Site {
             log: dir.join(format!("{name}.log")),
             state,
             port,
+            netns: None,
             child: None,
         }
+    }
+
+    /// `causeway init` in `dir/<name>` for site `name` of `net`: the agent will run in the
+    /// site's namespace, listen on `0.0.0.0:7400`, advertise its WAN address
+    /// (`10.200.0.<10+i>:7400`) and answer DNS on `127.0.0.1:5353`; no metrics listener.
+    pub fn init_in(dir: &Path, name: &str, net: &netns::Net) -> Site {
+        let mut site = Site::init(dir, name);
+        let port = netns::AGENT_PORT;
+        let advertise = format!("{}:{port}", net.wan_addr(name));
+        let cfg_path = site.state.join("causeway.yaml");
+        let cfg = std::fs::read_to_string(&cfg_path).expect("read config");
+        let mut section = String::new();
+        let mut lines = Vec::new();
+        for l in cfg.lines() {
+            if l.starts_with(|c: char| c.is_ascii_alphabetic()) {
+                section = l.split(':').next().unwrap_or_default().to_string();
+            }
+            let indent = &l[..l.len() - l.trim_start().len()];
+            if l.starts_with("listen:") {
+                lines.push(format!("listen: 0.0.0.0:{port}"));
+            } else if l.starts_with("advertise:") {
+                lines.push(format!("advertise: [\"{advertise}\"]"));
+            } else if l.starts_with("metrics:") {
+                continue;
+            } else if section == "dns" && !indent.is_empty() && l.trim_start().starts_with("listen:") {
+                lines.push(format!("{indent}listen: [\"127.0.0.1:5353\"]"));
+            } else {
+                lines.push(l.to_string());
+            }
+        }
+        write_atomic(&cfg_path, &(lines.join("\n") + "\n"));
+        site.port = port;
+        site.netns = Some(net.ns(name));
+        site
+    }
+
+    /// Replaces the `exports: []` line of causeway.yaml (or the block a previous call wrote)
+    /// with `yaml`, a block starting with `exports:` (common indentation is removed). The
+    /// file is replaced atomically, so a hot-reloading agent never reads half of it.
+    pub fn set_exports(&self, yaml: &str) {
+        const BEGIN: &str = "# exports set by test";
+        const END: &str = "# end of exports set by test";
+        let block = dedent(yaml);
+        assert!(
+            block.starts_with("exports:"),
+            "set_exports wants a YAML block starting with `exports:`, got:\n{yaml}"
+        );
+        let path = self.state.join("causeway.yaml");
+        let text = std::fs::read_to_string(&path).expect("read config");
+        let lines: Vec<&str> = text.lines().collect();
+        let (start, end) = match lines.iter().position(|l| *l == BEGIN) {
+            Some(b) => {
+                let e = lines[b..]
+                    .iter()
+                    .position(|l| *l == END)
+                    .expect("end of the exports block");
+                (b, b + e + 1)
+            }
+            None => {
+                let i = lines
+                    .iter()
+                    .position(|l| l.starts_with("exports:"))
+                    .unwrap_or_else(|| panic!("no `exports:` line in {}", path.display()));
+                let value = lines[i]["exports:".len()..].split('#').next().unwrap_or_default();
+                assert!(
+                    !value.trim().is_empty(),
+                    "{}: `exports:` is a block not written by set_exports; cannot replace it",
+                    path.display()
+                );
+                (i, i + 1)
+            }
+        };
+        let mut out: Vec<&str> = lines[..start].to_vec();
+        out.push(BEGIN);
+        out.extend(block.lines());
+        out.push(END);
+        out.extend_from_slice(&lines[end..]);
+        write_atomic(&path, &(out.join("\n") + "\n"));
     }
 
     /// Starts `causeway run` and waits for its admin socket.
@@ -89,7 +174,8 @@ impl Site {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(BIN)
+        let child = self
+            .agent_command()
             .arg("--state")
             .arg(&self.state)
             .arg("run")
@@ -103,6 +189,19 @@ impl Site {
             self.cli(&["status", "-o", "json"]).status.success()
         });
         assert!(ok, "agent {} did not start:\n{}", self.name, self.log_text());
+    }
+
+    /// `causeway`, inside the site's network namespace if it has one (`ip netns exec`
+    /// execs the agent, so the child's pid is the agent's).
+    fn agent_command(&self) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, BIN]);
+                cmd
+            }
+            None => Command::new(BIN),
+        }
     }
 
     /// SIGTERM and wait: a graceful stop.
@@ -213,4 +312,27 @@ impl Drop for Site {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Writes `text` to a temporary file next to `path`, then renames it over `path`.
+pub fn write_atomic(path: &Path, text: &str) {
+    let name = path.file_name().expect("file name").to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename to {}: {e}", path.display()));
+}
+
+/// Removes the indentation common to all non-blank lines, and leading blank lines.
+fn dedent(text: &str) -> String {
+    let indent = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.len() - l.trim_start().len())
+        .min()
+        .unwrap_or(0);
+    text.lines()
+        .skip_while(|l| l.trim().is_empty())
+        .map(|l| l.get(indent..).unwrap_or_default().trim_end())
+        .collect::<Vec<_>>()
+        .join("\n")
 }

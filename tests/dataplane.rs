@@ -1,0 +1,431 @@
+//! End-to-end tests of the catalog, routing and data path: real agents in separate network
+//! namespaces joined only by a WAN bridge, with the **same** pod address (10.1.0.1) in every
+//! site, and real programs (socat, dnsmasq, dig) on both ends.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::netns::{Net, require};
+use common::{Site, wait_for};
+
+const POD: &str = "10.1.0.1";
+
+/// Starts the agents of `names` in `net` (each with pod address 10.1.0.1).
+fn sites(dir: &std::path::Path, net: &Net, names: &[&str]) -> Vec<Site> {
+    names
+        .iter()
+        .map(|n| {
+            net.add_pod(n, POD);
+            let mut s = Site::init_in(dir, n, net);
+            s.start();
+            s
+        })
+        .collect()
+}
+
+/// `spoke` redeems a token of `hub`, with a link cost.
+fn link(dir: &std::path::Path, hub: &Site, spoke: &Site, cost: u32) {
+    let file = dir.join(format!("{}-{}.token", hub.name, spoke.name));
+    hub.issue(&[], &file);
+    let out = spoke.ok(&["token", "redeem", file.to_str().unwrap(), "--cost", &cost.to_string()]);
+    assert!(out.starts_with(&format!("linked to {}", hub.name)), "{out}");
+}
+
+fn services(site: &Site) -> Vec<serde_json::Value> {
+    serde_json::from_str(&site.ok(&["service", "list", "-o", "json"])).expect("service list json")
+}
+
+/// The VIP of `hostname` in `owner`'s export of `service`, as `site` sees it.
+fn vip(site: &Site, service: &str, owner: &str, hostname: &str) -> Option<String> {
+    services(site)
+        .into_iter()
+        .filter(|s| s["service"] == service)
+        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["site"] == owner && e["hostname"] == hostname && e["ready"] == true)
+        .and_then(|e| e["vip"].as_str().map(String::from))
+}
+
+fn wait_vip(site: &Site, service: &str, owner: &str, hostname: &str) -> String {
+    let mut found = None;
+    let ok = wait_for(Duration::from_secs(10), || {
+        found = vip(site, service, owner, hostname);
+        found.is_some()
+    });
+    assert!(
+        ok,
+        "{} never saw {service}/{owner}/{hostname}:\n{}",
+        site.name,
+        site.ok(&["status"])
+    );
+    found.unwrap()
+}
+
+fn export(site: &Site, service: &str, ports: &str, ready: bool) {
+    site.set_exports(&format!(
+        "exports:\n  - service: {service}\n    ports: {ports}\n    endpoints:\n      - {{hostname: {service}-0, ip: {POD}, ready: {ready}}}\n"
+    ));
+}
+
+/// A TCP round trip from inside `site`: send `msg`, half-close, read everything back.
+fn round_trip(net: &Net, site: &str, addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    net.run_in(site, || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(msg)?;
+        s.shutdown(Shutdown::Write)?;
+        let mut back = Vec::new();
+        s.read_to_end(&mut back)?;
+        Ok(back)
+    })
+}
+
+/// An echo server (socat) on the pod address of `site`.
+fn echo(net: &Net, site: &str, port: u16) -> common::netns::Background {
+    let listen = format!("TCP-LISTEN:{port},bind={POD},reuseaddr,fork");
+    let bg = net.spawn(site, &["socat", &listen, "EXEC:cat"]);
+    assert!(
+        wait_for(Duration::from_secs(5), || net
+            .run_in(site, || TcpStream::connect((POD, port)).is_ok())),
+        "echo server did not start in {site}"
+    );
+    bg
+}
+
+#[test]
+fn gigabyte_half_close_and_reset_across_sites() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    if !require(&["socat"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = sites(dir.path(), &net, &["london", "paris"]);
+    let (london, paris) = (&s[0], &s[1]);
+    link(dir.path(), london, paris, 1);
+    export(
+        london,
+        "bulk",
+        "[{name: sink, port: 9000}, {name: wc, port: 9001}, {name: closed, port: 9002}]",
+        true,
+    );
+    let vip: std::net::IpAddr = wait_vip(paris, "bulk", "london", "bulk-0").parse().unwrap();
+
+    // The pod address is london's own: paris cannot reach it except through the VIP.
+    assert!(net.run_in("paris", || {
+        TcpStream::connect_timeout(&format!("{POD}:9000").parse().unwrap(), Duration::from_millis(300)).is_err()
+    }));
+
+    // 1 GiB: a sink in london hashes what it receives and answers with the digest after
+    // the client's FIN (half-close carried through the tunnel).
+    const TOTAL: usize = 1 << 30;
+    let sink = net.run_in("london", || TcpListener::bind((POD, 9000)).unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = sink.accept().unwrap();
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0usize;
+        loop {
+            let k = c.read(&mut buf).unwrap();
+            if k == 0 {
+                break;
+            }
+            ctx.update(&buf[..k]);
+            n += k;
+        }
+        c.write_all(format!("{n} {}", hex::encode(ctx.finish())).as_bytes())
+            .unwrap();
+    });
+    let started = Instant::now();
+    let (sent_digest, answer) = net.run_in("paris", || {
+        let mut s = TcpStream::connect((vip, 9000)).unwrap();
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut chunk = vec![0u8; 1 << 20];
+        for i in 0..TOTAL / chunk.len() {
+            for (j, b) in chunk.iter_mut().enumerate().step_by(4096) {
+                *b = (i ^ j) as u8;
+            }
+            ctx.update(&chunk);
+            s.write_all(&chunk).unwrap();
+        }
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        (hex::encode(ctx.finish()), answer)
+    });
+    server.join().unwrap();
+    eprintln!("1 GiB through the tunnel in {:?}", started.elapsed());
+    assert_eq!(answer, format!("{TOTAL} {sent_digest}"));
+
+    // Half-close with a real program: `wc -c` answers only after it sees EOF.
+    let _wc = net.spawn(
+        "london",
+        &[
+            "socat",
+            &format!("TCP-LISTEN:9001,bind={POD},reuseaddr,fork"),
+            "SYSTEM:wc -c",
+        ],
+    );
+    assert!(wait_for(Duration::from_secs(5), || net
+        .run_in("london", || TcpStream::connect((POD, 9001)).is_ok())));
+    let out = net
+        .exec("paris")
+        .args([
+            "sh",
+            "-c",
+            &format!("printf 'hello causeway' | socat -t 5 - TCP:{vip}:9001"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "14",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Nothing listens on london's 9002: the client's connection is reset promptly.
+    let (kind, took) = net.run_in("paris", || {
+        let started = Instant::now();
+        let mut s = TcpStream::connect((vip, 9002)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 1];
+        let r = s.read(&mut b);
+        (r.map_err(|e| e.kind()), started.elapsed())
+    });
+    assert_eq!(kind, Err(std::io::ErrorKind::ConnectionReset));
+    assert!(took < Duration::from_secs(1), "reset took {took:?}");
+
+    let metrics = paris.ok(&["status", "-o", "json"]);
+    assert!(metrics.contains("\"listeners\""), "{metrics}");
+}
+
+#[test]
+fn dns_over_udp_through_the_tunnel_with_dig() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    if !require(&["dnsmasq", "dig"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = sites(dir.path(), &net, &["london", "paris"]);
+    let (london, paris) = (&s[0], &s[1]);
+    link(dir.path(), london, paris, 1);
+    let long = "x".repeat(250);
+    let mut args = vec![
+        "dnsmasq".to_string(),
+        "--keep-in-foreground".into(),
+        "--conf-file=/dev/null".into(),
+        "--no-resolv".into(),
+        "--no-hosts".into(),
+        format!("--listen-address={POD}"),
+        "--bind-interfaces".into(),
+        "--port=53".into(),
+        "--address=/grid.example/10.9.9.9".into(),
+        "--pid-file=".into(),
+        "--user=root".into(),
+        "--edns-packet-max=4096".into(),
+    ];
+    for i in 0..8 {
+        args.push(format!("--txt-record=big.example,\"{i}{long}\""));
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _dns = net.spawn("london", &argv);
+    export(london, "dns", "[{name: dns, port: 53, protocol: UDP}]", true);
+    let vip = wait_vip(paris, "dns", "london", "dns-0");
+
+    let dig = |extra: &[&str]| {
+        let mut cmd = net.exec("paris");
+        cmd.args(["dig", &format!("@{vip}"), "+tries=3", "+time=2"]).args(extra);
+        let out = cmd.output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut answer = String::new();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            answer = dig(&["grid.example", "+short"]);
+            answer.trim() == "10.9.9.9"
+        }),
+        "dig through the tunnel answered {answer:?}\npARIS:\n{}\nLONDON:\n{}",
+        paris.log_text(),
+        london.log_text()
+    );
+    // Several clients at once: each gets its own flow and its own answers back.
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let mut cmd = net.exec("paris");
+            cmd.args([
+                "dig",
+                &format!("@{vip}"),
+                "+tries=3",
+                "+time=2",
+                "grid.example",
+                "+short",
+            ]);
+            std::thread::spawn(move || String::from_utf8_lossy(&cmd.output().unwrap().stdout).into_owned())
+        })
+        .collect();
+    for h in handles {
+        let got = h.join().unwrap();
+        assert_eq!(
+            got.trim(),
+            "10.9.9.9",
+            "paris:\n{}\nlondon:\n{}",
+            paris.log_text(),
+            london.log_text()
+        );
+    }
+    // An answer of ~2 KB is larger than a QUIC datagram: it travels on a stream, whole.
+    let big = dig(&["big.example", "TXT", "+bufsize=4096", "+ignore"]);
+    assert!(big.contains("ANSWER: 8"), "{big}");
+    assert!(!big.contains("flags: qr tc"), "the answer was truncated: {big}");
+}
+
+#[test]
+fn spokes_reach_each_other_through_the_hub() {
+    let Some(net) = Net::new(&["london", "paris", "tokyo"]) else {
+        return;
+    };
+    if !require(&["socat"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = sites(dir.path(), &net, &["london", "paris", "tokyo"]);
+    let (london, paris, tokyo) = (&s[0], &s[1], &s[2]);
+    link(dir.path(), london, paris, 1);
+    link(dir.path(), london, tokyo, 1);
+    let _echo = echo(&net, "tokyo", 7007);
+    // Same service name and same pod hostname in two sites: one service, two endpoints.
+    export(tokyo, "echo", "[{name: tcp, port: 7007}]", true);
+    export(paris, "echo", "[{name: tcp, port: 7007}]", true);
+    let vip = wait_vip(paris, "echo", "tokyo", "echo-0");
+    let own = wait_vip(paris, "echo", "paris", "echo-0");
+    assert_ne!(vip, own, "same-named pods in two sites have distinct VIPs");
+    let list = services(paris);
+    let echo_svc = list.iter().find(|s| s["service"] == "echo").unwrap();
+    assert_eq!(echo_svc["namespace"], "default");
+    assert_eq!(echo_svc["endpoints"].as_array().unwrap().len(), 2, "{echo_svc}");
+    assert_eq!(echo_svc["ports"][0]["protocol"], "TCP");
+    // The VIP is the same from every site, including the owner's.
+    assert_eq!(wait_vip(london, "echo", "tokyo", "echo-0"), vip);
+    assert_eq!(wait_vip(tokyo, "echo", "tokyo", "echo-0"), vip);
+
+    let addr: SocketAddr = format!("{vip}:7007").parse().unwrap();
+    let msg = b"spoke to spoke through the hub".repeat(1000);
+    let back = round_trip(&net, "paris", addr, &msg).unwrap();
+    assert_eq!(back, msg);
+    // From the owning site, the VIP leads to the local endpoint.
+    assert_eq!(round_trip(&net, "tokyo", addr, b"local").unwrap(), b"local");
+    let status: serde_json::Value = serde_json::from_str(&paris.ok(&["status", "-o", "json"])).unwrap();
+    assert_eq!(status["routes"]["tokyo"]["next_hop"], "london", "{status}");
+    assert_eq!(status["routes"]["tokyo"]["hops"], 2);
+}
+
+#[test]
+fn withdrawal_and_return_timing() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = sites(dir.path(), &net, &["london", "paris"]);
+    let (london, paris) = (&s[0], &s[1]);
+    link(dir.path(), london, paris, 1);
+    export(london, "etcd", "[{name: client, port: 2379}]", true);
+    let vip = wait_vip(paris, "etcd", "london", "etcd-0");
+
+    // Marked not ready: gone from paris within 1 s, and its listener with it.
+    export(london, "etcd", "[{name: client, port: 2379}]", false);
+    let t = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(1), || vip_of_ready(paris).is_none()),
+        "not withdrawn within 1 s"
+    );
+    eprintln!("not-ready withdrawn after {:?}", t.elapsed());
+    let addr: SocketAddr = format!("{vip}:2379").parse().unwrap();
+    assert!(wait_for(Duration::from_secs(1), || net
+        .run_in("paris", || TcpStream::connect(addr).is_err())));
+
+    // Ready again, then the export removed entirely.
+    export(london, "etcd", "[{name: client, port: 2379}]", true);
+    assert_eq!(
+        wait_vip(paris, "etcd", "london", "etcd-0"),
+        vip,
+        "a VIP is stable while its endpoint exists"
+    );
+    london.set_exports("exports: []\n");
+    let t = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(1), || services(paris).is_empty()),
+        "export not withdrawn within 1 s"
+    );
+    eprintln!("removed export withdrawn after {:?}", t.elapsed());
+
+    // The site becomes unreachable: its endpoints are withdrawn within 5 s, and return.
+    export(london, "etcd", "[{name: client, port: 2379}]", true);
+    wait_vip(paris, "etcd", "london", "etcd-0");
+    net.set_wan("london", false);
+    let t = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(6), || vip_of_ready(paris).is_none()),
+        "unreachable site not withdrawn"
+    );
+    eprintln!("unreachable site withdrawn after {:?}", t.elapsed());
+    net.set_wan("london", true);
+    assert_eq!(wait_vip(paris, "etcd", "london", "etcd-0"), vip);
+}
+
+fn vip_of_ready(site: &Site) -> Option<String> {
+    vip(site, "etcd", "london", "etcd-0")
+}
+
+#[test]
+fn cheapest_path_and_failover() {
+    let Some(net) = Net::new(&["london", "paris", "tokyo"]) else {
+        return;
+    };
+    if !require(&["socat"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = sites(dir.path(), &net, &["london", "paris", "tokyo"]);
+    let (london, paris, tokyo) = (&s[0], &s[1], &s[2]);
+    link(dir.path(), london, paris, 10); // direct but expensive
+    link(dir.path(), tokyo, paris, 1);
+    link(dir.path(), london, tokyo, 1);
+    let _echo = echo(&net, "london", 7007);
+    export(london, "echo", "[{name: tcp, port: 7007}]", true);
+    let vip = wait_vip(paris, "echo", "london", "echo-0");
+    let addr: SocketAddr = format!("{vip}:7007").parse().unwrap();
+    let route = |site: &Site| -> serde_json::Value {
+        let st: serde_json::Value = serde_json::from_str(&site.ok(&["status", "-o", "json"])).unwrap();
+        st["routes"]["london"].clone()
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || route(paris)["next_hop"] == "tokyo"),
+        "{}",
+        route(paris)
+    );
+    assert_eq!(route(paris)["cost"], 2);
+    assert_eq!(round_trip(&net, "paris", addr, b"via tokyo").unwrap(), b"via tokyo");
+
+    // tokyo is cut off: new flows take the direct link within 5 s.
+    net.set_wan("tokyo", false);
+    let t = Instant::now();
+    let mut ok = false;
+    while t.elapsed() < Duration::from_secs(8) {
+        if route(paris)["next_hop"] == "london"
+            && round_trip(&net, "paris", addr, b"direct").is_ok_and(|b| b == b"direct")
+        {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ok, "no failover: {}", route(paris));
+    eprintln!("failover after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(6), "failover took {:?}", t.elapsed());
+}
