@@ -429,3 +429,65 @@ fn cheapest_path_and_failover() {
     eprintln!("failover after {:?}", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(6), "failover took {:?}", t.elapsed());
 }
+
+/// GET /metrics from inside `site` (the agents' metrics listen on the site's loopback).
+fn scrape(net: &Net, site: &str) -> String {
+    net.run_in(site, || {
+        let mut s = TcpStream::connect("127.0.0.1:9400").expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+}
+
+#[test]
+fn metrics_count_flows_bytes_and_links() {
+    let Some(net) = Net::new(&["london", "paris"]) else { return };
+    if !require(&["socat"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut s: Vec<Site> = ["london", "paris"]
+        .iter()
+        .map(|n| {
+            net.add_pod(n, POD);
+            let site = Site::init_in(dir.path(), n, &net);
+            let cfg = site.state.join("causeway.yaml");
+            let text = std::fs::read_to_string(&cfg).unwrap();
+            std::fs::write(&cfg, format!("{text}metrics: 127.0.0.1:9400\n")).unwrap();
+            site
+        })
+        .collect();
+    for site in &mut s {
+        site.start();
+    }
+    let (london, paris) = (&s[0], &s[1]);
+    link(dir.path(), london, paris, 1);
+    let _echo = echo(&net, "london", 7007);
+    export(london, "echo", "[{name: tcp, port: 7007}]", true);
+    let vip = wait_vip(paris, "echo", "london", "echo-0");
+    let addr: SocketAddr = format!("{vip}:7007").parse().unwrap();
+    assert_eq!(round_trip(&net, "paris", addr, &[7u8; 5000]).unwrap(), vec![7u8; 5000]);
+
+    let mut text = String::new();
+    let ok = wait_for(Duration::from_secs(5), || {
+        text = scrape(&net, "paris");
+        text.contains("causeway_flows_closed_total{") && text.contains("causeway_link_up{")
+    });
+    assert!(ok, "{text}");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let line = |name: &str, must: &[&str]| {
+        text.lines()
+            .find(|l| l.starts_with(name) && must.iter().all(|m| l.contains(m)))
+            .unwrap_or_else(|| panic!("no {name} with {must:?} in:\n{text}"))
+            .to_string()
+    };
+    assert!(line("causeway_flows_opened_total", &["service=\"echo\"", "role=\"origin\""]).ends_with(" 1"));
+    assert!(line("causeway_bytes_total", &["service=\"echo\"", "direction=\"to_endpoint\""]).ends_with(" 5000"));
+    assert!(line("causeway_bytes_total", &["service=\"echo\"", "direction=\"from_endpoint\""]).ends_with(" 5000"));
+    assert!(line("causeway_link_up", &["link=\"london\"", "peer=\"london\""]).ends_with(" 1"));
+    line("causeway_link_rtt_seconds", &["link=\"london\""]);
+    let london_metrics = scrape(&net, "london");
+    assert!(london_metrics.contains("role=\"terminus\""), "{london_metrics}");
+}

@@ -436,3 +436,18 @@ fn demo_runs_on_a_fresh_machine() {
     assert!(stdout.contains("paris redeemed it: linked to"), "{stdout}");
     assert!(stdout.contains("is up"), "{stdout}");
 }
+
+#[test]
+fn sites_with_different_vip_ranges_cannot_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut london = Site::init(dir.path(), "london");
+    let mut paris = Site::init(dir.path(), "paris");
+    let cfg = paris.state.join("causeway.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("cidr: 127.77.0.0/16", "cidr: 127.88.0.0/16")).unwrap();
+    london.start();
+    paris.start();
+    let token = london.issue(&[], &dir.path().join("t"));
+    let err = paris.fails(&["token", "redeem", token.to_str().unwrap()]);
+    assert!(err.contains("vips.cidr differs") && err.contains("127.88.0.0/16"), "{err}");
+}
