@@ -339,8 +339,9 @@ pub fn transport_config() -> quinn::TransportConfig {
     const BDP: u32 = 16 * 1024 * 1024; // > 1 Gbit/s × 100 ms = 12.5 MB
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_millis(1000)));
-    // 4 s of silence: the peer is gone (keep-alives every 1 s make this safe).
-    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(4_000))));
+    // 3 s of silence: the peer is gone (keep-alives every 1 s make this safe), so a dead
+    // peer is noticed well within the 5 s the links promise.
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(3_000))));
     t.stream_receive_window(quinn::VarInt::from_u32(BDP));
     t.receive_window(quinn::VarInt::from_u32(4 * BDP));
     t.send_window(4 * BDP as u64);

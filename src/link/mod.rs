@@ -7,7 +7,7 @@
 //! acceptor admits it only with a client certificate from the recorded CA ([`PeerTrust`]).
 //! With TLS 1.3 the client's handshake can finish before the server has checked the client's
 //! certificate, so a link counts as `up` only after the application-level `Hello`/`Welcome`
-//! exchange on the control stream. QUIC keep-alives (1 s) and the idle timeout (4 s) notice a
+//! exchange on the control stream. QUIC keep-alives (1 s) and the idle timeout (3 s) notice a
 //! dead peer within 5 s. `link remove` drops the record and the trust at once and closes the
 //! connection with a reason the peer logs.
 

@@ -69,6 +69,9 @@ impl Site {
             .map(|l| {
                 if l.starts_with("listen:") {
                     format!("listen: 127.0.0.1:{port}")
+                } else if l.trim_start().starts_with("listen: [\"127.0.0.1:53\"]") {
+                    // Sites on the host share one loopback: give each its own DNS port.
+                    format!("  listen: [\"127.0.0.1:{}\"]", free_udp_port())
                 } else if l.starts_with("metrics:") {
                     String::new()
                 } else {

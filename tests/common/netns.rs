@@ -3,9 +3,9 @@
 //! [`Net::new`]`(&["london", "paris"])` builds, for one test:
 //!
 //! ```text
-//!  cw4123a-london                 cw4123a-wan                  cw4123a-paris
-//!  lo   127.0.0.1, pods            br0 ─┬─ s0    s1 ─┬─ br0       lo   127.0.0.1, pods
-//!  wan0 10.200.0.10/24 ═══ veth ═══════╛           ╘══════ veth ═══ wan0 10.200.0.11/24
+//!  cw4123a-london                 cw4123a-wan                 cw4123a-paris
+//!  lo:   127.0.0.1, pods          ┌──── br0 ────┐             lo:   127.0.0.1, pods
+//!  wan0: 10.200.0.10/24 ══veth══ s0             s1 ══veth══ wan0: 10.200.0.11/24
 //! ```
 //!
 //! A site namespace has exactly two interfaces, `lo` (which also holds the site's pod
