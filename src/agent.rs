@@ -74,6 +74,8 @@ pub struct Agent {
     /// The data plane.
     forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
+    /// The `clusterset.local` DNS responder.
+    dns: crate::dns::Responder,
 }
 
 impl Agent {
@@ -94,10 +96,31 @@ impl Agent {
                 identity.site
             );
         }
+        let sidecar = config.gateway.is_some();
+        match (sidecar, identity.member) {
+            (true, false) => anyhow::bail!(
+                "causeway.yaml sets `gateway:`, so this agent is a sidecar, but {} holds a gateway's credentials; \
+                 give the sidecar the output of `causeway sidecar credentials` run on the gateway",
+                state.root.display()
+            ),
+            (false, true) => anyhow::bail!(
+                "{} holds sidecar (member) credentials, which need `gateway: <host:port>` in causeway.yaml",
+                state.root.display()
+            ),
+            _ => {}
+        }
         let trust = PeerTrust::new();
-        let server = identity::server_config(&identity, trust.clone(), &[ALPN_LINK, ALPN_REDEEM])?;
-        let endpoint = quinn::Endpoint::server(server, config.listen)
-            .with_context(|| format!("binding the QUIC link port {} (listen)", config.listen))?;
+        let endpoint = if sidecar {
+            // A sidecar only dials its gateway: it exposes no port.
+            let any: std::net::SocketAddr = if config.listen.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+                .parse()
+                .context("client address")?;
+            quinn::Endpoint::client(any).context("opening the sidecar's QUIC socket")?
+        } else {
+            let server = identity::server_config(&identity, trust.clone(), &[ALPN_LINK, ALPN_REDEEM])?;
+            quinn::Endpoint::server(server, config.listen)
+                .with_context(|| format!("binding the QUIC link port {} (listen)", config.listen))?
+        };
         let local_addr = endpoint.local_addr().context("reading the bound QUIC address")?;
         let shutdown = CancellationToken::new();
         let vips_cidr = config.vips.cidr.to_string();
@@ -107,7 +130,7 @@ impl Agent {
             .vips
             .block
             .unwrap_or_else(|| VipRange::block_of_site(&config.site));
-        let mesh = Mesh::new(&config.site, range, block, metrics.clone());
+        let mesh = Mesh::new(&config.site, range, block, sidecar, metrics.clone());
         mesh.set_exports(&config.exports, &config.namespace)
             .context("assigning VIPs to exports")?;
         let forwarder = Forwarder::start(
@@ -129,12 +152,18 @@ impl Agent {
             identity.clone(),
             trust,
             endpoint.clone(),
-            vips_cidr.clone(),
+            crate::link::LinkOptions {
+                vips_cidr: vips_cidr.clone(),
+                sidecar_gateway: config.gateway.clone(),
+            },
             handler,
             shutdown.child_token(),
         )
         .context("loading links")?;
         let grants = Arc::new(GrantStore::load(state.grants()).context("loading grants")?);
+        let dns = crate::dns::Responder::start(&config.dns, &config.site, mesh.subscribe(), shutdown.child_token())
+            .await
+            .context("starting the DNS responder")?;
         let issuer = Arc::new(Issuer {
             identity: identity.clone(),
             grants: grants.clone(),
@@ -160,6 +189,7 @@ impl Agent {
             mesh,
             forwarder,
             metrics,
+            dns,
         });
         if let Some(addr) = agent.config.metrics {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -192,6 +222,11 @@ impl Agent {
     /// The site id.
     pub fn site(&self) -> &str {
         &self.identity.site
+    }
+
+    /// The addresses the DNS responder answers on (UDP and TCP each; port 0 resolved).
+    pub fn dns_addrs(&self) -> &[SocketAddr] {
+        self.dns.local_addrs()
     }
 
     async fn accept_loop(self: Arc<Self>) {
@@ -248,6 +283,17 @@ impl Agent {
 
     /// Answers one admin request.
     pub async fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
+        let sidecar_refuses = matches!(
+            req,
+            Request::TokenIssue { .. } | Request::TokenRedeem { .. } | Request::LinkRemove { .. }
+        );
+        if self.mesh.is_member() && sidecar_refuses {
+            return Err(format!(
+                "this agent is a sidecar of site {}: it links only to its gateway; issue and redeem tokens, \
+                 and remove links, on the gateway",
+                self.identity.site
+            ));
+        }
         match req {
             Request::TokenIssue { uses, expires_secs } => self.issue(uses, Duration::from_secs(expires_secs)).await,
             Request::TokenRedeem { token, name, cost } => self.redeem(&token, name, cost).await,
@@ -360,6 +406,9 @@ impl Agent {
             "services": view.services,
             "conflicts": view.conflicts,
             "listener_errors": self.forwarder.bind_errors(),
+            "mode": if self.mesh.is_member() { "sidecar" } else { "gateway" },
+            "sidecars": self.links.members(),
+            "dns": self.dns.status(),
             "counters": {
                 "links_total": links.len(),
                 "links_up": up,
@@ -378,6 +427,7 @@ impl Agent {
         self.shutdown.cancel();
         self.links.shutdown().await;
         self.forwarder.shutdown().await;
+        self.dns.shutdown().await;
         self.endpoint.close(close::SHUTDOWN.into(), b"agent shutting down");
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(3), self.tasks.wait()).await;
@@ -447,11 +497,17 @@ struct UpGuard<'a> {
     mesh: &'a Mesh,
     name: String,
     conn: quinn::Connection,
+    /// A sidecar's session on its gateway, rather than a link.
+    member: bool,
 }
 
 impl Drop for UpGuard<'_> {
     fn drop(&mut self) {
-        self.mesh.link_down(&self.name, &self.conn);
+        if self.member {
+            self.mesh.member_down(&self.name, &self.conn);
+        } else {
+            self.mesh.link_down(&self.name, &self.conn);
+        }
     }
 }
 
@@ -462,17 +518,26 @@ impl LinkHandler for Session {
             name,
             peer_site,
             cost,
+            member,
             conn,
             mut send,
             mut recv,
             cancel: _,
         } = link;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        self.mesh.link_up(&name, &peer_site, cost, conn.clone(), tx);
+        // On a gateway, a member session is one of our sidecars; on a sidecar, the one
+        // link is to the gateway and is a link like any other to the mesh.
+        let sidecar_here = member && !self.mesh.is_member();
+        if sidecar_here {
+            self.mesh.member_up(&name, conn.clone(), tx);
+        } else {
+            self.mesh.link_up(&name, &peer_site, cost, conn.clone(), tx);
+        }
         let _guard = UpGuard {
             mesh: &self.mesh,
             name: name.clone(),
             conn: conn.clone(),
+            member: sidecar_here,
         };
         let writer = async {
             while let Some(msg) = rx.recv().await {
@@ -485,7 +550,12 @@ impl LinkHandler for Session {
         let reader = async {
             loop {
                 match protocol::read_frame::<_, Control>(&mut recv).await {
-                    Ok(Control::Advert(advert)) => self.mesh.on_advert(&name, *advert),
+                    Ok(Control::Advert(advert)) if !sidecar_here => self.mesh.on_advert(&name, *advert),
+                    Ok(Control::MemberExports { services }) if sidecar_here => {
+                        if let Err(e) = self.mesh.set_member_exports(&name, services) {
+                            warn!(error = %e, "sidecar exports not applied");
+                        }
+                    }
                     Ok(other) => debug!(?other, "unexpected control frame ignored"),
                     Err(e) => return format!("control stream: {e}"),
                 }

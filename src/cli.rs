@@ -75,6 +75,9 @@ pub enum Command {
     /// Services of the clusterset.
     #[command(subcommand)]
     Service(ServiceCommand),
+    /// Sidecar credentials (run on a site's gateway).
+    #[command(subcommand)]
+    Sidecar(SidecarCommand),
     /// Site, links and counters in one view.
     Status {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
@@ -82,6 +85,30 @@ pub enum Command {
     },
     /// Two sites in one process on loopback, linked by a token; prints each step.
     Demo,
+    /// Ask this site's DNS responder (the first dns.listen address), for debugging; prints the
+    /// answer records like `dig +noall +answer`. Any rcode but NOERROR (e.g. NXDOMAIN) is
+    /// printed on stderr and exits 1.
+    Resolve {
+        /// A name (etcd.default.svc.clusterset.local), or an address to look up its PTR.
+        name: String,
+        /// Record type (default: A, or PTR when NAME is an address).
+        #[arg(long = "type", value_enum, ignore_case = true)]
+        qtype: Option<QueryType>,
+        /// The configuration file naming dns.listen (default: <state>/causeway.yaml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Record types `causeway resolve` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueryType {
+    A,
+    Aaaa,
+    Srv,
+    Txt,
+    Ptr,
+    Soa,
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,6 +145,30 @@ pub enum ServiceCommand {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SidecarCommand {
+    /// Write member credentials for sidecars: the site CA certificate and a member
+    /// certificate and key it signs (needs the gateway's state, which holds the CA key).
+    Credentials {
+        /// A Kubernetes Secret manifest, or a directory usable as a sidecar's `--state`.
+        #[arg(long, value_enum, default_value_t = CredentialsFormat::Secret)]
+        format: CredentialsFormat,
+        /// Where to write: the manifest file, or the directory.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        /// The Secret's name (with `--format secret`).
+        #[arg(long, default_value = "causeway-member")]
+        name: String,
+    },
+}
+
+/// Forms of sidecar credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CredentialsFormat {
+    Secret,
+    Dir,
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,12 +252,87 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 serde_json::from_value(data.clone()).context("reading the agent's answer")?;
             print_output(output, &data, || services_table(&services))
         }
+        Command::Sidecar(SidecarCommand::Credentials { format, output, name }) => {
+            sidecar_credentials(&state, format, &output, &name)
+        }
         Command::Status { output } => {
             let data = call(&state, Request::Status).await?;
             print_output(output, &data, || status_table(&data))
         }
         Command::Demo => crate::demo::run().await,
+        Command::Resolve { name, qtype, config } => resolve(&state, &name, qtype, config).await,
     }
+}
+
+/// `causeway resolve`: one question to the site's own responder.
+async fn resolve(
+    state: &StateDir,
+    name: &str,
+    qtype: Option<QueryType>,
+    config: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use crate::dns::client;
+    use hickory_proto::op::ResponseCode;
+    use hickory_proto::rr::{Name, RecordType};
+
+    let path = config.unwrap_or_else(|| state.config());
+    let cfg = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Some(listen) = cfg.dns.listen.first() else {
+        bail!(
+            "dns.listen in {} is empty: this site runs no DNS responder",
+            path.display()
+        );
+    };
+    let server = client::server_for(*listen);
+    let (qname, default) = match name.parse::<std::net::IpAddr>() {
+        Ok(addr) => (crate::dns::zone::reverse_name(addr), RecordType::PTR),
+        Err(_) => {
+            let fqdn = if name.ends_with('.') {
+                name.to_string()
+            } else {
+                format!("{name}.")
+            };
+            let qname = Name::from_ascii(&fqdn).map_err(|e| anyhow::anyhow!("{name:?} is not a DNS name: {e}"))?;
+            (qname, RecordType::A)
+        }
+    };
+    let qtype = match qtype {
+        None => default,
+        Some(QueryType::A) => RecordType::A,
+        Some(QueryType::Aaaa) => RecordType::AAAA,
+        Some(QueryType::Srv) => RecordType::SRV,
+        Some(QueryType::Txt) => RecordType::TXT,
+        Some(QueryType::Ptr) => RecordType::PTR,
+        Some(QueryType::Soa) => RecordType::SOA,
+    };
+    let answer = client::query(server, &qname, qtype).await.with_context(|| {
+        format!(
+            "asking the DNS responder at {server} (dns.listen in {}; is the agent running?)",
+            path.display()
+        )
+    })?;
+    match answer.metadata.response_code {
+        ResponseCode::NoError if answer.answers.is_empty() => {
+            eprintln!("NOERROR: {qname} exists but has no {qtype} records");
+        }
+        ResponseCode::NoError => {
+            let mut out = std::io::stdout().lock();
+            for record in &answer.answers {
+                writeln!(out, "{}", client::format_record(record))?;
+            }
+        }
+        ResponseCode::NXDomain => bail!("NXDOMAIN: {qname} does not exist"),
+        ResponseCode::Refused => bail!(
+            "REFUSED: {qname} is outside {} and no dns.upstream is configured to forward it to",
+            cfg.dns.zone
+        ),
+        ResponseCode::ServFail => bail!("SERVFAIL: no upstream resolver answered for {qname}"),
+        other => bail!(
+            "{}: the responder did not answer {qname}",
+            format!("{other:?}").to_uppercase()
+        ),
+    }
+    Ok(())
 }
 
 async fn call(state: &StateDir, req: Request) -> anyhow::Result<serde_json::Value> {
@@ -259,6 +385,51 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}
+
+fn sidecar_credentials(state: &StateDir, format: CredentialsFormat, output: &Path, name: &str) -> anyhow::Result<()> {
+    let creds = identity::issue_member(state).with_context(|| {
+        format!(
+            "issuing member credentials from the gateway state {}",
+            state.root.display()
+        )
+    })?;
+    match format {
+        CredentialsFormat::Dir => {
+            let dir = StateDir::new(output);
+            dir.create()?;
+            crate::state::write_atomic(&dir.ca_cert(), creds.ca_pem.as_bytes(), 0o600)?;
+            crate::state::write_atomic(&dir.agent_cert(), creds.cert_pem.as_bytes(), 0o600)?;
+            crate::state::write_atomic(&dir.agent_key(), creds.key_pem.as_bytes(), 0o600)?;
+            eprintln!(
+                "wrote member credentials for site {} to {}; run the sidecar with --state {} and `gateway:` in its causeway.yaml",
+                creds.site,
+                output.display(),
+                output.display()
+            );
+        }
+        CredentialsFormat::Secret => {
+            use base64::Engine;
+            let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+            let manifest = format!(
+                "# causeway member credentials for site {site}: a secret (it holds a private key).\n\
+                 # Mount it as the sidecar's state directory (read-only is fine).\n\
+                 apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  labels:\n    app.kubernetes.io/name: causeway\n    causeway.dev/site: {site}\ntype: Opaque\ndata:\n  ca.crt: {ca}\n  agent.crt: {cert}\n  agent.key: {key}\n",
+                site = creds.site,
+                ca = b64(&creds.ca_pem),
+                cert = b64(&creds.cert_pem),
+                key = b64(&creds.key_pem),
+            );
+            crate::state::write_atomic(output, manifest.as_bytes(), 0o600)?;
+            eprintln!(
+                "wrote Secret {name} with member credentials for site {} to {}; apply it with kubectl apply -f {}",
+                creds.site,
+                output.display(),
+                output.display()
+            );
+        }
     }
     Ok(())
 }
@@ -440,7 +611,12 @@ mod tests {
             "causeway link remove paris",
             "causeway status -o yaml",
             "causeway service list -o json",
+            "causeway sidecar credentials -o member.yaml",
+            "causeway sidecar credentials --format dir -o /etc/causeway",
             "causeway --log-format json demo",
+            "causeway resolve etcd.default.svc.clusterset.local",
+            "causeway resolve _client._tcp.etcd.default.svc.clusterset.local --type SRV",
+            "causeway resolve 127.77.0.10 --type ptr --config ./london.yaml",
         ] {
             let args: Vec<&str> = line.split_whitespace().collect();
             Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{line}: {e}"));

@@ -46,6 +46,11 @@ pub enum IdentityError {
     Exists { dir: String, file: String },
 }
 
+/// URI subject-alternative name that marks a **member** certificate: one a gateway hands to
+/// its sidecars (`causeway sidecar credentials`). A member may link only to its own site's
+/// gateway; it can neither issue tokens nor pass as its site towards other sites.
+pub const MEMBER_URI: &str = "urn:causeway:role:member";
+
 /// The crypto provider used everywhere: ring only, so that rustls never sees two providers.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -65,6 +70,8 @@ pub struct SiteIdentity {
     pub chain: Vec<CertificateDer<'static>>,
     /// The agent's private key (PKCS#8).
     pub key: PrivateKeyDer<'static>,
+    /// Whether this is a sidecar's member certificate rather than a gateway's.
+    pub member: bool,
 }
 
 impl std::fmt::Debug for SiteIdentity {
@@ -84,6 +91,7 @@ impl Clone for SiteIdentity {
             cert_pem: self.cert_pem.clone(),
             chain: self.chain.clone(),
             key: self.key.clone_key(),
+            member: self.member,
         }
     }
 }
@@ -158,6 +166,7 @@ pub fn load(state: &StateDir) -> Result<SiteIdentity, IdentityError> {
     let site = cert_dns_name(&agent_der).ok_or_else(|| IdentityError::Pem {
         what: format!("{} (no site name in the certificate)", state.agent_cert().display()),
     })?;
+    let member = is_member_cert(&agent_der);
     let chain = vec![agent_der, ca_der.clone()];
     Ok(SiteIdentity {
         site,
@@ -166,7 +175,57 @@ pub fn load(state: &StateDir) -> Result<SiteIdentity, IdentityError> {
         cert_pem,
         chain,
         key,
+        member,
     })
+}
+
+/// A sidecar's credentials: the site CA certificate, and a member certificate and key it
+/// signed. The same three files, under the same names, as a state directory holds.
+pub struct MemberCredentials {
+    pub site: String,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Issues member credentials from a gateway's state (which must hold the site CA key).
+pub fn issue_member(state: &StateDir) -> Result<MemberCredentials, IdentityError> {
+    let gateway = load(state)?;
+    if gateway.member {
+        return Err(IdentityError::Tls(
+            "this state holds member credentials: run `sidecar credentials` on the site's gateway".into(),
+        ));
+    }
+    let ca_key_path = state.ca_key();
+    let ca_key_pem = std::fs::read_to_string(&ca_key_path).map_err(|e| StateError::io(&ca_key_path, e))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(&gateway.ca_pem, &ca_key)?;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = leaf_params(&gateway.site, &format!("causeway member {}", gateway.site))?;
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::URI(rcgen::string::Ia5String::try_from(MEMBER_URI)?));
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(MemberCredentials {
+        site: gateway.site,
+        ca_pem: gateway.ca_pem,
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Whether a certificate is a member (sidecar) certificate.
+pub fn is_member_cert(der: &CertificateDer<'_>) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
+        return false;
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    san.value
+        .general_names
+        .iter()
+        .any(|n| matches!(n, x509_parser::extensions::GeneralName::URI(uri) if *uri == MEMBER_URI))
 }
 
 /// Parses one PEM certificate.
@@ -197,7 +256,18 @@ struct TrustedPeer {
 /// link manager, and changed at run time.
 pub struct PeerTrust {
     peers: RwLock<Vec<TrustedPeer>>,
+    /// Our own site CA, for the member certificates of our sidecars (gateways only).
+    own: RwLock<Option<TrustedPeer>>,
     provider: Arc<CryptoProvider>,
+}
+
+/// Who a verified client certificate belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// The gateway of a linked site.
+    Site(String),
+    /// A sidecar of our own site.
+    Member,
 }
 
 impl std::fmt::Debug for PeerTrust {
@@ -210,6 +280,7 @@ impl PeerTrust {
     pub fn new() -> Arc<Self> {
         Arc::new(PeerTrust {
             peers: RwLock::new(Vec::new()),
+            own: RwLock::new(None),
             provider: provider(),
         })
     }
@@ -243,9 +314,37 @@ impl PeerTrust {
             .map_err(|e| IdentityError::Tls(e.to_string()))
     }
 
-    /// The trusted site whose CA issued `leaf`, if any.
-    pub fn identify(&self, leaf: &CertificateDer<'_>) -> Option<String> {
-        let now = UnixTime::now();
+    /// Accepts member certificates signed by our own CA (`site`): a gateway's sidecars.
+    pub fn set_own(&self, site: &str, ca: &CertificateDer<'static>) -> Result<(), IdentityError> {
+        let own = TrustedPeer {
+            site: site.to_string(),
+            verifier: self.single_root_verifier(ca)?,
+        };
+        match self.own.write() {
+            Ok(mut g) => *g = Some(own),
+            Err(p) => *p.into_inner() = Some(own),
+        }
+        Ok(())
+    }
+
+    /// Who `leaf` belongs to: the linked site whose CA issued it (never for a member
+    /// certificate, which cannot speak for its site), or one of our own members.
+    pub fn identify(&self, leaf: &CertificateDer<'_>) -> Option<Peer> {
+        self.identify_at(leaf, UnixTime::now())
+    }
+
+    fn identify_at(&self, leaf: &CertificateDer<'_>, now: UnixTime) -> Option<Peer> {
+        let member = is_member_cert(leaf);
+        if member {
+            let own = match self.own.read() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            return own
+                .as_ref()
+                .filter(|o| o.verifier.verify_client_cert(leaf, &[], now).is_ok())
+                .map(|_| Peer::Member);
+        }
         let peers = match self.peers.read() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -253,7 +352,7 @@ impl PeerTrust {
         peers
             .iter()
             .find(|p| p.verifier.verify_client_cert(leaf, &[], now).is_ok())
-            .map(|p| p.site.clone())
+            .map(|p| Peer::Site(p.site.clone()))
     }
 }
 
@@ -279,17 +378,8 @@ impl ClientCertVerifier for LinkClientVerifier {
         _intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        {
-            let peers = match self.trust.peers.read() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            if peers
-                .iter()
-                .any(|p| p.verifier.verify_client_cert(end_entity, &[], now).is_ok())
-            {
-                return Ok(ClientCertVerified::assertion());
-            }
+        if self.trust.identify_at(end_entity, now).is_some() {
+            return Ok(ClientCertVerified::assertion());
         }
         Err(rustls::Error::InvalidCertificate(
             rustls::CertificateError::UnknownIssuer,
@@ -481,7 +571,7 @@ mod tests {
         let trust = PeerTrust::new();
         assert_eq!(trust.identify(&paris.chain[0]), None);
         trust.set(&[("paris".into(), paris.ca_der.clone())]).unwrap();
-        assert_eq!(trust.identify(&paris.chain[0]).as_deref(), Some("paris"));
+        assert_eq!(trust.identify(&paris.chain[0]), Some(Peer::Site("paris".into())));
         assert_eq!(trust.identify(&london.chain[0]), None);
 
         let v = LinkClientVerifier { trust: trust.clone() };
@@ -523,5 +613,41 @@ mod tests {
         let id = site(dir.path(), "tokyo-1");
         assert_eq!(cert_dns_name(&id.chain[0]).as_deref(), Some("tokyo-1"));
         assert!(server_name("tokyo-1").is_ok());
+    }
+}
+
+#[cfg(test)]
+mod member_tests {
+    use super::*;
+
+    #[test]
+    fn members_are_trusted_only_by_their_own_gateway_and_never_as_a_site() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("london"));
+        create(&state, "london").unwrap();
+        let gw = load(&state).unwrap();
+        assert!(!gw.member);
+        let creds = issue_member(&state).unwrap();
+        let mstate = StateDir::new(dir.path().join("member"));
+        mstate.create().unwrap();
+        std::fs::write(mstate.ca_cert(), &creds.ca_pem).unwrap();
+        std::fs::write(mstate.agent_cert(), &creds.cert_pem).unwrap();
+        std::fs::write(mstate.agent_key(), &creds.key_pem).unwrap();
+        let member = load(&mstate).unwrap();
+        assert!(member.member);
+        assert_eq!(member.site, "london");
+        assert!(issue_member(&mstate).is_err(), "a member cannot mint members");
+
+        let trust = PeerTrust::new();
+        assert_eq!(trust.identify(&member.chain[0]), None);
+        trust.set_own("london", &gw.ca_der).unwrap();
+        assert_eq!(trust.identify(&member.chain[0]), Some(Peer::Member));
+        // The gateway's own agent certificate is not a member.
+        assert_eq!(trust.identify(&gw.chain[0]), None);
+        // Another site that trusts london's CA does not take a member for london.
+        let other = PeerTrust::new();
+        other.set(&[("london".into(), gw.ca_der.clone())]).unwrap();
+        assert_eq!(other.identify(&member.chain[0]), None);
+        assert_eq!(other.identify(&gw.chain[0]), Some(Peer::Site("london".into())));
     }
 }

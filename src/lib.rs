@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod dns;
 pub mod forward;
 pub mod identity;
 pub mod link;

@@ -7,8 +7,15 @@
 //! change recomputes the [`View`] and the route table (destination site → connection of the
 //! next hop). The data plane reads routes on every flow and datagram; DNS, `service list` and
 //! the VIP listeners follow the view through a `watch` channel.
+//!
+//! A gateway also serves its site's **sidecars** (members): each sends the exports of its
+//! pod, which the gateway assigns VIPs to and advertises as its site's own, and each gets
+//! every advert. A sidecar's mesh runs in **member mode**: it originates nothing, sends its
+//! exports to its gateway, takes the site's advert from it, and routes every flow that is not
+//! for its own pod to the gateway.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,16 +37,30 @@ struct UpLink {
     control: mpsc::UnboundedSender<Control>,
 }
 
+/// A sidecar connected to this gateway.
+struct Member {
+    conn: quinn::Connection,
+    control: mpsc::UnboundedSender<Control>,
+    /// Its pod's exports, without VIPs.
+    exports: Vec<ServiceAd>,
+}
+
 /// Mutable state behind one lock (changes are rare: exports, links, adverts).
 struct Inner {
     lsdb: Lsdb,
     /// Sequence number of our latest advertisement.
     seq: u64,
     allocator: VipAllocator,
-    /// Our exports as advertised (with VIPs).
+    /// Exports from causeway.yaml, without VIPs.
+    config_exports: Vec<ServiceAd>,
+    /// Our exports as advertised (with VIPs): the configured ones and our members'.
     services: Vec<ServiceAd>,
-    /// Up links by name.
+    /// Up links by name (on a sidecar: the one to its gateway).
     links: BTreeMap<String, UpLink>,
+    /// Connected sidecars by name (gateways only).
+    members: BTreeMap<String, Member>,
+    /// VIPs of endpoints that a sidecar delivers, and which one.
+    member_vips: HashMap<IpAddr, String>,
 }
 
 /// The live catalog and routing table.
@@ -53,6 +74,10 @@ pub struct Mesh {
     view: watch::Sender<Arc<View>>,
     /// Destination site → connection to the next hop: read on every flow and datagram.
     routes: RwLock<HashMap<String, quinn::Connection>>,
+    /// VIP → connection of the sidecar that delivers it (gateways only); read per flow.
+    member_routes: RwLock<HashMap<IpAddr, quinn::Connection>>,
+    /// This agent is a sidecar (member mode, see the module doc).
+    member: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -64,7 +89,7 @@ fn now_millis() -> u64 {
 }
 
 impl Mesh {
-    pub fn new(site: &str, range: VipRange, block: u32, metrics: Arc<Metrics>) -> Arc<Mesh> {
+    pub fn new(site: &str, range: VipRange, block: u32, member: bool, metrics: Arc<Metrics>) -> Arc<Mesh> {
         let mesh = Arc::new(Mesh {
             site: site.to_string(),
             range,
@@ -72,14 +97,19 @@ impl Mesh {
                 lsdb: Lsdb::default(),
                 seq: 0,
                 allocator: VipAllocator::new(range, block),
+                config_exports: Vec::new(),
                 services: Vec::new(),
                 links: BTreeMap::new(),
+                members: BTreeMap::new(),
+                member_vips: HashMap::new(),
             }),
             view: watch::channel(Arc::new(View::default())).0,
             routes: RwLock::new(HashMap::new()),
+            member_routes: RwLock::new(HashMap::new()),
+            member,
             metrics,
         });
-        {
+        if !member {
             let mut inner = mesh.lock();
             mesh.originate(&mut inner);
         }
@@ -124,44 +154,173 @@ impl Mesh {
         }
     }
 
-    /// Replaces our exports (from causeway.yaml) and advertises them at once.
+    /// Whether this agent is a sidecar.
+    pub fn is_member(&self) -> bool {
+        self.member
+    }
+
+    /// Our exports from causeway.yaml (VIPs not yet assigned).
+    pub fn config_exports(&self) -> Vec<ServiceAd> {
+        self.lock().config_exports.clone()
+    }
+
+    /// Replaces our exports (from causeway.yaml) and advertises them at once; a sidecar
+    /// sends them to its gateway instead.
     pub fn set_exports(&self, exports: &[Export], default_namespace: &str) -> Result<(), VipError> {
-        let mut inner = self.lock();
-        let keys: Vec<_> = exports
+        let ads: Vec<ServiceAd> = exports
             .iter()
-            .flat_map(|e| {
-                let ns = e.namespace.clone().unwrap_or_else(|| default_namespace.to_string());
-                e.endpoints
+            .map(|e| ServiceAd {
+                service: e.service.clone(),
+                namespace: e.namespace.clone().unwrap_or_else(|| default_namespace.to_string()),
+                ports: e.ports.clone(),
+                endpoints: e
+                    .endpoints
                     .iter()
-                    .map(move |ep| (e.service.clone(), ns.clone(), ep.hostname.clone()))
+                    .map(|ep| EndpointAd {
+                        hostname: ep.hostname.clone(),
+                        ip: ep.ip,
+                        ready: ep.ready,
+                        vip: None,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut inner = self.lock();
+        if inner.config_exports == ads {
+            return Ok(());
+        }
+        inner.config_exports = ads;
+        if self.member {
+            for link in inner.links.values() {
+                let _ = link.control.send(Control::MemberExports {
+                    services: inner.config_exports.clone(),
+                });
+            }
+            return Ok(());
+        }
+        self.rebuild(&mut inner)
+    }
+
+    /// A sidecar sent its pod's exports (gateways only).
+    pub fn set_member_exports(&self, name: &str, services: Vec<ServiceAd>) -> Result<(), VipError> {
+        let mut inner = self.lock();
+        match inner.members.get_mut(name) {
+            Some(m) if m.exports != services => m.exports = services,
+            _ => return Ok(()),
+        }
+        self.rebuild(&mut inner)
+    }
+
+    /// A sidecar connected: it gets everything we know.
+    pub fn member_up(&self, name: &str, conn: quinn::Connection, control: mpsc::UnboundedSender<Control>) {
+        let mut inner = self.lock();
+        for advert in inner.lsdb.all() {
+            let _ = control.send(Control::Advert(Box::new(advert.clone())));
+        }
+        inner.members.insert(
+            name.to_string(),
+            Member {
+                conn,
+                control,
+                exports: Vec::new(),
+            },
+        );
+    }
+
+    /// A sidecar went away: its endpoints are withdrawn.
+    pub fn member_down(&self, name: &str, conn: &quinn::Connection) {
+        let mut inner = self.lock();
+        if inner
+            .members
+            .get(name)
+            .is_some_and(|m| m.conn.stable_id() == conn.stable_id())
+        {
+            inner.members.remove(name);
+            if let Err(e) = self.rebuild(&mut inner) {
+                warn!(error = %e, "re-assigning VIPs after a sidecar left");
+            }
+        }
+    }
+
+    /// The connection of the sidecar that delivers `vip`, if one does.
+    pub fn member_for(&self, vip: &IpAddr) -> Option<quinn::Connection> {
+        match self.member_routes.read() {
+            Ok(r) => r.get(vip).cloned(),
+            Err(p) => p.into_inner().get(vip).cloned(),
+        }
+    }
+
+    /// Merges our configured exports with our members', assigns VIPs, and advertises the
+    /// result if it changed. Two sources of one `<svc>.<ns>` merge into one service.
+    fn rebuild(&self, inner: &mut Inner) -> Result<(), VipError> {
+        let mut merged: BTreeMap<(String, String), ServiceAd> = BTreeMap::new();
+        let mut owner: HashMap<(String, String, String), String> = HashMap::new();
+        let sources = std::iter::once((None, &inner.config_exports))
+            .chain(inner.members.iter().map(|(n, m)| (Some(n), &m.exports)));
+        for (member, ads) in sources {
+            for ad in ads {
+                let entry = merged
+                    .entry((ad.namespace.clone(), ad.service.clone()))
+                    .or_insert_with(|| ServiceAd {
+                        service: ad.service.clone(),
+                        namespace: ad.namespace.clone(),
+                        ports: Vec::new(),
+                        endpoints: Vec::new(),
+                    });
+                for p in &ad.ports {
+                    if !entry.ports.contains(p) {
+                        entry.ports.push(p.clone());
+                    }
+                }
+                for ep in &ad.endpoints {
+                    if entry.endpoints.iter().any(|e| e.hostname == ep.hostname) {
+                        warn!(service = %ad.service, hostname = %ep.hostname, "two pods export the same hostname; keeping the first");
+                        continue;
+                    }
+                    entry.endpoints.push(ep.clone());
+                    if let Some(m) = member {
+                        owner.insert(
+                            (ad.service.clone(), ad.namespace.clone(), ep.hostname.clone()),
+                            m.clone(),
+                        );
+                    }
+                }
+            }
+        }
+        let keys: Vec<_> = merged
+            .values()
+            .flat_map(|s| {
+                s.endpoints
+                    .iter()
+                    .map(|e| (s.service.clone(), s.namespace.clone(), e.hostname.clone()))
             })
             .collect();
         let vips = inner.allocator.assign(&keys)?;
-        let services: Vec<ServiceAd> = exports
-            .iter()
-            .map(|e| {
-                let ns = e.namespace.clone().unwrap_or_else(|| default_namespace.to_string());
-                ServiceAd {
-                    service: e.service.clone(),
-                    namespace: ns.clone(),
-                    ports: e.ports.clone(),
-                    endpoints: e
-                        .endpoints
-                        .iter()
-                        .map(|ep| EndpointAd {
-                            hostname: ep.hostname.clone(),
-                            ip: ep.ip,
-                            ready: ep.ready,
-                            vip: vips.get(&(e.service.clone(), ns.clone(), ep.hostname.clone())).copied(),
-                        })
-                        .collect(),
+        let mut member_vips = HashMap::new();
+        let services: Vec<ServiceAd> = merged
+            .into_values()
+            .map(|mut s| {
+                for e in &mut s.endpoints {
+                    let key = (s.service.clone(), s.namespace.clone(), e.hostname.clone());
+                    e.vip = vips.get(&key).copied();
+                    if let (Some(vip), Some(m)) = (e.vip, owner.get(&key)) {
+                        member_vips.insert(vip, m.clone());
+                    }
                 }
+                s
             })
             .collect();
+        inner.member_vips = member_vips;
         if services != inner.services {
             inner.services = services;
-            info!(services = inner.services.len(), "exports changed; advertising");
-            self.originate(&mut inner);
+            info!(
+                services = inner.services.len(),
+                members = inner.members.len(),
+                "exports changed; advertising"
+            );
+            self.originate(inner);
+        } else {
+            self.recompute(inner);
         }
         Ok(())
     }
@@ -176,19 +335,28 @@ impl Mesh {
         control: mpsc::UnboundedSender<Control>,
     ) {
         let mut inner = self.lock();
-        for advert in inner.lsdb.all() {
-            let _ = control.send(Control::Advert(Box::new(advert.clone())));
+        if self.member {
+            // Our gateway: it wants our pod's exports; adverts come from it, not from us.
+            let _ = control.send(Control::MemberExports {
+                services: inner.config_exports.clone(),
+            });
+        } else {
+            for advert in inner.lsdb.all() {
+                let _ = control.send(Control::Advert(Box::new(advert.clone())));
+            }
         }
-        inner.links.insert(
-            name.to_string(),
-            UpLink {
-                peer_site: peer_site.to_string(),
-                cost,
-                conn,
-                control,
-            },
-        );
-        self.originate(&mut inner);
+        let link = UpLink {
+            peer_site: peer_site.to_string(),
+            cost,
+            conn,
+            control,
+        };
+        inner.links.insert(name.to_string(), link);
+        if self.member {
+            self.recompute(&inner);
+        } else {
+            self.originate(&mut inner);
+        }
     }
 
     /// A link went down (only if `conn` is still the one we have for it).
@@ -200,14 +368,18 @@ impl Mesh {
             .is_some_and(|l| l.conn.stable_id() == conn.stable_id())
         {
             inner.links.remove(name);
-            self.originate(&mut inner);
+            if self.member {
+                self.recompute(&inner);
+            } else {
+                self.originate(&mut inner);
+            }
         }
     }
 
     /// An advert arrived on link `from`.
     pub fn on_advert(&self, from: &str, advert: Advert) {
         let mut inner = self.lock();
-        if advert.origin == self.site {
+        if advert.origin == self.site && !self.member {
             // An old advertisement of ours from before a restart (or a clock step): make
             // sure ours is newer, so the whole clusterset forgets the old one.
             if advert.seq >= inner.seq {
@@ -224,9 +396,12 @@ impl Mesh {
         debug!(%origin, seq, from, "advert applied");
         let advert = Box::new(advert);
         for (name, link) in &inner.links {
-            if name != from {
+            if name != from && !self.member {
                 let _ = link.control.send(Control::Advert(advert.clone()));
             }
+        }
+        for m in inner.members.values() {
+            let _ = m.control.send(Control::Advert(advert.clone()));
         }
         self.recompute(&inner);
     }
@@ -251,13 +426,24 @@ impl Mesh {
         for link in inner.links.values() {
             let _ = link.control.send(Control::Advert(advert.clone()));
         }
+        for m in inner.members.values() {
+            let _ = m.control.send(Control::Advert(advert.clone()));
+        }
         self.recompute(inner);
     }
 
     fn recompute(&self, inner: &Inner) {
         let view = View::compute(&self.site, &inner.lsdb, &self.range);
         let mut routes = HashMap::new();
-        for (site, route) in &view.routes {
+        if self.member {
+            // Everything leaves through the gateway, our own site's other pods included.
+            if let Some(gw) = inner.links.values().next() {
+                for site in view.routes.keys().chain(std::iter::once(&self.site)) {
+                    routes.insert(site.clone(), gw.conn.clone());
+                }
+            }
+        }
+        for (site, route) in view.routes.iter().filter(|_| !self.member) {
             let best = inner
                 .links
                 .values()
@@ -271,6 +457,15 @@ impl Mesh {
         match self.routes.write() {
             Ok(mut r) => *r = routes,
             Err(p) => *p.into_inner() = routes,
+        }
+        let member_routes: HashMap<IpAddr, quinn::Connection> = inner
+            .member_vips
+            .iter()
+            .filter_map(|(vip, name)| inner.members.get(name).map(|m| (*vip, m.conn.clone())))
+            .collect();
+        match self.member_routes.write() {
+            Ok(mut r) => *r = member_routes,
+            Err(p) => *p.into_inner() = member_routes,
         }
         for c in &view.conflicts {
             warn!("{c}");

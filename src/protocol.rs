@@ -140,6 +140,8 @@ pub enum Control {
     Reject { message: String },
     /// A site's advertisement (exports, VIP block, links), flooded over every link.
     Advert(Box<crate::catalog::Advert>),
+    /// A sidecar's pod exports, sent to its gateway, which assigns their VIPs.
+    MemberExports { services: Vec<crate::catalog::ServiceAd> },
 }
 
 fn default_cost() -> u32 {

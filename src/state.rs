@@ -72,9 +72,15 @@ impl StateDir {
     pub fn links(&self) -> PathBuf {
         self.root.join("links.yaml")
     }
-    /// The admin API's unix socket.
+    /// The admin API's unix socket: in the state directory, or, when that is read-only (a
+    /// sidecar's state is a mounted Secret), in the temporary directory under a name derived
+    /// from the state path, so the CLI finds it the same way.
     pub fn admin_socket(&self) -> PathBuf {
-        self.root.join("admin.sock")
+        if writable(&self.root) || !self.root.exists() {
+            return self.root.join("admin.sock");
+        }
+        let name = crate::vips::fnv1a(self.root.to_string_lossy().as_bytes());
+        std::env::temp_dir().join(format!("causeway-{name:016x}.sock"))
     }
 
     /// Creates the directory (mode 0700) if it does not exist.
@@ -82,6 +88,16 @@ impl StateDir {
         fs::create_dir_all(&self.root).map_err(|e| StateError::io(&self.root, e))?;
         fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700)).map_err(|e| StateError::io(&self.root, e))
     }
+}
+
+/// Whether this process may create files in `dir` (honours read-only mounts).
+fn writable(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access(2) with a valid NUL-terminated path.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
 /// Writes `contents` to `path` atomically and durably with the given mode.

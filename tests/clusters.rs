@@ -40,7 +40,9 @@ impl Clusterset {
             net.add_pod(name, POD);
             let site = Site::init_in(dir.path(), name, &net);
             let cfg = site.state.join("causeway.yaml");
-            let mut text = std::fs::read_to_string(&cfg).unwrap().replace("127.0.0.1:5353", "127.0.0.1:53");
+            let mut text = std::fs::read_to_string(&cfg)
+                .unwrap()
+                .replace("127.0.0.1:5353", "127.0.0.1:53");
             if let (Some((delay, loss)), "london") = (wan, name) {
                 // The hub advertises the relay, so the spokes' links cross it.
                 let wan_addr = net.wan_addr("london");
@@ -65,7 +67,12 @@ impl Clusterset {
             sites[0].issue(&[], &file);
             sites[spoke].ok(&["token", "redeem", file.to_str().unwrap()]);
         }
-        Some(Clusterset { net, sites, dir, _relay: relay })
+        Some(Clusterset {
+            net,
+            sites,
+            dir,
+            _relay: relay,
+        })
     }
 
     fn site(&self, name: &str) -> &Site {
@@ -74,11 +81,18 @@ impl Clusterset {
 
     /// Runs a program in a site; returns its output.
     fn run(&self, site: &str, args: &[&str]) -> Output {
-        self.net.exec(site).args(args).output().unwrap_or_else(|e| panic!("{args:?}: {e}"))
+        self.net
+            .exec(site)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
     }
 
     fn spawn(&self, site: &str, args: &[&str]) -> Background {
-        let log = self.dir.path().join(format!("{site}-{}.log", args[0].rsplit('/').next().unwrap_or("x")));
+        let log = self
+            .dir
+            .path()
+            .join(format!("{site}-{}.log", args[0].rsplit('/').next().unwrap_or("x")));
         let file = std::fs::File::create(&log).unwrap();
         let child = self
             .net
@@ -111,13 +125,19 @@ impl Clusterset {
                     .and_then(|x| x["endpoints"].as_array())
                     .is_some_and(|e| e.iter().filter(|e| e["ready"] == true && e["vip"].is_string()).count() == count)
             });
-            assert!(ok, "{} does not see {count} endpoints of {service}:\n{}", s.name, s.ok(&["service", "list"]));
+            assert!(
+                ok,
+                "{} does not see {count} endpoints of {service}:\n{}",
+                s.name,
+                s.ok(&["service", "list"])
+            );
         }
     }
 
     /// The VIP of `<service>-0` in `owner`.
     fn vip(&self, service: &str, owner: &str) -> String {
-        self.try_vip(service, owner).unwrap_or_else(|| panic!("no VIP for {service} in {owner}"))
+        self.try_vip(service, owner)
+            .unwrap_or_else(|| panic!("no VIP for {service} in {owner}"))
     }
 
     fn try_vip(&self, service: &str, owner: &str) -> Option<String> {
@@ -140,7 +160,11 @@ impl Clusterset {
             for e in entries.flatten() {
                 let p = e.path();
                 if p.extension().is_some_and(|x| x == "log") && !SITES.iter().any(|s| p.ends_with(format!("{s}.log"))) {
-                    out += &format!("--- {}\n{}\n", p.display(), tail(&std::fs::read_to_string(&p).unwrap_or_default(), 30));
+                    out += &format!(
+                        "--- {}\n{}\n",
+                        p.display(),
+                        tail(&std::fs::read_to_string(&p).unwrap_or_default(), 30)
+                    );
                 }
             }
         }
@@ -165,8 +189,10 @@ fn endpoint_name(service: &str, site: &str) -> String {
 // etcd
 
 fn start_etcd(c: &Clusterset, site: &str) -> Background {
-    let cluster: Vec<String> =
-        SITES.iter().map(|s| format!("{s}=http://{}:2380", endpoint_name("etcd", s))).collect();
+    let cluster: Vec<String> = SITES
+        .iter()
+        .map(|s| format!("{s}=http://{}:2380", endpoint_name("etcd", s)))
+        .collect();
     let data = c.dir.path().join(format!("etcd-{site}"));
     c.spawn(
         site,
@@ -195,10 +221,21 @@ fn start_etcd(c: &Clusterset, site: &str) -> Background {
 }
 
 fn etcdctl(c: &Clusterset, site: &str, endpoints: &[&str], args: &[&str]) -> Output {
-    let eps: Vec<String> = endpoints.iter().map(|s| format!("http://{}:2379", endpoint_name("etcd", s))).collect();
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|s| format!("http://{}:2379", endpoint_name("etcd", s)))
+        .collect();
     let mut cmd = c.net.exec(site);
     cmd.env("ETCDCTL_API", "3")
-        .args(["etcdctl", "--dial-timeout", "3s", "--command-timeout", "5s", "--endpoints", &eps.join(",")])
+        .args([
+            "etcdctl",
+            "--dial-timeout",
+            "3s",
+            "--command-timeout",
+            "5s",
+            "--endpoints",
+            &eps.join(","),
+        ])
         .args(args);
     cmd.output().unwrap()
 }
@@ -231,20 +268,37 @@ fn etcd_forms_one_cluster_and_survives_a_site_outage() {
     let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     let members = list["members"].as_array().unwrap();
     assert_eq!(members.len(), 3, "{list}");
-    assert!(members.iter().all(|m| m["name"].as_str().is_some_and(|n| !n.is_empty())), "all started: {list}");
+    assert!(
+        members
+            .iter()
+            .all(|m| m["name"].as_str().is_some_and(|n| !n.is_empty())),
+        "all started: {list}"
+    );
     for site in SITES {
         let h = etcdctl(&c, site, &SITES, &["endpoint", "health"]);
-        assert!(h.status.success(), "health from {site}: {}{}", stdout(&h), String::from_utf8_lossy(&h.stderr));
+        assert!(
+            h.status.success(),
+            "health from {site}: {}{}",
+            stdout(&h),
+            String::from_utf8_lossy(&h.stderr)
+        );
     }
 
-    assert!(etcdctl(&c, "london", &["london"], &["put", "greeting", "hello from london"]).status.success());
-    assert!(wait_for(Duration::from_secs(10), || etcd_get(&c, "tokyo", "greeting") == "hello from london"));
+    assert!(
+        etcdctl(&c, "london", &["london"], &["put", "greeting", "hello from london"])
+            .status
+            .success()
+    );
+    assert!(wait_for(Duration::from_secs(10), || etcd_get(&c, "tokyo", "greeting")
+        == "hello from london"));
 
     // tokyo is cut off: london and paris keep quorum and accept writes.
     c.net.set_wan("tokyo", false);
     let t = Instant::now();
     let ok = wait_for(Duration::from_secs(30), || {
-        etcdctl(&c, "london", &["london"], &["put", "during", "the outage"]).status.success()
+        etcdctl(&c, "london", &["london"], &["put", "during", "the outage"])
+            .status
+            .success()
     });
     assert!(ok, "no quorum without tokyo:\n{}", c.logs());
     eprintln!("write without tokyo accepted after {:?}", t.elapsed());
@@ -253,7 +307,8 @@ fn etcd_forms_one_cluster_and_survives_a_site_outage() {
     // tokyo comes back and catches up.
     c.net.set_wan("tokyo", true);
     assert!(
-        wait_for(Duration::from_secs(60), || etcd_get(&c, "tokyo", "during") == "the outage"),
+        wait_for(Duration::from_secs(60), || etcd_get(&c, "tokyo", "during")
+            == "the outage"),
         "tokyo did not catch up:\n{}",
         c.logs()
     );
@@ -311,9 +366,14 @@ fn redis_cluster_spans_three_sites() {
         ));
         vips.push(vip);
     }
-    let ping = |site: &str, host: &str| stdout(&c.run(site, &["redis-cli", "-h", host, "-p", "6379", "ping"])) == "PONG";
+    let ping =
+        |site: &str, host: &str| stdout(&c.run(site, &["redis-cli", "-h", host, "-p", "6379", "ping"])) == "PONG";
     for (site, vip) in SITES.iter().zip(&vips) {
-        assert!(wait_for(Duration::from_secs(10), || ping("london", vip)), "redis in {site} not reachable:\n{}", c.logs());
+        assert!(
+            wait_for(Duration::from_secs(10), || ping("london", vip)),
+            "redis in {site} not reachable:\n{}",
+            c.logs()
+        );
     }
     let mut create = vec!["redis-cli", "--cluster", "create"];
     let addrs: Vec<String> = vips.iter().map(|v| format!("{v}:6379")).collect();
@@ -332,12 +392,23 @@ fn redis_cluster_spans_three_sites() {
     // Keys written through london's member, read through paris's, following MOVED by name.
     for i in 0..20 {
         let key = format!("key-{i}");
-        let out = c.run("london", &["redis-cli", "-c", "-h", &vips[0], "set", &key, &format!("value-{i}")]);
-        assert_eq!(stdout(&out), "OK", "set {key}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = c.run(
+            "london",
+            &["redis-cli", "-c", "-h", &vips[0], "set", &key, &format!("value-{i}")],
+        );
+        assert_eq!(
+            stdout(&out),
+            "OK",
+            "set {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     for i in 0..20 {
         let key = format!("key-{i}");
-        let out = c.run("paris", &["redis-cli", "-c", "-h", &endpoint_name("redis", "paris"), "get", &key]);
+        let out = c.run(
+            "paris",
+            &["redis-cli", "-c", "-h", &endpoint_name("redis", "paris"), "get", &key],
+        );
         assert_eq!(stdout(&out), format!("value-{i}"), "get {key} through paris");
     }
     let nodes = stdout(&c.run("tokyo", &["redis-cli", "-h", &vips[2], "cluster", "nodes"]));
@@ -382,7 +453,17 @@ fn dns_server_in_paris_answers_dig_in_tokyo_and_churn_shows_in_dns() {
         if ip.is_empty() {
             return false;
         }
-        answer = stdout(&c.run("tokyo", &["dig", &format!("@{ip}"), "+short", "+tries=2", "+time=2", "grid.example"]));
+        answer = stdout(&c.run(
+            "tokyo",
+            &[
+                "dig",
+                &format!("@{ip}"),
+                "+short",
+                "+tries=2",
+                "+time=2",
+                "grid.example",
+            ],
+        ));
         answer == "10.9.9.9"
     });
     assert!(ok, "dig in tokyo through the tunnel answered {answer:?}:\n{}", c.logs());
@@ -396,15 +477,25 @@ fn dns_server_in_paris_answers_dig_in_tokyo_and_churn_shows_in_dns() {
     london.set_exports(&export);
     let name = format!("cache.default.{ZONE}");
     let dig_a = || stdout(&c.run("tokyo", &["dig", "+short", &name]));
-    assert!(wait_for(Duration::from_secs(10), || !dig_a().is_empty()), "{}", c.logs());
+    assert!(
+        wait_for(Duration::from_secs(10), || !dig_a().is_empty()),
+        "{}",
+        c.logs()
+    );
     london.set_exports("exports: []\n");
     let t = Instant::now();
-    assert!(wait_for(Duration::from_secs(1), || dig_a().is_empty()), "still answered after 1 s");
+    assert!(
+        wait_for(Duration::from_secs(1), || dig_a().is_empty()),
+        "still answered after 1 s"
+    );
     eprintln!("withdrawn from tokyo's DNS after {:?}", t.elapsed());
     let nx = c.run("tokyo", &["dig", &name]);
     assert!(stdout(&nx).contains("NXDOMAIN"), "{}", stdout(&nx));
     london.set_exports(&export);
-    assert!(wait_for(Duration::from_secs(5), || !dig_a().is_empty()), "did not come back");
+    assert!(
+        wait_for(Duration::from_secs(5), || !dig_a().is_empty()),
+        "did not come back"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -415,14 +506,25 @@ fn etcd_and_bulk_transfer_over_a_slow_lossy_wan() {
     if !require(&["etcd", "etcdctl"]) {
         return;
     }
-    let Some(c) = Clusterset::new(Some((Duration::from_millis(50), 0.01))) else { return };
+    let Some(c) = Clusterset::new(Some((Duration::from_millis(50), 0.01))) else {
+        return;
+    };
     let rtt = c.site("paris").links()[0]["rtt_ms"].as_f64().unwrap_or(0.0);
     eprintln!("paris–london RTT through the relay: {rtt} ms");
     let _members = etcd_cluster(&c);
-    assert!(etcdctl(&c, "tokyo", &["tokyo"], &["put", "slow", "but steady"]).status.success());
-    assert!(wait_for(Duration::from_secs(10), || etcd_get(&c, "paris", "slow") == "but steady"));
+    assert!(
+        etcdctl(&c, "tokyo", &["tokyo"], &["put", "slow", "but steady"])
+            .status
+            .success()
+    );
+    assert!(wait_for(Duration::from_secs(10), || etcd_get(&c, "paris", "slow")
+        == "but steady"));
     for site in SITES {
-        assert!(etcdctl(&c, site, &SITES, &["endpoint", "health"]).status.success(), "{site}:\n{}", c.logs());
+        assert!(
+            etcdctl(&c, site, &SITES, &["endpoint", "health"]).status.success(),
+            "{site}:\n{}",
+            c.logs()
+        );
     }
 
     // 100 MiB from paris to a sink in london, byte-exact.
@@ -431,7 +533,9 @@ fn etcd_and_bulk_transfer_over_a_slow_lossy_wan() {
     ));
     let mut vip = None;
     assert!(wait_for(Duration::from_secs(10), || {
-        vip = c.try_vip("bulk", "london").filter(|v| c.site("paris").ok(&["service", "list", "-o", "json"]).contains(v));
+        vip = c
+            .try_vip("bulk", "london")
+            .filter(|v| c.site("paris").ok(&["service", "list", "-o", "json"]).contains(v));
         vip.is_some()
     }));
     let vip: std::net::IpAddr = vip.unwrap().parse().unwrap();
@@ -456,7 +560,11 @@ fn etcd_and_bulk_transfer_over_a_slow_lossy_wan() {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         let mut chunk = vec![0u8; 1 << 20];
         for i in 0..TOTAL / chunk.len() {
-            chunk.iter_mut().enumerate().step_by(512).for_each(|(j, b)| *b = (i + j) as u8);
+            chunk
+                .iter_mut()
+                .enumerate()
+                .step_by(512)
+                .for_each(|(j, b)| *b = (i + j) as u8);
             ctx.update(&chunk);
             s.write_all(&chunk).unwrap();
         }

@@ -443,7 +443,9 @@ fn scrape(net: &Net, site: &str) -> String {
 
 #[test]
 fn metrics_count_flows_bytes_and_links() {
-    let Some(net) = Net::new(&["london", "paris"]) else { return };
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
     if !require(&["socat"]) {
         return;
     }
@@ -484,8 +486,20 @@ fn metrics_count_flows_bytes_and_links() {
             .to_string()
     };
     assert!(line("causeway_flows_opened_total", &["service=\"echo\"", "role=\"origin\""]).ends_with(" 1"));
-    assert!(line("causeway_bytes_total", &["service=\"echo\"", "direction=\"to_endpoint\""]).ends_with(" 5000"));
-    assert!(line("causeway_bytes_total", &["service=\"echo\"", "direction=\"from_endpoint\""]).ends_with(" 5000"));
+    assert!(
+        line(
+            "causeway_bytes_total",
+            &["service=\"echo\"", "direction=\"to_endpoint\""]
+        )
+        .ends_with(" 5000")
+    );
+    assert!(
+        line(
+            "causeway_bytes_total",
+            &["service=\"echo\"", "direction=\"from_endpoint\""]
+        )
+        .ends_with(" 5000")
+    );
     assert!(line("causeway_link_up", &["link=\"london\"", "peer=\"london\""]).ends_with(" 1"));
     line("causeway_link_rtt_seconds", &["link=\"london\""]);
     let london_metrics = scrape(&net, "london");

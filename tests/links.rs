@@ -449,5 +449,8 @@ fn sites_with_different_vip_ranges_cannot_link() {
     paris.start();
     let token = london.issue(&[], &dir.path().join("t"));
     let err = paris.fails(&["token", "redeem", token.to_str().unwrap()]);
-    assert!(err.contains("vips.cidr differs") && err.contains("127.88.0.0/16"), "{err}");
+    assert!(
+        err.contains("vips.cidr differs") && err.contains("127.88.0.0/16"),
+        "{err}"
+    );
 }

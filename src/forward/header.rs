@@ -7,6 +7,7 @@
 //!
 //! ```text
 //! flow header:  u16 length | u8 version | u8 ttl | u8 family (4|6) | vip (4|16) | u16 port | u8 len | site
+//!               [ u8 family | src vip | u16 src port ]   (optional: the client's own VIP)
 //! datagram:     u8 kind=1 (forward) | u64 flow | flow header | payload
 //!               u8 kind=2 (reply)   | u64 flow | payload
 //! ```
@@ -42,6 +43,35 @@ pub struct FlowHeader {
     pub vip: IpAddr,
     /// The exported port.
     pub port: u16,
+    /// The client's own VIP and source port, when the client is a member with a sidecar:
+    /// the sidecar that delivers the flow connects from this address, so the member sees
+    /// its peer at an address that leads back to it from every site.
+    pub src: Option<std::net::SocketAddr>,
+}
+
+fn put_addr(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(v4) => {
+            out.push(4);
+            out.extend_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            out.push(6);
+            out.extend_from_slice(&v6.octets());
+        }
+    }
+}
+
+fn get_addr(r: &mut Reader<'_>) -> Result<IpAddr, HeaderError> {
+    Ok(match r.u8()? {
+        4 => IpAddr::V4(Ipv4Addr::from(
+            <[u8; 4]>::try_from(r.take(4)?).map_err(|_| HeaderError::Truncated)?,
+        )),
+        6 => IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(r.take(16)?).map_err(|_| HeaderError::Truncated)?,
+        )),
+        _ => return Err(HeaderError::Invalid("address family")),
+    })
 }
 
 impl FlowHeader {
@@ -49,20 +79,15 @@ impl FlowHeader {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0, 0, VERSION, self.ttl]);
-        match self.vip {
-            IpAddr::V4(v4) => {
-                out.push(4);
-                out.extend_from_slice(&v4.octets());
-            }
-            IpAddr::V6(v6) => {
-                out.push(6);
-                out.extend_from_slice(&v6.octets());
-            }
-        }
+        put_addr(out, self.vip);
         out.extend_from_slice(&self.port.to_be_bytes());
         let site = &self.site.as_bytes()[..self.site.len().min(63)];
         out.push(site.len() as u8);
         out.extend_from_slice(site);
+        if let Some(src) = self.src {
+            put_addr(out, src.ip());
+            out.extend_from_slice(&src.port().to_be_bytes());
+        }
         let len = (out.len() - start - 2) as u16;
         out[start..start + 2].copy_from_slice(&len.to_be_bytes());
     }
@@ -90,18 +115,17 @@ impl FlowHeader {
             return Err(HeaderError::Version(version));
         }
         let ttl = r.u8()?;
-        let vip = match r.u8()? {
-            4 => IpAddr::V4(Ipv4Addr::from(
-                <[u8; 4]>::try_from(r.take(4)?).map_err(|_| HeaderError::Truncated)?,
-            )),
-            6 => IpAddr::V6(Ipv6Addr::from(
-                <[u8; 16]>::try_from(r.take(16)?).map_err(|_| HeaderError::Truncated)?,
-            )),
-            _ => return Err(HeaderError::Invalid("address family")),
-        };
+        let vip = get_addr(&mut r)?;
         let port = u16::from_be_bytes(r.take(2)?.try_into().map_err(|_| HeaderError::Truncated)?);
         let site_len = r.u8()? as usize;
         let site = std::str::from_utf8(r.take(site_len)?).map_err(|_| HeaderError::Invalid("site is not UTF-8"))?;
+        let src = if r.0.is_empty() {
+            None
+        } else {
+            let ip = get_addr(&mut r)?;
+            let port = u16::from_be_bytes(r.take(2)?.try_into().map_err(|_| HeaderError::Truncated)?);
+            Some(std::net::SocketAddr::new(ip, port))
+        };
         if !r.0.is_empty() {
             return Err(HeaderError::Invalid("trailing bytes"));
         }
@@ -113,6 +137,7 @@ impl FlowHeader {
             site: site.to_string(),
             vip,
             port,
+            src,
         })
     }
 }
@@ -206,6 +231,7 @@ mod tests {
             site: "london".into(),
             vip: vip.parse().unwrap(),
             port: 2379,
+            src: None,
         }
     }
 
@@ -219,6 +245,22 @@ mod tests {
             let (back, used) = FlowHeader::decode(&buf).unwrap();
             assert_eq!(back, h);
             assert_eq!(&buf[used..], b"rest");
+        }
+    }
+
+    #[test]
+    fn client_vip_and_port_ride_along() {
+        for src in ["127.77.9.9:7575", "[fd00:77::9]:1"] {
+            let h = FlowHeader {
+                src: Some(src.parse().unwrap()),
+                ..header("127.77.1.10")
+            };
+            let mut buf = Vec::new();
+            h.encode(&mut buf);
+            assert_eq!(FlowHeader::decode(&buf).unwrap().0, h);
+            for n in 0..buf.len() {
+                assert!(FlowHeader::decode(&buf[..n]).is_err());
+            }
         }
     }
 
@@ -264,6 +306,7 @@ mod tests {
             site: "Not A Label".into(),
             vip: "127.0.0.1".parse().unwrap(),
             port: 1,
+            src: None,
         }
         .encode(&mut bad);
         assert_eq!(

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::catalog::View;
+use crate::catalog::{View, VipTarget};
 use crate::config::Protocol;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
@@ -44,6 +44,16 @@ pub mod codes {
 
 /// A listener's identity: address, port, protocol.
 pub type ListenerKey = (IpAddr, u16, Protocol);
+
+/// Where a flow goes next.
+enum Hop {
+    /// To the endpoint, from here.
+    Local,
+    /// Over this connection: a link towards the owning site, or the sidecar that delivers it.
+    Conn(quinn::Connection),
+    /// Nowhere: the owning site is not reachable.
+    Unreachable,
+}
 
 /// Options of the data plane.
 #[derive(Debug, Clone)]
@@ -71,6 +81,11 @@ pub struct Forwarder {
     listeners: Mutex<HashMap<ListenerKey, CancellationToken>>,
     /// Listeners that could not be bound, with the error (shown in `status`).
     bind_errors: Mutex<BTreeMap<String, String>>,
+    /// On a sidecar: the VIPs of our own pod's endpoints, with their service and namespace.
+    own: Mutex<HashMap<IpAddr, (String, String)>>,
+    /// UDP listener sockets by address: a sidecar delivering a datagram from a client's
+    /// VIP and port sends it from the listener bound there, if there is one.
+    udp_sockets: Mutex<HashMap<SocketAddr, Arc<tokio::net::UdpSocket>>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -91,12 +106,50 @@ impl Forwarder {
             opts,
             listeners: Mutex::new(HashMap::new()),
             bind_errors: Mutex::new(BTreeMap::new()),
+            own: Mutex::new(HashMap::new()),
+            udp_sockets: Mutex::new(HashMap::new()),
             shutdown,
             tasks: TaskTracker::new(),
         });
         fwd.tasks.spawn(fwd.clone().follow_view());
         fwd.tasks.spawn(fwd.clone().sweep_udp());
         fwd
+    }
+
+    /// Where a flow for `target`, reached at `vip`, goes from here.
+    fn hop(&self, vip: &IpAddr, target: &VipTarget) -> Hop {
+        if self.mesh.is_member() {
+            if target.site == self.site && self.own_vip(vip).is_some() {
+                return Hop::Local;
+            }
+        } else if target.site == self.site {
+            return match self.mesh.member_for(vip) {
+                Some(conn) => Hop::Conn(conn),
+                None => Hop::Local,
+            };
+        }
+        match self.mesh.next_hop(&target.site) {
+            Some(conn) => Hop::Conn(conn),
+            None => Hop::Unreachable,
+        }
+    }
+
+    /// On a sidecar: whether `vip` belongs to our own pod (and to which service).
+    fn own_vip(&self, vip: &IpAddr) -> Option<(String, String)> {
+        lock(&self.own).get(vip).cloned()
+    }
+
+    /// On a sidecar: the client's own VIP for a flow to `target` (its pod's endpoint in the
+    /// same service, else any of its pod's endpoints), so the far sidecar can connect from it.
+    fn src_vip(&self, target: &VipTarget) -> Option<IpAddr> {
+        if !self.mesh.is_member() {
+            return None;
+        }
+        let own = lock(&self.own);
+        own.iter()
+            .find(|(_, (svc, ns))| *svc == target.service && *ns == target.namespace)
+            .or_else(|| own.iter().min_by_key(|(vip, _)| **vip))
+            .map(|(vip, _)| *vip)
     }
 
     /// Listener bind failures, for `status`.
@@ -126,9 +179,35 @@ impl Forwarder {
 
     /// Starts listeners the view wants and stops the ones it no longer does.
     fn reconcile(self: &Arc<Self>, view: &View) {
+        if self.mesh.is_member() {
+            // Our pod's own endpoints: the member may bind their VIPs itself.
+            let mine: Vec<(String, String, String)> = self
+                .mesh
+                .config_exports()
+                .into_iter()
+                .flat_map(|s| {
+                    s.endpoints
+                        .into_iter()
+                        .map(move |e| (s.service.clone(), s.namespace.clone(), e.hostname))
+                })
+                .collect();
+            let own: HashMap<IpAddr, (String, String)> = view
+                .vips
+                .iter()
+                .filter(|(_, t)| {
+                    t.site == self.site
+                        && mine
+                            .iter()
+                            .any(|m| m.0 == t.service && m.1 == t.namespace && m.2 == t.hostname)
+                })
+                .map(|(vip, t)| (*vip, (t.service.clone(), t.namespace.clone())))
+                .collect();
+            *lock(&self.own) = own;
+        }
         let mut wanted: HashSet<ListenerKey> = HashSet::new();
         for (vip, target) in &view.vips {
-            if !target.ready || (!self.opts.bind_own && target.site == self.site) {
+            let own = self.own_vip(vip).is_some();
+            if !target.ready || own || (!self.opts.bind_own && target.site == self.site) {
                 continue;
             }
             for p in &target.ports {
@@ -141,6 +220,9 @@ impl Forwarder {
             if !keep {
                 debug!(vip = %key.0, port = key.1, proto = %key.2, "listener stopped");
                 token.cancel();
+                if key.2 == Protocol::Udp {
+                    lock(&self.udp_sockets).remove(&SocketAddr::new(key.0, key.1));
+                }
             }
             keep
         });
@@ -157,6 +239,7 @@ impl Forwarder {
                     self.tasks.spawn(self.clone().tcp_listener(l, key, token.clone()));
                 }),
                 Protocol::Udp => udp::bind(addr).map(|s| {
+                    lock(&self.udp_sockets).insert(addr, s.clone());
                     self.tasks.spawn(self.clone().udp_listener(s, key, token.clone()));
                 }),
             };

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::header::{FlowHeader, MAX_HEADER, MAX_TTL};
-use super::{Forwarder, ListenerKey, codes};
+use super::{Forwarder, Hop, ListenerKey, codes};
 use crate::config::Protocol;
 
 /// Copy buffer per direction: large reads and writes matter more than anything else here.
@@ -98,26 +98,30 @@ impl Forwarder {
         };
         let _ = client.set_nodelay(true);
         self.metrics.flow_opened(svc, ns, "tcp", "origin");
-        if target.site == self.site {
-            let server = match connect(SocketAddr::new(target.ip, port)).await {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!(error = %e, "local endpoint refused");
-                    self.metrics.flow_failed(svc, ns, "tcp", "origin", "refused");
-                    return reset(client);
-                }
-            };
-            return self.splice_tcp_tcp(client, server, svc, ns).await;
-        }
-        let Some(conn) = self.mesh.next_hop(&target.site) else {
-            self.metrics.flow_failed(svc, ns, "tcp", "origin", "no_route");
-            return reset(client);
+        let conn = match self.hop(&vip, target) {
+            Hop::Local => {
+                let server = match connect(SocketAddr::new(target.ip, port)).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!(error = %e, "local endpoint refused");
+                        self.metrics.flow_failed(svc, ns, "tcp", "origin", "refused");
+                        return reset(client);
+                    }
+                };
+                return self.splice_tcp_tcp(client, server, svc, ns).await;
+            }
+            Hop::Conn(conn) => conn,
+            Hop::Unreachable => {
+                self.metrics.flow_failed(svc, ns, "tcp", "origin", "no_route");
+                return reset(client);
+            }
         };
         let header = FlowHeader {
             ttl: MAX_TTL,
             site: target.site.clone(),
             vip,
             port,
+            src: self.src_vip(target).map(|ip| SocketAddr::new(ip, 0)),
         };
         let (mut send, recv) = match open(&conn, &header).await {
             Ok(s) => s,
@@ -159,14 +163,28 @@ impl Forwarder {
                 self.metrics.flow_failed(svc, ns, "tcp", "relay", "limit");
                 return refuse(&mut send, &mut recv, codes::LIMIT);
             };
-            if header.site != self.site {
-                if header.ttl == 0 {
-                    return refuse(&mut send, &mut recv, codes::BAD_HEADER);
-                }
-                let Some(conn) = self.mesh.next_hop(&header.site) else {
-                    self.metrics.flow_failed(svc, ns, "tcp", "relay", "no_route");
+            if header.ttl == 0 {
+                return refuse(&mut send, &mut recv, codes::BAD_HEADER);
+            }
+            // Towards another site (relay), or to the sidecar that delivers this VIP.
+            let onward = if header.site != self.site {
+                if self.mesh.is_member() {
+                    // A sidecar delivers to its own pod only; it never relays.
                     return refuse(&mut send, &mut recv, codes::UNREACHABLE);
-                };
+                }
+                match self.mesh.next_hop(&header.site) {
+                    Some(conn) => Some(conn),
+                    None => {
+                        self.metrics.flow_failed(svc, ns, "tcp", "relay", "no_route");
+                        return refuse(&mut send, &mut recv, codes::UNREACHABLE);
+                    }
+                }
+            } else if self.mesh.is_member() {
+                None
+            } else {
+                self.mesh.member_for(&header.vip)
+            };
+            if let Some(conn) = onward {
                 let next = FlowHeader {
                     ttl: header.ttl - 1,
                     ..header.clone()
@@ -185,34 +203,38 @@ impl Forwarder {
                 self.metrics.flow_closed(svc, ns, "tcp", "relay");
                 return;
             }
-            let target = view
-                .vips
-                .get(&header.vip)
-                .filter(|t| t.site == self.site && t.ready && t.exports(header.port, Protocol::Tcp));
+            let target = view.vips.get(&header.vip).filter(|t| {
+                t.site == self.site
+                    && t.ready
+                    && t.exports(header.port, Protocol::Tcp)
+                    && (!self.mesh.is_member() || self.own_vip(&header.vip).is_some())
+            });
             let Some(target) = target else {
                 self.metrics.flow_failed(svc, ns, "tcp", "terminus", "not_exported");
                 return refuse(&mut send, &mut recv, codes::REFUSED);
             };
-            let tcp = match connect(SocketAddr::new(target.ip, header.port)).await {
+            // A sidecar connects from the client's own VIP, so the member sees its peer at an
+            // address that leads back to it from every site.
+            let from = header.src.map(|s| s.ip()).filter(|_| self.mesh.is_member());
+            let mut result = connect_from(from, SocketAddr::new(target.ip, header.port)).await;
+            if self.mesh.is_member()
+                && result
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+            {
+                // The member may listen on its own VIP instead of its pod address.
+                result = connect_from(from, SocketAddr::new(header.vip, header.port)).await;
+            }
+            let tcp = match result {
                 Ok(s) => s,
                 Err(e) => {
                     debug!(error = %e, "endpoint refused");
-                    let code = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                        codes::REFUSED
+                    let (code, reason) = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                        (codes::REFUSED, "refused")
                     } else {
-                        codes::UNREACHABLE
+                        (codes::UNREACHABLE, "unreachable")
                     };
-                    self.metrics.flow_failed(
-                        svc,
-                        ns,
-                        "tcp",
-                        "terminus",
-                        if code == codes::REFUSED {
-                            "refused"
-                        } else {
-                            "unreachable"
-                        },
-                    );
+                    self.metrics.flow_failed(svc, ns, "tcp", "terminus", reason);
                     return refuse(&mut send, &mut recv, code);
                 }
             };
@@ -303,6 +325,26 @@ impl Forwarder {
             }
         }
     }
+}
+
+/// Connects to an endpoint from `from` (port chosen by the kernel) when given and bindable,
+/// else from the default address.
+async fn connect_from(from: Option<std::net::IpAddr>, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let Some(ip) = from else { return connect(addr).await };
+    let socket = if ip.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Err(e) = socket.bind(SocketAddr::new(ip, 0)) {
+        debug!(%ip, error = %e, "cannot connect from the client's VIP; using the default address");
+        return connect(addr).await;
+    }
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = s.set_nodelay(true);
+    Ok(s)
 }
 
 /// Connects to an endpoint with a timeout and `TCP_NODELAY`.

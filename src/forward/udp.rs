@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::header::{Datagram, FlowHeader, MAX_TTL};
-use super::{Forwarder, ListenerKey, lock};
+use super::{Forwarder, Hop, ListenerKey, lock};
 use crate::config::Protocol;
 
 /// Largest datagram accepted from a stream (a UDP payload is at most 65,507 bytes).
@@ -193,23 +193,29 @@ impl Forwarder {
             site: target.site.clone(),
             vip,
             port,
+            // On a sidecar: the client's own VIP and its source port, which the far sidecar
+            // sends from (peer protocols check both).
+            src: self.src_vip(target).map(|ip| SocketAddr::new(ip, client.port())),
         };
-        if target.site == self.site {
-            self.deliver(
-                flow,
-                &header,
-                payload,
-                ReplyPath::Local {
-                    socket: socket.clone(),
-                    client,
-                },
-            );
-            return;
-        }
-        let Some(conn) = self.mesh.next_hop(&target.site) else {
-            self.metrics
-                .datagram_dropped(&target.service, &target.namespace, "no_route");
-            return;
+        let conn = match self.hop(&vip, target) {
+            Hop::Local => {
+                self.deliver(
+                    flow,
+                    &header,
+                    payload,
+                    ReplyPath::Local {
+                        socket: socket.clone(),
+                        client,
+                    },
+                );
+                return;
+            }
+            Hop::Conn(conn) => conn,
+            Hop::Unreachable => {
+                self.metrics
+                    .datagram_dropped(&target.service, &target.namespace, "no_route");
+                return;
+            }
         };
         let dgram = Datagram::Forward { flow, header, payload }.encode();
         if self.send(&conn, dgram, &target.service, &target.namespace, warned) {
@@ -327,21 +333,59 @@ impl Forwarder {
             return;
         }
         let view = self.mesh.view();
-        let Some(target) = view
-            .vips
-            .get(&header.vip)
-            .filter(|t| t.site == self.site && t.ready && t.exports(header.port, Protocol::Udp))
-        else {
+        let Some(target) = view.vips.get(&header.vip).filter(|t| {
+            t.site == self.site
+                && t.ready
+                && t.exports(header.port, Protocol::Udp)
+                && (!self.mesh.is_member() || self.own_vip(&header.vip).is_some())
+        }) else {
             debug!(vip = %header.vip, port = header.port, "datagram for a VIP we do not export");
             return;
         };
+        if let Some(member) = self.mesh.member_for(&header.vip).filter(|_| !self.mesh.is_member()) {
+            // A sidecar delivers this endpoint: pass the datagram on, and remember the way back.
+            if let ReplyPath::Link(back) = &reply {
+                st.relay.insert(
+                    flow,
+                    RelayFlow {
+                        back: back.clone(),
+                        last: Instant::now(),
+                    },
+                );
+            }
+            drop(st);
+            if header.ttl == 0 {
+                return;
+            }
+            let next = FlowHeader {
+                ttl: header.ttl - 1,
+                ..header.clone()
+            };
+            let out = Datagram::Forward {
+                flow,
+                header: next,
+                payload,
+            }
+            .encode();
+            self.send(&member, out, &target.service, &target.namespace, true);
+            return;
+        }
+        let from = header.src.filter(|_| self.mesh.is_member());
+        if let Some(listener) = from.and_then(|src| lock(&self.udp_sockets).get(&src).cloned()) {
+            // We listen on the client's VIP and port already: send from that socket, and the
+            // member's answers, sent back to that address, reach it as a flow of their own.
+            drop(st);
+            let endpoint = SocketAddr::new(target.ip, header.port);
+            let _ = send_to_now(&listener, payload, endpoint);
+            return;
+        }
         if st.flows() >= self.opts.max_flows {
             self.metrics
                 .datagram_dropped(&target.service, &target.namespace, "limit");
             return;
         }
         let endpoint = SocketAddr::new(target.ip, header.port);
-        let socket = match connected_socket(endpoint) {
+        let socket = match connected_socket(from, endpoint) {
             Ok(s) => s,
             Err(e) => {
                 warn!(%endpoint, error = %e, "cannot open a socket to the endpoint");
@@ -466,15 +510,23 @@ fn send_to_now(socket: &UdpSocket, payload: &[u8], to: SocketAddr) -> std::io::R
     socket2::SockRef::from(socket).send_to(payload, &to.into())
 }
 
-/// A UDP socket on an ephemeral port, connected to `endpoint`.
-fn connected_socket(endpoint: SocketAddr) -> std::io::Result<Arc<UdpSocket>> {
-    let local: SocketAddr = if endpoint.is_ipv4() {
+/// A UDP socket connected to `endpoint`: bound to `from` (a client's VIP and port) when
+/// given and bindable, else to an ephemeral port.
+fn connected_socket(from: Option<SocketAddr>, endpoint: SocketAddr) -> std::io::Result<Arc<UdpSocket>> {
+    let any: SocketAddr = if endpoint.is_ipv4() {
         "0.0.0.0:0".parse()
     } else {
         "[::]:0".parse()
     }
     .map_err(|_| std::io::Error::other("address"))?;
-    let s = std::net::UdpSocket::bind(local)?;
+    let s = match from.map(std::net::UdpSocket::bind) {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => {
+            debug!(error = %e, "cannot send from the client's VIP; using an ephemeral port");
+            std::net::UdpSocket::bind(any)?
+        }
+        None => std::net::UdpSocket::bind(any)?,
+    };
     s.connect(endpoint)?;
     s.set_nonblocking(true)?;
     Ok(Arc::new(UdpSocket::from_std(s)?))

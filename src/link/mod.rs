@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::identity::{self, PeerTrust, SiteIdentity};
+use crate::identity::{self, Peer, PeerTrust, SiteIdentity};
 use crate::protocol::{self, ALPN_LINK, Control, PROTOCOL_VERSION, close};
 use crate::state::{self, StateError, rfc3339};
 use backoff::Backoff;
@@ -74,6 +74,16 @@ pub struct LinkRecord {
     /// When the link was created.
     #[serde(with = "rfc3339")]
     pub created: SystemTime,
+}
+
+/// How the links of an agent are set up.
+#[derive(Debug, Clone)]
+pub struct LinkOptions {
+    /// Our `vips.cidr`, sent in hellos: the clusterset shares one range.
+    pub vips_cidr: String,
+    /// For a sidecar: its gateway's `host:port` (`gateway:` in causeway.yaml). A sidecar
+    /// links only to its gateway and persists nothing.
+    pub sidecar_gateway: Option<String>,
 }
 
 /// The content of `links.yaml`.
@@ -128,6 +138,9 @@ pub struct Established {
     pub peer_site: String,
     /// The link's cost, as the dialer configured it.
     pub cost: u32,
+    /// Whether this is a sidecar of our own site (on a gateway), or our gateway (on a
+    /// sidecar), rather than a link between sites.
+    pub member: bool,
     pub conn: quinn::Connection,
     /// The control stream, after the hello exchange.
     pub send: quinn::SendStream,
@@ -179,6 +192,11 @@ pub struct Links {
     me: Weak<Links>,
     /// Runs established links.
     handler: Arc<dyn LinkHandler>,
+    /// Sidecars connected to this gateway, by name.
+    members: Mutex<BTreeMap<String, std::net::SocketAddr>>,
+    /// False for a sidecar, whose one link (to its gateway) comes from its configuration and
+    /// whose state directory may be a read-only Secret.
+    persistent: bool,
 }
 
 impl Links {
@@ -188,12 +206,34 @@ impl Links {
         identity: Arc<SiteIdentity>,
         trust: Arc<PeerTrust>,
         endpoint: quinn::Endpoint,
-        vips_cidr: String,
+        opts: LinkOptions,
         handler: Arc<dyn LinkHandler>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Links>, LinkError> {
+        let LinkOptions {
+            vips_cidr,
+            sidecar_gateway,
+        } = opts;
         let path = state_dir.links();
-        let book: LinkBook = state::read_yaml_or_default(&path)?;
+        let book: LinkBook = match &sidecar_gateway {
+            // A sidecar's one link: to its site's gateway, pinned to the site's own CA.
+            Some(gateway) => LinkBook {
+                links: vec![LinkRecord {
+                    name: "gateway".into(),
+                    peer_site: identity.site.clone(),
+                    role: Role::Dialer,
+                    addresses: vec![gateway.clone()],
+                    peer_ca: identity.ca_pem.clone(),
+                    cost: 1,
+                    created: SystemTime::now(),
+                }],
+            },
+            None => {
+                // A gateway accepts its own site's sidecars (member certificates only).
+                trust.set_own(&identity.site, &identity.ca_der)?;
+                state::read_yaml_or_default(&path)?
+            }
+        };
         let now = SystemTime::now();
         let mut entries = BTreeMap::new();
         for record in book.links {
@@ -217,6 +257,8 @@ impl Links {
         let links = Arc::new_cyclic(|me| Links {
             me: me.clone(),
             handler,
+            members: Mutex::new(BTreeMap::new()),
+            persistent: sidecar_gateway.is_none(),
             identity,
             trust,
             endpoint,
@@ -249,6 +291,9 @@ impl Links {
 
     /// Writes the records and rebuilds the trust set from them.
     fn persist(&self, entries: &BTreeMap<String, Entry>) -> Result<(), LinkError> {
+        if !self.persistent {
+            return Ok(());
+        }
         let book = LinkBook {
             links: entries.values().map(|e| e.record.clone()).collect(),
         };
@@ -479,6 +524,7 @@ impl Links {
                             name: record.name.clone(),
                             peer_site: record.peer_site.clone(),
                             cost: record.cost,
+                            member: self.identity.member,
                             conn: conn.clone(),
                             send,
                             recv,
@@ -575,70 +621,38 @@ impl Links {
     }
 
     /// Handles a connection that arrived with the link ALPN: identifies the peer by its
-    /// certificate, checks its hello, and keeps the session until it ends.
+    /// certificate (a linked site, or a sidecar of our own site), checks its hello, and keeps
+    /// the session until it ends.
     pub async fn accept(self: Arc<Self>, conn: quinn::Connection) {
         let remote = conn.remote_address();
         let leaf = conn
             .peer_identity()
             .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
             .and_then(|chain| chain.first().cloned());
-        let Some(site) = leaf.and_then(|l| self.trust.identify(&l)) else {
-            warn!(%remote, "link from an untrusted site refused");
-            conn.close(close::REJECTED.into(), b"not a trusted site");
-            return;
-        };
+        match leaf.and_then(|l| self.trust.identify(&l)) {
+            Some(Peer::Site(site)) => self.accept_site(conn, site).await,
+            Some(Peer::Member) => self.accept_member(conn).await,
+            None => {
+                warn!(%remote, "link from an untrusted site refused");
+                conn.close(close::REJECTED.into(), b"not a trusted site");
+            }
+        }
+    }
+
+    async fn accept_site(self: Arc<Self>, conn: quinn::Connection, site: String) {
+        let remote = conn.remote_address();
         let Some(name) = self.name_for_peer(&site) else {
             conn.close(close::REJECTED.into(), b"no link");
             return;
         };
         let span = info_span!("link", name = %name, peer = %site, role = "acceptor");
         async move {
-            let hello = async {
-                let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| describe_connection_error(&e))?;
-                let msg: Control = protocol::read_frame(&mut recv).await.map_err(|e| e.to_string())?;
-                let reject = match &msg {
-                    Control::Hello { version, .. } if *version != PROTOCOL_VERSION => {
-                        Some(format!("protocol version {version} is not supported (this agent speaks {PROTOCOL_VERSION})"))
-                    }
-                    Control::Hello { site: claimed, .. } if *claimed != site => {
-                        Some(format!("hello claims site {claimed:?} but the certificate is for {site:?}"))
-                    }
-                    Control::Hello { vips_cidr, .. } if *vips_cidr != self.vips_cidr => Some(format!(
-                        "vips.cidr differs: this site uses {}, the peer uses {vips_cidr}; every site of a clusterset must use the same range",
-                        self.vips_cidr
-                    )),
-                    Control::Hello { .. } => None,
-                    other => Some(format!("expected hello, got {other:?}")),
-                };
-                if let Some(message) = reject {
-                    let _ = protocol::write_frame(&mut send, &Control::Reject { message: message.clone() }).await;
-                    let _ = send.finish();
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    conn.close(close::REJECTED.into(), message.as_bytes());
-                    return Err(message);
-                }
-                protocol::write_frame(&mut send, &Control::Welcome { site: self.identity.site.clone() })
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let cost = match msg {
-                    Control::Hello { cost, .. } => cost.max(1),
-                    _ => 1,
-                };
-                Ok::<_, String>((send, recv, cost))
+            let Some((send, recv, cost)) = self.hello(&conn, &site).await else {
+                return;
             };
-            let (send, recv, cost) = match tokio::time::timeout(DIAL_TIMEOUT, hello).await {
-                Ok(Ok(streams)) => streams,
-                Ok(Err(e)) => {
-                    warn!(%remote, error = %e, "link hello failed");
-                    return;
-                }
-                Err(_) => {
-                    conn.close(close::PROTOCOL.into(), b"hello timed out");
-                    warn!(%remote, "link hello timed out");
-                    return;
-                }
+            let Some(cancel) = self.lock().get(&name).map(|e| e.cancel.clone()) else {
+                return;
             };
-            let Some(cancel) = self.lock().get(&name).map(|e| e.cancel.clone()) else { return };
             info!(%remote, "link up");
             self.set_state(&name, LinkState::Up, Some(conn.clone()), None);
             let reason = self
@@ -646,6 +660,7 @@ impl Links {
                     name: name.clone(),
                     peer_site: site.clone(),
                     cost,
+                    member: false,
                     conn: conn.clone(),
                     send,
                     recv,
@@ -657,6 +672,113 @@ impl Links {
         }
         .instrument(span)
         .await
+    }
+
+    /// A sidecar of our own site: no record, no persistence; it lasts as long as its
+    /// connection.
+    async fn accept_member(self: Arc<Self>, conn: quinn::Connection) {
+        let remote = conn.remote_address();
+        let name = format!("member-{remote}");
+        let span = info_span!("member", %remote);
+        async move {
+            let site = self.identity.site.clone();
+            let Some((send, recv, _)) = self.hello(&conn, &site).await else {
+                return;
+            };
+            info!("sidecar connected");
+            self.lock_members().insert(name.clone(), remote);
+            let reason = self
+                .session(Established {
+                    name: name.clone(),
+                    peer_site: site,
+                    cost: 1,
+                    member: true,
+                    conn,
+                    send,
+                    recv,
+                    cancel: self.shutdown.child_token(),
+                })
+                .await;
+            self.lock_members().remove(&name);
+            info!(reason = %reason, "sidecar disconnected");
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Connected sidecars (gateway only): name → address.
+    pub fn members(&self) -> BTreeMap<String, std::net::SocketAddr> {
+        self.lock_members().clone()
+    }
+
+    fn lock_members(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, std::net::SocketAddr>> {
+        match self.members.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The acceptor's side of the hello: checks the dialer's claims against its certificate
+    /// (`site`) and our settings; answers `Welcome` or `Reject`. Returns the control stream
+    /// and the link cost the dialer configured.
+    async fn hello(&self, conn: &quinn::Connection, site: &str) -> Option<(quinn::SendStream, quinn::RecvStream, u32)> {
+        let remote = conn.remote_address();
+        let exchange = async {
+            let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| describe_connection_error(&e))?;
+            let msg: Control = protocol::read_frame(&mut recv).await.map_err(|e| e.to_string())?;
+            let reject = match &msg {
+                Control::Hello { version, .. } if *version != PROTOCOL_VERSION => Some(format!(
+                    "protocol version {version} is not supported (this agent speaks {PROTOCOL_VERSION})"
+                )),
+                Control::Hello { site: claimed, .. } if claimed != site => Some(format!(
+                    "hello claims site {claimed:?} but the certificate is for {site:?}"
+                )),
+                Control::Hello { vips_cidr, .. } if *vips_cidr != self.vips_cidr => Some(format!(
+                    "vips.cidr differs: this site uses {}, the peer uses {vips_cidr}; every site of a clusterset must use the same range",
+                    self.vips_cidr
+                )),
+                Control::Hello { .. } => None,
+                other => Some(format!("expected hello, got {other:?}")),
+            };
+            if let Some(message) = reject {
+                let _ = protocol::write_frame(
+                    &mut send,
+                    &Control::Reject {
+                        message: message.clone(),
+                    },
+                )
+                .await;
+                let _ = send.finish();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                conn.close(close::REJECTED.into(), message.as_bytes());
+                return Err(message);
+            }
+            protocol::write_frame(
+                &mut send,
+                &Control::Welcome {
+                    site: self.identity.site.clone(),
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let cost = match msg {
+                Control::Hello { cost, .. } => cost.max(1),
+                _ => 1,
+            };
+            Ok::<_, String>((send, recv, cost))
+        };
+        match tokio::time::timeout(DIAL_TIMEOUT, exchange).await {
+            Ok(Ok(streams)) => Some(streams),
+            Ok(Err(e)) => {
+                warn!(%remote, error = %e, "link hello failed");
+                None
+            }
+            Err(_) => {
+                conn.close(close::PROTOCOL.into(), b"hello timed out");
+                warn!(%remote, "link hello timed out");
+                None
+            }
+        }
     }
 
     /// Runs an established link until it ends; returns why it ended.

@@ -229,6 +229,10 @@ impl Issuer {
         verifier
             .verify_client_cert(&cert, &[], rustls::pki_types::UnixTime::now())
             .map_err(|_| Rejection::BadCertificate)?;
+        if identity::is_member_cert(&cert) {
+            // A sidecar's certificate speaks for one pod, never for its site.
+            return Err(Rejection::BadCertificate);
+        }
         let cert_site = identity::cert_dns_name(&cert).unwrap_or_default();
         if cert_site != req.site {
             return Err(Rejection::SiteMismatch {

@@ -41,6 +41,9 @@ const NETNS_DIR: &str = "/var/run/netns";
 /// Per-namespace files `ip netns exec` bind-mounts over `/etc` (e.g. `resolv.conf`).
 const ETC_NETNS_DIR: &str = "/etc/netns";
 
+/// The site agent's address on its site's pod LAN (see [`Net::add_pod_ns`]).
+pub const LAN_GATEWAY: &str = "10.1.0.254";
+
 /// Distinguishes the [`Net`]s of one process.
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// Serialises namespace creation and stale cleanup within the process: the first
@@ -51,6 +54,8 @@ static SETUP: Mutex<()> = Mutex::new(());
 pub struct Net {
     prefix: String,
     sites: Vec<String>,
+    /// Pods added with [`Net::add_pod_ns`], as `<site>-<pod>`; usable wherever a site name is.
+    pods: Vec<String>,
     /// Every namespace created so far, the WAN first; what `Drop` removes.
     created: Vec<String>,
 }
@@ -93,6 +98,7 @@ impl Net {
         let mut net = Net {
             prefix: format!("cw{}{}", std::process::id(), letters(n)),
             sites: sites.iter().map(|s| s.to_string()).collect(),
+            pods: Vec::new(),
             created: Vec::new(),
         };
         let wan = net.wan_ns();
@@ -143,8 +149,55 @@ impl Net {
 
     /// The namespace of `site` (e.g. `cw4123a-london`). Panics on an unknown site.
     pub fn ns(&self, site: &str) -> String {
-        self.index(site);
+        if !self.pods.iter().any(|p| p == site) {
+            self.index(site);
+        }
         format!("{}-{site}", self.prefix)
+    }
+
+    /// Adds a **pod** to `site`: a network namespace of its own on the site's LAN (a bridge
+    /// `lan0` in the site's namespace, where the site's agent has [`LAN_GATEWAY`]), with
+    /// address `ip`/24 on `eth0`. Sidecar tests run a grid member and its causeway sidecar
+    /// there; the pod reaches its site's gateway and its site's other pods, nothing else.
+    /// Returns the name to use with [`Net::exec`], [`Net::run_in`], [`Net::spawn`].
+    pub fn add_pod_ns(&mut self, site: &str, pod: &str, addr: &str) -> String {
+        let site_ns = self.ns(site);
+        let name = format!("{site}-{pod}");
+        if self::ip(&["-n", &site_ns, "link", "show", "lan0"]).is_err() {
+            must(self::ip(&["-n", &site_ns, "link", "add", "lan0", "type", "bridge"]));
+            must(self::ip(&[
+                "-n",
+                &site_ns,
+                "addr",
+                "add",
+                &format!("{LAN_GATEWAY}/24"),
+                "dev",
+                "lan0",
+            ]));
+            must(self::ip(&["-n", &site_ns, "link", "set", "lan0", "up"]));
+        }
+        let ns = format!("{}-{name}", self.prefix);
+        must(self.add_ns(&ns));
+        self.pods.push(name.clone());
+        must(self::ip(&["-n", &ns, "link", "set", "lo", "up"]));
+        let peer = format!("p{}", self.pods.len());
+        must(self::ip(&[
+            "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &site_ns,
+        ]));
+        must(self::ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ]));
+        must(self::ip(&["-n", &ns, "link", "set", "eth0", "up"]));
+        must(self::ip(&[
+            "-n", &site_ns, "link", "set", &peer, "master", "lan0", "up",
+        ]));
+        name
     }
 
     /// The WAN namespace, holding bridge `br0` and the peers `s<i>` of the sites' `wan0`.

@@ -1,0 +1,310 @@
+//! The `clusterset.local` DNS responder: answers the zone from the live catalog, forwards
+//! everything else to the configured upstream resolvers.
+//!
+//! Structured like quinn-proto: the answering logic is pure and tested without sockets, the
+//! async layer around it is thin.
+//!
+//! - [`wire`]: one request parsed from bytes, one response encoded within the client's size
+//!   limit (TC bit, EDNS, FORMERR).
+//! - [`zone`]: [`Authority::answer`], the records of SPEC.md's "Names" table computed from a
+//!   [`View`], or the decision to forward.
+//! - [`handle`] composes them: bytes in, an [`Outcome`] out. The fuzz target drives exactly
+//!   this function.
+//! - `server`: UDP and TCP on every `dns.listen` address; `upstream`: the forwarding client;
+//!   [`client`]: the stub behind `causeway resolve`; `fuzzing`: the fuzz target's body and its
+//!   deterministic stand-in test.
+//!
+//! **Transport.** UDP and TCP are served directly on tokio, with hickory-proto for the wire
+//! format, rather than through hickory-server's `Server`. Its 0.26 `ResponseHandler` only
+//! accepts a typed `MessageResponse`, so (1) a forwarded answer could not be relayed as the
+//! upstream sent it, only decoded and re-encoded (EDNS options reordered, anything the decoder
+//! does not model lost), and (2) truncation is out of our hands: its encoder sets TC when only
+//! glue in the additional section overflows (RFC 2181 §9 says not to) and drops the OPT record
+//! of a truncated answer (RFC 6891 §7 wants it kept). Serving ourselves also answers a UDP
+//! query in the task that received it, with no task spawned or channel crossed per query,
+//! which is what keeps zone answers well under a millisecond (docs/BENCHMARKS.md, `## DNS`).
+//!
+//! **Freshness.** Every query is answered from the newest [`View`] of the mesh's watch channel;
+//! nothing is cached, so a withdrawn endpoint is gone from the next answer.
+//!
+//! **Not an open resolver.** Names outside the zone are forwarded only when `dns.upstream` is
+//! set; otherwise they are REFUSED, whatever address the responder listens on.
+//!
+//! **Binding.** An address that cannot be bound (port 53 without privilege, or taken) does not
+//! stop the agent, whose links and data plane work without DNS: it is logged as an error and
+//! listed under `dns.errors` in `causeway status`.
+
+pub mod client;
+#[doc(hidden)]
+pub mod fuzzing;
+mod server;
+mod upstream;
+pub mod wire;
+pub mod zone;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hickory_proto::op::ResponseCode;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::catalog::View;
+use crate::config::DnsConfig;
+pub use wire::{Request, Response, Transport};
+pub use zone::{Answer, Authority};
+
+/// Errors at the edges of the DNS module.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("dns.zone `{zone}` is not a usable zone: {reason}")]
+    Zone { zone: String, reason: String },
+    #[error("binding {addr} ({proto}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        proto: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{server}: {message}")]
+    Exchange { server: SocketAddr, message: String },
+    #[error("no upstream resolver answered: {0}")]
+    NoUpstream(String),
+}
+
+/// What the server does with one received message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Send these bytes back.
+    Reply(Vec<u8>),
+    /// Ask the upstream resolvers; if none answers, send `servfail`.
+    Forward { servfail: Vec<u8> },
+    /// Send nothing (not a query, or too short to answer).
+    Drop,
+}
+
+/// The request path, bytes to bytes: parse, answer from `view`, encode within what the client
+/// accepts over `transport`. Pure, total, and never panics on any input.
+pub fn handle(packet: &[u8], transport: Transport, view: &View, authority: &Authority) -> Outcome {
+    let small = match transport {
+        Transport::Udp => wire::MIN_UDP_PAYLOAD,
+        Transport::Tcp => u16::MAX,
+    };
+    let request = match Request::parse(packet) {
+        Ok(r) => r,
+        Err(wire::Rejected::Drop(_)) => return Outcome::Drop,
+        Err(wire::Rejected::Respond(r)) => return Outcome::Reply(r.encode(small)),
+    };
+    match authority.answer(&request, view) {
+        Answer::Respond(r) => Outcome::Reply(r.encode(request.max_response(transport))),
+        Answer::Forward => {
+            let mut r = Response::to(&request);
+            r.metadata.recursion_available = true;
+            r.metadata.response_code = ResponseCode::ServFail;
+            Outcome::Forward {
+                servfail: r.encode(request.max_response(transport)),
+            }
+        }
+    }
+}
+
+/// Counters of what the responder did, for `causeway status`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    noerror: AtomicU64,
+    nxdomain: AtomicU64,
+    refused: AtomicU64,
+    servfail: AtomicU64,
+    formerr: AtomicU64,
+    notimp: AtomicU64,
+    other: AtomicU64,
+    /// Answers that did not fit the client's UDP size (TC set).
+    truncated: AtomicU64,
+    /// Queries sent on to an upstream resolver (answered or not).
+    forwarded: AtomicU64,
+    /// Queries not answered: forwards beyond the in-flight bound, TCP connections beyond theirs.
+    dropped: AtomicU64,
+}
+
+impl Stats {
+    /// Counts a reply by its response code (read back from the encoded header).
+    fn reply(&self, bytes: &[u8]) {
+        let Some(&[flags, rcode]) = bytes.get(2..4) else {
+            return;
+        };
+        if flags & 0x02 != 0 {
+            self.truncated.fetch_add(1, Ordering::Relaxed);
+        }
+        let counter = match ResponseCode::from_low(rcode & 0x0f) {
+            ResponseCode::NoError => &self.noerror,
+            ResponseCode::NXDomain => &self.nxdomain,
+            ResponseCode::Refused => &self.refused,
+            ResponseCode::ServFail => &self.servfail,
+            ResponseCode::FormErr => &self.formerr,
+            ResponseCode::NotImp => &self.notimp,
+            _ => &self.other,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "queries": {
+                "noerror": n(&self.noerror),
+                "nxdomain": n(&self.nxdomain),
+                "refused": n(&self.refused),
+                "servfail": n(&self.servfail),
+                "formerr": n(&self.formerr),
+                "notimp": n(&self.notimp),
+                "other": n(&self.other),
+            },
+            "truncated": n(&self.truncated),
+            "forwarded": n(&self.forwarded),
+            "dropped": n(&self.dropped),
+        })
+    }
+}
+
+/// The running responder.
+pub struct Responder {
+    /// The zone served.
+    zone: String,
+    /// Addresses served, UDP and TCP each (port 0 in the configuration resolved).
+    bound: Vec<SocketAddr>,
+    /// Addresses that could not be bound, with the reason, for `status`.
+    errors: Vec<String>,
+    /// Where names outside the zone go (after dropping any that are ourselves).
+    upstream: Vec<SocketAddr>,
+    stats: Arc<Stats>,
+    /// Cancelled to stop every socket task.
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Responder {
+    /// Binds every `config.listen` address (UDP and TCP) and starts answering from the views
+    /// `views` delivers. Addresses that cannot be bound are logged and reported, not fatal.
+    pub async fn start(
+        config: &DnsConfig,
+        site: &str,
+        views: watch::Receiver<Arc<View>>,
+        cancel: CancellationToken,
+    ) -> Result<Responder, DnsError> {
+        let mut bound = Vec::new();
+        let mut errors = Vec::new();
+        let mut sockets = Vec::new();
+        for addr in &config.listen {
+            match server::bind(*addr).await {
+                Ok((udp, tcp, local)) => {
+                    bound.push(local);
+                    sockets.push((udp, tcp, local));
+                }
+                Err(e) => {
+                    let kind = match &e {
+                        DnsError::Bind { source, .. } => Some(source.kind()),
+                        _ => None,
+                    };
+                    let hint = match kind {
+                        Some(std::io::ErrorKind::PermissionDenied) => {
+                            "; ports below 1024 need root or CAP_NET_BIND_SERVICE, or choose another port in dns.listen"
+                        }
+                        Some(std::io::ErrorKind::AddrInUse) => {
+                            "; another program (or another agent on this host) has it: choose another port in dns.listen"
+                        }
+                        _ => "",
+                    };
+                    error!("DNS responder not answering on {addr}: {e}{hint}");
+                    errors.push(format!("{e}{hint}"));
+                }
+            }
+        }
+        let upstream: Vec<SocketAddr> = config
+            .upstream
+            .iter()
+            .copied()
+            .filter(|u| {
+                let ours = bound
+                    .iter()
+                    .any(|b| b == u || (b.port() == u.port() && b.ip().is_unspecified() && u.ip().is_loopback()));
+                if ours {
+                    warn!(upstream = %u, "dns.upstream {u} is this responder itself; ignoring it (it would loop)");
+                }
+                !ours
+            })
+            .collect();
+        let authority = Authority::new(&config.zone, site, config.ttl, !upstream.is_empty())?;
+        let stats = Arc::new(Stats::default());
+        let shared = Arc::new(server::Shared {
+            authority,
+            views,
+            upstream: upstream::Upstreams::new(upstream.clone()),
+            stats: stats.clone(),
+            forwards: Arc::new(tokio::sync::Semaphore::new(server::MAX_FORWARDS)),
+        });
+        let tasks = TaskTracker::new();
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+        for (udp, tcp, local) in sockets {
+            let udp = Arc::new(udp);
+            for _ in 0..workers {
+                tasks.spawn(
+                    server::serve_udp(udp.clone(), shared.clone(), cancel.clone(), tasks.clone())
+                        .instrument(info_span!("dns", udp = %local)),
+                );
+            }
+            tasks.spawn(
+                server::serve_tcp(tcp, shared.clone(), cancel.clone(), tasks.clone())
+                    .instrument(info_span!("dns", tcp = %local)),
+            );
+        }
+        if !bound.is_empty() {
+            info!(
+                listen = ?bound,
+                zone = %config.zone,
+                upstream = ?upstream,
+                "DNS responder answering {} (outside it: {})",
+                config.zone,
+                if upstream.is_empty() { "REFUSED" } else { "forwarded" }
+            );
+        }
+        Ok(Responder {
+            zone: config.zone.clone(),
+            bound,
+            errors,
+            upstream,
+            stats,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// The addresses answering, UDP and TCP each.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.bound
+    }
+
+    /// Zone, addresses, bind errors and counters, for `causeway status`.
+    pub fn status(&self) -> serde_json::Value {
+        let mut v = json!({
+            "zone": self.zone,
+            "listen": self.bound.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "errors": self.errors,
+            "upstream": self.upstream.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        });
+        if let (Some(map), serde_json::Value::Object(counters)) = (v.as_object_mut(), self.stats.to_json()) {
+            map.extend(counters);
+        }
+        v
+    }
+
+    /// Stops answering and waits (at most 2 s) for the socket tasks.
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
+    }
+}

@@ -1,0 +1,285 @@
+//! The sockets: UDP and TCP on one address, each message through [`handle`].
+//!
+//! UDP: a few tasks (one per core, at most four) receive on the same socket and answer in
+//! place; only forwarded queries get a task of their own, at most [`MAX_FORWARDS`] at once
+//! (beyond that they are dropped, and the client retries). TCP (RFC 7766): at most
+//! [`MAX_TCP_CONNECTIONS`] connections, closed after [`TCP_IDLE`] without a query; pipelined
+//! queries are read while earlier ones are being forwarded, and answers are written as they
+//! are ready, so one slow upstream does not hold up zone answers on the same connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, debug_span};
+
+use super::upstream::Upstreams;
+use super::{Authority, DnsError, Outcome, Stats, Transport, handle};
+use crate::catalog::View;
+
+/// Forwarded queries in flight at once, over all sockets.
+pub const MAX_FORWARDS: usize = 1024;
+/// Open TCP connections per address.
+pub const MAX_TCP_CONNECTIONS: usize = 256;
+/// A TCP connection with no query for this long is closed (RFC 7766 §6.2.3 suggests seconds).
+pub const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Time allowed to read the rest of a TCP message, or to write an answer.
+const TCP_IO: Duration = Duration::from_secs(5);
+/// Forwarded queries in flight on one TCP connection.
+const TCP_PIPELINE: usize = 16;
+/// Socket receive buffer asked for (the kernel caps it at net.core.rmem_max): absorbs bursts.
+const UDP_RECV_BUFFER: usize = 4 << 20;
+
+/// What every socket task shares.
+pub(crate) struct Shared {
+    pub authority: Authority,
+    /// The mesh's views; each query reads the newest.
+    pub views: watch::Receiver<Arc<View>>,
+    pub upstream: Upstreams,
+    pub stats: Arc<Stats>,
+    /// Bounds forwarded queries in flight.
+    pub forwards: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// Runs one message through [`handle`] against the newest view, counting the outcome.
+    fn handle(&self, packet: &[u8], transport: Transport) -> Outcome {
+        let view = self.views.borrow().clone();
+        let outcome = handle(packet, transport, &view, &self.authority);
+        if let Outcome::Reply(bytes) = &outcome {
+            self.stats.reply(bytes);
+        }
+        outcome
+    }
+
+    /// Forwards `query`; the answer, or `servfail` if no upstream gives one.
+    async fn forward(&self, query: &[u8], client_tcp: bool, servfail: Vec<u8>) -> Vec<u8> {
+        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        match self.upstream.forward(query, client_tcp).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                debug!(error = %e, "forwarding failed; answering SERVFAIL");
+                self.stats.reply(&servfail);
+                servfail
+            }
+        }
+    }
+}
+
+/// Binds UDP and TCP on `addr`; with port 0, on one port the OS chose for both.
+pub(crate) async fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAddr), DnsError> {
+    let mut attempts = 0;
+    loop {
+        let udp = udp_socket(addr).map_err(|source| DnsError::Bind {
+            addr,
+            proto: "udp",
+            source,
+        })?;
+        let local = udp.local_addr().map_err(|source| DnsError::Bind {
+            addr,
+            proto: "udp",
+            source,
+        })?;
+        match tcp_listener(local) {
+            Ok(tcp) => return Ok((udp, tcp, local)),
+            // The port the OS gave UDP may be taken for TCP: try another.
+            Err(e) if addr.port() == 0 && attempts < 10 => {
+                attempts += 1;
+                debug!(error = %e, port = local.port(), "TCP port taken; choosing another");
+            }
+            Err(source) => {
+                return Err(DnsError::Bind {
+                    addr,
+                    proto: "tcp",
+                    source,
+                });
+            }
+        }
+    }
+}
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // `[::]` and `0.0.0.0` may both be listed; each binds its own family.
+        socket.set_only_v6(true)?;
+    }
+    let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // A restarted agent can bind again while old connections linger in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Receives and answers datagrams until `cancel`.
+pub(crate) async fn serve_udp(
+    socket: Arc<UdpSocket>,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let (n, client) = tokio::select! {
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    // Transient (e.g. ENOBUFS); do not spin on a persistent one.
+                    debug!(error = %e, "receive failed");
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    continue;
+                }
+            },
+            _ = cancel.cancelled() => return,
+        };
+        if client.port() == 0 {
+            continue;
+        }
+        match shared.handle(&buf[..n], Transport::Udp) {
+            Outcome::Reply(bytes) => {
+                if let Err(e) = socket.send_to(&bytes, client).await {
+                    debug!(error = %e, %client, "sending an answer failed");
+                }
+            }
+            Outcome::Forward { servfail } => {
+                let Ok(permit) = shared.forwards.clone().try_acquire_owned() else {
+                    shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let query = buf[..n].to_vec();
+                let (socket, shared) = (socket.clone(), shared.clone());
+                tasks.spawn(async move {
+                    let answer = shared.forward(&query, false, servfail).await;
+                    drop(permit);
+                    if let Err(e) = socket.send_to(&answer, client).await {
+                        debug!(error = %e, %client, "sending a forwarded answer failed");
+                    }
+                });
+            }
+            Outcome::Drop => {}
+        }
+    }
+}
+
+/// Accepts TCP connections until `cancel`.
+pub(crate) async fn serve_tcp(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let connections = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    loop {
+        let (stream, client) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = cancel.cancelled() => return,
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let (shared, cancel, inner) = (shared.clone(), cancel.clone(), tasks.clone());
+        tasks.spawn(
+            async move {
+                connection(stream, shared, cancel, inner).await;
+                drop(permit);
+            }
+            .instrument(debug_span!("dns_tcp", %client)),
+        );
+    }
+}
+
+/// One TCP connection: length-prefixed queries in, length-prefixed answers out.
+async fn connection(stream: TcpStream, shared: Arc<Shared>, cancel: CancellationToken, tasks: TaskTracker) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_PIPELINE);
+    let writer = async move {
+        while let Some(answer) = rx.recv().await {
+            let Ok(len) = u16::try_from(answer.len()) else {
+                continue;
+            };
+            let mut framed = Vec::with_capacity(answer.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&answer);
+            if !matches!(timeout(TCP_IO, wr.write_all(&framed)).await, Ok(Ok(()))) {
+                return;
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    let reader = async move {
+        let pipeline = Arc::new(Semaphore::new(TCP_PIPELINE));
+        loop {
+            let len = tokio::select! {
+                r = timeout(TCP_IDLE, rd.read_u16()) => match r {
+                    Ok(Ok(len)) => len,
+                    _ => break,
+                },
+                _ = cancel.cancelled() => break,
+            };
+            let mut message = vec![0u8; usize::from(len)];
+            if !matches!(timeout(TCP_IO, rd.read_exact(&mut message)).await, Ok(Ok(_))) {
+                break;
+            }
+            match shared.handle(&message, Transport::Tcp) {
+                Outcome::Reply(bytes) => {
+                    if tx.send(bytes).await.is_err() {
+                        break;
+                    }
+                }
+                Outcome::Forward { servfail } => {
+                    let Ok(slot) = pipeline.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let Ok(permit) = shared.forwards.clone().try_acquire_owned() else {
+                        // Over the global bound: a TCP client would wait in vain for nothing.
+                        shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        if tx.send(servfail).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    };
+                    let (shared, tx) = (shared.clone(), tx.clone());
+                    tasks.spawn(async move {
+                        let answer = shared.forward(&message, true, servfail).await;
+                        drop(permit);
+                        let _ = tx.send(answer).await;
+                        drop(slot);
+                    });
+                }
+                // Not a DNS query: this is not a DNS client.
+                Outcome::Drop => break,
+            }
+        }
+    };
+    tokio::join!(reader, writer);
+}

@@ -1,0 +1,426 @@
+//! The DNS wire format at the responder's edge: parsing one request, and encoding one response
+//! within the size the client can take.
+//!
+//! Both are pure functions over bytes (hickory-proto does the record-level encoding). Parsing
+//! is deliberately stricter than a generic message decoder: a query must hold exactly one
+//! question, so a 12-byte header claiming 65 535 questions costs nothing; anything that does
+//! not decode is answered FORMERR when its header is readable and dropped otherwise.
+//!
+//! Encoding follows RFC 1035 §4.2.1, RFC 2181 §9 and RFC 6891 §7: a UDP answer is limited to
+//! 512 bytes without EDNS and to the client's advertised size (capped at [`MAX_UDP_PAYLOAD`])
+//! with it. Records that do not fit are left out: if an answer or authority record was left
+//! out the TC bit is set, so the client asks again over TCP; additional records are only
+//! glue, so leaving them out does not set TC. The OPT record is always kept: room for it is
+//! reserved before any record is written.
+
+use hickory_proto::ProtoError;
+use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, Query, ResponseCode};
+use hickory_proto::rr::Record;
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
+
+/// The largest UDP payload we send or advertise: 1232 bytes fits an IPv6 minimum-MTU packet
+/// without fragmentation (the DNS Flag Day 2020 value). Larger answers go over TCP.
+pub const MAX_UDP_PAYLOAD: u16 = 1232;
+
+/// Size of a DNS message without EDNS over UDP (RFC 1035 §4.2.1).
+pub const MIN_UDP_PAYLOAD: u16 = 512;
+
+/// Size of an OPT record without options: root name (1), type (2), class (2), TTL (4),
+/// RDLENGTH (2).
+const OPT_LEN: u16 = 11;
+
+/// How a request arrived, which decides how large the response may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// A parsed query: one question and the client's EDNS parameters.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The header, for the id, opcode and flags the response echoes.
+    pub metadata: Metadata,
+    /// The one question, exactly as asked (its case is echoed back, RFC 4343).
+    pub query: Query,
+    /// The client's OPT record, if any: its presence allows an OPT in the response and its
+    /// payload size bounds UDP answers.
+    pub edns: Option<Edns>,
+}
+
+/// Why a request gets no regular answer.
+#[derive(Debug)]
+pub enum Rejected {
+    /// Not worth a response: too short for a header, or itself a response (answering those
+    /// would let two servers bounce packets at each other).
+    Drop(&'static str),
+    /// Answer with this (FORMERR or NOTIMP) instead.
+    Respond(Box<Response>),
+}
+
+impl Request {
+    /// Parses one DNS message received from a client.
+    pub fn parse(bytes: &[u8]) -> Result<Request, Rejected> {
+        let mut decoder = BinDecoder::new(bytes);
+        let Ok(header) = Header::read(&mut decoder) else {
+            return Err(Rejected::Drop("shorter than a DNS header"));
+        };
+        let metadata = header.metadata;
+        if metadata.message_type == MessageType::Response {
+            return Err(Rejected::Drop("a response, not a query"));
+        }
+        let error = |rcode| Rejected::Respond(Box::new(Response::error(&metadata, None, rcode)));
+        if metadata.op_code != OpCode::Query {
+            return Err(error(ResponseCode::NotImp));
+        }
+        if header.counts.queries != 1 {
+            return Err(error(ResponseCode::FormErr));
+        }
+        let Ok(query) = Query::read(&mut decoder) else {
+            return Err(error(ResponseCode::FormErr));
+        };
+        // Answer and authority sections are empty in a query; tolerate them, but they must
+        // decode. The additional section may carry the OPT record.
+        let formerr = |query: &Query| {
+            Rejected::Respond(Box::new(Response::error(
+                &metadata,
+                Some(query.clone()),
+                ResponseCode::FormErr,
+            )))
+        };
+        let counts = header.counts;
+        for (count, additional) in [
+            (counts.answers, false),
+            (counts.authorities, false),
+            (counts.additionals, true),
+        ] {
+            match hickory_proto::op::Message::read_records(&mut decoder, count.into(), additional, metadata.op_code) {
+                Ok((_, Some(edns), _)) => {
+                    return Ok(Request {
+                        metadata,
+                        query,
+                        edns: Some(edns),
+                    });
+                }
+                Ok(_) => {}
+                Err(_) => return Err(formerr(&query)),
+            }
+        }
+        Ok(Request {
+            metadata,
+            query,
+            edns: None,
+        })
+    }
+
+    /// The largest response the client accepts over `transport`.
+    pub fn max_response(&self, transport: Transport) -> u16 {
+        match (transport, &self.edns) {
+            (Transport::Tcp, _) => u16::MAX,
+            (Transport::Udp, None) => MIN_UDP_PAYLOAD,
+            (Transport::Udp, Some(edns)) => edns.max_payload().clamp(MIN_UDP_PAYLOAD, MAX_UDP_PAYLOAD),
+        }
+    }
+}
+
+/// A response before encoding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Response {
+    /// Id, opcode, flags and response code (the extended part goes into the OPT record).
+    pub metadata: Metadata,
+    /// The question, echoed (absent when the request's could not be read).
+    pub query: Option<Query>,
+    pub answers: Vec<Record>,
+    /// The SOA of negative answers.
+    pub authorities: Vec<Record>,
+    /// Glue: addresses of SRV targets.
+    pub additionals: Vec<Record>,
+    /// Whether to include an OPT record: only when the request had one (RFC 6891 §7).
+    pub edns: bool,
+}
+
+impl Response {
+    /// An empty response to `request`: id, opcode, RD and CD echoed, NOERROR.
+    pub fn to(request: &Request) -> Response {
+        Response {
+            metadata: Metadata::response_from_request(&request.metadata),
+            query: Some(request.query.clone()),
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+            edns: request.edns.is_some(),
+        }
+    }
+
+    /// A response carrying only an error code.
+    pub fn error(request: &Metadata, query: Option<Query>, rcode: ResponseCode) -> Response {
+        let mut metadata = Metadata::response_from_request(request);
+        metadata.response_code = rcode;
+        Response {
+            metadata,
+            query,
+            answers: Vec::new(),
+            authorities: Vec::new(),
+            additionals: Vec::new(),
+            edns: false,
+        }
+    }
+
+    /// The response code.
+    pub fn rcode(&self) -> ResponseCode {
+        self.metadata.response_code
+    }
+
+    /// Encodes the response in at most `limit` bytes (at least 512), leaving out what does not
+    /// fit as described in the module documentation. Never fails: should encoding go wrong
+    /// anyway, the result is a bare SERVFAIL header.
+    pub fn encode(&self, limit: u16) -> Vec<u8> {
+        let limit = limit.max(MIN_UDP_PAYLOAD);
+        match self.try_encode(limit) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                tracing::warn!(%error, "encoding a DNS response failed; answering SERVFAIL");
+                let mut metadata = self.metadata;
+                metadata.response_code = ResponseCode::ServFail;
+                metadata.truncation = false;
+                let header = Header {
+                    metadata,
+                    counts: HeaderCounts::default(),
+                };
+                let mut bytes = Vec::with_capacity(12);
+                let mut encoder = BinEncoder::new(&mut bytes);
+                // A 12-byte header into an unbounded buffer cannot fail.
+                let _ = header.emit(&mut encoder);
+                bytes
+            }
+        }
+    }
+
+    fn try_encode(&self, limit: u16) -> Result<Vec<u8>, ProtoError> {
+        let mut bytes = Vec::with_capacity(usize::from(limit.min(1500)));
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(if self.edns { limit - OPT_LEN } else { limit });
+        let place = encoder.place::<Header>()?;
+        let mut counts = HeaderCounts::default();
+        if let Some(query) = &self.query {
+            query.emit(&mut encoder)?;
+            counts.queries = 1;
+        }
+        let (answers, mut truncated) = emit_section(&mut encoder, &self.answers)?;
+        counts.answers = answers;
+        if !truncated {
+            (counts.authorities, truncated) = emit_section(&mut encoder, &self.authorities)?;
+        }
+        if !truncated {
+            // Glue that does not fit is simply left out (RFC 2181 §9): no TC.
+            (counts.additionals, _) = emit_section(&mut encoder, &self.additionals)?;
+        }
+        encoder.set_max_size(limit);
+        if self.edns {
+            let mut edns = Edns::new();
+            edns.set_max_payload(MAX_UDP_PAYLOAD);
+            edns.set_rcode_high(self.metadata.response_code.high());
+            edns.emit(&mut encoder)?;
+            counts.additionals += 1;
+        }
+        let mut metadata = self.metadata;
+        metadata.truncation |= truncated;
+        place.replace(&mut encoder, Header { metadata, counts })?;
+        Ok(bytes)
+    }
+}
+
+/// Emits as many of `records` as fit; returns how many and whether some did not.
+fn emit_section(encoder: &mut BinEncoder<'_>, records: &[Record]) -> Result<(u16, bool), ProtoError> {
+    let (count, truncated) = match encoder.emit_all(records.iter()) {
+        Ok(n) => (n, false),
+        Err(ProtoError::NotAllRecordsWritten { count, .. }) => (count, true),
+        Err(e) => return Err(e),
+    };
+    let count = u16::try_from(count).map_err(|_| ProtoError::Message("more than 65535 records in a section"))?;
+    Ok((count, truncated))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Message;
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+    use std::net::Ipv4Addr;
+
+    fn query_bytes(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 0x1234;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    fn many_a(n: usize) -> Response {
+        let req = Request::parse(&query_bytes("big.example.", RecordType::A, None)).unwrap();
+        let mut r = Response::to(&req);
+        for i in 0..n {
+            r.answers.push(Record::from_rdata(
+                Name::from_ascii("big.example.").unwrap(),
+                5,
+                RData::A(A(Ipv4Addr::new(10, 0, (i / 256) as u8, i as u8))),
+            ));
+        }
+        r
+    }
+
+    #[test]
+    fn parses_a_query_with_and_without_edns() {
+        let r = Request::parse(&query_bytes("Etcd.Default.svc.clusterset.local.", RecordType::A, None)).unwrap();
+        assert_eq!(r.metadata.id, 0x1234);
+        assert_eq!(r.query.name().to_ascii(), "Etcd.Default.svc.clusterset.local.");
+        assert!(r.edns.is_none());
+        assert_eq!(r.max_response(Transport::Udp), 512);
+        assert_eq!(r.max_response(Transport::Tcp), u16::MAX);
+
+        let r = Request::parse(&query_bytes("a.example.", RecordType::A, Some(4096))).unwrap();
+        assert_eq!(r.edns.as_ref().unwrap().max_payload(), 4096);
+        assert_eq!(
+            r.max_response(Transport::Udp),
+            MAX_UDP_PAYLOAD,
+            "capped at what we send"
+        );
+        let r = Request::parse(&query_bytes("a.example.", RecordType::A, Some(800))).unwrap();
+        assert_eq!(r.max_response(Transport::Udp), 800);
+        // Below 512 counts as 512 (RFC 6891 §6.2.5); hickory clamps when decoding already.
+        let mut bytes = query_bytes("a.example.", RecordType::A, Some(512));
+        let n = bytes.len();
+        bytes[n - 8..n - 6].copy_from_slice(&100u16.to_be_bytes()); // the OPT's CLASS
+        let r = Request::parse(&bytes).unwrap();
+        assert_eq!(r.max_response(Transport::Udp), 512);
+    }
+
+    #[test]
+    fn garbage_is_dropped_or_formerr_never_a_panic() {
+        assert!(matches!(Request::parse(b""), Err(Rejected::Drop(_))));
+        assert!(matches!(Request::parse(&[0u8; 11]), Err(Rejected::Drop(_))));
+        // A header with one question and nothing after it.
+        let mut h = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        let Err(Rejected::Respond(r)) = Request::parse(&h) else {
+            panic!("expected FORMERR")
+        };
+        assert_eq!(r.rcode(), ResponseCode::FormErr);
+        assert_eq!(r.metadata.id, 0xabcd);
+        assert!(r.metadata.recursion_desired);
+        // Two questions.
+        h[5] = 2;
+        let Err(Rejected::Respond(r)) = Request::parse(&h) else {
+            panic!("expected FORMERR")
+        };
+        assert_eq!(r.rcode(), ResponseCode::FormErr);
+        // 65535 questions claimed, none present: still cheap, still FORMERR.
+        h[4] = 0xff;
+        h[5] = 0xff;
+        assert!(matches!(Request::parse(&h), Err(Rejected::Respond(_))));
+        // A response is dropped.
+        let mut resp = query_bytes("a.example.", RecordType::A, None);
+        resp[2] |= 0x80;
+        assert!(matches!(Request::parse(&resp), Err(Rejected::Drop(_))));
+        // Another opcode: NOTIMP.
+        let mut notify = query_bytes("a.example.", RecordType::SOA, None);
+        notify[2] = (notify[2] & !0x78) | (4 << 3);
+        let Err(Rejected::Respond(r)) = Request::parse(&notify) else {
+            panic!("expected NOTIMP")
+        };
+        assert_eq!(r.rcode(), ResponseCode::NotImp);
+        // A compression pointer loop in the question name.
+        let mut looped = vec![0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        looped.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+        assert!(matches!(Request::parse(&looped), Err(Rejected::Respond(_))));
+        // A truncated additional section after a good question: FORMERR echoing it.
+        let mut cut = query_bytes("a.example.", RecordType::A, Some(1232));
+        cut.truncate(cut.len() - 3);
+        let Err(Rejected::Respond(r)) = Request::parse(&cut) else {
+            panic!("expected FORMERR")
+        };
+        assert_eq!(r.rcode(), ResponseCode::FormErr);
+        assert!(r.query.is_some());
+    }
+
+    #[test]
+    fn over_long_names_are_formerr() {
+        // 5 labels of 63 bytes: 320 bytes, over the 255 limit.
+        let mut m = vec![0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for _ in 0..5 {
+            m.push(63);
+            m.extend_from_slice(&[b'a'; 63]);
+        }
+        m.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let Err(Rejected::Respond(r)) = Request::parse(&m) else {
+            panic!("expected FORMERR")
+        };
+        assert_eq!(r.rcode(), ResponseCode::FormErr);
+        // A label longer than 63 (length byte 64 is not a valid label type).
+        let mut m = vec![0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 64];
+        m.extend_from_slice(&[b'a'; 64]);
+        m.extend_from_slice(&[0, 0, 1, 0, 1]);
+        assert!(matches!(Request::parse(&m), Err(Rejected::Respond(_))));
+    }
+
+    #[test]
+    fn udp_answers_are_truncated_to_the_client_size_with_tc() {
+        let r = many_a(200);
+        for limit in [512u16, 1232, u16::MAX] {
+            let bytes = r.encode(limit);
+            assert!(bytes.len() <= usize::from(limit), "{} > {limit}", bytes.len());
+            let m = Message::from_vec(&bytes).unwrap();
+            if limit == u16::MAX {
+                assert_eq!(m.answers.len(), 200);
+                assert!(!m.metadata.truncation);
+            } else {
+                assert!(m.metadata.truncation, "TC at {limit}");
+                assert!(!m.answers.is_empty() && m.answers.len() < 200);
+            }
+        }
+        // Without truncation the size is what the records need.
+        let small = many_a(3).encode(512);
+        assert!(!Message::from_vec(&small).unwrap().metadata.truncation);
+    }
+
+    #[test]
+    fn the_opt_record_survives_truncation() {
+        let mut r = many_a(200);
+        r.edns = true;
+        let bytes = r.encode(1232);
+        assert!(bytes.len() <= 1232);
+        let m = Message::from_vec(&bytes).unwrap();
+        assert!(m.metadata.truncation);
+        let edns = m.edns.expect("OPT kept");
+        assert_eq!(edns.max_payload(), MAX_UDP_PAYLOAD);
+    }
+
+    #[test]
+    fn glue_that_does_not_fit_does_not_set_tc() {
+        let mut r = many_a(20);
+        r.additionals = many_a(200).answers;
+        let m = Message::from_vec(&r.encode(512)).unwrap();
+        assert!(!m.metadata.truncation);
+        assert_eq!(m.answers.len(), 20);
+        assert!(m.additionals.len() < 200);
+    }
+
+    #[test]
+    fn extended_rcodes_go_into_the_opt_record() {
+        let req = Request::parse(&query_bytes("a.example.", RecordType::A, Some(1232))).unwrap();
+        let mut r = Response::to(&req);
+        r.metadata.response_code = ResponseCode::BADVERS;
+        let m = Message::from_vec(&r.encode(512)).unwrap();
+        assert_eq!(
+            u16::from(m.metadata.response_code),
+            16,
+            "BADVERS (hickory decodes 16 as BADSIG)"
+        );
+        assert_eq!(m.queries[0].query_class(), DNSClass::IN);
+    }
+}

@@ -1,0 +1,650 @@
+//! End-to-end tests of the `clusterset.local` DNS responder: real agents in separate network
+//! namespaces (linked by tokens, the same pod address 10.1.0.1 in every site), asked by real
+//! clients (`dig`, glibc's `getent`, `causeway resolve`), forwarding to a real upstream
+//! (dnsmasq).
+//!
+//! Every agent answers DNS on 127.0.0.1:5353 inside its own namespace (the harness default),
+//! except where a test moves it to port 53 for glibc.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::netns::{Net, require};
+use common::{Site, wait_for};
+
+const POD: &str = "10.1.0.1";
+const ZONE: &str = "clusterset.local";
+
+/// Inits the agents of `names` in `net` (pod address 10.1.0.1 in each), lets `configure`
+/// adjust each causeway.yaml, then starts them.
+fn sites(dir: &Path, net: &Net, names: &[&str], configure: impl Fn(&Site)) -> Vec<Site> {
+    names
+        .iter()
+        .map(|n| {
+            net.add_pod(n, POD);
+            let mut s = Site::init_in(dir, n, net);
+            configure(&s);
+            s.start();
+            s
+        })
+        .collect()
+}
+
+/// `spoke` redeems a token of `hub`.
+fn link(dir: &Path, hub: &Site, spoke: &Site) {
+    let file = dir.join(format!("{}-{}.token", hub.name, spoke.name));
+    hub.issue(&[], &file);
+    let out = spoke.ok(&["token", "redeem", file.to_str().unwrap()]);
+    assert!(out.starts_with(&format!("linked to {}", hub.name)), "{out}");
+}
+
+/// Rewrites the `dns:` section of a site's causeway.yaml (before the agent starts: the DNS
+/// settings are read at start).
+fn set_dns(site: &Site, listen: &str, upstream: &[&str]) {
+    let path = site.state.join("causeway.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut section = String::new();
+    let mut out = Vec::new();
+    for l in text.lines() {
+        if l.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            section = l.split(':').next().unwrap_or_default().to_string();
+        }
+        let key = l.trim_start();
+        if section == "dns" && key.starts_with("listen:") {
+            out.push(format!("  listen: [\"{listen}\"]"));
+        } else if section == "dns" && key.starts_with("upstream:") {
+            let list: Vec<String> = upstream.iter().map(|u| format!("\"{u}\"")).collect();
+            out.push(format!("  upstream: [{}]", list.join(", ")));
+        } else {
+            out.push(l.to_string());
+        }
+    }
+    common::write_atomic(&path, &(out.join("\n") + "\n"));
+}
+
+/// Exports `service` from `site` with the given ports and `(hostname, ip, ready)` endpoints.
+fn export(site: &Site, service: &str, ports: &str, endpoints: &[(&str, &str, bool)]) {
+    let mut yaml = format!("exports:\n  - service: {service}\n    ports: {ports}\n    endpoints:\n");
+    for (host, ip, ready) in endpoints {
+        yaml.push_str(&format!("      - {{hostname: {host}, ip: {ip}, ready: {ready}}}\n"));
+    }
+    site.set_exports(&yaml);
+}
+
+fn services(site: &Site) -> Vec<serde_json::Value> {
+    serde_json::from_str(&site.ok(&["service", "list", "-o", "json"])).expect("service list json")
+}
+
+/// The endpoints of `service` as `site` sees them: (site, hostname) → (vip, ready).
+fn endpoints(site: &Site, service: &str) -> Vec<(String, String, Option<String>, bool)> {
+    services(site)
+        .into_iter()
+        .filter(|s| s["service"] == service)
+        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .map(|e| {
+            (
+                e["site"].as_str().unwrap_or_default().to_string(),
+                e["hostname"].as_str().unwrap_or_default().to_string(),
+                e["vip"].as_str().map(String::from),
+                e["ready"] == true,
+            )
+        })
+        .collect()
+}
+
+/// Waits until `site` sees `count` ready endpoints of `service`; returns (site, host) → VIP.
+fn wait_ready(site: &Site, service: &str, count: usize) -> Vec<(String, String, String)> {
+    let mut seen = Vec::new();
+    let ok = wait_for(Duration::from_secs(15), || {
+        seen = endpoints(site, service)
+            .into_iter()
+            .filter(|e| e.3 && e.2.is_some())
+            .map(|e| (e.0, e.1, e.2.unwrap_or_default()))
+            .collect();
+        seen.len() == count
+    });
+    assert!(
+        ok,
+        "{} saw {seen:?} of {service}, not {count}:\n{}",
+        site.name,
+        site.ok(&["status"])
+    );
+    seen
+}
+
+fn vip_of(eps: &[(String, String, String)], site: &str, host: &str) -> String {
+    eps.iter()
+        .find(|e| e.0 == site && e.1 == host)
+        .map(|e| e.2.clone())
+        .unwrap_or_else(|| panic!("no {host} of {site} in {eps:?}"))
+}
+
+/// `dig @127.0.0.1 -p <port> ARGS` inside `site`: its whole output.
+fn dig_at(net: &Net, site: &str, port: u16, args: &[&str]) -> String {
+    let out = net
+        .exec(site)
+        .args(["dig", "@127.0.0.1", "-p", &port.to_string(), "+time=2", "+tries=2"])
+        .args(args)
+        .output()
+        .expect("run dig");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// `causeway resolve ARGS` for `site`, run inside its namespace (where its responder is).
+fn resolve(net: &Net, site: &Site, args: &[&str]) -> std::process::Output {
+    net.exec(&site.name)
+        .arg(common::BIN)
+        .arg("--state")
+        .arg(&site.state)
+        .arg("resolve")
+        .args(args)
+        .output()
+        .expect("run causeway resolve")
+}
+
+/// `causeway resolve ARGS` that must succeed: its stdout.
+fn resolve_ok(net: &Net, site: &Site, args: &[&str]) -> String {
+    let out = resolve(net, site, args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "causeway resolve {args:?} in {}: {stderr}",
+        site.name
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `causeway resolve ARGS` that must fail with status 1: its stderr.
+fn resolve_fails(net: &Net, site: &Site, args: &[&str]) -> String {
+    let out = resolve(net, site, args);
+    assert_eq!(out.status.code(), Some(1), "causeway resolve {args:?} in {}", site.name);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn dig(net: &Net, site: &str, args: &[&str]) -> String {
+    dig_at(net, site, 5353, args)
+}
+
+/// The records of `dig +noall +answer` output: (name, type, data), data of multi-word
+/// records joined by one space.
+fn records(out: &str) -> Vec<(String, String, String)> {
+    out.lines()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 5).then(|| (f[0].to_string(), f[3].to_string(), f[4..].join(" ")))
+        })
+        .collect()
+}
+
+/// The data of the answers to `name`/`qtype` asked in `site`.
+fn answer(net: &Net, site: &str, name: &str, qtype: &str) -> Vec<String> {
+    let out = dig(net, site, &[name, qtype, "+noall", "+answer"]);
+    records(&out).into_iter().map(|r| r.2).collect()
+}
+
+/// The data of the PTR answers for `addr` asked in `site`.
+fn ptr(net: &Net, site: &str, addr: &str) -> Vec<String> {
+    let out = dig(net, site, &["-x", addr, "+noall", "+answer"]);
+    records(&out).into_iter().map(|r| r.2).collect()
+}
+
+/// The header flags dig printed (`qr aa rd`).
+fn flags(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(";; flags: "))
+        .and_then(|l| l.split(';').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// Asserts a negative answer: `status`, the aa flag, no answers, the zone's SOA.
+fn assert_negative(out: &str, status: &str) {
+    assert!(out.contains(&format!("status: {status},")), "expected {status}:\n{out}");
+    assert!(flags(out).split(' ').any(|f| f == "aa"), "not authoritative:\n{out}");
+    assert!(out.contains("ANSWER: 0,"), "{out}");
+    assert!(out.contains("AUTHORITY: 1,"), "{out}");
+    let soa = out.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 5 && f[0] == format!("{ZONE}.") && f[1] == "5" && f[3] == "SOA" && f[4] == format!("ns.dns.{ZONE}.")
+    });
+    assert!(soa, "no SOA in the authority section:\n{out}");
+}
+
+#[test]
+fn every_record_type_across_three_sites_and_withdrawal() {
+    let Some(net) = Net::new(&["london", "paris", "tokyo"]) else {
+        return;
+    };
+    if !require(&["dig"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = sites(dir.path(), &net, &["london", "paris", "tokyo"], |_| {});
+    let (london, paris, tokyo) = (&s[0], &s[1], &s[2]);
+    link(dir.path(), london, paris);
+    link(dir.path(), london, tokyo);
+    let ports = "[{name: client, port: 2379}, {name: gossip, port: 7946, protocol: UDP}]";
+    export(
+        london,
+        "etcd",
+        ports,
+        &[
+            ("etcd-0", POD, true),
+            ("etcd-1", "10.1.0.2", true),
+            ("etcd-2", "10.1.0.3", false),
+        ],
+    );
+    export(paris, "etcd", ports, &[("etcd-0", POD, true)]);
+    export(tokyo, "lonely", "[{name: http, port: 80}]", &[("lonely-0", POD, false)]);
+    let eps = wait_ready(paris, "etcd", 3);
+    let l0 = vip_of(&eps, "london", "etcd-0");
+    let l1 = vip_of(&eps, "london", "etcd-1");
+    let p0 = vip_of(&eps, "paris", "etcd-0");
+    wait_ready(tokyo, "etcd", 3);
+    let svc = format!("etcd.default.svc.{ZONE}");
+
+    // A for the service: paris's own endpoint by its real address, london's by VIP.
+    assert_eq!(
+        answer(&net, "paris", &svc, "A").into_iter().collect::<BTreeSet<_>>(),
+        set(&[l0.as_str(), l1.as_str(), POD])
+    );
+    // tokyo (two hops from paris) sees every endpoint by VIP; london its own by address.
+    assert_eq!(
+        answer(&net, "tokyo", &svc, "A").into_iter().collect::<BTreeSet<_>>(),
+        set(&[l0.as_str(), l1.as_str(), p0.as_str()])
+    );
+    assert_eq!(
+        answer(&net, "london", &svc, "A").into_iter().collect::<BTreeSet<_>>(),
+        set(&[POD, "10.1.0.2", p0.as_str()])
+    );
+    let out = dig(&net, "paris", &[&svc, "A"]);
+    assert_eq!(flags(&out), "qr aa rd", "{out}");
+    let ttls: Vec<&str> = out
+        .lines()
+        .filter(|l| !l.starts_with(';') && l.contains("\tA\t"))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(ttls, ["5", "5", "5"], "TTL is dns.ttl: {out}");
+
+    // A per endpoint; same hostname in two sites, two names.
+    assert_eq!(
+        answer(&net, "paris", &format!("etcd-0.london.{svc}"), "A"),
+        [l0.as_str()]
+    );
+    assert_eq!(answer(&net, "paris", &format!("etcd-0.paris.{svc}"), "A"), [POD]);
+    assert_eq!(
+        answer(&net, "tokyo", &format!("etcd-0.paris.{svc}"), "A"),
+        [p0.as_str()]
+    );
+
+    // SRV: one per ready endpoint per named port, targets the per-endpoint names, with glue.
+    let out = dig(
+        &net,
+        "paris",
+        &[
+            &format!("_client._tcp.{svc}"),
+            "SRV",
+            "+noall",
+            "+answer",
+            "+additional",
+        ],
+    );
+    let rrs = records(&out);
+    let srv: BTreeSet<String> = rrs.iter().filter(|r| r.1 == "SRV").map(|r| r.2.clone()).collect();
+    assert_eq!(
+        srv,
+        [
+            format!("0 10 2379 etcd-0.london.{svc}."),
+            format!("0 10 2379 etcd-1.london.{svc}."),
+            format!("0 10 2379 etcd-0.paris.{svc}."),
+        ]
+        .into_iter()
+        .collect(),
+        "{out}"
+    );
+    let glue: BTreeSet<(String, String)> = rrs
+        .iter()
+        .filter(|r| r.1 == "A")
+        .map(|r| (r.0.clone(), r.2.clone()))
+        .collect();
+    assert!(glue.contains(&(format!("etcd-1.london.{svc}."), l1.clone())), "{out}");
+    assert_eq!(answer(&net, "paris", &format!("_gossip._udp.{svc}"), "SRV").len(), 3);
+
+    // TXT dns-version.
+    assert_eq!(
+        answer(&net, "paris", &format!("dns-version.{ZONE}"), "TXT"),
+        ["\"1.0.0\""]
+    );
+
+    // PTR for every address handed out: VIPs of every site, this site's real addresses.
+    assert_eq!(ptr(&net, "paris", &l1), [format!("etcd-1.london.{svc}.")]);
+    assert_eq!(ptr(&net, "paris", &p0), [format!("etcd-0.paris.{svc}.")]);
+    assert_eq!(ptr(&net, "paris", POD), [format!("etcd-0.paris.{svc}.")]);
+    let out = dig(&net, "paris", &["-x", "10.1.0.2"]);
+    assert!(
+        out.contains("status: REFUSED"),
+        "london's real address is not ours to name:\n{out}"
+    );
+
+    // Case does not matter; the question's case is echoed.
+    let out = dig(
+        &net,
+        "paris",
+        &["ETCD-0.London.Etcd.DEFAULT.svc.ClusterSet.local", "+noall", "+answer"],
+    );
+    assert_eq!(
+        records(&out),
+        [(
+            "ETCD-0.London.Etcd.DEFAULT.svc.ClusterSet.local.".to_string(),
+            "A".to_string(),
+            l0.clone()
+        )]
+    );
+
+    // Negative answers: NXDOMAIN for unknown names, a not-ready endpoint, a service with no
+    // ready endpoint; NODATA for a type the name lacks.
+    for name in [
+        format!("nope.default.svc.{ZONE}"),
+        format!("etcd-2.london.{svc}"),
+        format!("lonely.default.svc.{ZONE}"),
+        format!("www.{ZONE}"),
+        format!("_peer._tcp.{svc}"),
+    ] {
+        assert_negative(&dig(&net, "paris", &[&name, "A"]), "NXDOMAIN");
+    }
+    assert_negative(&dig(&net, "paris", &[&svc, "AAAA"]), "NOERROR");
+    assert_negative(&dig(&net, "paris", &[&format!("dns-version.{ZONE}"), "A"]), "NOERROR");
+    // Outside the zone with no upstream: REFUSED.
+    let out = dig(&net, "paris", &["example.org", "A"]);
+    assert!(out.contains("status: REFUSED"), "{out}");
+
+    // `causeway resolve` asks the same responder and prints dig's records.
+    let cli = resolve_ok(&net, paris, &[&format!("etcd-1.london.{svc}")]);
+    assert_eq!(cli, format!("etcd-1.london.{svc}.\t5\tIN\tA\t{l1}\n"));
+    let cli = resolve_ok(&net, paris, &[&format!("_client._tcp.{svc}"), "--type", "SRV"]);
+    assert_eq!(cli.lines().count(), 3, "{cli}");
+    let cli = resolve_ok(&net, paris, &[&l0]);
+    assert!(cli.trim_end().ends_with(&format!("PTR\tetcd-0.london.{svc}.")), "{cli}");
+    let cli = resolve_ok(&net, paris, &[&format!("dns-version.{ZONE}"), "--type", "txt"]);
+    assert!(cli.ends_with("\tTXT\t\"1.0.0\"\n"), "{cli}");
+    let err = resolve_fails(&net, paris, &[&format!("nope.default.svc.{ZONE}")]);
+    assert!(err.contains("NXDOMAIN"), "{err}");
+    let err = resolve_fails(&net, paris, &["example.org"]);
+    assert!(err.contains("REFUSED"), "{err}");
+
+    // Withdrawal: once paris's view has etcd-1 not ready, the very next answer lacks it.
+    export(
+        london,
+        "etcd",
+        ports,
+        &[
+            ("etcd-0", POD, true),
+            ("etcd-1", "10.1.0.2", false),
+            ("etcd-2", "10.1.0.3", false),
+        ],
+    );
+    let t = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(5), || endpoints(paris, "etcd")
+            .iter()
+            .any(|e| e.1 == "etcd-1" && !e.3)),
+        "etcd-1 not withdrawn"
+    );
+    let now = answer(&net, "paris", &svc, "A");
+    assert_eq!(
+        now.into_iter().collect::<BTreeSet<_>>(),
+        set(&[l0.as_str(), POD]),
+        "stale after {:?}",
+        t.elapsed()
+    );
+    assert_negative(&dig(&net, "paris", &[&format!("etcd-1.london.{svc}"), "A"]), "NXDOMAIN");
+    assert_eq!(answer(&net, "paris", &format!("_client._tcp.{svc}"), "SRV").len(), 2);
+    assert!(dig(&net, "paris", &["-x", &l1]).contains("status: REFUSED"));
+    // And everything of london goes when its export does.
+    london.set_exports("exports: []\n");
+    assert!(wait_for(Duration::from_secs(5), || answer(&net, "paris", &svc, "A") == [POD]));
+
+    let status: serde_json::Value = serde_json::from_str(&paris.ok(&["status", "-o", "json"])).unwrap();
+    assert_eq!(status["dns"]["listen"][0], "127.0.0.1:5353", "{status}");
+    assert!(status["dns"]["queries"]["nxdomain"].as_u64().unwrap() >= 5, "{status}");
+}
+
+#[test]
+fn two_hundred_endpoints_truncate_over_udp_and_arrive_whole_over_tcp() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    if !require(&["dig"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = sites(dir.path(), &net, &["london", "paris"], |_| {});
+    let (london, paris) = (&s[0], &s[1]);
+    link(dir.path(), london, paris);
+    let hosts: Vec<(String, String)> = (0..200)
+        .map(|i| (format!("grid-{i}"), format!("10.1.{}.{}", i / 100, 1 + i % 100)))
+        .collect();
+    let eps: Vec<(&str, &str, bool)> = hosts.iter().map(|(h, ip)| (h.as_str(), ip.as_str(), true)).collect();
+    export(london, "grid", "[{name: member, port: 7574}]", &eps);
+    wait_ready(paris, "grid", 200);
+    let name = format!("grid.default.svc.{ZONE}");
+
+    // Without +tcp: the UDP answer is truncated (TC), dig retries over TCP and gets all 200.
+    let out = dig(&net, "paris", &[&name, "A"]);
+    assert!(out.contains("Truncated, retrying in TCP mode"), "{out}");
+    assert!(out.contains("ANSWER: 200,"), "{out}");
+    assert_eq!(records(&out).len(), 200);
+    // What the UDP answer itself looks like: tc set, at most the advertised 1232 bytes.
+    let udp = dig(&net, "paris", &[&name, "A", "+ignore", "+bufsize=1232"]);
+    assert!(udp.contains(" tc"), "{udp}");
+    let size: usize = udp
+        .lines()
+        .find_map(|l| l.split("MSG SIZE  rcvd: ").nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("message size");
+    assert!(size <= 1232, "{size} bytes over UDP");
+    assert!(
+        udp.contains("; EDNS: version: 0"),
+        "OPT kept in a truncated answer: {udp}"
+    );
+    // Without EDNS: 512 bytes at most.
+    let plain = dig(&net, "paris", &[&name, "A", "+ignore", "+noedns"]);
+    assert!(plain.contains(" tc"), "{plain}");
+    let size: usize = plain
+        .lines()
+        .find_map(|l| l.split("MSG SIZE  rcvd: ").nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("message size");
+    assert!(size <= 512, "{size} bytes over UDP without EDNS");
+    // SRV for 200 endpoints, and from the owning site (real addresses), over TCP at once.
+    let srv = dig(
+        &net,
+        "paris",
+        &[&format!("_member._tcp.{name}"), "SRV", "+noall", "+answer"],
+    );
+    assert_eq!(records(&srv).len(), 200);
+    let own = dig(&net, "london", &[&name, "A", "+tcp", "+noall", "+answer"]);
+    let own: BTreeSet<String> = records(&own).into_iter().map(|r| r.2).collect();
+    assert_eq!(own, hosts.iter().map(|h| h.1.clone()).collect());
+    // `causeway resolve` retries over TCP too.
+    assert_eq!(resolve_ok(&net, paris, &[&name]).lines().count(), 200);
+}
+
+/// dnsmasq in `site` on 127.0.0.1:`port`: example.org names → 192.0.2.7, a PTR for it, and
+/// a TXT too large for one UDP answer.
+fn dnsmasq(net: &Net, site: &str, port: u16) -> common::netns::Background {
+    let long = "x".repeat(250);
+    let mut args = vec![
+        "dnsmasq".to_string(),
+        "--keep-in-foreground".into(),
+        "--conf-file=/dev/null".into(),
+        "--no-resolv".into(),
+        "--no-hosts".into(),
+        "--listen-address=127.0.0.1".into(),
+        "--bind-interfaces".into(),
+        format!("--port={port}"),
+        "--address=/example.org/192.0.2.7".into(),
+        "--ptr-record=7.2.0.192.in-addr.arpa,upstream.example.org".into(),
+        "--pid-file=".into(),
+        "--user=root".into(),
+        "--edns-packet-max=1232".into(),
+    ];
+    for i in 0..8 {
+        args.push(format!("--txt-record=big.example.org,\"{i}{long}\""));
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let bg = net.spawn(site, &argv);
+    assert!(
+        wait_for(Duration::from_secs(5), || dig_at(
+            net,
+            site,
+            port,
+            &["www.example.org", "+short"]
+        )
+        .contains("192.0.2.7")),
+        "dnsmasq did not start in {site}"
+    );
+    bg
+}
+
+#[test]
+fn forwarding_to_a_real_upstream_and_refused_without_one() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    if !require(&["dig", "dnsmasq"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // paris forwards to a dead upstream first, then to dnsmasq; london has no upstream.
+    let _upstream = dnsmasq(&net, "paris", 5300);
+    let s = sites(dir.path(), &net, &["london", "paris"], |site| {
+        if site.name == "paris" {
+            set_dns(site, "127.0.0.1:5353", &["127.0.0.1:5399", "127.0.0.1:5300"]);
+        }
+    });
+    let (london, paris) = (&s[0], &s[1]);
+    link(dir.path(), london, paris);
+    export(london, "etcd", "[{name: client, port: 2379}]", &[("etcd-0", POD, true)]);
+    let l0 = vip_of(&wait_ready(paris, "etcd", 1), "london", "etcd-0");
+
+    // Outside the zone: dnsmasq's answer, with recursion available.
+    let out = dig(&net, "paris", &["www.example.org", "A"]);
+    assert!(out.contains("status: NOERROR"), "{out}");
+    assert!(out.contains("\tA\t192.0.2.7"), "{out}");
+    assert!(flags(&out).split(' ').any(|f| f == "ra"), "{out}");
+    // A PTR for an address the responder does not hand out is forwarded too.
+    assert_eq!(ptr(&net, "paris", "192.0.2.7"), ["upstream.example.org."]);
+    // A large forwarded answer: TC over UDP, then whole over TCP (forwarded over UDP, TC,
+    // retried upstream over TCP).
+    let big = dig(&net, "paris", &["big.example.org", "TXT"]);
+    assert!(big.contains("Truncated, retrying in TCP mode"), "{big}");
+    assert!(big.contains("ANSWER: 8,"), "{big}");
+    // The zone is still answered here, never forwarded.
+    assert_eq!(
+        answer(&net, "paris", &format!("etcd.default.svc.{ZONE}"), "A"),
+        [l0.as_str()]
+    );
+    assert_negative(&dig(&net, "paris", &[&format!("nope.default.svc.{ZONE}")]), "NXDOMAIN");
+    // Through `causeway resolve` as well.
+    assert!(resolve_ok(&net, paris, &["www.example.org"]).ends_with("\tA\t192.0.2.7\n"));
+
+    // london has no upstream: REFUSED, no recursion offered, for names and unknown PTRs.
+    let out = dig(&net, "london", &["www.example.org", "A"]);
+    assert!(out.contains("status: REFUSED"), "{out}");
+    assert_eq!(flags(&out), "qr rd", "{out}");
+    assert!(dig(&net, "london", &["-x", "192.0.2.7"]).contains("status: REFUSED"));
+
+    let status: serde_json::Value = serde_json::from_str(&paris.ok(&["status", "-o", "json"])).unwrap();
+    assert!(status["dns"]["forwarded"].as_u64().unwrap() >= 4, "{status}");
+    assert_eq!(status["dns"]["upstream"][1], "127.0.0.1:5300", "{status}");
+}
+
+#[test]
+fn unreachable_upstream_is_servfail() {
+    let Some(net) = Net::new(&["london"]) else {
+        return;
+    };
+    if !require(&["dig"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _s = sites(dir.path(), &net, &["london"], |site| {
+        set_dns(site, "127.0.0.1:5353", &["127.0.0.1:5399"]);
+    });
+    let out = dig(&net, "london", &["www.example.org", "A"]);
+    assert!(out.contains("status: SERVFAIL"), "{out}");
+}
+
+#[test]
+fn getent_resolves_through_the_responder_as_the_only_nameserver() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    if !require(&["getent", "dnsmasq", "dig"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _upstream = dnsmasq(&net, "paris", 5300);
+    // paris answers on port 53, the only port resolv.conf can name.
+    let s = sites(dir.path(), &net, &["london", "paris"], |site| {
+        if site.name == "paris" {
+            set_dns(site, "127.0.0.1:53", &["127.0.0.1:5300"]);
+        }
+    });
+    let (london, paris) = (&s[0], &s[1]);
+    net.resolv_conf("paris", "127.0.0.1");
+    // glibc must ask DNS for `.local` names: pin nsswitch in the namespace (an mDNS module
+    // on the host would otherwise claim them).
+    let etc = Path::new("/etc/netns").join(net.ns("paris"));
+    if Path::new("/etc/nsswitch.conf").exists() {
+        std::fs::write(etc.join("nsswitch.conf"), "hosts: files dns\n").unwrap();
+    }
+    link(dir.path(), london, paris);
+    export(
+        london,
+        "etcd",
+        "[{name: client, port: 2379}]",
+        &[("etcd-0", POD, true), ("etcd-1", "10.1.0.2", true)],
+    );
+    export(paris, "etcd", "[{name: client, port: 2379}]", &[("etcd-0", POD, true)]);
+    let eps = wait_ready(paris, "etcd", 3);
+    let l0 = vip_of(&eps, "london", "etcd-0");
+    let l1 = vip_of(&eps, "london", "etcd-1");
+    let getent = |args: &[&str]| {
+        let out = net.exec("paris").arg("getent").args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let svc = format!("etcd.default.svc.{ZONE}");
+    let (code, out) = getent(&["ahostsv4", &svc]);
+    assert_eq!(code, Some(0), "{out}\n{}", paris.log_text());
+    let addrs: BTreeSet<String> = out
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect();
+    assert_eq!(addrs, set(&[l0.as_str(), l1.as_str(), POD]));
+    let (code, out) = getent(&["hosts", &format!("etcd-1.london.{svc}")]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with(&format!("{l1} ")), "{out}");
+    // Reverse lookups through glibc: a VIP to its endpoint's name.
+    let (code, out) = getent(&["hosts", &l0]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(&format!("etcd-0.london.{svc}")), "{out}");
+    // A missing name: getent's "not found" (2), at once.
+    let t = Instant::now();
+    let (code, _) = getent(&["hosts", &format!("nope.default.svc.{ZONE}")]);
+    assert_eq!(code, Some(2));
+    assert!(t.elapsed() < Duration::from_secs(2), "NXDOMAIN took {:?}", t.elapsed());
+    // The responder is the pod's only nameserver: other names resolve through the upstream.
+    let (code, out) = getent(&["hosts", "www.example.org"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("192.0.2.7 "), "{out}");
+}

@@ -1,0 +1,441 @@
+//! Sidecar mode end to end: every grid pod is a network namespace of its own on its site's
+//! LAN, runs a causeway sidecar linked only to its site's gateway, and talks to members in
+//! other sites through VIPs on its own loopback. The sidecar that delivers a flow connects
+//! from the client's own VIP (and, for UDP, its source port), so members see each other at
+//! addresses that work from every site. All sites use the same pod address, 10.1.0.1.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::netns::{Background, LAN_GATEWAY, Net, require};
+use common::{BIN, Site, wait_for};
+
+const POD: &str = "10.1.0.1";
+const SITES: [&str; 3] = ["london", "paris", "tokyo"];
+
+/// A pod's sidecar agent.
+struct Sidecar {
+    /// The pod's namespace name (for `Net::exec`/`run_in`).
+    pod: String,
+    state: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    env: Vec<(String, String)>,
+    proc: Option<Background>,
+}
+
+impl Sidecar {
+    fn start(&mut self, net: &Net) {
+        let log = std::fs::File::create(&self.log).unwrap();
+        let mut cmd = net.exec(&self.pod);
+        cmd.args([
+            BIN,
+            "--state",
+            self.state.to_str().unwrap(),
+            "run",
+            "--config",
+            self.config.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "causeway=debug,info")
+        .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+        self.proc = Some(Background(cmd.spawn().unwrap()));
+        let ok = wait_for(Duration::from_secs(10), || {
+            std::process::Command::new(BIN)
+                .args(["--state", self.state.to_str().unwrap(), "status"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+        assert!(
+            ok,
+            "sidecar in {} did not start:\n{}",
+            self.pod,
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    fn services(&self) -> Vec<serde_json::Value> {
+        let out = std::process::Command::new(BIN)
+            .args(["--state", self.state.to_str().unwrap(), "service", "list", "-o", "json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    fn vip(&self, service: &str, site: &str) -> Option<String> {
+        self.services()
+            .iter()
+            .filter(|s| s["service"] == service)
+            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+            .find(|e| e["site"] == site && e["ready"] == true)
+            .and_then(|e| e["vip"].as_str().map(String::from))
+    }
+}
+
+/// Three linked sites, each with one pod running a sidecar that exports `exports`.
+struct World {
+    net: Net,
+    gateways: Vec<Site>,
+    sidecars: Vec<Sidecar>,
+    dir: tempfile::TempDir,
+}
+
+impl World {
+    fn new(service: &str, ports: &str) -> Option<World> {
+        let mut net = Net::new(&SITES)?;
+        let dir = tempfile::tempdir().unwrap();
+        let mut gateways = Vec::new();
+        for name in SITES {
+            let mut gw = Site::init_in(dir.path(), name, &net);
+            gw.start();
+            gateways.push(gw);
+        }
+        for spoke in [1, 2] {
+            let file = dir.path().join(format!("{}.token", SITES[spoke]));
+            gateways[0].issue(&[], &file);
+            gateways[spoke].ok(&["token", "redeem", file.to_str().unwrap()]);
+        }
+        let mut sidecars = Vec::new();
+        for (i, site) in SITES.iter().enumerate() {
+            let pod = net.add_pod_ns(site, "pod0", POD);
+            net.resolv_conf(&pod, "127.0.0.1");
+            let state = dir.path().join(format!("{site}-member"));
+            gateways[i].ok(&[
+                "sidecar",
+                "credentials",
+                "--format",
+                "dir",
+                "-o",
+                state.to_str().unwrap(),
+            ]);
+            let config = dir.path().join(format!("{site}-sidecar.yaml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "site: {site}\ngateway: {LAN_GATEWAY}:7400\ndns:\n  listen: [\"127.0.0.1:53\"]\nvips:\n  cidr: 127.77.0.0/16\n\
+                     exports:\n  - service: {service}\n    ports: {ports}\n    endpoints:\n      - {{hostname: \"${{POD_NAME}}\", ip: \"${{POD_IP}}\"}}\n"
+                ),
+            )
+            .unwrap();
+            let mut sc = Sidecar {
+                pod,
+                state,
+                config,
+                log: dir.path().join(format!("{site}-sidecar.log")),
+                env: vec![
+                    ("POD_NAME".into(), format!("{service}-0")),
+                    ("POD_IP".into(), POD.into()),
+                ],
+                proc: None,
+            };
+            sc.start(&net);
+            sidecars.push(sc);
+        }
+        let world = World {
+            net,
+            gateways,
+            sidecars,
+            dir,
+        };
+        for sc in &world.sidecars {
+            let ok = wait_for(Duration::from_secs(15), || {
+                SITES.iter().all(|s| sc.vip(service, s).is_some())
+            });
+            assert!(ok, "{} does not see every member:\n{}", sc.pod, world.logs());
+        }
+        Some(world)
+    }
+
+    fn vip(&self, service: &str, site: &str) -> String {
+        self.sidecars[0].vip(service, site).expect("vip")
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for g in &self.gateways {
+            out += &format!("--- gateway {}\n{}\n", g.name, tail(&g.log_text(), 30));
+        }
+        for s in &self.sidecars {
+            out += &format!(
+                "--- sidecar {}\n{}\n",
+                s.pod,
+                tail(&std::fs::read_to_string(&s.log).unwrap_or_default(), 30)
+            );
+        }
+        out
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+#[test]
+fn sidecar_credentials_and_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Site::init(dir.path(), "london");
+    let secret = dir.path().join("member.yaml");
+    gw.ok(&["sidecar", "credentials", "-o", secret.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&secret).unwrap();
+    for key in [
+        "kind: Secret",
+        "name: causeway-member",
+        "ca.crt:",
+        "agent.crt:",
+        "agent.key:",
+    ] {
+        assert!(text.contains(key), "{key} missing:\n{text}");
+    }
+    let member = dir.path().join("member");
+    gw.ok(&[
+        "sidecar",
+        "credentials",
+        "--format",
+        "dir",
+        "-o",
+        member.to_str().unwrap(),
+    ]);
+    // Member credentials cannot mint more, and are not a gateway.
+    let out = std::process::Command::new(BIN)
+        .args(["--state", member.to_str().unwrap(), "sidecar", "credentials", "-o"])
+        .arg(dir.path().join("x.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let cfg = gw.state.join("causeway.yaml");
+    let out = std::process::Command::new(BIN)
+        .args([
+            "--state",
+            member.to_str().unwrap(),
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("need `gateway:"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = Path::new("");
+}
+
+#[test]
+fn redis_cluster_without_announce_ip_learns_vips_from_source_addresses() {
+    if !require(&["redis-server", "redis-cli"]) {
+        return;
+    }
+    let Some(w) = World::new("redis", "[{name: client, port: 6379}, {name: bus, port: 16379}]") else {
+        return;
+    };
+    let mut servers = Vec::new();
+    for (i, site) in SITES.iter().enumerate() {
+        let data = w.path(&format!("redis-{site}"));
+        std::fs::create_dir_all(&data).unwrap();
+        let log = std::fs::File::create(w.path(&format!("redis-{site}.log"))).unwrap();
+        let child = w
+            .net
+            .exec(&w.sidecars[i].pod)
+            .args([
+                "redis-server",
+                "--bind",
+                POD,
+                "--port",
+                "6379",
+                "--protected-mode",
+                "no",
+                "--cluster-enabled",
+                "yes",
+            ])
+            .args([
+                "--cluster-config-file",
+                data.join("nodes.conf").to_str().unwrap(),
+                "--dir",
+                data.to_str().unwrap(),
+            ])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        servers.push(Background(child));
+    }
+    let vips: Vec<String> = SITES.iter().map(|s| w.vip("redis", s)).collect();
+    // Created over the VIPs, from london's gateway namespace, where every VIP is served.
+    for vip in &vips {
+        assert!(
+            wait_for(Duration::from_secs(10), || {
+                stdout(
+                    &w.net
+                        .exec("london")
+                        .args(["redis-cli", "-h", vip, "ping"])
+                        .output()
+                        .unwrap(),
+                ) == "PONG"
+            }),
+            "{vip} not reachable:\n{}",
+            w.logs()
+        );
+    }
+    let mut create = vec!["redis-cli", "--cluster", "create"];
+    let addrs: Vec<String> = vips.iter().map(|v| format!("{v}:6379")).collect();
+    create.extend(addrs.iter().map(String::as_str));
+    create.push("--cluster-yes");
+    let out = w.net.exec("london").args(&create).output().unwrap();
+    assert!(out.status.success(), "create: {}\n{}", stdout(&out), w.logs());
+    for (i, site) in SITES.iter().enumerate() {
+        let pod = &w.sidecars[i].pod;
+        let ok = wait_for(Duration::from_secs(30), || {
+            let info = stdout(
+                &w.net
+                    .exec(pod)
+                    .args(["redis-cli", "-h", POD, "cluster", "info"])
+                    .output()
+                    .unwrap(),
+            );
+            info.contains("cluster_state:ok") && info.contains("cluster_slots_assigned:16384")
+        });
+        assert!(ok, "cluster not ok in {site}:\n{}", w.logs());
+        // Each node knows the others by their VIPs, learned from the source of their
+        // connections (no cluster-announce-ip anywhere).
+        let nodes = stdout(
+            &w.net
+                .exec(pod)
+                .args(["redis-cli", "-h", POD, "cluster", "nodes"])
+                .output()
+                .unwrap(),
+        );
+        for (j, vip) in vips.iter().enumerate() {
+            if i != j {
+                assert!(nodes.contains(&format!("{vip}:6379@16379")), "{site} sees:\n{nodes}");
+            }
+        }
+    }
+    // A client in paris's pod, following MOVED redirections to VIPs.
+    for k in 0..10 {
+        let set = w
+            .net
+            .exec(&w.sidecars[0].pod)
+            .args(["redis-cli", "-c", "-h", POD, "set", &format!("k{k}"), "v"])
+            .output()
+            .unwrap();
+        assert_eq!(stdout(&set), "OK");
+        let get = w
+            .net
+            .exec(&w.sidecars[1].pod)
+            .args(["redis-cli", "-c", "-h", POD, "get", &format!("k{k}")])
+            .output()
+            .unwrap();
+        assert_eq!(stdout(&get), "v");
+    }
+}
+
+/// Sends `msg` from `from_pod`'s member socket (bound to POD:9999) to `to` and waits for an
+/// answer; returns the answer and where it came from.
+fn udp_exchange(net: &Net, pod: &str, sock: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Option<(Vec<u8>, SocketAddr)> {
+    net.run_in(pod, || {
+        let mut buf = [0u8; 1500];
+        for _ in 0..20 {
+            sock.send_to(msg, to).ok()?;
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                return Some((buf[..n].to_vec(), from));
+            }
+        }
+        None
+    })
+}
+
+#[test]
+fn udp_peers_see_each_others_vip_and_source_port_and_survive_restarts() {
+    let Some(mut w) = World::new(
+        "peer",
+        "[{name: gossip, port: 9999, protocol: UDP}, {name: http, port: 8080}]",
+    ) else {
+        return;
+    };
+    let (london_pod, paris_pod) = (w.sidecars[0].pod.clone(), w.sidecars[1].pod.clone());
+    let vip_l: std::net::IpAddr = w.vip("peer", "london").parse().unwrap();
+    let vip_p: std::net::IpAddr = w.vip("peer", "paris").parse().unwrap();
+    // paris's member answers every datagram to the address and port it came from, saying
+    // what it saw.
+    let responder = w.net.run_in(&paris_pod, || UdpSocket::bind((POD, 9999)).unwrap());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((_, from)) = responder.recv_from(&mut buf) {
+            let _ = responder.send_to(format!("saw {from}").as_bytes(), from);
+        }
+    });
+    let sock = w.net.run_in(&london_pod, || {
+        let s = UdpSocket::bind((POD, 9999)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        s
+    });
+    let exchange = |w: &World| udp_exchange(&w.net, &london_pod, &sock, SocketAddr::new(vip_p, 9999), b"hello");
+    let (answer, from) = exchange(&w).unwrap_or_else(|| panic!("no UDP answer:\n{}", w.logs()));
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        format!("saw {vip_l}:9999"),
+        "paris saw london's VIP and port"
+    );
+    assert_eq!(
+        from,
+        SocketAddr::new(vip_p, 9999),
+        "the answer came from where it was sent"
+    );
+
+    // A member bound to its own VIP, advertising it, is reached from both other sites.
+    let listener = w.net.run_in(&london_pod, || TcpListener::bind((vip_l, 8080)).unwrap());
+    std::thread::spawn(move || {
+        while let Ok((mut c, peer)) = listener.accept() {
+            let _ = std::io::Write::write_all(&mut c, format!("london member; you are {}", peer.ip()).as_bytes());
+        }
+    });
+    for (k, site) in [(1usize, "paris"), (2, "tokyo")] {
+        let pod = w.sidecars[k].pod.clone();
+        let vip_k: std::net::IpAddr = w.vip("peer", site).parse().unwrap();
+        let got = w.net.run_in(&pod, || {
+            let mut s = TcpStream::connect_timeout(&SocketAddr::new(vip_l, 8080), Duration::from_secs(3)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut s, &mut out).ok()?;
+            Some(out)
+        });
+        assert_eq!(
+            got,
+            Some(format!("london member; you are {vip_k}")),
+            "from {site}:\n{}",
+            w.logs()
+        );
+    }
+
+    // The sidecar restarts: the pod's flows come back without anyone doing anything.
+    w.sidecars[0].stop();
+    w.sidecars[0].start(&w.net);
+    let back = wait_for(Duration::from_secs(15), || exchange(&w).is_some());
+    assert!(back, "no UDP after the sidecar restarted:\n{}", w.logs());
+    // So does the gateway.
+    w.gateways[0].stop();
+    w.gateways[0].start();
+    let back = wait_for(Duration::from_secs(20), || {
+        exchange(&w).is_some_and(|(a, _)| a.starts_with(b"saw "))
+    });
+    assert!(back, "no UDP after the gateway restarted:\n{}", w.logs());
+}
