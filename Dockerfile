@@ -30,6 +30,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM debian:${DEBIAN_RELEASE}-slim
 # A fixed numeric uid/gid, so Kubernetes `runAsNonRoot` can verify it and volumes can be
 # given to it with `fsGroup: 10001`.
+# iproute2: with a vips.cidr outside 127.0.0.0/8 the agent adds `ip route replace local
+# <cidr> dev lo` itself (given NET_ADMIN); inside 127/8, the default, it is never used.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iproute2 \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 causeway \
  && useradd --system --uid 10001 --gid 10001 --no-create-home \
         --home-dir /var/lib/causeway --shell /usr/sbin/nologin causeway \

@@ -126,6 +126,7 @@ impl Agent {
         let vips_cidr = config.vips.cidr.to_string();
         let metrics = Metrics::new();
         let range = VipRange::new(config.vips.cidr).context("vips.cidr")?;
+        crate::forward::ensure_local_vips(config.vips.cidr).map_err(anyhow::Error::msg)?;
         let block = config
             .vips
             .block

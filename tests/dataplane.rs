@@ -505,3 +505,39 @@ fn metrics_count_flows_bytes_and_links() {
     let london_metrics = scrape(&net, "london");
     assert!(london_metrics.contains("role=\"terminus\""), "{london_metrics}");
 }
+
+#[test]
+fn vip_range_outside_loopback_gets_a_local_route() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    if !require(&["socat"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut s: Vec<Site> = ["london", "paris"]
+        .iter()
+        .map(|n| {
+            net.add_pod(n, POD);
+            let site = Site::init_in(dir.path(), n, &net);
+            let cfg = site.state.join("causeway.yaml");
+            let text = std::fs::read_to_string(&cfg).unwrap();
+            std::fs::write(&cfg, text.replace("cidr: 127.77.0.0/16", "cidr: 10.77.0.0/16")).unwrap();
+            site
+        })
+        .collect();
+    for site in &mut s {
+        site.start();
+    }
+    let (london, paris) = (&s[0], &s[1]);
+    link(dir.path(), london, paris, 1);
+    let _echo = echo(&net, "london", 7007);
+    export(london, "echo", "[{name: tcp, port: 7007}]", true);
+    let vip = wait_vip(paris, "echo", "london", "echo-0");
+    assert!(vip.starts_with("10.77."), "{vip}");
+    let addr: SocketAddr = format!("{vip}:7007").parse().unwrap();
+    assert_eq!(
+        round_trip(&net, "paris", addr, b"outside 127/8").unwrap(),
+        b"outside 127/8"
+    );
+}

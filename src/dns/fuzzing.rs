@@ -270,7 +270,9 @@ mod micro {
                 std::hint::black_box(f.authorities[0].answer(&req, &f.view));
             }
             eprintln!("  answer {:?}", t0.elapsed() / n);
-            let crate::dns::Answer::Respond(r) = f.authorities[0].answer(&req, &f.view) else { panic!() };
+            let crate::dns::Answer::Respond(r) = f.authorities[0].answer(&req, &f.view) else {
+                panic!()
+            };
             let t0 = std::time::Instant::now();
             for _ in 0..n {
                 std::hint::black_box(r.encode(1232));

@@ -42,6 +42,45 @@ pub mod codes {
     pub const BAD_HEADER: u32 = 5;
 }
 
+/// Makes sure the addresses of `cidr` are local here, so VIP listeners can bind them. Inside
+/// 127.0.0.0/8 they always are. Any other range needs a `local` route to `lo`; the agent adds
+/// it (`ip route replace local <cidr> dev lo`, which needs NET_ADMIN and iproute2) and fails
+/// with a clear error when it cannot.
+pub fn ensure_local_vips(cidr: ipnet::IpNet) -> Result<(), String> {
+    let loopback: ipnet::IpNet = "127.0.0.0/8".parse().map_err(|_| "127.0.0.0/8".to_string())?;
+    if loopback.contains(&cidr) {
+        return Ok(());
+    }
+    let probe = match cidr.hosts().next() {
+        Some(ip) => SocketAddr::new(ip, 0),
+        None => return Err(format!("vips.cidr {cidr} has no usable address")),
+    };
+    let bindable = || std::net::UdpSocket::bind(probe).is_ok();
+    if bindable() {
+        return Ok(());
+    }
+    let family = if cidr.addr().is_ipv4() { "-4" } else { "-6" };
+    let cidr_text = cidr.to_string();
+    let args = [family, "route", "replace", "local", cidr_text.as_str(), "dev", "lo"];
+    let outcome = match std::process::Command::new("ip").args(args).output() {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        Err(e) => Some(format!("cannot run `ip`: {e}")),
+    };
+    match outcome {
+        None if bindable() => {
+            info!(%cidr, "added a local route for the VIP range");
+            Ok(())
+        }
+        reason => Err(format!(
+            "vips.cidr {cidr} is outside 127.0.0.0/8 and its addresses are not local here; adding \
+             `ip route replace local {cidr} dev lo` failed ({}). Give the agent NET_ADMIN (and iproute2), \
+             add that route yourself, or use a range inside 127.0.0.0/8",
+            reason.unwrap_or_else(|| "the addresses are still not bindable".into())
+        )),
+    }
+}
+
 /// A listener's identity: address, port, protocol.
 pub type ListenerKey = (IpAddr, u16, Protocol);
 
