@@ -36,6 +36,51 @@ const MAX_HANDSHAKES: usize = 256;
 /// How long `token redeem` waits for the new link to come up before answering.
 const REDEEM_WAIT_UP: Duration = Duration::from_secs(10);
 
+/// Kernel buffer for the QUIC socket, each way: bursts of a fast link must not overflow the
+/// default (~200 KiB), which drops packets before quinn sees them.
+const UDP_BUFFER: usize = 8 * 1024 * 1024;
+
+/// Opens the one QUIC endpoint on `addr` with large socket buffers.
+fn quic_endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max unless we may force them.
+    for force in [true, false] {
+        let r = if force {
+            force_buffer(&socket, libc::SO_RCVBUFFORCE).and(force_buffer(&socket, libc::SO_SNDBUFFORCE))
+        } else {
+            socket.set_recv_buffer_size(UDP_BUFFER).and(socket.set_send_buffer_size(UDP_BUFFER))
+        };
+        if r.is_ok() {
+            break;
+        }
+    }
+    socket.bind(&addr.into())?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket.into(),
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// `setsockopt(SOL_SOCKET, opt, UDP_BUFFER)` for the privileged *FORCE options.
+fn force_buffer(socket: &socket2::Socket, opt: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = UDP_BUFFER as libc::c_int;
+    // SAFETY: setsockopt(2) on a socket we own, with a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            &value as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
 /// How an agent is started beyond its configuration.
 #[derive(Debug, Clone, Default)]
 pub struct StartOptions {
@@ -115,10 +160,10 @@ impl Agent {
             let any: std::net::SocketAddr = if config.listen.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
                 .parse()
                 .context("client address")?;
-            quinn::Endpoint::client(any).context("opening the sidecar's QUIC socket")?
+            quic_endpoint(any, None).context("opening the sidecar's QUIC socket")?
         } else {
             let server = identity::server_config(&identity, trust.clone(), &[ALPN_LINK, ALPN_REDEEM])?;
-            quinn::Endpoint::server(server, config.listen)
+            quic_endpoint(config.listen, Some(server))
                 .with_context(|| format!("binding the QUIC link port {} (listen)", config.listen))?
         };
         let local_addr = endpoint.local_addr().context("reading the bound QUIC address")?;
