@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::netns::{Background, Net, require};
 use common::relay::Relay;
-use common::{Site, wait_for, write_atomic};
+use common::{Site, stdout, tail, wait_for, write_atomic};
 
 const POD: &str = "10.1.0.1";
 const SITES: [&str; 3] = ["london", "paris", "tokyo"];
@@ -170,15 +170,6 @@ impl Clusterset {
         }
         out
     }
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
 fn endpoint_name(service: &str, site: &str) -> String {

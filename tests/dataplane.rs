@@ -15,15 +15,25 @@ const POD: &str = "10.1.0.1";
 
 /// Starts the agents of `names` in `net` (each with pod address 10.1.0.1).
 fn sites(dir: &std::path::Path, net: &Net, names: &[&str]) -> Vec<Site> {
-    names
+    sites_with(dir, net, names, |cfg| cfg)
+}
+
+/// Like [`sites`], with each causeway.yaml passed through `edit` before the agent starts.
+fn sites_with(dir: &std::path::Path, net: &Net, names: &[&str], edit: impl Fn(String) -> String) -> Vec<Site> {
+    let mut sites: Vec<Site> = names
         .iter()
         .map(|n| {
             net.add_pod(n, POD);
-            let mut s = Site::init_in(dir, n, net);
-            s.start();
-            s
+            let site = Site::init_in(dir, n, net);
+            let cfg = site.state.join("causeway.yaml");
+            std::fs::write(&cfg, edit(std::fs::read_to_string(&cfg).unwrap())).unwrap();
+            site
         })
-        .collect()
+        .collect();
+    for s in &mut sites {
+        s.start();
+    }
+    sites
 }
 
 /// `spoke` redeems a token of `hub`, with a link cost.
@@ -450,20 +460,9 @@ fn metrics_count_flows_bytes_and_links() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut s: Vec<Site> = ["london", "paris"]
-        .iter()
-        .map(|n| {
-            net.add_pod(n, POD);
-            let site = Site::init_in(dir.path(), n, &net);
-            let cfg = site.state.join("causeway.yaml");
-            let text = std::fs::read_to_string(&cfg).unwrap();
-            std::fs::write(&cfg, format!("{text}metrics: 127.0.0.1:9400\n")).unwrap();
-            site
-        })
-        .collect();
-    for site in &mut s {
-        site.start();
-    }
+    let s = sites_with(dir.path(), &net, &["london", "paris"], |text| {
+        format!("{text}metrics: 127.0.0.1:9400\n")
+    });
     let (london, paris) = (&s[0], &s[1]);
     link(dir.path(), london, paris, 1);
     let _echo = echo(&net, "london", 7007);
@@ -515,20 +514,9 @@ fn vip_range_outside_loopback_gets_a_local_route() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let mut s: Vec<Site> = ["london", "paris"]
-        .iter()
-        .map(|n| {
-            net.add_pod(n, POD);
-            let site = Site::init_in(dir.path(), n, &net);
-            let cfg = site.state.join("causeway.yaml");
-            let text = std::fs::read_to_string(&cfg).unwrap();
-            std::fs::write(&cfg, text.replace("cidr: 127.77.0.0/16", "cidr: 10.77.0.0/16")).unwrap();
-            site
-        })
-        .collect();
-    for site in &mut s {
-        site.start();
-    }
+    let s = sites_with(dir.path(), &net, &["london", "paris"], |text| {
+        text.replace("cidr: 127.77.0.0/16", "cidr: 10.77.0.0/16")
+    });
     let (london, paris) = (&s[0], &s[1]);
     link(dir.path(), london, paris, 1);
     let _echo = echo(&net, "london", 7007);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::netns::{Background, LAN_GATEWAY, Net, require};
-use common::{BIN, Site, wait_for};
+use common::{BIN, Site, stdout, tail, wait_for};
 
 const POD: &str = "10.1.0.1";
 const SITES: [&str; 3] = ["london", "paris", "tokyo"];
@@ -176,15 +176,6 @@ impl World {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
 #[test]
