@@ -42,14 +42,20 @@ const UDP_BUFFER: usize = 8 * 1024 * 1024;
 
 /// Opens the one QUIC endpoint on `addr` with large socket buffers.
 fn quic_endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
-    let domain = if addr.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
     let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     // Best effort: the kernel caps these at net.core.{r,w}mem_max unless we may force them.
     for force in [true, false] {
         let r = if force {
             force_buffer(&socket, libc::SO_RCVBUFFORCE).and(force_buffer(&socket, libc::SO_SNDBUFFORCE))
         } else {
-            socket.set_recv_buffer_size(UDP_BUFFER).and(socket.set_send_buffer_size(UDP_BUFFER))
+            socket
+                .set_recv_buffer_size(UDP_BUFFER)
+                .and(socket.set_send_buffer_size(UDP_BUFFER))
         };
         if r.is_ok() {
             break;
@@ -78,7 +84,11 @@ fn force_buffer(socket: &socket2::Socket, opt: libc::c_int) -> std::io::Result<(
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// How an agent is started beyond its configuration.
