@@ -10,19 +10,20 @@
 //!   [`View`], or the decision to forward.
 //! - [`handle`] composes them: bytes in, an [`Outcome`] out. The fuzz target drives exactly
 //!   this function.
-//! - `server`: UDP and TCP on every `dns.listen` address; `upstream`: the forwarding client;
-//!   [`client`]: the stub behind `causeway resolve`; `fuzzing`: the fuzz target's body and its
-//!   deterministic stand-in test.
+//! - `server`: UDP and TCP on every `dns.listen` address (`batch`: UDP datagrams taken and
+//!   sent in batches); `upstream`: the forwarding client; [`client`]: the stub behind
+//!   `causeway resolve`; `fuzzing`: the fuzz target's body and its deterministic stand-in.
 //!
-//! **Transport.** UDP and TCP are served directly on tokio, with hickory-proto for the wire
-//! format, rather than through hickory-server's `Server`. Its 0.26 `ResponseHandler` only
+//! **Transport.** UDP and TCP are served directly, with hickory-proto for parsing and our own
+//! encoder, rather than through hickory-server's `Server`. Its 0.26 `ResponseHandler` only
 //! accepts a typed `MessageResponse`, so (1) a forwarded answer could not be relayed as the
 //! upstream sent it, only decoded and re-encoded (EDNS options reordered, anything the decoder
 //! does not model lost), and (2) truncation is out of our hands: its encoder sets TC when only
 //! glue in the additional section overflows (RFC 2181 §9 says not to) and drops the OPT record
-//! of a truncated answer (RFC 6891 §7 wants it kept). Serving ourselves also answers a UDP
-//! query in the task that received it, with no task spawned or channel crossed per query,
-//! which is what keeps zone answers well under a millisecond (docs/BENCHMARKS.md, `## DNS`).
+//! of a truncated answer (RFC 6891 §7 wants it kept). (3) Its UDP path spawns a task and
+//! crosses a channel per query and logs two lines per query at INFO. Serving ourselves, a
+//! UDP query is answered on the thread that received it (`server`), which is what lets zone
+//! answers keep pace with unbound (docs/BENCHMARKS.md, `## DNS`). TCP runs on tokio.
 //!
 //! **Freshness.** Every query is answered from the newest [`View`] of the mesh's watch channel;
 //! nothing is cached, so a withdrawn endpoint is gone from the next answer.
@@ -34,6 +35,7 @@
 //! stop the agent, whose links and data plane work without DNS: it is logged as an error and
 //! listed under `dns.errors` in `causeway status`.
 
+mod batch;
 pub mod client;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -181,9 +183,12 @@ pub struct Responder {
     /// Where names outside the zone go (after dropping any that are ourselves).
     upstream: Vec<SocketAddr>,
     stats: Arc<Stats>,
-    /// Cancelled to stop every socket task.
+    /// Cancelled to stop every socket task and thread.
     cancel: CancellationToken,
+    /// TCP and forwarding tasks.
     tasks: TaskTracker,
+    /// The UDP threads, joined on shutdown.
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Responder {
@@ -199,7 +204,7 @@ impl Responder {
         let mut errors = Vec::new();
         let mut sockets = Vec::new();
         for addr in &config.listen {
-            match server::bind(*addr).await {
+            match server::bind(*addr) {
                 Ok((udp, tcp, local)) => {
                     bound.push(local);
                     sockets.push((udp, tcp, local));
@@ -247,14 +252,28 @@ impl Responder {
             forwards: Arc::new(tokio::sync::Semaphore::new(server::MAX_FORWARDS)),
         });
         let tasks = TaskTracker::new();
+        let runtime = tokio::runtime::Handle::current();
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+        let mut threads = Vec::new();
         for (udp, tcp, local) in sockets {
             let udp = Arc::new(udp);
-            for _ in 0..workers {
-                tasks.spawn(
-                    server::serve_udp(udp.clone(), shared.clone(), cancel.clone(), tasks.clone())
-                        .instrument(info_span!("dns", udp = %local)),
+            for i in 0..workers {
+                let (udp, shared, cancel, runtime, tasks) = (
+                    udp.clone(),
+                    shared.clone(),
+                    cancel.clone(),
+                    runtime.clone(),
+                    tasks.clone(),
                 );
+                let thread = std::thread::Builder::new()
+                    .name(format!("dns-udp-{}-{i}", local.port()))
+                    .spawn(move || server::serve_udp(udp, shared, cancel, runtime, tasks))
+                    .map_err(|source| DnsError::Bind {
+                        addr: local,
+                        proto: "udp",
+                        source,
+                    })?;
+                threads.push(thread);
             }
             tasks.spawn(
                 server::serve_tcp(tcp, shared.clone(), cancel.clone(), tasks.clone())
@@ -279,6 +298,7 @@ impl Responder {
             stats,
             cancel,
             tasks,
+            threads: std::sync::Mutex::new(threads),
         })
     }
 
@@ -301,10 +321,20 @@ impl Responder {
         v
     }
 
-    /// Stops answering and waits (at most 2 s) for the socket tasks.
+    /// Stops answering and waits (at most 2 s) for the socket tasks and threads.
     pub async fn shutdown(&self) {
         self.cancel.cancel();
         self.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let join = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = join.await;
+            self.tasks.wait().await;
+        })
+        .await;
     }
 }

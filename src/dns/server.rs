@@ -1,12 +1,19 @@
 //! The sockets: UDP and TCP on one address, each message through [`handle`].
 //!
-//! UDP: a few tasks (one per core, at most four) receive on the same socket and answer in
-//! place; only forwarded queries get a task of their own, at most [`MAX_FORWARDS`] at once
-//! (beyond that they are dropped, and the client retries). TCP (RFC 7766): at most
-//! [`MAX_TCP_CONNECTIONS`] connections, closed after [`TCP_IDLE`] without a query; pipelined
-//! queries are read while earlier ones are being forwarded, and answers are written as they
-//! are ready, so one slow upstream does not hold up zone answers on the same connection.
+//! UDP is served by a few plain threads (one per core, at most four) blocked on the same
+//! socket, each answering in place, queries taken and answers sent in batches (`batch`): a
+//! zone answer costs no task, wakeup or channel and a fraction of two system calls, which is
+//! what lets the responder keep up with unbound (see docs/BENCHMARKS.md, `## DNS`). A read timeout lets them notice shutdown. Only forwarded
+//! queries go to the tokio runtime as tasks, at most [`MAX_FORWARDS`] at once (beyond that
+//! they are dropped, and the client retries); their answers are sent on the same blocking
+//! socket, where a UDP send does not wait.
+//!
+//! TCP (RFC 7766) runs on tokio: at most [`MAX_TCP_CONNECTIONS`] connections, closed after
+//! [`TCP_IDLE`] without a query; pipelined queries are read while earlier ones are being
+//! forwarded, and answers are written as they are ready, so one slow upstream does not hold
+//! up zone answers on the same connection.
 
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,13 +21,14 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span};
 
+use super::batch::{self, Batch};
 use super::upstream::Upstreams;
 use super::{Authority, DnsError, Outcome, Stats, Transport, handle};
 use crate::catalog::View;
@@ -37,6 +45,8 @@ const TCP_IO: Duration = Duration::from_secs(5);
 const TCP_PIPELINE: usize = 16;
 /// Socket receive buffer asked for (the kernel caps it at net.core.rmem_max): absorbs bursts.
 const UDP_RECV_BUFFER: usize = 4 << 20;
+/// How often a UDP thread blocked in `recv_from` looks up to see whether to stop.
+const UDP_POLL: Duration = Duration::from_millis(100);
 
 /// What every socket task shares.
 pub(crate) struct Shared {
@@ -75,7 +85,7 @@ impl Shared {
 }
 
 /// Binds UDP and TCP on `addr`; with port 0, on one port the OS chose for both.
-pub(crate) async fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener, SocketAddr), DnsError> {
+pub(crate) fn bind(addr: SocketAddr) -> Result<(std::net::UdpSocket, TcpListener, SocketAddr), DnsError> {
     let mut attempts = 0;
     loop {
         let udp = udp_socket(addr).map_err(|source| DnsError::Bind {
@@ -106,16 +116,16 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener, So
     }
 }
 
-fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // `[::]` and `0.0.0.0` may both be listed; each binds its own family.
         socket.set_only_v6(true)?;
     }
     let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER);
-    socket.set_nonblocking(true)?;
+    socket.set_read_timeout(Some(UDP_POLL))?;
     socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
 
 fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -131,53 +141,68 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Receives and answers datagrams until `cancel`.
-pub(crate) async fn serve_udp(
-    socket: Arc<UdpSocket>,
+/// Receives and answers datagrams until `cancel` (a blocking loop: run it on its own thread).
+pub(crate) fn serve_udp(
+    socket: Arc<std::net::UdpSocket>,
     shared: Arc<Shared>,
     cancel: CancellationToken,
+    runtime: tokio::runtime::Handle,
     tasks: TaskTracker,
 ) {
-    let mut buf = vec![0u8; 65535];
-    loop {
-        let (n, client) = tokio::select! {
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(r) => r,
-                Err(e) => {
-                    // Transient (e.g. ENOBUFS); do not spin on a persistent one.
-                    debug!(error = %e, "receive failed");
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    continue;
-                }
-            },
-            _ = cancel.cancelled() => return,
+    let mut batch = Batch::new();
+    let mut answers = Vec::with_capacity(batch::BATCH);
+    while !cancel.is_cancelled() {
+        let n = match batch.recv(&socket) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                // Transient (e.g. ENOBUFS); do not spin on a persistent one.
+                debug!(error = %e, "receive failed");
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
         };
-        if client.port() == 0 {
-            continue;
-        }
-        match shared.handle(&buf[..n], Transport::Udp) {
-            Outcome::Reply(bytes) => {
-                if let Err(e) = socket.send_to(&bytes, client).await {
-                    debug!(error = %e, %client, "sending an answer failed");
+        answers.clear();
+        for i in 0..n {
+            let Some((query, client)) = batch.get(i) else {
+                // Longer than any query, or from an address family we do not answer.
+                shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if client.port() == 0 {
+                continue;
+            }
+            match shared.handle(query, Transport::Udp) {
+                Outcome::Reply(bytes) => answers.push((bytes, client)),
+                Outcome::Forward { servfail } => {
+                    let Ok(permit) = shared.forwards.clone().try_acquire_owned() else {
+                        shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    let query = query.to_vec();
+                    let (socket, shared) = (socket.clone(), shared.clone());
+                    tasks.spawn_on(
+                        async move {
+                            let answer = shared.forward(&query, false, servfail).await;
+                            drop(permit);
+                            if let Err(e) = socket.send_to(&answer, client) {
+                                debug!(error = %e, %client, "sending a forwarded answer failed");
+                            }
+                        },
+                        &runtime,
+                    );
                 }
+                Outcome::Drop => {}
             }
-            Outcome::Forward { servfail } => {
-                let Ok(permit) = shared.forwards.clone().try_acquire_owned() else {
-                    shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                let query = buf[..n].to_vec();
-                let (socket, shared) = (socket.clone(), shared.clone());
-                tasks.spawn(async move {
-                    let answer = shared.forward(&query, false, servfail).await;
-                    drop(permit);
-                    if let Err(e) = socket.send_to(&answer, client).await {
-                        debug!(error = %e, %client, "sending a forwarded answer failed");
-                    }
-                });
-            }
-            Outcome::Drop => {}
         }
+        batch::send(&socket, &answers);
     }
 }
 

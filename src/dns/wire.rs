@@ -1,10 +1,14 @@
 //! The DNS wire format at the responder's edge: parsing one request, and encoding one response
 //! within the size the client can take.
 //!
-//! Both are pure functions over bytes (hickory-proto does the record-level encoding). Parsing
-//! is deliberately stricter than a generic message decoder: a query must hold exactly one
-//! question, so a 12-byte header claiming 65 535 questions costs nothing; anything that does
-//! not decode is answered FORMERR when its header is readable and dropped otherwise.
+//! Both are pure functions over bytes. Parsing uses hickory-proto's decoders but is stricter
+//! than a generic message decoder: a query must hold exactly one question, so a 12-byte header
+//! claiming 65 535 questions costs nothing; anything that does not decode is answered FORMERR
+//! when its header is readable and dropped otherwise. Encoding is our own, for the handful of
+//! record types the responder produces (others fall back to hickory-proto): it writes the
+//! question once and points every owner name that is the question or one of its suffixes at
+//! it, which is all the compression these answers need and several times cheaper than a
+//! general compressor.
 //!
 //! Encoding follows RFC 1035 §4.2.1, RFC 2181 §9 and RFC 6891 §7: a UDP answer is limited to
 //! 512 bytes without EDNS and to the client's advertised size (capped at [`MAX_UDP_PAYLOAD`])
@@ -15,8 +19,8 @@
 
 use hickory_proto::ProtoError;
 use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, Query, ResponseCode};
-use hickory_proto::rr::Record;
-use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder};
+use hickory_proto::rr::{Name, RData, Record};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder, BinEncodable, BinEncoder, NameEncoding};
 
 /// The largest UDP payload we send or advertise: 1232 bytes fits an IPv6 minimum-MTU packet
 /// without fragmentation (the DNS Flag Day 2020 value). Larger answers go over TCP.
@@ -197,48 +201,191 @@ impl Response {
     }
 
     fn try_encode(&self, limit: u16) -> Result<Vec<u8>, ProtoError> {
-        let mut bytes = Vec::with_capacity(usize::from(limit.min(1500)));
-        let mut encoder = BinEncoder::new(&mut bytes);
-        encoder.set_max_size(if self.edns { limit - OPT_LEN } else { limit });
-        let place = encoder.place::<Header>()?;
+        let limit = usize::from(limit);
+        // Room for records: the OPT record must always fit after them.
+        let room = if self.edns { limit - usize::from(OPT_LEN) } else { limit };
+        let mut out = Vec::with_capacity(limit.min(1500));
+        out.extend_from_slice(&[0; 12]);
         let mut counts = HeaderCounts::default();
+        let mut names = Compression::default();
         if let Some(query) = &self.query {
-            query.emit(&mut encoder)?;
+            names.question(&mut out, query.name())?;
+            out.extend_from_slice(&u16::from(query.query_type()).to_be_bytes());
+            out.extend_from_slice(&u16::from(query.query_class()).to_be_bytes());
             counts.queries = 1;
         }
-        let (answers, mut truncated) = emit_section(&mut encoder, &self.answers)?;
+        if out.len() > room {
+            return Err(ProtoError::Message("the question alone exceeds the size limit"));
+        }
+        let (answers, mut truncated) = emit_section(&mut out, &self.answers, room, &names)?;
         counts.answers = answers;
         if !truncated {
-            (counts.authorities, truncated) = emit_section(&mut encoder, &self.authorities)?;
+            (counts.authorities, truncated) = emit_section(&mut out, &self.authorities, room, &names)?;
         }
         if !truncated {
             // Glue that does not fit is simply left out (RFC 2181 §9): no TC.
-            (counts.additionals, _) = emit_section(&mut encoder, &self.additionals)?;
+            (counts.additionals, _) = emit_section(&mut out, &self.additionals, room, &names)?;
         }
-        encoder.set_max_size(limit);
         if self.edns {
-            let mut edns = Edns::new();
-            edns.set_max_payload(MAX_UDP_PAYLOAD);
-            edns.set_rcode_high(self.metadata.response_code.high());
-            edns.emit(&mut encoder)?;
+            // OPT: root owner, type 41, our UDP size as class, extended rcode, version 0, no
+            // flags (we do not sign: DO stays clear), no options.
+            out.push(0);
+            out.extend_from_slice(&41u16.to_be_bytes());
+            out.extend_from_slice(&MAX_UDP_PAYLOAD.to_be_bytes());
+            out.extend_from_slice(&[self.metadata.response_code.high(), 0, 0, 0, 0, 0]);
             counts.additionals += 1;
         }
-        let mut metadata = self.metadata;
-        metadata.truncation |= truncated;
-        place.replace(&mut encoder, Header { metadata, counts })?;
-        Ok(bytes)
+        let m = &self.metadata;
+        let flag = |set: bool, bit: u8| if set { bit } else { 0 };
+        out[..2].copy_from_slice(&m.id.to_be_bytes());
+        out[2] = 0x80
+            | (u8::from(m.op_code) & 0x0f) << 3
+            | flag(m.authoritative, 0x04)
+            | flag(m.truncation || truncated, 0x02)
+            | flag(m.recursion_desired, 0x01);
+        out[3] = flag(m.recursion_available, 0x80)
+            | flag(m.authentic_data, 0x20)
+            | flag(m.checking_disabled, 0x10)
+            | m.response_code.low();
+        for (i, count) in [counts.queries, counts.answers, counts.authorities, counts.additionals]
+            .into_iter()
+            .enumerate()
+        {
+            out[4 + 2 * i..6 + 2 * i].copy_from_slice(&count.to_be_bytes());
+        }
+        Ok(out)
     }
 }
 
-/// Emits as many of `records` as fit; returns how many and whether some did not.
-fn emit_section(encoder: &mut BinEncoder<'_>, records: &[Record]) -> Result<(u16, bool), ProtoError> {
-    let (count, truncated) = match encoder.emit_all(records.iter()) {
-        Ok(n) => (n, false),
-        Err(ProtoError::NotAllRecordsWritten { count, .. }) => (count, true),
-        Err(e) => return Err(e),
-    };
-    let count = u16::try_from(count).map_err(|_| ProtoError::Message("more than 65535 records in a section"))?;
-    Ok((count, truncated))
+/// Name compression, the cheap way: the question's name is written once, uncompressed, and
+/// any later name that is it or one of its suffixes (answer owners, the zone apex of the SOA)
+/// becomes a pointer to it. Other names are written uncompressed, which also keeps SRV
+/// targets uncompressed as RFC 2782 requires.
+#[derive(Default)]
+struct Compression {
+    /// Where the question's name lies in the message (start, end including the root label),
+    /// and where each of its labels starts.
+    question: Option<(usize, usize, Vec<usize>)>,
+}
+
+impl Compression {
+    fn question(&mut self, out: &mut Vec<u8>, name: &Name) -> Result<(), ProtoError> {
+        let start = out.len();
+        let mut labels = Vec::with_capacity(8);
+        for label in name.iter() {
+            labels.push(out.len());
+            push_label(out, label)?;
+        }
+        out.push(0);
+        self.question = Some((start, out.len(), labels));
+        Ok(())
+    }
+
+    /// Writes `name`: a pointer if it is (a suffix of) the question, else its labels.
+    fn name(&self, out: &mut Vec<u8>, name: &Name) -> Result<(), ProtoError> {
+        let start = out.len();
+        for label in name.iter() {
+            push_label(out, label)?;
+        }
+        out.push(0);
+        if let Some((q_start, q_end, labels)) = &self.question {
+            // A suffix of the question in wire form, compared without regard to case (length
+            // bytes are below 64 and unaffected).
+            let written = out.len() - start;
+            if let Some(at) = q_end
+                .checked_sub(written)
+                .filter(|at| *at >= *q_start && labels.contains(at))
+            {
+                // Pointers have 14 bits; the question starts at offset 12.
+                if at < 0x4000 && out[at..*q_end].eq_ignore_ascii_case(&out[start..]) {
+                    out.truncate(start);
+                    out.extend_from_slice(&(0xc000 | at as u16).to_be_bytes());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn push_label(out: &mut Vec<u8>, label: &[u8]) -> Result<(), ProtoError> {
+    let len = u8::try_from(label.len())
+        .ok()
+        .filter(|l| (1..=63).contains(l))
+        .ok_or(ProtoError::Message("label length"))?;
+    out.push(len);
+    out.extend_from_slice(label);
+    Ok(())
+}
+
+/// Writes as many of `records` as fit in `room` bytes; returns how many and whether some did
+/// not fit.
+fn emit_section(
+    out: &mut Vec<u8>,
+    records: &[Record],
+    room: usize,
+    names: &Compression,
+) -> Result<(u16, bool), ProtoError> {
+    let mut count: u16 = 0;
+    for record in records {
+        let start = out.len();
+        emit_record(out, record, names)?;
+        if out.len() > room {
+            out.truncate(start);
+            return Ok((count, true));
+        }
+        count = count
+            .checked_add(1)
+            .ok_or(ProtoError::Message("more than 65535 records in a section"))?;
+    }
+    Ok((count, false))
+}
+
+fn emit_record(out: &mut Vec<u8>, record: &Record, names: &Compression) -> Result<(), ProtoError> {
+    names.name(out, &record.name)?;
+    out.extend_from_slice(&u16::from(record.record_type()).to_be_bytes());
+    out.extend_from_slice(&u16::from(record.dns_class).to_be_bytes());
+    out.extend_from_slice(&record.ttl.to_be_bytes());
+    let len_at = out.len();
+    out.extend_from_slice(&[0, 0]);
+    let plain = Compression::default();
+    match &record.data {
+        RData::A(a) => out.extend_from_slice(&a.0.octets()),
+        RData::AAAA(a) => out.extend_from_slice(&a.0.octets()),
+        RData::SRV(srv) => {
+            for n in [srv.priority, srv.weight, srv.port] {
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+            plain.name(out, &srv.target)?;
+        }
+        RData::PTR(ptr) => plain.name(out, &ptr.0)?,
+        RData::TXT(txt) => {
+            for s in txt.txt_data.iter() {
+                let len = u8::try_from(s.len()).map_err(|_| ProtoError::Message("TXT string over 255 bytes"))?;
+                out.push(len);
+                out.extend_from_slice(s);
+            }
+        }
+        RData::SOA(soa) => {
+            names.name(out, &soa.mname)?;
+            names.name(out, &soa.rname)?;
+            out.extend_from_slice(&soa.serial.to_be_bytes());
+            for n in [soa.refresh, soa.retry, soa.expire] {
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+            out.extend_from_slice(&soa.minimum.to_be_bytes());
+        }
+        other => {
+            // Not produced by the responder; encoded by hickory, without compression.
+            let mut buf = Vec::new();
+            let mut encoder = BinEncoder::new(&mut buf);
+            encoder.set_name_encoding(NameEncoding::Uncompressed);
+            other.emit(&mut encoder)?;
+            out.extend_from_slice(&buf);
+        }
+    }
+    let len = u16::try_from(out.len() - len_at - 2).map_err(|_| ProtoError::Message("RDATA over 65535 bytes"))?;
+    out[len_at..len_at + 2].copy_from_slice(&len.to_be_bytes());
+    Ok(())
 }
 
 #[cfg(test)]

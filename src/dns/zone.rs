@@ -33,6 +33,7 @@
 //! the real addresses of this site's endpoints) are answered with the per-endpoint name(s);
 //! every other name is forwarded when an upstream is configured and REFUSED otherwise.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hickory_proto::op::{Query, ResponseCode};
@@ -171,9 +172,17 @@ impl Authority {
 
     /// Fills `response` for a name inside the zone.
     fn in_zone(&self, query: &Query, view: &View, response: &mut Response) {
-        let labels: Vec<&[u8]> = query.name().iter().collect();
-        let below = &labels[..labels.len().saturating_sub(self.zone_labels)];
-        match self.node(below, query.name(), view) {
+        // No name in the zone has more than five labels below the apex.
+        let depth = query.name().iter().len().saturating_sub(self.zone_labels);
+        let mut below: [&[u8]; 5] = [&[]; 5];
+        for (slot, label) in below.iter_mut().zip(query.name().iter()) {
+            *slot = label;
+        }
+        let node = match below.get(..depth) {
+            Some(below) => self.node(below, query.name(), view),
+            None => Node::Missing,
+        };
+        match node {
             Node::Missing => {
                 response.metadata.response_code = ResponseCode::NXDomain;
                 response.authorities.push(self.soa.clone());
@@ -210,11 +219,7 @@ impl Authority {
                     .any(|s| eq(ns, &s.namespace) && self.answerable(s).next().is_some()),
             ),
             [svc, ns, l] if eq(l, "svc") => match find(view, svc, ns) {
-                Some(s) => Node::with(dedup(
-                    self.answerable(s)
-                        .map(|(_, addr)| self.address_record(owner, addr))
-                        .collect(),
-                )),
+                Some(s) => Node::with(self.address_records(owner, self.answerable(s).map(|(_, a)| a))),
                 None => Node::Missing,
             },
             [x, svc, ns, l] if eq(l, "svc") => match find(view, svc, ns) {
@@ -227,12 +232,14 @@ impl Authority {
             },
             [y, x, svc, ns, l] if eq(l, "svc") => match find(view, svc, ns) {
                 Some(s) if x.starts_with(b"_") => self.srv(view, s, y, x, owner),
-                Some(s) => Node::with(dedup(
-                    self.answerable(s)
-                        .filter(|(e, _)| eq(x, &e.site) && eq(y, &e.hostname))
-                        .map(|(_, addr)| self.address_record(owner, addr))
-                        .collect(),
-                )),
+                Some(s) => Node::with(
+                    self.address_records(
+                        owner,
+                        self.answerable(s)
+                            .filter(|(e, _)| eq(x, &e.site) && eq(y, &e.hostname))
+                            .map(|(_, a)| a),
+                    ),
+                ),
                 None => Node::Missing,
             },
             _ => Node::Missing,
@@ -263,13 +270,12 @@ impl Authority {
                 glue.push(self.address_record(&target, addr));
             }
         }
+        // No duplicates to remove: a site's endpoints have distinct hostnames and its ports
+        // distinct names, so each (endpoint, port) is one record and each target one glue.
         if records.is_empty() {
             return Node::Missing;
         }
-        Node::Exists {
-            records: dedup(records),
-            glue: dedup(glue),
-        }
+        Node::Exists { records, glue }
     }
 
     /// The ready endpoints of `service` this site can answer with, and their addresses here.
@@ -286,6 +292,26 @@ impl Authority {
         } else {
             e.vip
         }
+    }
+
+    /// A/AAAA records of `owner` for `addrs`, each address once (two endpoints of this site
+    /// may share one): an RRset has no duplicates (RFC 2181 §5).
+    fn address_records(&self, owner: &Name, addrs: impl Iterator<Item = IpAddr>) -> Vec<Record> {
+        let mut addrs: Vec<IpAddr> = addrs.collect();
+        // Duplicates are rare (VIPs are unique; only this site's real addresses may repeat):
+        // look for one cheaply, and only then remove them keeping the first of each.
+        let repeated = if addrs.len() <= 16 {
+            addrs.iter().enumerate().any(|(i, a)| addrs[..i].contains(a))
+        } else {
+            let mut sorted = addrs.clone();
+            sorted.sort_unstable();
+            sorted.windows(2).any(|w| w[0] == w[1])
+        };
+        if repeated {
+            let mut seen = HashSet::with_capacity(addrs.len());
+            addrs.retain(|a| seen.insert(*a));
+        }
+        addrs.into_iter().map(|a| self.address_record(owner, a)).collect()
     }
 
     fn address_record(&self, owner: &Name, addr: IpAddr) -> Record {
@@ -383,18 +409,6 @@ fn ports<'v>(view: &'v View, service: &'v ServiceView, e: &EndpointView) -> impl
         .filter(|t| t.site == e.site && t.hostname == e.hostname)
         .map(|t| t.ports.as_slice());
     own.unwrap_or(&service.ports).iter()
-}
-
-/// Drops repeated records (two endpoints with one address), keeping the first: an RRset has
-/// no duplicates (RFC 2181 §5).
-fn dedup(records: Vec<Record>) -> Vec<Record> {
-    let mut out: Vec<Record> = Vec::with_capacity(records.len());
-    for r in records {
-        if !out.iter().any(|o| o.data == r.data && o.name == r.name) {
-            out.push(r);
-        }
-    }
-    out
 }
 
 /// The address a reverse-mapping name stands for: `d.c.b.a.in-addr.arpa.` (decimal octets
