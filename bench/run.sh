@@ -657,6 +657,10 @@ report() {
     echo
     echo "Machine: $(nproc) CPUs ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), kernel $(uname -r)," \
         "$(awk '/MemTotal/ {printf "%.0f GiB RAM", $2 / 1048576}' /proc/meminfo)."
+    echo "causeway $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo "(not a git checkout)"), built with" \
+        "$(rustc --version 2>/dev/null || echo "an unknown rustc"); $(iperf3 --version | head -n 1 | cut -d' ' -f1-2)," \
+        "$(socat -V | sed -n 's/^socat version \([^ ]*\).*/socat \1/p'), $(stunnel4 -version 2>&1 | awk '/^stunnel/ {print $1, $2; exit}')," \
+        "$(ssh -V 2>&1 | cut -d, -f1)$([ -x "$RATHOLE" ] && echo ", rathole $("$RATHOLE" --version 2>/dev/null | awk '/Build Version/ {print $3}')")."
     echo "Two network namespaces joined by a veth pair; every tool's two pieces, the servers and the clients share these CPUs."
     echo "iperf3 ${IPERF_SECONDS}s single stream (receiver); ping-pong ${PINGPONG_COUNT} 1-byte round trips on one connection;" \
         "connections ${CONNRATE_SECONDS}s at concurrency ${CONNRATE_CONCURRENCY}, each with a 1-byte round trip;" \
