@@ -41,6 +41,8 @@ pub async fn run() -> anyhow::Result<()> {
         let mut cfg = Config::parse(&config::default_yaml(site), "demo")?;
         cfg.listen = "127.0.0.1:0".parse()?;
         cfg.metrics = None;
+        // Both sites share this host: each answers DNS on a port of its own.
+        cfg.dns.listen = vec!["127.0.0.1:0".parse()?];
         if site == "london" {
             cfg.exports = vec![echo_export(echo_port)];
         }
