@@ -7,13 +7,17 @@
 # example.org to the same dnsmasq (which answers with TTL 0, so unbound cannot serve those
 # from its cache). Each server is pinned to one CPU and dnsperf to the other. Per query set,
 # each server is run flat out REPEAT times, alternating (median qps, and the server's CPU
-# time per query from /proc: the figure least disturbed by other load), then once at a fixed
-# rate for latency percentiles (from dnsperf -v).
+# time per query from /proc: the figure least disturbed by other load), then twice at a fixed
+# rate for latency percentiles (from dnsperf -v): one query at a time at 5000 qps (the
+# servers' own response time), and RATE qps with up to 100 queries in flight.
 #
 # Usage: bench/dns.sh            (needs dnsperf, unbound, dnsmasq: apt-get install dnsperf unbound dnsmasq-base)
-#   BIN=path/to/causeway  DURATION=10  REPEAT=3  RATE=20000  SERVER_CPU=1  CLIENT_CPU=0  NICE=-15
+#   BIN=path/to/causeway  KEEP=1 (keep logs)  DURATION=10  REPEAT=3  RATE=20000  SERVER_CPU=1  CLIENT_CPU=0
+#   NICE=-15  RT=1
 # Servers and dnsperf run at nice NICE (root only), so other work on the machine (builds)
-# disturbs the figures less.
+# disturbs the figures less; with RT=1 (root) they run SCHED_FIFO instead (chrt -f 10), which
+# keeps other processes from delaying them at all: use it to measure the servers' own tail
+# latency on a machine that is not quiet.
 # Prints a markdown table. Builds the release binary first if BIN is not set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,10 +28,13 @@ RATE=${RATE:-20000}
 SERVER_CPU=${SERVER_CPU:-1}
 CLIENT_CPU=${CLIENT_CPU:-0}
 NICE=${NICE:--15}
+RT=${RT:-}
 CW_PORT=5301 UB_PORT=5302 UP_PORT=5303 QUIC_PORT=17499
-[[ $(id -u) == 0 ]] || NICE=0
-# nice and taskset exec the command: $! of a background `nice … taskset … cmd &` is cmd's pid.
-pin() { local cpu=$1; shift; exec nice -n "$NICE" taskset -c "$cpu" "$@"; }
+[[ $(id -u) == 0 ]] || NICE=0 RT=
+prio=(nice -n "$NICE")
+[[ -n "$RT" ]] && prio=(chrt -f 10)
+# nice/chrt and taskset exec the command: $! of `nice … taskset … cmd &` is cmd's pid.
+pin() { local cpu=$1; shift; exec "${prio[@]}" taskset -c "$cpu" "$@"; }
 
 for tool in dnsperf unbound dnsmasq taskset python3; do
   command -v "$tool" >/dev/null || { echo "error: $tool not found (apt-get install dnsperf unbound dnsmasq-base)" >&2; exit 1; }
@@ -40,10 +47,13 @@ fi
 
 work=$(mktemp -d /tmp/causeway-dns-bench.XXXXXX)
 pids=()
+main=$BASHPID
 cleanup() {
+  # Subshells (process substitutions) may run this trap too: only the script itself cleans up.
+  [[ $BASHPID == "$main" ]] || return 0
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$work"
+  if [[ -n "${KEEP:-}" ]]; then echo "logs kept in $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
@@ -77,7 +87,7 @@ $etcd_eps  - service: grid
 $grid_eps''', s)
 open(p, 'w').write(s)
 EOF
-RUST_LOG=warn nice -n "$NICE" taskset -c "$SERVER_CPU" "$BIN" --state "$state" run >/dev/null 2>"$work/causeway.log" &
+RUST_LOG=warn "${prio[@]}" taskset -c "$SERVER_CPU" "$BIN" --state "$state" run >/dev/null 2>"$work/causeway.log" &
 pids+=($!)
 
 # --- unbound: the same records as local-data ---
@@ -119,7 +129,7 @@ forward-zone:
   forward-addr: 127.0.0.1@$UP_PORT
 EOF
 } >"$work/unbound.conf"
-nice -n "$NICE" taskset -c "$SERVER_CPU" unbound -d -c "$work/unbound.conf" >/dev/null 2>"$work/unbound.log" &
+"${prio[@]}" taskset -c "$SERVER_CPU" unbound -d -c "$work/unbound.conf" >/dev/null 2>"$work/unbound.log" &
 pids+=($!)
 
 # --- query sets ---
@@ -153,14 +163,15 @@ TICK_US=$((1000000 / $(getconf CLK_TCK)))
 throughput() {
   local before after
   before=$(cpu_ticks "$1")
-  read -r qps lost < <((pin "$CLIENT_CPU" dnsperf -s 127.0.0.1 -p "$2" -d "$3" -l "$DURATION" -c 8 -q 200 2>/dev/null) |
-    awk '/Queries per second/ {q=$4} /Queries lost/ {l=$3} END {printf "%d %s\n", q, l}')
+  read -r qps lost < <((pin "$CLIENT_CPU" dnsperf -s 127.0.0.1 -p "$2" -d "$3" -l "$DURATION" -c 8 -q 200 2>>"$work/dnsperf.err") |
+    awk '/Queries per second/ {q=$4} /Queries lost/ {l=$3} END {printf "%d %d\n", q, l}') || { qps=0 lost=0; }
   after=$(cpu_ticks "$1")
   echo "$qps $lost $(python3 -c "print(f'{($after - $before) * $TICK_US / max(1, $qps * $DURATION):.1f}')")"
 }
-# latency PORT FILE -> "p50_ms p99_ms" at RATE queries/s
+# latency PORT FILE QPS OUTSTANDING -> "p50_ms p99_ms" at QPS queries/s with at most
+# OUTSTANDING queries in flight
 latency() {
-  (pin "$CLIENT_CPU" dnsperf -s 127.0.0.1 -p "$1" -d "$2" -l "$DURATION" -c 8 -Q "$RATE" -v 2>/dev/null) |
+  (pin "$CLIENT_CPU" dnsperf -s 127.0.0.1 -p "$1" -d "$2" -l "$DURATION" -c 1 -Q "$3" -q "$4" -v 2>/dev/null) |
     python3 -c '
 import sys
 lat = []
@@ -177,7 +188,7 @@ print(f"{pick(0.50):.3f} {pick(0.99):.3f}")
 median() { sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 
 cw_pid=${pids[1]} ub_pid=${pids[2]}
-echo "| server | queries | qps (median of $REPEAT) | server CPU µs/query | lost | p50 at $RATE qps (ms) | p99 at $RATE qps (ms) |"
+echo "| server | queries | qps (median of $REPEAT) | server CPU µs/query | lost | p50 / p99 one at a time, 5k qps (ms) | p50 / p99 at $RATE qps, ≤ 100 in flight (ms) |"
 echo "|---|---|---|---|---|---|---|"
 for set in zone forward; do
   declare -A qps_runs=() cpu_runs=() lost_runs=()
@@ -186,6 +197,7 @@ for set in zone forward; do
     for server in causeway unbound; do
       if [[ $server == causeway ]]; then port=$CW_PORT pid=$cw_pid; else port=$UB_PORT pid=$ub_pid; fi
       read -r qps lost cpu < <(throughput "$pid" $port "$work/$set.txt")
+      echo "$set $server: $qps qps, $lost lost, $cpu µs CPU/query" >&2
       qps_runs[$server]+="$qps "
       cpu_runs[$server]+="$cpu "
       lost_runs[$server]=$((${lost_runs[$server]:-0} + lost))
@@ -194,10 +206,11 @@ for set in zone forward; do
   for server in causeway unbound; do
     port=$CW_PORT
     [[ $server == unbound ]] && port=$UB_PORT
-    read -r p50 p99 < <(latency $port "$work/$set.txt")
+    read -r p50 p99 < <(latency $port "$work/$set.txt" 5000 1) || { p50=nan p99=nan; }
+    read -r l50 l99 < <(latency $port "$work/$set.txt" "$RATE" 100) || { l50=nan l99=nan; }
     qps=$(tr ' ' '\n' <<<"${qps_runs[$server]}" | grep . | median)
     cpu=$(tr ' ' '\n' <<<"${cpu_runs[$server]}" | grep . | median)
-    echo "| $server | $set | $qps | $cpu | ${lost_runs[$server]} | $p50 | $p99 |"
+    echo "| $server | $set | $qps | $cpu | ${lost_runs[$server]} | $p50 / $p99 | $l50 / $l99 |"
   done
   unset qps_runs cpu_runs lost_runs
 done
