@@ -9,7 +9,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::netns::{Net, require};
-use common::{Site, wait_for};
+use common::{Site, tail, wait_for};
 
 const POD: &str = "10.1.0.1";
 
@@ -150,8 +150,8 @@ fn gigabyte_half_close_and_reset_across_sites() {
             .unwrap();
     });
     let started = Instant::now();
-    let (sent_digest, answer) = net.run_in("paris", || {
-        let mut s = TcpStream::connect((vip, 9000)).unwrap();
+    let sent = net.run_in("paris", || -> std::io::Result<(String, String)> {
+        let mut s = TcpStream::connect((vip, 9000))?;
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         let mut chunk = vec![0u8; 1 << 20];
         for i in 0..TOTAL / chunk.len() {
@@ -159,12 +159,21 @@ fn gigabyte_half_close_and_reset_across_sites() {
                 *b = (i ^ j) as u8;
             }
             ctx.update(&chunk);
-            s.write_all(&chunk).unwrap();
+            s.write_all(&chunk)?;
         }
-        s.shutdown(Shutdown::Write).unwrap();
+        s.shutdown(Shutdown::Write)?;
         let mut answer = String::new();
-        s.read_to_string(&mut answer).unwrap();
-        (hex::encode(ctx.finish()), answer)
+        s.read_to_string(&mut answer)?;
+        Ok((hex::encode(ctx.finish()), answer))
+    });
+    // On failure, the agents' logs say which side ended the flow and why.
+    let (sent_digest, answer) = sent.unwrap_or_else(|e| {
+        panic!(
+            "1 GiB transfer failed after {:?}: {e}\nparis log:\n{}\nlondon log:\n{}",
+            started.elapsed(),
+            tail(&paris.log_text(), 40),
+            tail(&london.log_text(), 40)
+        )
     });
     server.join().unwrap();
     eprintln!("1 GiB through the tunnel in {:?}", started.elapsed());

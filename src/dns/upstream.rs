@@ -128,11 +128,11 @@ async fn udp_exchange(server: SocketAddr, query: &[u8], id: u16, question: &Quer
     // Connected: the kernel drops datagrams from anyone but the upstream.
     socket.connect(server).await.map_err(|e| err(server, e))?;
     socket.send(query).await.map_err(|e| err(server, e))?;
-    let mut buf = vec![0u8; 65535];
     loop {
-        let n = socket.recv(&mut buf).await.map_err(|e| err(server, e))?;
-        if matches(&buf[..n], id, question) {
-            buf.truncate(n);
+        // Room for the largest datagram, left uninitialised (no 64 KiB memset per query).
+        let mut buf = Vec::with_capacity(65535);
+        socket.recv_buf(&mut buf).await.map_err(|e| err(server, e))?;
+        if matches(&buf, id, question) {
             return Ok(buf);
         }
         debug!(%server, "ignoring a datagram that does not answer our query");

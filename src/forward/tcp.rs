@@ -22,8 +22,10 @@ use super::header::{FlowHeader, MAX_HEADER, MAX_TTL};
 use super::{Forwarder, Hop, ListenerKey, codes};
 use crate::config::Protocol;
 
-/// Copy buffer per direction: large reads and writes matter more than anything else here.
+/// Largest read per direction: large reads and writes matter more than anything else here.
 const BUF: usize = 256 * 1024;
+/// First read of a flow; reads double up to [`BUF`] while they fill the buffer.
+const FIRST_BUF: usize = 16 * 1024;
 /// How long the terminating agent waits for its endpoint to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -265,15 +267,25 @@ impl Forwarder {
         let mut up_bytes = 0u64;
         let mut down_bytes = 0u64;
         let up = async {
-            let mut buf = vec![0u8; BUF];
+            // Read into spare capacity (never zeroed) and hand each chunk to quinn as it is
+            // (no copy). Start small, so idle and chatty flows stay cheap, and grow to BUF
+            // while reads keep filling the buffer.
+            let mut want = FIRST_BUF;
+            let mut buf = bytes::BytesMut::new();
             loop {
-                match tr.read(&mut buf).await {
+                buf.reserve(want);
+                match tr.read_buf(&mut buf).await {
                     Ok(0) => {
                         let _ = send.finish();
                         return Ok(());
                     }
                     Ok(n) => {
-                        send.write_all(&buf[..n]).await.map_err(|e| End::Quic(e.to_string()))?;
+                        if n >= want {
+                            want = (want * 2).min(BUF);
+                        }
+                        send.write_chunk(buf.split().freeze())
+                            .await
+                            .map_err(|e| End::Quic(e.to_string()))?;
                         up_bytes += n as u64;
                     }
                     Err(e) => return Err(End::Tcp(e)),
