@@ -217,9 +217,15 @@ impl Agent {
         )
         .context("loading links")?;
         let grants = Arc::new(GrantStore::load(state.grants()).context("loading grants")?);
-        let dns = crate::dns::Responder::start(&config.dns, &config.site, mesh.subscribe(), shutdown.child_token())
-            .await
-            .context("starting the DNS responder")?;
+        let dns = crate::dns::Responder::start(
+            &config.dns,
+            &config.site,
+            mesh.subscribe(),
+            metrics.dns(),
+            shutdown.child_token(),
+        )
+        .await
+        .context("starting the DNS responder")?;
         let issuer = Arc::new(Issuer {
             identity: identity.clone(),
             grants: grants.clone(),

@@ -10,6 +10,10 @@
 //! answers `GET /healthz` (the process is alive) and `GET /readyz` (a closure supplied by the
 //! agent decides), so Kubernetes probes need no second port.
 //!
+//! The DNS responder's counters (`causeway_dns_*`) are the exception to one family per metric:
+//! at ~90k queries/s a label lookup per answer would cost too much, so they stay the plain
+//! atomics of [`crate::dns::Stats`], which a collector registered here reads at scrape time.
+//!
 //! The HTTP server is hand-written on tokio rather than pulled in from hyper: it speaks just
 //! enough HTTP/1.x for scrapers and probes (one request per connection, `Connection: close`) and
 //! is hardened for whatever else reaches the port: at most 16 connections at once, the request
@@ -147,6 +151,9 @@ pub struct Metrics {
     services: U64Gauge,
     /// Local endpoints that are ready to receive flows.
     ready_endpoints: U64Gauge,
+    /// The DNS responder's counters; the registry reads them through their collector at scrape
+    /// time, so the responder's hot path stays a relaxed atomic add.
+    dns: Arc<crate::dns::Stats>,
 }
 
 impl Metrics {
@@ -166,6 +173,7 @@ impl Metrics {
         let link_received = Family::<LinkLabels, U64Gauge>::default();
         let services = U64Gauge::default();
         let ready_endpoints = U64Gauge::default();
+        let dns = Arc::new(crate::dns::Stats::default());
 
         // The registry appends `_total` to counters and the unit to names registered with one.
         registry.register(
@@ -216,6 +224,8 @@ impl Metrics {
             "Local endpoints ready to receive flows",
             ready_endpoints.clone(),
         );
+        // causeway_dns_responses_total{rcode}, causeway_dns_{truncated,forwarded,dropped}_total.
+        registry.register_collector(Box::new(dns.clone()));
 
         Arc::new(Metrics {
             registry,
@@ -232,7 +242,13 @@ impl Metrics {
             link_received,
             services,
             ready_endpoints,
+            dns,
         })
+    }
+
+    /// The counters the DNS responder updates ([`crate::dns::Responder::start`] takes them).
+    pub fn dns(&self) -> Arc<crate::dns::Stats> {
+        self.dns.clone()
     }
 
     /// A flow was set up. `protocol` is `tcp` or `udp`; `role` is `origin` (accepted on a VIP

@@ -512,6 +512,34 @@ fn metrics_count_flows_bytes_and_links() {
     line("causeway_link_rtt_seconds", &["link=\"london\""]);
     let london_metrics = scrape(&net, "london");
     assert!(london_metrics.contains("role=\"terminus\""), "{london_metrics}");
+
+    // The DNS responder's counters (every agent here answers on 127.0.0.1:5353).
+    let resolve = |name: &str| {
+        net.exec("paris")
+            .arg(common::BIN)
+            .arg("--state")
+            .arg(&paris.state)
+            .arg("resolve")
+            .arg(name)
+            .output()
+            .expect("run causeway resolve")
+    };
+    assert!(resolve("echo.default.svc.clusterset.local").status.success());
+    assert_eq!(resolve("nope.default.svc.clusterset.local").status.code(), Some(1));
+    let text = scrape(&net, "paris");
+    let value = |series: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    // At least: `causeway resolve` asks again over UDP when an attempt times out.
+    assert!(value(r#"causeway_dns_responses_total{rcode="noerror"}"#) >= 1, "{text}");
+    assert!(
+        value(r#"causeway_dns_responses_total{rcode="nxdomain"}"#) >= 1,
+        "{text}"
+    );
+    assert_eq!(value(r#"causeway_dns_responses_total{rcode="refused"}"#), 0, "{text}");
+    assert_eq!(value("causeway_dns_forwarded_total"), 0, "{text}");
 }
 
 #[test]

@@ -50,6 +50,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hickory_proto::op::ResponseCode;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -114,7 +118,11 @@ pub fn handle(packet: &[u8], transport: Transport, view: &View, authority: &Auth
     }
 }
 
-/// Counters of what the responder did, for `causeway status`.
+/// Counters of what the responder did, for `causeway status` and, through its [`Collector`]
+/// (which [`crate::metrics::Metrics`] registers), `/metrics`.
+///
+/// The answering threads only add to atomics; the Prometheus series are built from them at
+/// scrape time, so counting costs no label lookup per query.
 #[derive(Debug, Default)]
 pub struct Stats {
     noerror: AtomicU64,
@@ -153,22 +161,73 @@ impl Stats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The per-response-code counters, named as `status` and the `rcode` label name them.
+    fn by_rcode(&self) -> [(&'static str, &AtomicU64); 7] {
+        [
+            ("noerror", &self.noerror),
+            ("nxdomain", &self.nxdomain),
+            ("refused", &self.refused),
+            ("servfail", &self.servfail),
+            ("formerr", &self.formerr),
+            ("notimp", &self.notimp),
+            ("other", &self.other),
+        ]
+    }
+
     fn to_json(&self) -> serde_json::Value {
-        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let queries: serde_json::Map<String, serde_json::Value> = self
+            .by_rcode()
+            .into_iter()
+            .map(|(rcode, c)| (rcode.to_owned(), json!(load(c))))
+            .collect();
         json!({
-            "queries": {
-                "noerror": n(&self.noerror),
-                "nxdomain": n(&self.nxdomain),
-                "refused": n(&self.refused),
-                "servfail": n(&self.servfail),
-                "formerr": n(&self.formerr),
-                "notimp": n(&self.notimp),
-                "other": n(&self.other),
-            },
-            "truncated": n(&self.truncated),
-            "forwarded": n(&self.forwarded),
-            "dropped": n(&self.dropped),
+            "queries": queries,
+            "truncated": load(&self.truncated),
+            "forwarded": load(&self.forwarded),
+            "dropped": load(&self.dropped),
         })
+    }
+}
+
+fn load(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+const RESPONSES_HELP: &str = "DNS responses composed by the responder, by response code \
+    (answers relayed from an upstream resolver count only in causeway_dns_forwarded_total).";
+
+/// The counters as `causeway_dns_*` series (the registry adds the prefix, the text encoder the
+/// `_total` suffix), read at scrape time.
+impl Collector for Stats {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        {
+            let mut responses =
+                encoder.encode_descriptor("dns_responses", RESPONSES_HELP, None, MetricType::Counter)?;
+            for (rcode, c) in self.by_rcode() {
+                ConstCounter::new(load(c)).encode(responses.encode_family(&[("rcode", rcode)])?)?;
+            }
+        }
+        for (name, help, c) in [
+            (
+                "dns_truncated",
+                "DNS responses truncated to the client's UDP size (TC set).",
+                &self.truncated,
+            ),
+            (
+                "dns_forwarded",
+                "DNS queries sent on to an upstream resolver, answered or not.",
+                &self.forwarded,
+            ),
+            (
+                "dns_dropped",
+                "DNS queries left unanswered: over the forwarding or TCP connection bounds, or unreadable.",
+                &self.dropped,
+            ),
+        ] {
+            let counter = ConstCounter::new(load(c));
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        Ok(())
     }
 }
 
@@ -193,11 +252,13 @@ pub struct Responder {
 
 impl Responder {
     /// Binds every `config.listen` address (UDP and TCP) and starts answering from the views
-    /// `views` delivers. Addresses that cannot be bound are logged and reported, not fatal.
+    /// `views` delivers, counting into `stats` (the agent's [`crate::metrics::Metrics::dns`]).
+    /// Addresses that cannot be bound are logged and reported, not fatal.
     pub async fn start(
         config: &DnsConfig,
         site: &str,
         views: watch::Receiver<Arc<View>>,
+        stats: Arc<Stats>,
         cancel: CancellationToken,
     ) -> Result<Responder, DnsError> {
         let mut bound = Vec::new();
@@ -243,7 +304,6 @@ impl Responder {
             })
             .collect();
         let authority = Authority::new(&config.zone, site, config.ttl, !upstream.is_empty())?;
-        let stats = Arc::new(Stats::default());
         let shared = Arc::new(server::Shared {
             authority,
             views,
@@ -336,5 +396,74 @@ impl Responder {
             self.tasks.wait().await;
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A response header (no sections) with `rcode`, TC set if `truncated`.
+    fn header(rcode: u8, truncated: bool) -> [u8; 12] {
+        let mut h = [0u8; 12];
+        h[2] = 0x80 | if truncated { 0x02 } else { 0 };
+        h[3] = rcode;
+        h
+    }
+
+    #[test]
+    fn counters_are_scraped_from_the_agents_registry() {
+        let metrics = crate::metrics::Metrics::new();
+        let stats = metrics.dns();
+        let text = metrics.encode();
+        // Present, at zero, before the first query.
+        for line in [
+            r#"causeway_dns_responses_total{rcode="noerror"} 0"#,
+            "causeway_dns_dropped_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+
+        for _ in 0..3 {
+            stats.reply(&header(0, false));
+        }
+        stats.reply(&header(0, true));
+        stats.reply(&header(3, false));
+        stats.reply(&header(5, false));
+        stats.reply(&header(2, false));
+        stats.reply(&header(1, false));
+        stats.reply(&header(4, false));
+        stats.reply(&header(9, false));
+        stats.reply(&[0x12]); // too short to count
+        stats.forwarded.fetch_add(2, Ordering::Relaxed);
+        stats.dropped.fetch_add(1, Ordering::Relaxed);
+
+        let text = metrics.encode();
+        for line in [
+            "# TYPE causeway_dns_responses counter",
+            r#"causeway_dns_responses_total{rcode="noerror"} 4"#,
+            r#"causeway_dns_responses_total{rcode="nxdomain"} 1"#,
+            r#"causeway_dns_responses_total{rcode="refused"} 1"#,
+            r#"causeway_dns_responses_total{rcode="servfail"} 1"#,
+            r#"causeway_dns_responses_total{rcode="formerr"} 1"#,
+            r#"causeway_dns_responses_total{rcode="notimp"} 1"#,
+            r#"causeway_dns_responses_total{rcode="other"} 1"#,
+            "# TYPE causeway_dns_truncated counter",
+            "causeway_dns_truncated_total 1",
+            "causeway_dns_forwarded_total 2",
+            "causeway_dns_dropped_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+
+        // `causeway status` reads the same counters.
+        let json = stats.to_json();
+        assert_eq!(json["queries"]["noerror"], 4, "{json}");
+        assert_eq!(json["queries"]["other"], 1, "{json}");
+        assert_eq!(json["queries"].as_object().map(|q| q.len()), Some(7), "{json}");
+        assert_eq!(json["truncated"], 1, "{json}");
+        assert_eq!(json["forwarded"], 2, "{json}");
+        assert_eq!(json["dropped"], 1, "{json}");
     }
 }
