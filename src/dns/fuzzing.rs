@@ -5,6 +5,8 @@
 //! [`exercise`] feeds one input through [`handle`] over UDP and TCP, with and without
 //! forwarding, against [`sample_view`], and checks what must hold for any input: no panic;
 //! a reply is a well-formed DNS response to the same id that fits the transport's limit.
+//! [`view_of`] turns a list of services into such a catalog; `zone`'s tests build theirs
+//! with it too.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -64,6 +66,13 @@ pub fn sample_view() -> View {
                 .collect(),
         },
     ];
+    view_of(services)
+}
+
+/// A [`View`] of `services` as given (no routes, no conflicts) with the VIP index derived from
+/// their endpoints, as [`View::compute`] derives it: how the DNS fixtures are built, here and
+/// in `zone`'s tests, without adverts.
+pub fn view_of(services: Vec<ServiceView>) -> View {
     let mut vips = HashMap::new();
     for s in &services {
         for e in &s.endpoints {

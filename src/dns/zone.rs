@@ -464,7 +464,6 @@ pub fn reverse_name(addr: IpAddr) -> Name {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::VipTarget;
     use crate::dns::wire::Transport;
     use hickory_proto::op::{Edns, Message};
 
@@ -523,30 +522,7 @@ mod tests {
                 endpoints: vec![ep("london", "down-0", "10.1.0.9", Some("127.77.1.99"), false)],
             },
         ];
-        let mut vips = std::collections::HashMap::new();
-        for s in &services {
-            for e in &s.endpoints {
-                if let Some(v) = e.vip {
-                    vips.insert(
-                        v,
-                        VipTarget {
-                            site: e.site.clone(),
-                            service: s.service.clone(),
-                            namespace: s.namespace.clone(),
-                            hostname: e.hostname.clone(),
-                            ip: e.ip,
-                            ports: s.ports.clone(),
-                            ready: e.ready,
-                        },
-                    );
-                }
-            }
-        }
-        View {
-            services,
-            vips,
-            ..View::default()
-        }
+        crate::dns::fuzzing::view_of(services)
     }
 
     fn auth(site: &str, forward: bool) -> Authority {
