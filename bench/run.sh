@@ -17,7 +17,7 @@
 #
 # Knobs (environment): TOOLS="direct socat stunnel ssh rathole causeway", IPERF_SECONDS=10,
 # PINGPONG_COUNT=20000, CONNRATE_SECONDS=5, CONNRATE_CONCURRENCY=32, IDLE_FLOWS=1000,
-# IDLE_HOLD=3, RATHOLE=/path/to/rathole (default: found on PATH or in /tmp/rathole/bin),
+# IDLE_HOLD=3, CW_WORKERS=1 (tokio worker threads per causeway agent), RATHOLE=/path/to/rathole (default: found on PATH or in /tmp/rathole/bin),
 # PROFILE=1 (perf record and per-thread CPU of the causeway agents during iperf3 and the
 # connection test, kept in bench/results/), QUIET_WAIT=60 (seconds to wait, at most, before
 # each tool for other work on the machine to calm down), FOREIGN_MAX=10 and ATTEMPTS=2 (a
@@ -46,6 +46,7 @@ IDLE_HOLD=${IDLE_HOLD:-3}
 QUIET_WAIT=${QUIET_WAIT:-60}
 FOREIGN_MAX=${FOREIGN_MAX:-10}
 ATTEMPTS=${ATTEMPTS:-2}
+CW_WORKERS=${CW_WORKERS:-1}
 RESULTS_DIR=$HERE/results
 
 log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
@@ -294,11 +295,17 @@ measure() {
 
     log "$tool: connections per second (${CONNRATE_SECONDS}s, concurrency $CONNRATE_CONCURRENCY)"
     [ "$tool" = causeway ] && profile_start connrate "$CONNRATE_SECONDS"
+    c0=$(cpu_ticks "${pids[@]}")
     out=$(inp timeout $((CONNRATE_SECONDS + 60)) "$LOADGEN" connrate --addr "$oneshot_addr" \
         --seconds "$CONNRATE_SECONDS" --concurrency "$CONNRATE_CONCURRENCY" 2>&1)
+    c1=$(cpu_ticks "${pids[@]}")
     echo "$tool connrate: $out" >>"$RAW"
     R[$tool,cps]=$(jget per_sec <<<"$out")
     R[$tool,cps_failed]=$(jget failed <<<"$out")
+    # CPU time of the tool (both sides) per connection: what a connection costs the tool
+    # itself, whatever the client and servers leave it of the two CPUs.
+    R[$tool,cps_cpu_us]=$(awk -v c="$((c1 - c0))" -v hz="$CLK_TCK" -v n="$(jget connections <<<"$out")" \
+        'BEGIN {if (n > 0 && c > 0) printf "%.0f", 1e6 * c / hz / n}')
     [ "$tool" = causeway ] && profile_wait
 
     log "$tool: iperf3 single stream, ${IPERF_SECONDS}s"
@@ -540,9 +547,12 @@ run_causeway() {
             }
             { print }' "$d/$site/causeway.yaml" >"$d/$site.yaml" && mv "$d/$site.yaml" "$d/$site/causeway.yaml"
     done
-    bg $NS_L env RUST_LOG=warn "$CAUSEWAY" --state "$d/london" run 2>"$d/london.log"
+    # Both agents, the client and the servers share this machine's CPUs: one runtime worker
+    # per agent (CW_WORKERS, default 1; tokio's TOKIO_WORKER_THREADS, which defaults to one
+    # per CPU) avoids cross-thread wake-ups that buy nothing when every CPU is already busy.
+    bg $NS_L env RUST_LOG=warn TOKIO_WORKER_THREADS="$CW_WORKERS" "$CAUSEWAY" --state "$d/london" run 2>"$d/london.log"
     CW_LONDON_PID=$LAST_PID
-    bg $NS_P env RUST_LOG=warn "$CAUSEWAY" --state "$d/paris" run 2>"$d/paris.log"
+    bg $NS_P env RUST_LOG=warn TOKIO_WORKER_THREADS="$CW_WORKERS" "$CAUSEWAY" --state "$d/paris" run 2>"$d/paris.log"
     CW_PARIS_PID=$LAST_PID
     for i in $(seq 50); do
         "$CAUSEWAY" --state "$d/london" status >/dev/null 2>&1 && "$CAUSEWAY" --state "$d/paris" status >/dev/null 2>&1 && break
@@ -661,7 +671,8 @@ report() {
         "$(rustc --version 2>/dev/null || echo "an unknown rustc"); $(iperf3 --version | head -n 1 | cut -d' ' -f1-2)," \
         "$(socat -V | sed -n 's/^socat version \([^ ]*\).*/socat \1/p'), $(stunnel4 -version 2>&1 | awk '/^stunnel/ {print $1, $2; exit}')," \
         "$(ssh -V 2>&1 | cut -d, -f1)$([ -x "$RATHOLE" ] && echo ", rathole $("$RATHOLE" --version 2>/dev/null | awk '/Build Version/ {print $3}')")."
-    echo "Two network namespaces joined by a veth pair; every tool's two pieces, the servers and the clients share these CPUs."
+    echo "Two network namespaces joined by a veth pair; every tool's two pieces, the servers and the clients share these CPUs" \
+        "(causeway agents with TOKIO_WORKER_THREADS=$CW_WORKERS)."
     echo "iperf3 ${IPERF_SECONDS}s single stream (receiver); ping-pong ${PINGPONG_COUNT} 1-byte round trips on one connection;" \
         "connections ${CONNRATE_SECONDS}s at concurrency ${CONNRATE_CONCURRENCY}, each with a 1-byte round trip;" \
         "${IDLE_FLOWS} idle flows held ${IDLE_HOLD}s."
@@ -713,6 +724,7 @@ report() {
     echo "Idle flows, VmRSS sum instead of PSS (counts shared pages again in every process), fresh / after:" \
         "$(for t in "${ran[@]}"; do [ "$t" != direct ] && printf '%s %s / %s KiB, ' "$t" "${R[$t,fresh,rss_kib]:--}" "${R[$t,after,rss_kib]:--}"; done | sed 's/, $//')."
     echo "Flows alive after the hold, fresh / after: $(for t in "${ran[@]}"; do printf '%s %s / %s, ' "$t" "${R[$t,fresh,alive]:--}" "${R[$t,after,alive]:--}"; done | sed 's/, $//') (of $IDLE_FLOWS)."
+    echo "Tool CPU time per connection during conn/s (both sides, µs): $(for t in "${ran[@]}"; do [ "$t" = direct ] || printf '%s %s, ' "$t" "${R[$t,cps_cpu_us]:--}"; done | sed 's/, $//')."
     echo "Failed connections during conn/s: $(for t in "${ran[@]}"; do printf '%s %s, ' "$t" "${R[$t,cps_failed]:--}"; done | sed 's/, $//')."
     echo "iperf3 retransmits (sender): $(for t in "${ran[@]}"; do printf '%s %s, ' "$t" "${R[$t,retr]:--}"; done | sed 's/, $//')."
     echo "Other processes on the machine while each tool was measured (% of all CPUs; attempts):" \
