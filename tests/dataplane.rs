@@ -36,21 +36,9 @@ fn sites_with(dir: &std::path::Path, net: &Net, names: &[&str], edit: impl Fn(St
     sites
 }
 
-/// `spoke` redeems a token of `hub`, with a link cost.
-fn link(dir: &std::path::Path, hub: &Site, spoke: &Site, cost: u32) {
-    let file = dir.join(format!("{}-{}.token", hub.name, spoke.name));
-    hub.issue(&[], &file);
-    let out = spoke.ok(&["token", "redeem", file.to_str().unwrap(), "--cost", &cost.to_string()]);
-    assert!(out.starts_with(&format!("linked to {}", hub.name)), "{out}");
-}
-
-fn services(site: &Site) -> Vec<serde_json::Value> {
-    serde_json::from_str(&site.ok(&["service", "list", "-o", "json"])).expect("service list json")
-}
-
 /// The VIP of `hostname` in `owner`'s export of `service`, as `site` sees it.
 fn vip(site: &Site, service: &str, owner: &str, hostname: &str) -> Option<String> {
-    services(site)
+    site.services()
         .into_iter()
         .filter(|s| s["service"] == service)
         .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
@@ -115,7 +103,7 @@ fn gigabyte_half_close_and_reset_across_sites() {
     let dir = tempfile::tempdir().unwrap();
     let s = sites(dir.path(), &net, &["london", "paris"]);
     let (london, paris) = (&s[0], &s[1]);
-    link(dir.path(), london, paris, 1);
+    london.link_spoke(dir.path(), paris, 1);
     export(
         london,
         "bulk",
@@ -233,7 +221,7 @@ fn dns_over_udp_through_the_tunnel_with_dig() {
     let dir = tempfile::tempdir().unwrap();
     let s = sites(dir.path(), &net, &["london", "paris"]);
     let (london, paris) = (&s[0], &s[1]);
-    link(dir.path(), london, paris, 1);
+    london.link_spoke(dir.path(), paris, 1);
     let long = "x".repeat(250);
     let mut args = vec![
         "dnsmasq".to_string(),
@@ -315,8 +303,8 @@ fn spokes_reach_each_other_through_the_hub() {
     let dir = tempfile::tempdir().unwrap();
     let s = sites(dir.path(), &net, &["london", "paris", "tokyo"]);
     let (london, paris, tokyo) = (&s[0], &s[1], &s[2]);
-    link(dir.path(), london, paris, 1);
-    link(dir.path(), london, tokyo, 1);
+    london.link_spoke(dir.path(), paris, 1);
+    london.link_spoke(dir.path(), tokyo, 1);
     let _echo = echo(&net, "tokyo", 7007);
     // Same service name and same pod hostname in two sites: one service, two endpoints.
     export(tokyo, "echo", "[{name: tcp, port: 7007}]", true);
@@ -324,7 +312,7 @@ fn spokes_reach_each_other_through_the_hub() {
     let vip = wait_vip(paris, "echo", "tokyo", "echo-0");
     let own = wait_vip(paris, "echo", "paris", "echo-0");
     assert_ne!(vip, own, "same-named pods in two sites have distinct VIPs");
-    let list = services(paris);
+    let list = paris.services();
     let echo_svc = list.iter().find(|s| s["service"] == "echo").unwrap();
     assert_eq!(echo_svc["namespace"], "default");
     assert_eq!(echo_svc["endpoints"].as_array().unwrap().len(), 2, "{echo_svc}");
@@ -352,7 +340,7 @@ fn withdrawal_and_return_timing() {
     let dir = tempfile::tempdir().unwrap();
     let s = sites(dir.path(), &net, &["london", "paris"]);
     let (london, paris) = (&s[0], &s[1]);
-    link(dir.path(), london, paris, 1);
+    london.link_spoke(dir.path(), paris, 1);
     export(london, "etcd", "[{name: client, port: 2379}]", true);
     let vip = wait_vip(paris, "etcd", "london", "etcd-0");
 
@@ -378,7 +366,7 @@ fn withdrawal_and_return_timing() {
     london.set_exports("exports: []\n");
     let t = Instant::now();
     assert!(
-        wait_for(Duration::from_secs(1), || services(paris).is_empty()),
+        wait_for(Duration::from_secs(1), || paris.services().is_empty()),
         "export not withdrawn within 1 s"
     );
     eprintln!("removed export withdrawn after {:?}", t.elapsed());
@@ -412,9 +400,9 @@ fn cheapest_path_and_failover() {
     let dir = tempfile::tempdir().unwrap();
     let s = sites(dir.path(), &net, &["london", "paris", "tokyo"]);
     let (london, paris, tokyo) = (&s[0], &s[1], &s[2]);
-    link(dir.path(), london, paris, 10); // direct but expensive
-    link(dir.path(), tokyo, paris, 1);
-    link(dir.path(), london, tokyo, 1);
+    london.link_spoke(dir.path(), paris, 10); // direct but expensive
+    tokyo.link_spoke(dir.path(), paris, 1);
+    london.link_spoke(dir.path(), tokyo, 1);
     let _echo = echo(&net, "london", 7007);
     export(london, "echo", "[{name: tcp, port: 7007}]", true);
     let vip = wait_vip(paris, "echo", "london", "echo-0");
@@ -473,7 +461,7 @@ fn metrics_count_flows_bytes_and_links() {
         format!("{text}metrics: 127.0.0.1:9400\n")
     });
     let (london, paris) = (&s[0], &s[1]);
-    link(dir.path(), london, paris, 1);
+    london.link_spoke(dir.path(), paris, 1);
     let _echo = echo(&net, "london", 7007);
     export(london, "echo", "[{name: tcp, port: 7007}]", true);
     let vip = wait_vip(paris, "echo", "london", "echo-0");
@@ -555,7 +543,7 @@ fn vip_range_outside_loopback_gets_a_local_route() {
         text.replace("cidr: 127.77.0.0/16", "cidr: 10.77.0.0/16")
     });
     let (london, paris) = (&s[0], &s[1]);
-    link(dir.path(), london, paris, 1);
+    london.link_spoke(dir.path(), paris, 1);
     let _echo = echo(&net, "london", 7007);
     export(london, "echo", "[{name: tcp, port: 7007}]", true);
     let vip = wait_vip(paris, "echo", "london", "echo-0");

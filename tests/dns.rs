@@ -33,14 +33,6 @@ fn sites(dir: &Path, net: &Net, names: &[&str], configure: impl Fn(&Site)) -> Ve
         .collect()
 }
 
-/// `spoke` redeems a token of `hub`.
-fn link(dir: &Path, hub: &Site, spoke: &Site) {
-    let file = dir.join(format!("{}-{}.token", hub.name, spoke.name));
-    hub.issue(&[], &file);
-    let out = spoke.ok(&["token", "redeem", file.to_str().unwrap()]);
-    assert!(out.starts_with(&format!("linked to {}", hub.name)), "{out}");
-}
-
 /// Rewrites the `dns:` section of a site's causeway.yaml (before the agent starts: the DNS
 /// settings are read at start).
 fn set_dns(site: &Site, listen: &str, upstream: &[&str]) {
@@ -74,13 +66,9 @@ fn export(site: &Site, service: &str, ports: &str, endpoints: &[(&str, &str, boo
     site.set_exports(&yaml);
 }
 
-fn services(site: &Site) -> Vec<serde_json::Value> {
-    serde_json::from_str(&site.ok(&["service", "list", "-o", "json"])).expect("service list json")
-}
-
 /// The endpoints of `service` as `site` sees them: (site, hostname) → (vip, ready).
 fn endpoints(site: &Site, service: &str) -> Vec<(String, String, Option<String>, bool)> {
-    services(site)
+    site.services()
         .into_iter()
         .filter(|s| s["service"] == service)
         .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
@@ -229,8 +217,8 @@ fn every_record_type_across_three_sites_and_withdrawal() {
     let dir = tempfile::tempdir().unwrap();
     let s = sites(dir.path(), &net, &["london", "paris", "tokyo"], |_| {});
     let (london, paris, tokyo) = (&s[0], &s[1], &s[2]);
-    link(dir.path(), london, paris);
-    link(dir.path(), london, tokyo);
+    london.link_spoke(dir.path(), paris, 1);
+    london.link_spoke(dir.path(), tokyo, 1);
     let ports = "[{name: client, port: 2379}, {name: gossip, port: 7946, protocol: UDP}]";
     export(
         london,
@@ -428,7 +416,7 @@ fn two_hundred_endpoints_truncate_over_udp_and_arrive_whole_over_tcp() {
     let dir = tempfile::tempdir().unwrap();
     let s = sites(dir.path(), &net, &["london", "paris"], |_| {});
     let (london, paris) = (&s[0], &s[1]);
-    link(dir.path(), london, paris);
+    london.link_spoke(dir.path(), paris, 1);
     let hosts: Vec<(String, String)> = (0..200)
         .map(|i| (format!("grid-{i}"), format!("10.1.{}.{}", i / 100, 1 + i % 100)))
         .collect();
@@ -532,7 +520,7 @@ fn forwarding_to_a_real_upstream_and_refused_without_one() {
         }
     });
     let (london, paris) = (&s[0], &s[1]);
-    link(dir.path(), london, paris);
+    london.link_spoke(dir.path(), paris, 1);
     export(london, "etcd", "[{name: client, port: 2379}]", &[("etcd-0", POD, true)]);
     let l0 = vip_of(&wait_ready(paris, "etcd", 1), "london", "etcd-0");
 
@@ -608,7 +596,7 @@ fn getent_resolves_through_the_responder_as_the_only_nameserver() {
     if Path::new("/etc/nsswitch.conf").exists() {
         std::fs::write(etc.join("nsswitch.conf"), "hosts: files dns\n").unwrap();
     }
-    link(dir.path(), london, paris);
+    london.link_spoke(dir.path(), paris, 1);
     export(
         london,
         "etcd",

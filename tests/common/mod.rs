@@ -307,6 +307,20 @@ impl Site {
             .and_then(|l| l["state"].as_str().map(String::from))
     }
 
+    /// `service list -o json`, parsed.
+    pub fn services(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ok(&["service", "list", "-o", "json"])).expect("service list json")
+    }
+
+    /// Issues a token here and has `spoke` redeem it (token file in `dir`), with link cost
+    /// `cost`; asserts that the link was made.
+    pub fn link_spoke(&self, dir: &Path, spoke: &Site, cost: u32) {
+        let file = dir.join(format!("{}-{}.token", self.name, spoke.name));
+        self.issue(&[], &file);
+        let out = spoke.ok(&["token", "redeem", file.to_str().unwrap(), "--cost", &cost.to_string()]);
+        assert!(out.starts_with(&format!("linked to {}", self.name)), "{out}");
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
