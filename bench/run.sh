@@ -18,8 +18,8 @@
 # Knobs (environment): TOOLS="direct socat stunnel ssh rathole causeway", IPERF_SECONDS=10,
 # PINGPONG_COUNT=20000, CONNRATE_SECONDS=5, CONNRATE_CONCURRENCY=32, IDLE_FLOWS=1000,
 # IDLE_HOLD=3, CW_WORKERS=1 (tokio worker threads per causeway agent), RATHOLE=/path/to/rathole (default: found on PATH or in /tmp/rathole/bin),
-# PROFILE=1 (perf record and per-thread CPU of the causeway agents during iperf3 and the
-# connection test, kept in bench/results/), QUIET_WAIT=60 (seconds to wait, at most, before
+# PROFILE=1 (perf record and per-thread CPU of the causeway agents during ping-pong, iperf3
+# and the connection test, kept in bench/results/), QUIET_WAIT=60 (seconds to wait, at most, before
 # each tool for other work on the machine to calm down), FOREIGN_MAX=10 and ATTEMPTS=2 (a
 # tool is measured again if other processes took more than FOREIGN_MAX% of the machine
 # meanwhile), CARGO_TARGET_DIR (honoured), SKIP_BUILD=1, SKIP_APT=1.
@@ -283,7 +283,9 @@ measure() {
 
     log "$tool: ping-pong latency ($PINGPONG_COUNT round trips, CPUs kept awake, then idle)"
     spin_start
+    [ "$tool" = causeway ] && profile_start pingpong 4
     out=$(inp timeout 120 "$LOADGEN" pingpong --addr "$echo_addr" --count "$PINGPONG_COUNT" 2>&1)
+    [ "$tool" = causeway ] && profile_wait
     spin_stop
     echo "$tool pingpong (CPUs kept awake): $out" >>"$RAW"
     R[$tool,p50]=$(jget median_us <<<"$out")
