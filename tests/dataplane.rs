@@ -502,16 +502,7 @@ fn metrics_count_flows_bytes_and_links() {
     assert!(london_metrics.contains("role=\"terminus\""), "{london_metrics}");
 
     // The DNS responder's counters (every agent here answers on 127.0.0.1:5353).
-    let resolve = |name: &str| {
-        net.exec("paris")
-            .arg(common::BIN)
-            .arg("--state")
-            .arg(&paris.state)
-            .arg("resolve")
-            .arg(name)
-            .output()
-            .expect("run causeway resolve")
-    };
+    let resolve = |name: &str| paris.cli_in(&net, &["resolve", name]);
     assert!(resolve("echo.default.svc.clusterset.local").status.success());
     assert_eq!(resolve("nope.default.svc.clusterset.local").status.code(), Some(1));
     let text = scrape(&net, "paris");

@@ -123,14 +123,7 @@ fn dig_at(net: &Net, site: &str, port: u16, args: &[&str]) -> String {
 
 /// `causeway resolve ARGS` for `site`, run inside its namespace (where its responder is).
 fn resolve(net: &Net, site: &Site, args: &[&str]) -> std::process::Output {
-    net.exec(&site.name)
-        .arg(common::BIN)
-        .arg("--state")
-        .arg(&site.state)
-        .arg("resolve")
-        .args(args)
-        .output()
-        .expect("run causeway resolve")
+    site.cli_in(net, &[&["resolve"], args].concat())
 }
 
 /// `causeway resolve ARGS` that must succeed: its stdout.

@@ -307,6 +307,18 @@ impl Site {
             .and_then(|l| l["state"].as_str().map(String::from))
     }
 
+    /// `causeway --state <this site> ARGS` run inside the site's namespace of `net` (where
+    /// its DNS responder and VIPs are).
+    pub fn cli_in(&self, net: &netns::Net, args: &[&str]) -> Output {
+        net.exec(&self.name)
+            .arg(BIN)
+            .arg("--state")
+            .arg(&self.state)
+            .args(args)
+            .output()
+            .expect("run causeway")
+    }
+
     /// `service list -o json`, parsed.
     pub fn services(&self) -> Vec<serde_json::Value> {
         serde_json::from_str(&self.ok(&["service", "list", "-o", "json"])).expect("service list json")
