@@ -323,26 +323,9 @@ fn redis_cluster_spans_three_sites() {
         let vip = c.vip("redis", site);
         let dir = c.dir.path().join(format!("redis-{site}"));
         std::fs::create_dir_all(&dir).unwrap();
-        servers.push(c.spawn(
-            site,
-            &[
-                "redis-server",
-                "--bind",
-                POD,
-                "--port",
-                "6379",
-                "--protected-mode",
-                "no",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                dir.join("nodes.conf").to_str().unwrap(),
-                "--dir",
-                dir.to_str().unwrap(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
+        let mut args = common::redis_cluster_node(POD, &dir);
+        args.extend(
+            [
                 "--cluster-announce-ip",
                 &vip,
                 "--cluster-announce-port",
@@ -353,8 +336,10 @@ fn redis_cluster_spans_three_sites() {
                 &endpoint_name("redis", site),
                 "--cluster-preferred-endpoint-type",
                 "hostname",
-            ],
-        ));
+            ]
+            .map(String::from),
+        );
+        servers.push(c.spawn(site, &args.iter().map(String::as_str).collect::<Vec<_>>()));
         vips.push(vip);
     }
     let ping =

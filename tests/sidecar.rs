@@ -245,24 +245,7 @@ fn redis_cluster_without_announce_ip_learns_vips_from_source_addresses() {
         let child = w
             .net
             .exec(&w.sidecars[i].pod)
-            .args([
-                "redis-server",
-                "--bind",
-                POD,
-                "--port",
-                "6379",
-                "--protected-mode",
-                "no",
-                "--cluster-enabled",
-                "yes",
-            ])
-            .args([
-                "--cluster-config-file",
-                data.join("nodes.conf").to_str().unwrap(),
-                "--dir",
-                data.to_str().unwrap(),
-            ])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(common::redis_cluster_node(POD, &data))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

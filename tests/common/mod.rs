@@ -345,6 +345,33 @@ impl Drop for Site {
 }
 
 /// Writes `text` to a temporary file next to `path`, then renames it over `path`.
+/// `redis-server` and its arguments for a Redis Cluster node on `bind:6379` that keeps its
+/// node table in `dir` and persists nothing (tests add their announce options).
+pub fn redis_cluster_node(bind: &str, dir: &Path) -> Vec<String> {
+    let dir = dir.to_str().expect("utf-8 path");
+    [
+        "redis-server",
+        "--bind",
+        bind,
+        "--port",
+        "6379",
+        "--protected-mode",
+        "no",
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        &format!("{dir}/nodes.conf"),
+        "--dir",
+        dir,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 pub fn write_atomic(path: &Path, text: &str) {
     let name = path.file_name().expect("file name").to_string_lossy();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
