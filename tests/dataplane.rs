@@ -20,20 +20,10 @@ fn sites(dir: &std::path::Path, net: &Net, names: &[&str]) -> Vec<Site> {
 
 /// Like [`sites`], with each causeway.yaml passed through `edit` before the agent starts.
 fn sites_with(dir: &std::path::Path, net: &Net, names: &[&str], edit: impl Fn(String) -> String) -> Vec<Site> {
-    let mut sites: Vec<Site> = names
-        .iter()
-        .map(|n| {
-            net.add_pod(n, POD);
-            let site = Site::init_in(dir, n, net);
-            let cfg = site.state.join("causeway.yaml");
-            std::fs::write(&cfg, edit(std::fs::read_to_string(&cfg).unwrap())).unwrap();
-            site
-        })
-        .collect();
-    for s in &mut sites {
-        s.start();
-    }
-    sites
+    common::sites_in(dir, net, names, POD, |site| {
+        let cfg = site.state.join("causeway.yaml");
+        std::fs::write(&cfg, edit(std::fs::read_to_string(&cfg).unwrap())).unwrap();
+    })
 }
 
 /// The VIP of `hostname` in `owner`'s export of `service`, as `site` sees it.

@@ -21,16 +21,7 @@ const ZONE: &str = "clusterset.local";
 /// Inits the agents of `names` in `net` (pod address 10.1.0.1 in each), lets `configure`
 /// adjust each causeway.yaml, then starts them.
 fn sites(dir: &Path, net: &Net, names: &[&str], configure: impl Fn(&Site)) -> Vec<Site> {
-    names
-        .iter()
-        .map(|n| {
-            net.add_pod(n, POD);
-            let mut s = Site::init_in(dir, n, net);
-            configure(&s);
-            s.start();
-            s
-        })
-        .collect()
+    common::sites_in(dir, net, names, POD, configure)
 }
 
 /// Rewrites the `dns:` section of a site's causeway.yaml (before the agent starts: the DNS

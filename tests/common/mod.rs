@@ -345,6 +345,25 @@ impl Drop for Site {
 }
 
 /// Writes `text` to a temporary file next to `path`, then renames it over `path`.
+/// Inits a site for each of `names` in `net`, each with a pod at `pod` on its LAN, lets
+/// `configure` adjust each one's state (causeway.yaml) before any agent runs, then starts
+/// every agent.
+pub fn sites_in(dir: &Path, net: &netns::Net, names: &[&str], pod: &str, configure: impl Fn(&Site)) -> Vec<Site> {
+    let mut sites: Vec<Site> = names
+        .iter()
+        .map(|n| {
+            net.add_pod(n, pod);
+            let site = Site::init_in(dir, n, net);
+            configure(&site);
+            site
+        })
+        .collect();
+    for s in &mut sites {
+        s.start();
+    }
+    sites
+}
+
 /// `redis-server` and its arguments for a Redis Cluster node on `bind:6379` that keeps its
 /// node table in `dir` and persists nothing (tests add their announce options).
 pub fn redis_cluster_node(bind: &str, dir: &Path) -> Vec<String> {
