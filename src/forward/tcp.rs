@@ -2,8 +2,9 @@
 //!
 //! The origin agent (where the client connected to a VIP) opens a stream on the next hop's
 //! link and writes a [`FlowHeader`]; relays read the header and open the next stream; the
-//! terminating agent connects to its own endpoint. Bytes are then copied both ways with large
-//! buffers (`read_chunk` on the QUIC side hands over received data without a copy). Each
+//! terminating agent connects to its own endpoint. Bytes then go both ways without user-space
+//! copies: TCP reads (growing buffers, never zeroed) are handed to quinn as `Bytes`, and the
+//! chunks quinn has received go to TCP with one `writev` per batch (`read_chunks`). Each
 //! direction ends on its own: a FIN becomes a stream finish and a finish becomes a FIN
 //! (`shutdown(Write)`), so half-closed connections work. A reset anywhere becomes a stream
 //! reset (with a [`codes`] reason) and a reset becomes a TCP RST (`SO_LINGER` 0), so a refused
