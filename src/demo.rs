@@ -109,14 +109,12 @@ pub async fn run() -> anyhow::Result<()> {
     }
 
     for (agent, site) in [(paris, "paris"), (london, "london")] {
-        let mut links: Vec<LinkStatus> = Vec::new();
-        for _ in 0..50 {
-            links = serde_json::from_value(ask(agent, Request::LinkList).await?)?;
-            if links.iter().all(|l| l.state == crate::link::LinkState::Up) && !links.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let links = poll(50, Duration::from_millis(100), || async {
+            let links: Vec<LinkStatus> = serde_json::from_value(ask(agent, Request::LinkList).await?)?;
+            let up = !links.is_empty() && links.iter().all(|l| l.state == crate::link::LinkState::Up);
+            Ok((links, up))
+        })
+        .await?;
         for l in &links {
             println!(
                 "[5] {site}: link {} to {} is {} (rtt {}, cost {}, since {})",
@@ -134,35 +132,29 @@ pub async fn run() -> anyhow::Result<()> {
     }
 
     // paris learns london's export through the link and listens on its VIP.
-    let mut vip = None;
-    for _ in 0..100 {
+    let vip = poll(100, Duration::from_millis(50), || async {
         let services: Vec<crate::catalog::ServiceView> =
             serde_json::from_value(ask(paris, Request::ServiceList).await?)?;
-        vip = services
+        let vip = services
             .iter()
             .find(|s| s.service == "echo")
             .and_then(|s| s.endpoints.first())
             .and_then(|e| e.vip);
-        if vip.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let vip = vip.context("paris never learned london's echo service")?;
+        Ok((vip, vip.is_some()))
+    })
+    .await?
+    .context("paris never learned london's echo service")?;
     println!("[6] paris sees echo.default: endpoint echo-0 in london (real address 127.0.0.1), VIP {vip}");
 
     let addr = std::net::SocketAddr::new(vip, echo_port);
     let message = b"hello from paris, through the causeway";
-    let mut reply = Vec::new();
-    for _ in 0..50 {
-        match tcp_round_trip(addr, message).await {
-            Ok(r) => {
-                reply = r;
-                break;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+    // The listener may still be starting: a refused connection is retried, not fatal.
+    let reply = poll(50, Duration::from_millis(50), || async {
+        let reply = tcp_round_trip(addr, message).await.unwrap_or_default();
+        let done = !reply.is_empty();
+        Ok((reply, done))
+    })
+    .await?;
     if reply != message {
         bail!(
             "the echo over TCP through the tunnel came back wrong: {:?}",
@@ -185,6 +177,25 @@ pub async fn run() -> anyhow::Result<()> {
     }
     println!("demo finished: both agents shut down cleanly");
     Ok(())
+}
+
+/// Runs `probe` up to `tries` times, `every` apart, until it says it is done; returns the
+/// last value it produced either way (the caller decides whether that is a failure). An
+/// error from `probe` ends the wait at once.
+async fn poll<T, F, Fut>(tries: u32, every: Duration, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<(T, bool)>>,
+{
+    let mut attempt = 1;
+    loop {
+        let (value, done) = probe().await?;
+        if done || attempt >= tries {
+            return Ok(value);
+        }
+        attempt += 1;
+        tokio::time::sleep(every).await;
+    }
 }
 
 fn echo_export(port: u16) -> Export {
@@ -263,4 +274,40 @@ async fn udp_round_trip(addr: std::net::SocketAddr, message: &[u8]) -> anyhow::R
         }
     }
     bail!("no UDP answer from {addr} through the tunnel")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn poll_stops_when_done_gives_up_after_tries_and_stops_on_error() {
+        let mut calls = 0;
+        let v = poll(10, Duration::ZERO, || {
+            calls += 1;
+            let n = calls;
+            async move { Ok((n, n == 3)) }
+        })
+        .await
+        .unwrap();
+        assert_eq!((v, calls), (3, 3), "stops at the first done");
+
+        let mut calls = 0;
+        let v = poll(4, Duration::ZERO, || {
+            calls += 1;
+            let n = calls;
+            async move { Ok((n, false)) }
+        })
+        .await
+        .unwrap();
+        assert_eq!((v, calls), (4, 4), "the last value after `tries` attempts");
+
+        let mut calls = 0;
+        let r: anyhow::Result<u32> = poll(4, Duration::ZERO, || {
+            calls += 1;
+            async { anyhow::bail!("admin socket gone") }
+        })
+        .await;
+        assert!(r.is_err() && calls == 1, "an error ends the wait at once");
+    }
 }
