@@ -39,6 +39,10 @@ pub enum Request {
         name: Option<String>,
         cost: u32,
     },
+    /// `token list`: the grants this site issued.
+    TokenList,
+    /// `token revoke`: a grant id or a unique prefix of one.
+    TokenRevoke { grant: String },
     /// `link list`.
     LinkList,
     /// `link remove`.

@@ -347,7 +347,10 @@ impl Agent {
     pub async fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
         let sidecar_refuses = matches!(
             req,
-            Request::TokenIssue { .. } | Request::TokenRedeem { .. } | Request::LinkRemove { .. }
+            Request::TokenIssue { .. }
+                | Request::TokenRedeem { .. }
+                | Request::TokenRevoke { .. }
+                | Request::LinkRemove { .. }
         );
         if self.mesh.is_member() && sidecar_refuses {
             return Err(format!(
@@ -359,6 +362,12 @@ impl Agent {
         match req {
             Request::TokenIssue { uses, expires_secs } => self.issue(uses, Duration::from_secs(expires_secs)).await,
             Request::TokenRedeem { token, name, cost } => self.redeem(&token, name, cost).await,
+            Request::TokenList => Ok(json!(self.grants.list().await)),
+            Request::TokenRevoke { grant } => {
+                let view = self.grants.revoke(&grant).await.map_err(|e| e.to_string())?;
+                info!(grant = %view.grant, redeemed = view.redeemed, uses = view.uses, "token revoked");
+                Ok(json!(view))
+            }
             Request::LinkList => Ok(json!(self.links.list())),
             Request::LinkRemove { name } => {
                 let record = self.links.remove(&name).map_err(|e| e.to_string())?;

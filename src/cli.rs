@@ -20,6 +20,7 @@ use crate::config::{self, Config, is_dns_label};
 use crate::identity;
 use crate::link::LinkStatus;
 use crate::state::StateDir;
+use crate::token::GrantView;
 
 /// Stretch clustered software across sites: one binary, one token.
 #[derive(Debug, Parser)]
@@ -136,6 +137,17 @@ pub enum TokenCommand {
         #[arg(long, default_value_t = 1)]
         cost: u32,
     },
+    /// The tokens this site issued: state (open/used/expired/revoked), uses, who redeemed them.
+    List {
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Revoke a token this site issued, so it redeems no more (links already made with it
+    /// stay; remove those with `link remove`).
+    Revoke {
+        /// The grant id (`token list`, or the token's `grant` field), or a unique prefix of it.
+        grant: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -232,6 +244,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             token_issue(&state, uses, expires, output).await
         }
         Command::Token(TokenCommand::Redeem { file, name, cost }) => token_redeem(&state, &file, name, cost).await,
+        Command::Token(TokenCommand::List { output }) => token_list(&state, output).await,
+        Command::Token(TokenCommand::Revoke { grant }) => token_revoke(&state, &grant).await,
         Command::Link(LinkCommand::List { output }) => {
             let data = call(&state, Request::LinkList).await?;
             let links: Vec<LinkStatus> = serde_json::from_value(data.clone()).context("reading the agent's answer")?;
@@ -462,6 +476,62 @@ async fn token_issue(state: &StateDir, uses: u32, expires: Duration, output: Opt
     Ok(())
 }
 
+async fn token_list(state: &StateDir, output: Output) -> anyhow::Result<()> {
+    let data = call(state, Request::TokenList).await?;
+    let grants: Vec<GrantView> = serde_json::from_value(data.clone()).context("the agent's grant list")?;
+    print_output(output, &data, || grants_table(&grants))
+}
+
+fn grants_table(grants: &[GrantView]) -> String {
+    if grants.is_empty() {
+        return "no tokens issued here (or none in the last week); issue one with `causeway token issue`\n".into();
+    }
+    let rows: Vec<Vec<String>> = grants
+        .iter()
+        .map(|g| {
+            vec![
+                g.grant.clone(),
+                g.state.to_string(),
+                format!("{}/{}", g.redeemed, g.uses),
+                g.expires.clone(),
+                if g.redeemed_by.is_empty() {
+                    "-".into()
+                } else {
+                    g.redeemed_by.join(",")
+                },
+            ]
+        })
+        .collect();
+    table(&["GRANT", "STATE", "REDEEMED", "EXPIRES", "REDEEMED BY"], &rows)
+}
+
+async fn token_revoke(state: &StateDir, grant: &str) -> anyhow::Result<()> {
+    let data = call(
+        state,
+        Request::TokenRevoke {
+            grant: grant.to_string(),
+        },
+    )
+    .await?;
+    let view: GrantView = serde_json::from_value(data).context("the agent's answer")?;
+    println!(
+        "revoked grant {} at {} ({} of {} use(s) were redeemed{})",
+        view.grant,
+        view.revoked.as_deref().unwrap_or("?"),
+        view.redeemed,
+        view.uses,
+        if view.redeemed_by.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", by {}; those links stay until `causeway link remove`",
+                view.redeemed_by.join(", ")
+            )
+        }
+    );
+    Ok(())
+}
+
 async fn token_redeem(state: &StateDir, file: &str, name: Option<String>, cost: u32) -> anyhow::Result<()> {
     let token = if file == "-" {
         let mut s = String::new();
@@ -607,6 +677,8 @@ mod tests {
             "causeway --state ./london token issue --uses 1 --expires 15m -o paris.token",
             "causeway --state ./paris token redeem paris.token --name hub --cost 5",
             "causeway token redeem -",
+            "causeway token list -o json",
+            "causeway token revoke 3f2a9c",
             "causeway link list -o json",
             "causeway link remove paris",
             "causeway status -o yaml",
@@ -622,6 +694,28 @@ mod tests {
             Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{line}: {e}"));
         }
         assert!(Cli::try_parse_from(["causeway", "token", "issue", "--expires", "soon"]).is_err());
+    }
+
+    #[test]
+    fn grants_table_shows_state_uses_and_redeemers() {
+        assert!(grants_table(&[]).starts_with("no tokens issued here"));
+        let g = GrantView {
+            grant: "ab".repeat(16),
+            state: crate::token::GrantState::Revoked,
+            uses: 2,
+            redeemed: 1,
+            redeemed_by: vec!["paris".into()],
+            created: "2026-11-21T12:00:00Z".into(),
+            expires: "2026-11-21T12:15:00Z".into(),
+            revoked: Some("2026-11-21T12:05:00Z".into()),
+        };
+        let t = grants_table(&[g]);
+        let row = t.lines().nth(1).unwrap();
+        assert!(t.starts_with("GRANT"), "{t}");
+        assert_eq!(
+            row.split_whitespace().collect::<Vec<_>>(),
+            [&"ab".repeat(16), "revoked", "1/2", "2026-11-21T12:15:00Z", "paris"]
+        );
     }
 
     #[test]

@@ -97,6 +97,8 @@ pub enum Rejection {
     Expired { at: String },
     #[error("token used up: all {uses} use(s) were already redeemed")]
     UsedUp { uses: u32 },
+    #[error("token revoked at {at} by the issuing site (`causeway token revoke`)")]
+    Revoked { at: String },
     #[error("the redeemer's certificate is for site {cert:?} but it claimed {claimed:?}")]
     SiteMismatch { cert: String, claimed: String },
     #[error("the redeemer's certificate is not signed by the CA it presented")]

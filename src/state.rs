@@ -225,4 +225,26 @@ pub mod rfc3339 {
         let text = String::deserialize(d)?;
         parse(&text).map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")))
     }
+
+    /// The same for an optional time (absent or null when `None`).
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+        use std::time::SystemTime;
+
+        pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+            match t {
+                Some(t) => super::serialize(t, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+            match Option::<String>::deserialize(d)? {
+                Some(text) => super::parse(&text)
+                    .map(Some)
+                    .map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}"))),
+                None => Ok(None),
+            }
+        }
+    }
 }

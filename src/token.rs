@@ -132,12 +132,91 @@ pub struct Grant {
     pub created: SystemTime,
     #[serde(with = "rfc3339")]
     pub expires: SystemTime,
+    /// When the issuer revoked it (`token revoke`): a token that leaked or is no longer
+    /// wanted redeems no more, whatever its uses and expiry say.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339::option")]
+    pub revoked: Option<SystemTime>,
+}
+
+/// Where a grant stands, as `token list` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantState {
+    /// Can still be redeemed.
+    Open,
+    /// Every use was redeemed.
+    Used,
+    /// Past its expiry with uses left.
+    Expired,
+    /// Revoked by the issuer.
+    Revoked,
+}
+
+impl std::fmt::Display for GrantState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GrantState::Open => "open",
+            GrantState::Used => "used",
+            GrantState::Expired => "expired",
+            GrantState::Revoked => "revoked",
+        })
+    }
+}
+
+/// One grant as `token list -o json` shows it: never the secret or its hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrantView {
+    pub grant: String,
+    pub state: GrantState,
+    pub uses: u32,
+    pub redeemed: u32,
+    /// The sites that redeemed it, in order.
+    pub redeemed_by: Vec<String>,
+    pub created: String,
+    pub expires: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<String>,
 }
 
 impl Grant {
     fn remaining(&self) -> u32 {
         self.uses.saturating_sub(self.redemptions.len() as u32)
     }
+
+    /// Where the grant stands at `now`; revocation wins over everything else.
+    pub fn state(&self, now: SystemTime) -> GrantState {
+        if self.revoked.is_some() {
+            GrantState::Revoked
+        } else if self.remaining() == 0 {
+            GrantState::Used
+        } else if now >= self.expires {
+            GrantState::Expired
+        } else {
+            GrantState::Open
+        }
+    }
+
+    pub fn view(&self, now: SystemTime) -> GrantView {
+        GrantView {
+            grant: self.id.clone(),
+            state: self.state(now),
+            uses: self.uses,
+            redeemed: self.redemptions.len() as u32,
+            redeemed_by: self.redemptions.iter().map(|r| r.site.clone()).collect(),
+            created: rfc3339::format(self.created),
+            expires: rfc3339::format(self.expires),
+            revoked: self.revoked.map(rfc3339::format),
+        }
+    }
+}
+
+/// Why `token revoke` found nothing to revoke.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RevokeError {
+    #[error("no grant {0:?} on this site; `causeway token list` shows the grants it issued")]
+    Unknown(String),
+    #[error("{prefix:?} matches {count} grants; give more of the grant id")]
+    Ambiguous { prefix: String, count: usize },
 }
 
 /// Every grant this site has issued: the content of `grants.yaml`.
@@ -176,6 +255,7 @@ impl GrantBook {
             created: now,
             // Whole seconds, as the token shows it.
             expires: rfc3339::parse(&rfc3339::format(now + ttl)).unwrap_or(now + ttl),
+            revoked: None,
         };
         self.prune(now);
         self.grants.push(grant.clone());
@@ -194,6 +274,11 @@ impl GrantBook {
         if !bool::from(presented.as_bytes().ct_eq(grant.secret_sha256.as_bytes())) {
             return Err(Rejection::WrongSecret);
         }
+        if let Some(at) = grant.revoked {
+            return Err(Rejection::Revoked {
+                at: rfc3339::format(at),
+            });
+        }
         if now >= grant.expires {
             return Err(Rejection::Expired {
                 at: rfc3339::format(grant.expires),
@@ -209,10 +294,43 @@ impl GrantBook {
         Ok(())
     }
 
-    /// Forgets grants dead (expired or used up) for longer than a week.
+    /// Revokes the grant whose id is `id` or starts with it (ids are long; a unique prefix
+    /// will do, as with git). Revoking again keeps the first time. Returns the grant.
+    pub fn revoke(&mut self, id: &str, now: SystemTime) -> Result<Grant, RevokeError> {
+        let id = id.trim().to_ascii_lowercase();
+        if id.is_empty() {
+            return Err(RevokeError::Unknown(id));
+        }
+        let exact = self.grants.iter().position(|g| g.id == id);
+        let index = match exact {
+            Some(i) => i,
+            None => {
+                let matches: Vec<usize> = (0..self.grants.len())
+                    .filter(|&i| self.grants[i].id.starts_with(&id))
+                    .collect();
+                match matches[..] {
+                    [i] => i,
+                    [] => return Err(RevokeError::Unknown(id)),
+                    _ => {
+                        return Err(RevokeError::Ambiguous {
+                            prefix: id,
+                            count: matches.len(),
+                        });
+                    }
+                }
+            }
+        };
+        let grant = &mut self.grants[index];
+        grant.revoked.get_or_insert(now);
+        Ok(grant.clone())
+    }
+
+    /// Forgets grants dead (expired, used up or revoked) for longer than a week.
     pub fn prune(&mut self, now: SystemTime) {
         self.grants.retain(|g| {
-            let dead_since = if g.remaining() == 0 {
+            let dead_since = if let Some(at) = g.revoked {
+                at
+            } else if g.remaining() == 0 {
                 g.redemptions.last().map(|r| r.at).unwrap_or(g.created).min(g.expires)
             } else {
                 g.expires
@@ -292,6 +410,84 @@ mod tests {
         let text = serde_yaml::to_string(&book).unwrap();
         let back: GrantBook = serde_yaml::from_str(&text).unwrap();
         assert_eq!(back, book);
+        assert!(!text.contains("revoked"), "no revoked key until a revocation:\n{text}");
+
+        book.revoke(&g.id, t0()).unwrap();
+        let text = serde_yaml::to_string(&book).unwrap();
+        assert!(text.contains("revoked: 2026-11-21T12:00:00Z"), "{text}");
+        let back: GrantBook = serde_yaml::from_str(&text).unwrap();
+        assert_eq!(back, book);
+    }
+
+    #[test]
+    fn revoked_grant_redeems_no_more_and_says_when() {
+        let mut book = GrantBook::default();
+        let (g, secret) = book.issue(t0(), 3, Duration::from_secs(900)).unwrap();
+        book.redeem(&g.id, &secret, "paris", t0()).unwrap();
+        assert_eq!(book.grants[0].state(t0()), GrantState::Open);
+
+        let later = t0() + Duration::from_secs(60);
+        let revoked = book.revoke(&g.id, later).unwrap();
+        assert_eq!(revoked.state(later), GrantState::Revoked);
+        assert_eq!(
+            book.redeem(&g.id, &secret, "tokyo", later),
+            Err(Rejection::Revoked {
+                at: "2026-11-21T12:01:00Z".into()
+            })
+        );
+        // The secret is still checked first: a wrong one learns nothing about the grant.
+        assert_eq!(
+            book.redeem(&g.id, &"00".repeat(32), "tokyo", later),
+            Err(Rejection::WrongSecret)
+        );
+        // Revoking again keeps the first time.
+        book.revoke(&g.id, later + Duration::from_secs(60)).unwrap();
+        assert_eq!(book.grants[0].revoked, Some(later));
+
+        let view = book.grants[0].view(later);
+        assert_eq!(view.redeemed_by, vec!["paris".to_string()]);
+        assert_eq!((view.uses, view.redeemed), (3, 1));
+        assert_eq!(view.revoked.as_deref(), Some("2026-11-21T12:01:00Z"));
+    }
+
+    #[test]
+    fn revoke_takes_a_unique_prefix_and_names_unknown_and_ambiguous_ids() {
+        let mut book = GrantBook::default();
+        for _ in 0..2 {
+            book.issue(t0(), 1, Duration::from_secs(900)).unwrap();
+        }
+        book.grants[0].id = format!("aa11{}", "0".repeat(28));
+        book.grants[1].id = format!("aa22{}", "0".repeat(28));
+        assert_eq!(
+            book.revoke("aa", t0()).unwrap_err(),
+            RevokeError::Ambiguous {
+                prefix: "aa".into(),
+                count: 2
+            }
+        );
+        assert_eq!(book.revoke("bb", t0()).unwrap_err(), RevokeError::Unknown("bb".into()));
+        assert_eq!(book.revoke("", t0()).unwrap_err(), RevokeError::Unknown("".into()));
+        assert_eq!(book.revoke(" AA22 ", t0()).unwrap().id, book.grants[1].id);
+        assert_eq!(book.grants[0].state(t0()), GrantState::Open);
+        assert_eq!(book.grants[1].state(t0()), GrantState::Revoked);
+    }
+
+    #[test]
+    fn states_and_pruning_of_revoked_grants() {
+        let mut book = GrantBook::default();
+        let (used, s) = book.issue(t0(), 1, Duration::from_secs(60)).unwrap();
+        book.redeem(&used.id, &s, "paris", t0()).unwrap();
+        book.issue(t0(), 1, Duration::from_secs(60)).unwrap();
+        let (revoked, _) = book.issue(t0(), 1, Duration::from_secs(30 * 24 * 3600)).unwrap();
+        book.revoke(&revoked.id, t0()).unwrap();
+        let later = t0() + Duration::from_secs(120);
+        let states: Vec<GrantState> = book.grants.iter().map(|g| g.state(later)).collect();
+        assert_eq!(states, [GrantState::Used, GrantState::Expired, GrantState::Revoked]);
+
+        // A week after its revocation a grant is forgotten, even if it would not have
+        // expired yet.
+        book.prune(t0() + Duration::from_secs(8 * 24 * 3600));
+        assert!(book.grants.is_empty(), "{:?}", book.grants);
     }
 }
 
@@ -312,6 +508,8 @@ pub enum GrantStoreError {
     Token(#[from] TokenError),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Revoke(#[from] RevokeError),
 }
 
 impl GrantStore {
@@ -343,6 +541,23 @@ impl GrantStore {
         Ok(())
     }
 
+    /// Every grant on record, oldest first.
+    pub async fn list(&self) -> Vec<GrantView> {
+        let now = SystemTime::now();
+        self.book.lock().await.grants.iter().map(|g| g.view(now)).collect()
+    }
+
+    /// Revokes a grant (see [`GrantBook::revoke`]) and records it durably.
+    pub async fn revoke(&self, id: &str) -> Result<GrantView, GrantStoreError> {
+        let mut book = self.book.lock().await;
+        let mut next = book.clone();
+        let now = SystemTime::now();
+        let grant = next.revoke(id, now)?;
+        crate::state::write_yaml(&self.path, &next)?;
+        *book = next;
+        Ok(grant.view(now))
+    }
+
     /// The number of grants that can still be redeemed.
     pub async fn open_count(&self) -> usize {
         let now = SystemTime::now();
@@ -351,7 +566,7 @@ impl GrantStore {
             .await
             .grants
             .iter()
-            .filter(|g| g.remaining() > 0 && g.expires > now)
+            .filter(|g| g.state(now) == GrantState::Open)
             .count()
     }
 }

@@ -224,6 +224,69 @@ fn used_up_unknown_and_tampered_tokens_name_the_cause() {
 }
 
 #[test]
+fn revoked_token_is_refused_listed_and_stays_revoked_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut london = Site::init(dir.path(), "london");
+    let mut paris = Site::init(dir.path(), "paris");
+    let mut tokyo = Site::init(dir.path(), "tokyo");
+    london.start();
+    paris.start();
+    tokyo.start();
+    let token = london.issue(&["--uses", "2"], &dir.path().join("t"));
+    let token = token.to_str().unwrap();
+    let grant = field(&std::fs::read_to_string(token).unwrap(), "grant");
+
+    let json = london.ok(&["token", "list", "-o", "json"]);
+    assert!(
+        !json.contains("secret"),
+        "token list never shows the secret or its hash: {json}"
+    );
+    let list: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(list.len(), 1, "{json}");
+    assert_eq!(list[0]["grant"], grant.as_str());
+    assert_eq!(list[0]["state"], "open");
+    assert_eq!(
+        (list[0]["uses"].as_u64(), list[0]["redeemed"].as_u64()),
+        (Some(2), Some(0))
+    );
+
+    paris.ok(&["token", "redeem", token]);
+    // A unique prefix of the grant id is enough.
+    let out = london.ok(&["token", "revoke", &grant[..8]]);
+    assert!(
+        out.contains(&format!("revoked grant {grant} at 20")) && out.contains("by paris"),
+        "{out}"
+    );
+
+    let err = tokyo.fails(&["token", "redeem", token]);
+    assert!(err.contains("london refused the token: token revoked at 20"), "{err}");
+    assert!(tokyo.links().is_empty());
+    // The link made with the token before it was revoked stays.
+    assert!(wait_for(Duration::from_secs(5), || paris
+        .link_state("london")
+        .as_deref()
+        == Some("up")));
+
+    let err = london.fails(&["token", "revoke", "ffff"]);
+    assert!(err.contains("no grant \"ffff\" on this site"), "{err}");
+
+    // Revocation is on disk: a restarted issuer still refuses the token.
+    london.stop();
+    london.start();
+    let table = london.ok(&["token", "list"]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&grant))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("revoked") && row.contains("1/2") && row.contains("paris"),
+        "{table}"
+    );
+    let err = tokyo.fails(&["token", "redeem", token]);
+    assert!(err.contains("token revoked at 20"), "{err}");
+}
+
+#[test]
 fn token_pinned_to_another_ca_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut london = Site::init(dir.path(), "london");
