@@ -9,10 +9,8 @@ use common::{Site, wait_for};
 
 /// Two running sites, paris linked to london through a redeemed token.
 fn linked_pair(dir: &std::path::Path) -> (Site, Site) {
-    let mut london = Site::init(dir, "london");
-    let mut paris = Site::init(dir, "paris");
-    london.start();
-    paris.start();
+    let london = Site::started(dir, "london");
+    let paris = Site::started(dir, "paris");
     let token = london.issue(&[], &dir.join("paris.token"));
     let out = paris.ok(&["token", "redeem", token.to_str().unwrap()]);
     assert!(out.starts_with("linked to london (127.0.0.1:"), "{out}");
@@ -85,10 +83,8 @@ fn link_comes_up_on_both_sides_and_lists_per_spec() {
 #[test]
 fn redeem_with_name_and_cost_from_stdin() {
     let dir = tempfile::tempdir().unwrap();
-    let mut london = Site::init(dir.path(), "london");
-    let mut paris = Site::init(dir.path(), "paris");
-    london.start();
-    paris.start();
+    let london = Site::started(dir.path(), "london");
+    let paris = Site::started(dir.path(), "paris");
     let token = london.ok(&["token", "issue", "--uses", "1", "--expires", "5m"]);
     let mut child = std::process::Command::new(common::BIN)
         .arg("--state")
@@ -165,10 +161,8 @@ fn dead_peer_is_noticed_within_five_seconds() {
 #[test]
 fn expired_token_is_refused_with_the_time() {
     let dir = tempfile::tempdir().unwrap();
-    let mut london = Site::init(dir.path(), "london");
-    let mut paris = Site::init(dir.path(), "paris");
-    london.start();
-    paris.start();
+    let london = Site::started(dir.path(), "london");
+    let paris = Site::started(dir.path(), "paris");
     let token = london.issue(&["--expires", "1s"], &dir.path().join("t"));
     std::thread::sleep(Duration::from_millis(2100));
     let err = paris.fails(&["token", "redeem", token.to_str().unwrap()]);
@@ -186,12 +180,9 @@ fn expired_token_is_refused_with_the_time() {
 #[test]
 fn used_up_unknown_and_tampered_tokens_name_the_cause() {
     let dir = tempfile::tempdir().unwrap();
-    let mut london = Site::init(dir.path(), "london");
-    let mut paris = Site::init(dir.path(), "paris");
-    let mut tokyo = Site::init(dir.path(), "tokyo");
-    london.start();
-    paris.start();
-    tokyo.start();
+    let london = Site::started(dir.path(), "london");
+    let paris = Site::started(dir.path(), "paris");
+    let tokyo = Site::started(dir.path(), "tokyo");
     let token = london.issue(&[], &dir.path().join("t"));
     let text = std::fs::read_to_string(&token).unwrap();
 
@@ -226,12 +217,9 @@ fn used_up_unknown_and_tampered_tokens_name_the_cause() {
 #[test]
 fn revoked_token_is_refused_listed_and_stays_revoked_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let mut london = Site::init(dir.path(), "london");
-    let mut paris = Site::init(dir.path(), "paris");
-    let mut tokyo = Site::init(dir.path(), "tokyo");
-    london.start();
-    paris.start();
-    tokyo.start();
+    let mut london = Site::started(dir.path(), "london");
+    let paris = Site::started(dir.path(), "paris");
+    let tokyo = Site::started(dir.path(), "tokyo");
     let token = london.issue(&["--uses", "2"], &dir.path().join("t"));
     let token = token.to_str().unwrap();
     let grant = field(&std::fs::read_to_string(token).unwrap(), "grant");
@@ -289,12 +277,9 @@ fn revoked_token_is_refused_listed_and_stays_revoked_across_restarts() {
 #[test]
 fn token_pinned_to_another_ca_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mut london = Site::init(dir.path(), "london");
-    let mut paris = Site::init(dir.path(), "paris");
-    let mut mallory = Site::init(dir.path(), "mallory");
-    london.start();
-    paris.start();
-    mallory.start();
+    let london = Site::started(dir.path(), "london");
+    let paris = Site::started(dir.path(), "paris");
+    let mallory = Site::started(dir.path(), "mallory");
     let token = london.issue(&[], &dir.path().join("t"));
     let text = std::fs::read_to_string(&token).unwrap();
 
@@ -332,10 +317,8 @@ fn token_pinned_to_another_ca_is_refused() {
 #[test]
 fn unreachable_issuer_names_the_addresses_tried() {
     let dir = tempfile::tempdir().unwrap();
-    let mut london = Site::init(dir.path(), "london");
-    let mut paris = Site::init(dir.path(), "paris");
-    london.start();
-    paris.start();
+    let mut london = Site::started(dir.path(), "london");
+    let paris = Site::started(dir.path(), "paris");
     let token = london.issue(&[], &dir.path().join("t"));
     london.stop();
     let started = Instant::now();
@@ -354,8 +337,7 @@ fn unreachable_issuer_names_the_addresses_tried() {
 #[test]
 fn concurrent_redemptions_of_a_one_use_token_link_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let mut london = Site::init(dir.path(), "london");
-    london.start();
+    let london = Site::started(dir.path(), "london");
     let mut sites: Vec<Site> = (0..8).map(|i| Site::init(dir.path(), &format!("site-{i}"))).collect();
     for s in &mut sites {
         s.start();

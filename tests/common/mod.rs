@@ -48,6 +48,14 @@ pub struct Site {
 }
 
 impl Site {
+    /// [`Site::init`] and [`Site::start`]: a running site.
+    #[allow(dead_code)] // not every suite uses it
+    pub fn started(dir: &Path, name: &str) -> Site {
+        let mut site = Site::init(dir, name);
+        site.start();
+        site
+    }
+
     /// `causeway init` in `dir/<name>`, then listen on a free loopback port.
     pub fn init(dir: &Path, name: &str) -> Site {
         let state = dir.join(name);
