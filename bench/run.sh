@@ -16,7 +16,7 @@
 # client connects there, with nothing in between.
 #
 # Knobs (environment): TOOLS="direct socat stunnel ssh rathole causeway", IPERF_SECONDS=10,
-# PINGPONG_COUNT=20000, CONNRATE_SECONDS=5, CONNRATE_CONCURRENCY=32, IDLE_FLOWS=1000,
+# PINGPONG_COUNT=20000, PINGPONG_WARMUP=1000, CONNRATE_SECONDS=5, CONNRATE_CONCURRENCY=32, IDLE_FLOWS=1000,
 # IDLE_HOLD=3, CW_WORKERS=1 (tokio worker threads per causeway agent), RATHOLE=/path/to/rathole (default: found on PATH or in /tmp/rathole/bin),
 # PROFILE=1 (perf record and per-thread CPU of the causeway agents during ping-pong, iperf3
 # and the connection test, kept in bench/results/), QUIET_WAIT=60 (seconds to wait, at most, before
@@ -39,6 +39,7 @@ ONESHOT_PORT=7008
 TOOLS=${TOOLS:-direct socat stunnel ssh rathole causeway}
 IPERF_SECONDS=${IPERF_SECONDS:-10}
 PINGPONG_COUNT=${PINGPONG_COUNT:-20000}
+PINGPONG_WARMUP=${PINGPONG_WARMUP:-1000}
 CONNRATE_SECONDS=${CONNRATE_SECONDS:-5}
 CONNRATE_CONCURRENCY=${CONNRATE_CONCURRENCY:-32}
 IDLE_FLOWS=${IDLE_FLOWS:-1000}
@@ -284,8 +285,15 @@ measure() {
     log "$tool: ping-pong latency ($PINGPONG_COUNT round trips, CPUs kept awake, then idle)"
     spin_start
     [ "$tool" = causeway ] && profile_start pingpong 4
-    out=$(inp timeout 120 "$LOADGEN" pingpong --addr "$echo_addr" --count "$PINGPONG_COUNT" 2>&1)
+    c0=$(cpu_ticks "${pids[@]}")
+    out=$(inp timeout 120 "$LOADGEN" pingpong --addr "$echo_addr" --count "$PINGPONG_COUNT" \
+        --warmup "$PINGPONG_WARMUP" 2>&1)
+    c1=$(cpu_ticks "${pids[@]}")
     [ "$tool" = causeway ] && profile_wait
+    # CPU time of the tool (both sides) per round trip, warm-up included: what the tool's
+    # own work adds to every request and response.
+    R[$tool,rt_cpu_us]=$(awk -v c="$((c1 - c0))" -v hz="$CLK_TCK" -v n="$((PINGPONG_COUNT + PINGPONG_WARMUP))" \
+        'BEGIN {if (n > 0 && c > 0) printf "%.0f", 1e6 * c / hz / n}')
     spin_stop
     echo "$tool pingpong (CPUs kept awake): $out" >>"$RAW"
     R[$tool,p50]=$(jget median_us <<<"$out")
@@ -726,6 +734,7 @@ report() {
     echo "Idle flows, VmRSS sum instead of PSS (counts shared pages again in every process), fresh / after:" \
         "$(for t in "${ran[@]}"; do [ "$t" != direct ] && printf '%s %s / %s KiB, ' "$t" "${R[$t,fresh,rss_kib]:--}" "${R[$t,after,rss_kib]:--}"; done | sed 's/, $//')."
     echo "Flows alive after the hold, fresh / after: $(for t in "${ran[@]}"; do printf '%s %s / %s, ' "$t" "${R[$t,fresh,alive]:--}" "${R[$t,after,alive]:--}"; done | sed 's/, $//') (of $IDLE_FLOWS)."
+    echo "Tool CPU time per round trip during ping-pong with the CPUs kept awake (both sides, µs): $(for t in "${ran[@]}"; do [ "$t" = direct ] || printf '%s %s, ' "$t" "${R[$t,rt_cpu_us]:--}"; done | sed 's/, $//')."
     echo "Tool CPU time per connection during conn/s (both sides, µs): $(for t in "${ran[@]}"; do [ "$t" = direct ] || printf '%s %s, ' "$t" "${R[$t,cps_cpu_us]:--}"; done | sed 's/, $//')."
     echo "Failed connections during conn/s: $(for t in "${ran[@]}"; do printf '%s %s, ' "$t" "${R[$t,cps_failed]:--}"; done | sed 's/, $//')."
     echo "iperf3 retransmits (sender): $(for t in "${ran[@]}"; do printf '%s %s, ' "$t" "${R[$t,retr]:--}"; done | sed 's/, $//')."
