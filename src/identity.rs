@@ -443,8 +443,23 @@ pub fn transport_config() -> quinn::TransportConfig {
     // than congestion, and Cubic then collapses (1% loss at 100 ms RTT: about 1.4 Mbit/s
     // measured; BBR keeps the pipe full).
     t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    // Path MTU discovery stops at 1,452-byte UDP payloads (quinn's default, pinned here):
+    // the vendored quinn puts up to 40 packets in one GSO send (vendor/quinn/CAUSEWAY.md),
+    // and 40 × 1,452 must stay under the 64 KiB a GSO super-packet can carry.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     t
 }
+
+/// The largest QUIC packet (UDP payload) a link grows to; see [`transport_config`].
+pub const MAX_UDP_PAYLOAD: u16 = 1452;
+/// QUIC packets per GSO send in the vendored quinn (`MAX_TRANSMIT_SEGMENTS`).
+const GSO_SEGMENTS: usize = 40;
+const _: () = assert!(
+    GSO_SEGMENTS * MAX_UDP_PAYLOAD as usize <= u16::MAX as usize - 28,
+    "a GSO batch of full-size packets must fit one UDP datagram's 64 KiB"
+);
 
 /// The acceptor's QUIC server configuration: our agent chain, client certificates required
 /// and checked against `trust`, TLS 1.3 only, the given ALPNs.
