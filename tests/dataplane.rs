@@ -282,6 +282,117 @@ fn dns_over_udp_through_the_tunnel_with_dig() {
     assert!(!big.contains("flags: qr tc"), "the answer was truncated: {big}");
 }
 
+/// How a blocked read on one end of a flow ended: with the peer's FIN or a reset (the flow
+/// was closed), or still waiting when the test gave up (the flow hung).
+fn how_it_ended(r: std::io::Result<usize>) -> &'static str {
+    match r {
+        Ok(0) => "closed",
+        Ok(_) => "data",
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => "reset",
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => "hung",
+        Err(_) => "error",
+    }
+}
+
+/// A pod in london on `port` that echoes one 5-byte message, then waits for more with no
+/// deadline of its own but the test's: it must learn that the flow is gone. Returns how
+/// that wait ended and after how long.
+fn held_echo(net: &Net, port: u16) -> std::thread::JoinHandle<(&'static str, Duration)> {
+    let listener = net.run_in("london", || TcpListener::bind((POD, port)).unwrap());
+    std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut msg = [0u8; 5];
+        c.read_exact(&mut msg).unwrap();
+        c.write_all(&msg).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let waited = Instant::now();
+        (how_it_ended(c.read(&mut [0u8; 64])), waited.elapsed())
+    })
+}
+
+#[test]
+fn a_site_that_vanishes_mid_flow_ends_the_flow_on_both_sides() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = sites(dir.path(), &net, &["london", "paris"]);
+    let (london, paris) = (&s[0], &s[1]);
+    london.link_spoke(dir.path(), paris, 1);
+    export(london, "hold", "[{name: hold, port: 9100}]", true);
+    let hold: std::net::IpAddr = wait_vip(paris, "hold", "london", "hold-0").parse().unwrap();
+
+    let server = held_echo(&net, 9100);
+    let mut client = net.run_in("paris", || TcpStream::connect((hold, 9100)).unwrap());
+    client.write_all(b"hello").unwrap();
+    let mut back = [0u8; 5];
+    client.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"hello", "every byte before the outage arrives");
+
+    // London drops off the network without a word: no QUIC close, no TCP FIN or RST.
+    net.set_wan("london", false);
+    let cut = Instant::now();
+    client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let client_end = how_it_ended(client.read(&mut [0u8; 64]));
+    let client_after = cut.elapsed();
+    let (server_end, server_after) = server.join().unwrap();
+    eprintln!("client saw {client_end} after {client_after:?}, pod saw {server_end} after {server_after:?}");
+    let logs = |s: &[Site]| {
+        format!(
+            "paris:\n{}\nlondon:\n{}",
+            tail(&s[1].log_text(), 20),
+            tail(&s[0].log_text(), 20)
+        )
+    };
+    // The link's idle timeout is 3 s; each side ends its half of the flow then. The client
+    // learns it from a reset, not an orderly FIN: the far end did not finish.
+    assert!(
+        client_end == "reset" && client_after < Duration::from_secs(10),
+        "client: {client_end} after {client_after:?}\n{}",
+        logs(&s)
+    );
+    assert!(
+        matches!(server_end, "closed" | "reset") && server_after < Duration::from_secs(10),
+        "pod: {server_end} after {server_after:?}\n{}",
+        logs(&s)
+    );
+
+    // The other way round: the network is back, and then paris's agent dies (SIGKILL, as
+    // when a sidecar's pod is evicted). The pod in london must not keep a dead flow.
+    net.set_wan("london", true);
+    let listed = || vip(&s[1], "hold", "london", "hold-0").is_some();
+    assert!(wait_for(Duration::from_secs(10), listed), "{}", logs(&s));
+    let server = held_echo(&net, 9101);
+    export(
+        &s[0],
+        "hold",
+        "[{name: hold, port: 9100}, {name: again, port: 9101}]",
+        true,
+    );
+    // Held open (no FIN from the client) while paris's agent dies.
+    let mut held = None;
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            held = net.run_in("paris", || TcpStream::connect((hold, 9101))).ok();
+            held.is_some()
+        }),
+        "{}",
+        logs(&s)
+    );
+    let mut client = held.unwrap();
+    client.write_all(b"again").unwrap();
+    client.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"again");
+    s[1].kill();
+    let (server_end, server_after) = server.join().unwrap();
+    eprintln!("after paris's agent died the pod saw {server_end} after {server_after:?}");
+    assert!(
+        matches!(server_end, "closed" | "reset") && server_after < Duration::from_secs(10),
+        "pod: {server_end} after {server_after:?}\n{}",
+        logs(&s)
+    );
+}
+
 #[test]
 fn spokes_reach_each_other_through_the_hub() {
     let Some(net) = Net::new(&["london", "paris", "tokyo"]) else {
