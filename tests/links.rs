@@ -64,10 +64,7 @@ fn link_comes_up_on_both_sides_and_lists_per_spec() {
     assert_eq!(l["cost"], 1);
     assert!(l["rtt_ms"].as_f64().is_some(), "{l}");
     assert!(l["since"].as_str().unwrap().ends_with('Z'));
-    assert!(wait_for(Duration::from_secs(5), || london
-        .link_state("paris")
-        .as_deref()
-        == Some("up")));
+    assert!(wait_for(Duration::from_secs(5), || london.link_up("paris")));
 
     let table = paris.ok(&["link", "list"]);
     assert!(table.lines().nth(1).unwrap().starts_with("london"), "{table}");
@@ -110,39 +107,25 @@ fn link_returns_after_either_side_restarts() {
 
     // The issuer restarts: the dialer notices and reconnects.
     london.stop();
-    assert!(wait_for(Duration::from_secs(6), || paris
-        .link_state("london")
-        .as_deref()
-        != Some("up")));
+    assert!(wait_for(Duration::from_secs(6), || !paris.link_up("london")));
     london.start();
     assert!(
-        wait_for(Duration::from_secs(10), || paris.link_state("london").as_deref()
-            == Some("up")),
+        wait_for(Duration::from_secs(10), || paris.link_up("london")),
         "paris did not re-link after london restarted:\n{}",
         paris.log_text()
     );
-    assert!(wait_for(Duration::from_secs(5), || london
-        .link_state("paris")
-        .as_deref()
-        == Some("up")));
+    assert!(wait_for(Duration::from_secs(5), || london.link_up("paris")));
 
     // The redeemer restarts: it dials again from its saved state.
     paris.stop();
-    assert!(wait_for(Duration::from_secs(6), || london
-        .link_state("paris")
-        .as_deref()
-        != Some("up")));
+    assert!(wait_for(Duration::from_secs(6), || !london.link_up("paris")));
     paris.start();
     assert!(
-        wait_for(Duration::from_secs(10), || london.link_state("paris").as_deref()
-            == Some("up")),
+        wait_for(Duration::from_secs(10), || london.link_up("paris")),
         "london did not see paris again:\n{}",
         london.log_text()
     );
-    assert!(wait_for(Duration::from_secs(5), || paris
-        .link_state("london")
-        .as_deref()
-        == Some("up")));
+    assert!(wait_for(Duration::from_secs(5), || paris.link_up("london")));
 }
 
 #[test]
@@ -151,10 +134,7 @@ fn dead_peer_is_noticed_within_five_seconds() {
     let (mut london, paris) = linked_pair(dir.path());
     london.kill();
     let start = Instant::now();
-    assert!(wait_for(Duration::from_secs(6), || paris
-        .link_state("london")
-        .as_deref()
-        != Some("up")));
+    assert!(wait_for(Duration::from_secs(6), || !paris.link_up("london")));
     eprintln!("dead peer noticed after {:?}", start.elapsed());
 }
 
@@ -250,10 +230,7 @@ fn revoked_token_is_refused_listed_and_stays_revoked_across_restarts() {
     assert!(err.contains("london refused the token: token revoked at 20"), "{err}");
     assert!(tokyo.links().is_empty());
     // The link made with the token before it was revoked stays.
-    assert!(wait_for(Duration::from_secs(5), || paris
-        .link_state("london")
-        .as_deref()
-        == Some("up")));
+    assert!(wait_for(Duration::from_secs(5), || paris.link_up("london")));
 
     let err = london.fails(&["token", "revoke", "ffff"]);
     assert!(err.contains("no grant \"ffff\" on this site"), "{err}");
@@ -373,17 +350,11 @@ fn concurrent_redemptions_of_a_one_use_token_link_exactly_once() {
 fn removed_link_closes_at_once_and_peer_cannot_reconnect() {
     let dir = tempfile::tempdir().unwrap();
     let (london, paris) = linked_pair(dir.path());
-    assert!(wait_for(Duration::from_secs(5), || london
-        .link_state("paris")
-        .as_deref()
-        == Some("up")));
+    assert!(wait_for(Duration::from_secs(5), || london.link_up("paris")));
     let out = london.ok(&["link", "remove", "paris"]);
     assert!(out.contains("removed link paris"), "{out}");
     let removed_at = Instant::now();
-    assert!(wait_for(Duration::from_secs(1), || paris
-        .link_state("london")
-        .as_deref()
-        != Some("up")));
+    assert!(wait_for(Duration::from_secs(1), || !paris.link_up("london")));
     eprintln!("peer saw the close after {:?}", removed_at.elapsed());
     assert!(london.links().is_empty());
     // The peer keeps trying and keeps failing the handshake.

@@ -111,8 +111,7 @@ fn agents_link_over_the_wan() {
     let token = london.issue(&[], &dir.path().join("paris.token"));
     let out = paris.ok(&["token", "redeem", token.to_str().unwrap()]);
     assert!(out.starts_with("linked to london (10.200.0.10:7400)"), "{out}");
-    let both_up =
-        || paris.link_state("london").as_deref() == Some("up") && london.link_state("paris").as_deref() == Some("up");
+    let both_up = || paris.link_up("london") && london.link_up("paris");
     assert!(
         wait_for(Duration::from_secs(5), both_up),
         "link not up:\nlondon:\n{}\nparis:\n{}",
@@ -127,9 +126,8 @@ fn agents_link_over_the_wan() {
     net.set_wan("paris", false);
     let cut = Instant::now();
     assert!(
-        wait_for(Duration::from_secs(6), || paris.link_state("london").as_deref()
-            != Some("up")
-            && london.link_state("paris").as_deref() != Some("up")),
+        wait_for(Duration::from_secs(6), || !paris.link_up("london")
+            && !london.link_up("paris")),
         "link still up 6 s after the WAN went down:\n{}",
         paris.log_text()
     );

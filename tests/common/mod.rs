@@ -315,6 +315,11 @@ impl Site {
             .and_then(|l| l["state"].as_str().map(String::from))
     }
 
+    /// Whether the named link exists and is `up`.
+    pub fn link_up(&self, name: &str) -> bool {
+        self.link_state(name).as_deref() == Some("up")
+    }
+
     /// `causeway --state <this site> ARGS` run inside the site's namespace of `net` (where
     /// its DNS responder and VIPs are).
     pub fn cli_in(&self, net: &netns::Net, args: &[&str]) -> Output {
