@@ -301,23 +301,18 @@ impl GrantBook {
         if id.is_empty() {
             return Err(RevokeError::Unknown(id));
         }
-        let exact = self.grants.iter().position(|g| g.id == id);
-        let index = match exact {
-            Some(i) => i,
-            None => {
-                let matches: Vec<usize> = (0..self.grants.len())
-                    .filter(|&i| self.grants[i].id.starts_with(&id))
-                    .collect();
-                match matches[..] {
-                    [i] => i,
-                    [] => return Err(RevokeError::Unknown(id)),
-                    _ => {
-                        return Err(RevokeError::Ambiguous {
-                            prefix: id,
-                            count: matches.len(),
-                        });
-                    }
-                }
+        // Every id has the same length, so a whole id matches only its own grant.
+        let matches: Vec<usize> = (0..self.grants.len())
+            .filter(|&i| self.grants[i].id.starts_with(&id))
+            .collect();
+        let index = match matches[..] {
+            [i] => i,
+            [] => return Err(RevokeError::Unknown(id)),
+            _ => {
+                return Err(RevokeError::Ambiguous {
+                    prefix: id,
+                    count: matches.len(),
+                });
             }
         };
         let grant = &mut self.grants[index];
