@@ -453,7 +453,7 @@ pub fn transport_config() -> quinn::TransportConfig {
 }
 
 /// The largest QUIC packet (UDP payload) a link grows to; see [`transport_config`].
-pub const MAX_UDP_PAYLOAD: u16 = 1452;
+const MAX_UDP_PAYLOAD: u16 = 1452;
 /// QUIC packets per GSO send in the vendored quinn (`MAX_TRANSMIT_SEGMENTS`).
 const GSO_SEGMENTS: usize = 40;
 const _: () = assert!(

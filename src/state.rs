@@ -222,8 +222,12 @@ pub mod rfc3339 {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
-        let text = String::deserialize(d)?;
-        parse(&text).map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}")))
+        parse_field(&String::deserialize(d)?)
+    }
+
+    /// [`parse`] for serde: the error names the text that did not parse.
+    fn parse_field<E: serde::de::Error>(text: &str) -> Result<SystemTime, E> {
+        parse(text).map_err(|e| E::custom(format!("{text:?}: {e}")))
     }
 
     /// The same for an optional time (absent or null when `None`).
@@ -239,12 +243,9 @@ pub mod rfc3339 {
         }
 
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
-            match Option::<String>::deserialize(d)? {
-                Some(text) => super::parse(&text)
-                    .map(Some)
-                    .map_err(|e| serde::de::Error::custom(format!("{text:?}: {e}"))),
-                None => Ok(None),
-            }
+            Option::<String>::deserialize(d)?
+                .map(|text| super::parse_field(&text))
+                .transpose()
         }
     }
 }
