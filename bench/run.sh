@@ -158,8 +158,10 @@ ip -n $NS_L addr add $POD/32 dev lo
 ip -n $NS_L link set wan0 up
 ip -n $NS_P link set wan0 up
 for ns in $NS_L $NS_P; do
-    # Many short connections per second: more ephemeral ports, reuse of TIME_WAIT ports.
-    ip netns exec "$ns" sysctl -q -w net.ipv4.ip_local_port_range="10000 65000" net.ipv4.tcp_tw_reuse=1
+    # Many short connections per second: more ephemeral ports, reuse of TIME_WAIT ports. The
+    # range starts above the tools' listening ports (11000-14999): a client socket left on one
+    # of those by an earlier connection test made `ssh -L` and stunnel fail to bind.
+    ip netns exec "$ns" sysctl -q -w net.ipv4.ip_local_port_range="15000 65000" net.ipv4.tcp_tw_reuse=1
 done
 ulimit -n "$(ulimit -Hn)" || true
 
