@@ -52,8 +52,24 @@ pub enum IdentityError {
 pub const MEMBER_URI: &str = "urn:causeway:role:member";
 
 /// The crypto provider used everywhere: ring only, so that rustls never sees two providers.
+///
+/// Links prefer AES-128-GCM (QUIC's mandatory suite, and what `ssh` and Go's TLS pick first)
+/// over ring's default first choice, AES-256-GCM: ten AES rounds per block instead of fourteen,
+/// on a data path where every 1,452-byte packet is sealed and opened once. With ring's VAES
+/// code the saving is small (AEAD fell from ~15% to ~14% of the agents' CPU in a bulk
+/// transfer), but it is free. AES-256-GCM and ChaCha20-Poly1305 stay on offer after it.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 /// A site's own keys and certificates, loaded from its state directory.
@@ -620,6 +636,44 @@ mod tests {
         assert!(!verify_signature(&london.chain[0], b"other", &sig));
         assert!(!verify_signature(&paris.chain[0], b"exporter", &sig));
         assert!(!verify_signature(&london.chain[0], b"exporter", b"garbage"));
+    }
+
+    #[test]
+    fn handshakes_negotiate_aes_128_gcm() {
+        let dir = tempfile::tempdir().unwrap();
+        let london = site(dir.path(), "london");
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(london.chain.clone(), london.key.clone_key())
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(london.ca_der.clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut c = rustls::ClientConnection::new(Arc::new(client), server_name("london").unwrap()).unwrap();
+        let mut s = rustls::ServerConnection::new(Arc::new(server)).unwrap();
+        for _ in 0..4 {
+            let mut wire = Vec::new();
+            c.write_tls(&mut wire).unwrap();
+            s.read_tls(&mut &wire[..]).unwrap();
+            s.process_new_packets().unwrap();
+            wire.clear();
+            s.write_tls(&mut wire).unwrap();
+            c.read_tls(&mut &wire[..]).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        for suite in [c.negotiated_cipher_suite(), s.negotiated_cipher_suite()] {
+            assert_eq!(
+                suite.map(|s| s.suite()),
+                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+            );
+        }
     }
 
     #[test]
