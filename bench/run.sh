@@ -22,7 +22,9 @@
 # and the connection test, kept in bench/results/), QUIET_WAIT=60 (seconds to wait, at most, before
 # each tool for other work on the machine to calm down), FOREIGN_MAX=10 and ATTEMPTS=2 (a
 # tool is measured again if other processes took more than FOREIGN_MAX% of the machine
-# meanwhile), CARGO_TARGET_DIR (honoured), SKIP_BUILD=1, SKIP_APT=1.
+# meanwhile), ROUNDS=1 (measure every tool this many times, the tools taking turns; the report
+# shows each figure's median over the rounds and the per-round values of the headline ones),
+# CARGO_TARGET_DIR (honoured), SKIP_BUILD=1, SKIP_APT=1.
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -47,6 +49,7 @@ IDLE_HOLD=${IDLE_HOLD:-3}
 QUIET_WAIT=${QUIET_WAIT:-60}
 FOREIGN_MAX=${FOREIGN_MAX:-10}
 ATTEMPTS=${ATTEMPTS:-2}
+ROUNDS=${ROUNDS:-1}
 CW_WORKERS=${CW_WORKERS:-1}
 RESULTS_DIR=$HERE/results
 
@@ -643,15 +646,49 @@ foreign_pct() {
         END { printf "%.0f", (secs > 0) ? (100 * t / hz / secs / n) : 0 }' "$1" "$2"
 }
 
+# Each round's figures of one tool, kept as RR[round|key] for the medians below.
+declare -A RR
+# keep_round ROUND TOOL: copy the tool's figures out of R, then clear them for the next round.
+keep_round() {
+    local key
+    for key in "${!R[@]}"; do
+        case $key in "$2",*) RR["$1|$key"]=${R[$key]} && unset "R[$key]" ;; esac
+    done
+}
+# median_rounds: put back into R each figure's median over the rounds in which it was
+# measured (numbers only; for anything else, the last round's value).
+median_rounds() {
+    local key r v vals
+    declare -A seen
+    for key in "${!RR[@]}"; do seen[${key#*|}]=1; done
+    for key in "${!seen[@]}"; do
+        vals=()
+        for r in $(seq "$ROUNDS"); do
+            v=${RR["$r|$key"]:-}
+            [ -n "$v" ] && vals+=("$v")
+        done
+        [ ${#vals[@]} -gt 0 ] || continue
+        if printf '%s\n' "${vals[@]}" | grep -qvE '^-?[0-9]+(\.[0-9]+)?$'; then
+            R[$key]=${vals[-1]}
+        else
+            R[$key]=$(printf '%s\n' "${vals[@]}" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
+        fi
+    done
+}
+
 START=$(date +%s)
 for tool in $TOOLS; do
     case $tool in
     direct | socat | stunnel | ssh | rathole | causeway) ;;
     *) die "unknown tool $tool" ;;
     esac
+done
+for round in $(seq "$ROUNDS"); do
+for tool in $TOOLS; do
+    [ "$ROUNDS" -gt 1 ] && echo "round $round of $ROUNDS" >>"$RAW"
     for attempt in $(seq "$ATTEMPTS"); do
         b=$(wait_quiet)
-        log "=== $tool (attempt $attempt; machine ${b}% busy just before)"
+        log "=== $tool (round $round of $ROUNDS, attempt $attempt; machine ${b}% busy just before)"
         echo "$tool: attempt $attempt, machine ${b}% busy (1 s sample) before starting" >>"$RAW"
         foreign_snapshot >"$WORK/foreign.0"
         t0=$(date +%s.%N)
@@ -664,9 +701,12 @@ for tool in $TOOLS; do
         [ "$attempt" -lt "$ATTEMPTS" ] &&
             log "$tool: other processes used ${R[$tool,foreign]}% of the machine meanwhile; measuring $tool again"
     done
-    ran+=("$tool")
+    [ "$round" = 1 ] && ran+=("$tool")
+    keep_round "$round" "$tool"
     sleep 1
 done
+done
+median_rounds
 
 # ---------------------------------------------------------------- report
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b + 0 == 0) print "-"; else printf "%.2f×", a / b }'; }
@@ -716,6 +756,18 @@ report() {
         "tests (allocators then hold freed memory); other load is the CPU time of every other process on the" \
         "machine while the tool was measured, in % of both CPUs (above ${FOREIGN_MAX}%, the tool was measured again)."
     echo
+    if [ "$ROUNDS" -gt 1 ]; then
+        echo "Every figure above is the median of $ROUNDS rounds (the tools took turns). Per round, Gbit/s; added RTT µs; conn/s:"
+        echo
+        for t in "${ran[@]}"; do
+            local r line=""
+            for r in $(seq "$ROUNDS"); do
+                line+="$(num "${RR["$r|$t,gbps"]:-}" "%.2f"); $(added "${RR["$r|$t,p50"]:-}" "${RR["$r|direct,p50"]:-}"); $(num "${RR["$r|$t,cps"]:-}" "%.0f") · "
+            done
+            echo "- $t: ${line% · }"
+        done
+        echo
+    fi
     echo "RTT median / p99 µs with the CPUs left idle between round trips (vCPU wake-up dominates):" \
         "$(for t in "${ran[@]}"; do [ -n "${R[$t,idle_p50]:-}" ] && printf '%s %s / %s, ' "$t" "$(num "${R[$t,idle_p50]}" "%.0f")" "$(num "${R[$t,idle_p99]:-}" "%.0f")"; done | sed 's/, $//')."
     echo
