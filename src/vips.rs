@@ -21,13 +21,33 @@ pub const BLOCKS: u32 = 256;
 pub enum VipError {
     #[error("vips.cidr {0} is too small: it needs at least 16 host bits (256 blocks of 256)")]
     TooSmall(IpNet),
-    #[error("block {block} of {cidr} is full: {wanted} endpoints, {capacity} addresses; use a larger vips.cidr")]
+    #[error("block {block} of {cidr} is full: {wanted} endpoints, {capacity} addresses; {}", wider(.cidr, *.wanted))]
     BlockFull {
         cidr: IpNet,
         block: u32,
         wanted: usize,
         capacity: u64,
     },
+}
+
+/// What to do about a full block: the narrowest range whose blocks hold `wanted` endpoints,
+/// written from `cidr`'s own address, e.g. "give every site the same, larger vips.cidr, such
+/// as 127.72.0.0/13 (2046 addresses per site)".
+fn wider(cidr: &IpNet, wanted: usize) -> String {
+    // Usable addresses per block are 2^(host bits - 8) - 2.
+    let block_bits = (wanted as u128 + 2).next_power_of_two().trailing_zeros() as u8;
+    let host_bits = block_bits.max(8) + 8;
+    let net = (host_bits <= cidr.max_prefix_len())
+        .then(|| IpNet::new(cidr.network(), cidr.max_prefix_len() - host_bits).ok())
+        .flatten();
+    match net {
+        Some(net) => format!(
+            "give every site the same, larger vips.cidr, such as {} ({} addresses per site)",
+            net.trunc(),
+            (1u128 << (host_bits - 8)) - 2
+        ),
+        None => "no vips.cidr has blocks that large; split the endpoints over more sites".into(),
+    }
 }
 
 /// FNV-1a, 64 bit: a hash whose value never changes between builds.
@@ -230,8 +250,22 @@ mod tests {
     fn a_full_block_is_an_error() {
         let mut a = VipAllocator::new(range(), 0);
         let keys: Vec<_> = (0..255).map(|i| key("s", &format!("h{i}"))).collect();
-        assert!(matches!(a.assign(&keys), Err(VipError::BlockFull { .. })));
+        let err = a.assign(&keys).unwrap_err();
+        assert!(matches!(err, VipError::BlockFull { .. }));
+        assert_eq!(
+            err.to_string(),
+            "block 0 of 127.77.0.0/16 is full: 255 endpoints, 254 addresses; give every site the same, \
+             larger vips.cidr, such as 127.76.0.0/15 (510 addresses per site)"
+        );
         assert_eq!(a.assign(&keys[..254]).unwrap().len(), 254);
+        // The suggestion is the narrowest range that fits, or says that none does.
+        let cidr: IpNet = "127.77.0.0/16".parse().unwrap();
+        assert!(wider(&cidr, 2000).contains("127.72.0.0/13 (2046 addresses per site)"));
+        assert!(wider(&cidr, 2046).contains("/13"));
+        assert!(wider(&cidr, 2047).contains("/12"));
+        assert!(wider(&cidr, 100_000_000).contains("no vips.cidr"));
+        let v6: IpNet = "fd00:77::/112".parse().unwrap();
+        assert!(wider(&v6, 70_000).contains("fd00:77::/103"));
     }
 
     #[test]
