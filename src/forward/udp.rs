@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,57 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<Arc<UdpSocket>> {
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     Ok(Arc::new(UdpSocket::from_std(s.into())?))
+}
+
+/// Largest UDP payload, and so the size of the receive buffer.
+const RECV_BUF: usize = 65_536;
+/// Datagrams taken from one socket per wake-up before other tasks get a turn.
+const RECV_BATCH: usize = 64;
+
+thread_local! {
+    /// One receive buffer per runtime thread, shared by every UDP socket the thread reads.
+    /// A VIP socket or an endpoint flow waiting for datagrams then holds no 64 KiB buffer of
+    /// its own: an agent can have tens of thousands of them (each exported port of each
+    /// endpoint has a VIP socket, each client of a UDP service a flow).
+    static SCRATCH: std::cell::Cell<Option<Box<[u8]>>> = const { std::cell::Cell::new(None) };
+}
+
+/// Waits until `socket` is readable, then hands each waiting datagram (at most
+/// [`RECV_BATCH`]) and its sender to `each`, from the thread's shared buffer. Receive errors
+/// (on a connected socket, an ICMP "port unreachable" from the endpoint) are logged and
+/// skipped. Returns `Break` when `each` does, or when `stop` fires.
+async fn recv_batch(
+    socket: &UdpSocket,
+    stop: &CancellationToken,
+    mut each: impl FnMut(&[u8], SocketAddr) -> ControlFlow<()>,
+) -> ControlFlow<()> {
+    tokio::select! {
+        r = socket.readable() => {
+            if let Err(e) = r {
+                debug!(error = %e, "udp socket not readable");
+                return ControlFlow::Break(());
+            }
+        }
+        _ = stop.cancelled() => return ControlFlow::Break(()),
+    }
+    // Taken, not borrowed: should `each` ever receive on another socket, it allocates a
+    // buffer of its own instead of finding this one borrowed.
+    let mut buf = SCRATCH.take().unwrap_or_else(|| vec![0u8; RECV_BUF].into_boxed_slice());
+    let mut flow = ControlFlow::Continue(());
+    for _ in 0..RECV_BATCH {
+        match socket.try_recv_from(&mut buf) {
+            Ok((n, from)) => {
+                flow = each(&buf[..n], from);
+                if flow.is_break() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => debug!(error = %e, "udp receive failed"),
+        }
+    }
+    SCRATCH.set(Some(buf));
+    flow
 }
 
 /// Where a flow's replies go from here.
@@ -110,20 +162,13 @@ impl Forwarder {
         key: ListenerKey,
         stop: CancellationToken,
     ) {
-        let mut buf = vec![0u8; 65_536];
-        loop {
-            let (n, client) = tokio::select! {
-                r = socket.recv_from(&mut buf) => match r {
-                    Ok(r) => r,
-                    Err(e) => {
-                        debug!(error = %e, "udp receive failed");
-                        continue;
-                    }
-                },
-                _ = stop.cancelled() => return,
-            };
-            self.udp_from_client(&socket, key, client, &buf[..n]);
-        }
+        while recv_batch(&socket, &stop, |payload, client| {
+            self.udp_from_client(&socket, key, client, payload);
+            ControlFlow::Continue(())
+        })
+        .await
+        .is_continue()
+        {}
     }
 
     /// A datagram from a client to a VIP here.
@@ -417,49 +462,44 @@ impl Forwarder {
 
     /// Carries an endpoint's answers back along the flow's reply path.
     async fn endpoint_replies(self: Arc<Self>, flow: u64, socket: Arc<UdpSocket>, stop: CancellationToken) {
-        let mut buf = vec![0u8; 65_536];
-        loop {
-            let n = tokio::select! {
-                r = socket.recv(&mut buf) => match r {
-                    Ok(n) => n,
-                    // ICMP port unreachable surfaces as an error on a connected socket.
-                    Err(e) => {
-                        debug!(flow, error = %e, "endpoint socket error");
-                        continue;
-                    }
-                },
-                _ = stop.cancelled() => return,
+        while recv_batch(&socket, &stop, |payload, _| self.endpoint_reply(flow, payload))
+            .await
+            .is_continue()
+        {}
+    }
+
+    /// One answer from an endpoint, sent back along its flow's reply path; `Break` when the
+    /// flow is gone.
+    fn endpoint_reply(&self, flow: u64, payload: &[u8]) -> ControlFlow<()> {
+        let n = payload.len();
+        let (reply, svc, ns, warned) = {
+            let mut st = lock(&self.udp.inner);
+            let Some(f) = st.terminus.get_mut(&flow) else {
+                return ControlFlow::Break(());
             };
-            let (reply, svc, ns, warned) = {
-                let mut st = lock(&self.udp.inner);
-                let Some(f) = st.terminus.get_mut(&flow) else { return };
-                f.last = Instant::now();
-                (f.reply.clone(), f.service.clone(), f.namespace.clone(), f.warned)
-            };
-            debug!(flow, bytes = n, "endpoint answered");
-            match reply {
-                ReplyPath::Local {
-                    socket: vip_socket,
-                    client,
-                } => {
-                    self.metrics.datagram(&svc, &ns, "from_endpoint");
-                    self.metrics.add_bytes(&svc, &ns, "udp", "from_endpoint", n as u64);
-                    let _ = send_to_now(&vip_socket, &buf[..n], client);
-                }
-                ReplyPath::Link(conn) => {
-                    let out = Datagram::Reply {
-                        flow,
-                        payload: &buf[..n],
-                    }
-                    .encode();
-                    if self.send(&conn, out, &svc, &ns, warned) {
-                        if let Some(f) = lock(&self.udp.inner).terminus.get_mut(&flow) {
-                            f.warned = true;
-                        }
+            f.last = Instant::now();
+            (f.reply.clone(), f.service.clone(), f.namespace.clone(), f.warned)
+        };
+        debug!(flow, bytes = n, "endpoint answered");
+        match reply {
+            ReplyPath::Local {
+                socket: vip_socket,
+                client,
+            } => {
+                self.metrics.datagram(&svc, &ns, "from_endpoint");
+                self.metrics.add_bytes(&svc, &ns, "udp", "from_endpoint", n as u64);
+                let _ = send_to_now(&vip_socket, payload, client);
+            }
+            ReplyPath::Link(conn) => {
+                let out = Datagram::Reply { flow, payload }.encode();
+                if self.send(&conn, out, &svc, &ns, warned) {
+                    if let Some(f) = lock(&self.udp.inner).terminus.get_mut(&flow) {
+                        f.warned = true;
                     }
                 }
             }
         }
+        ControlFlow::Continue(())
     }
 
     /// Forgets idle flows, periodically.
@@ -530,4 +570,70 @@ fn connected_socket(from: Option<SocketAddr>, endpoint: SocketAddr) -> std::io::
     s.connect(endpoint)?;
     s.set_nonblocking(true)?;
     Ok(Arc::new(UdpSocket::from_std(s)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair() -> (Arc<UdpSocket>, UdpSocket) {
+        let rx = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        tx.connect(rx.local_addr().unwrap()).await.unwrap();
+        (rx, tx)
+    }
+
+    #[tokio::test]
+    async fn recv_batch_hands_over_every_waiting_datagram_with_its_sender() {
+        let (rx, tx) = pair().await;
+        let stop = CancellationToken::new();
+        for msg in [&b"one"[..], b"two", &[7u8; 60_000]] {
+            tx.send(msg).await.unwrap();
+        }
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let flow = recv_batch(&rx, &stop, |d, from| {
+                assert_eq!(from, tx.local_addr().unwrap());
+                got.push(d.to_vec());
+                ControlFlow::Continue(())
+            })
+            .await;
+            assert!(flow.is_continue());
+        }
+        assert_eq!(got[0], b"one");
+        assert_eq!(got[1], b"two");
+        assert_eq!(got[2], vec![7u8; 60_000]);
+    }
+
+    #[tokio::test]
+    async fn recv_batch_stops_where_asked_and_leaves_the_rest_queued() {
+        let (rx, tx) = pair().await;
+        let stop = CancellationToken::new();
+        tx.send(b"a").await.unwrap();
+        tx.send(b"b").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut seen = 0;
+        let flow = recv_batch(&rx, &stop, |_, _| {
+            seen += 1;
+            ControlFlow::Break(())
+        })
+        .await;
+        assert!(flow.is_break());
+        assert_eq!(seen, 1);
+        // The second datagram is still there for the next call.
+        let mut rest = Vec::new();
+        let _ = recv_batch(&rx, &stop, |d, _| {
+            rest.push(d.to_vec());
+            ControlFlow::Continue(())
+        })
+        .await;
+        assert_eq!(rest, vec![b"b".to_vec()]);
+        // Cancelled: returns at once without waiting for a datagram.
+        stop.cancel();
+        assert!(
+            recv_batch(&rx, &stop, |_, _| ControlFlow::Continue(()))
+                .await
+                .is_break()
+        );
+    }
 }
