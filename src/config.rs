@@ -893,11 +893,13 @@ impl<T> Visitor<'_> for IntCheck<T> {
 }
 
 /// Visits a sequence of mappings, deserializing each element as `T` and
-/// running `check(earlier elements, element)` inside the element's own visit
-/// so an error gets the element's key path and line.
+/// running `check(keys seen so far, element)` inside the element's own visit
+/// so an error gets the element's key path and line. `check` refuses an element
+/// whose unique keys are already in the set, and adds them: one hash lookup per
+/// element, so a list of thousands of endpoints is checked in linear time.
 struct UniqueSeq<T> {
     expecting: &'static str,
-    check: fn(&[T], &T) -> Result<(), String>,
+    check: fn(&mut HashSet<String>, &T) -> Result<(), String>,
 }
 
 impl<'de, T: Deserialize<'de>> Visitor<'de> for UniqueSeq<T> {
@@ -909,9 +911,10 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for UniqueSeq<T> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
         let mut out: Vec<T> = Vec::new();
+        let mut seen = HashSet::new();
         loop {
             let seed = UniqueElem {
-                earlier: &out,
+                seen: &mut seen,
                 expecting: self.expecting,
                 check: self.check,
                 marker: PhantomData,
@@ -926,9 +929,9 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for UniqueSeq<T> {
 
 /// One element of a [`UniqueSeq`].
 struct UniqueElem<'a, T> {
-    earlier: &'a [T],
+    seen: &'a mut HashSet<String>,
     expecting: &'static str,
-    check: fn(&[T], &T) -> Result<(), String>,
+    check: fn(&mut HashSet<String>, &T) -> Result<(), String>,
     marker: PhantomData<T>,
 }
 
@@ -949,45 +952,40 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for UniqueElem<'_, T> {
 
     fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<T, M::Error> {
         let value = T::deserialize(MapAccessDeserializer::new(map))?;
-        (self.check)(self.earlier, &value).map_err(de::Error::custom)?;
+        (self.check)(self.seen, &value).map_err(de::Error::custom)?;
         Ok(value)
     }
 }
 
-fn check_port_entry(earlier: &[PortSpec], p: &PortSpec) -> Result<(), String> {
-    let mut names = HashSet::new();
-    let mut numbers = HashSet::new();
-    for q in earlier {
-        names.insert(q.name.as_str());
-        numbers.insert((q.port, q.protocol));
-    }
-    if names.contains(p.name.as_str()) {
+fn check_port_entry(seen: &mut HashSet<String>, p: &PortSpec) -> Result<(), String> {
+    let (name, number) = (format!("name {}", p.name), format!("port {}/{}", p.port, p.protocol));
+    if seen.contains(&name) {
         return Err(format!("duplicate port name `{}`", p.name));
     }
-    if numbers.contains(&(p.port, p.protocol)) {
+    if seen.contains(&number) {
         return Err(format!("duplicate port {}/{}", p.port, p.protocol));
     }
+    seen.extend([name, number]);
     Ok(())
 }
 
-fn check_endpoint_entry(earlier: &[EndpointSpec], e: &EndpointSpec) -> Result<(), String> {
-    if earlier.iter().any(|x| x.hostname == e.hostname) {
+fn check_endpoint_entry(seen: &mut HashSet<String>, e: &EndpointSpec) -> Result<(), String> {
+    if !seen.insert(e.hostname.clone()) {
         return Err(format!("duplicate endpoint hostname `{}`", e.hostname));
     }
     Ok(())
 }
 
-fn check_export_entry(earlier: &[Export], e: &Export) -> Result<(), String> {
+fn check_export_entry(seen: &mut HashSet<String>, e: &Export) -> Result<(), String> {
     if e.ports.is_empty() {
         return Err(format!(
             "export `{}` has no ports: list at least one, e.g. ports: [{{name: client, port: 2379}}]",
             e.service
         ));
     }
-    if earlier
-        .iter()
-        .any(|x| x.service == e.service && x.namespace == e.namespace)
-    {
+    // An export without a namespace is keyed apart from every explicit one, as before:
+    // which namespace it lands in is only known once the whole file is read.
+    if !seen.insert(format!("{}/{:?}", e.service, e.namespace)) {
         return Err(match &e.namespace {
             Some(ns) => format!("duplicate export of service `{}` in namespace `{ns}`", e.service),
             None => format!("duplicate export of service `{}`", e.service),
@@ -1356,6 +1354,23 @@ exports:
         let e = err(&text);
         assert!(e.contains("exports[0].ports[2].protocol"), "{e}");
         assert!(e.contains("SCTP") && e.contains("line 23"), "{e}");
+    }
+
+    #[test]
+    fn thousands_of_endpoints_parse_and_a_late_duplicate_is_found() {
+        let mut text = SPEC.to_string();
+        for i in 1..5000 {
+            text.push_str(&format!(
+                "      - {{hostname: etcd-{i}, ip: 10.1.{}.{}}}\n",
+                i / 250,
+                i % 250 + 1
+            ));
+        }
+        assert_eq!(parse(&text).unwrap().exports[0].endpoints.len(), 5000);
+        text.push_str("      - {hostname: etcd-2500, ip: 10.2.0.1}\n");
+        let e = err(&text);
+        assert!(e.contains("exports[0].endpoints[5000]"), "{e}");
+        assert!(e.contains("duplicate endpoint hostname `etcd-2500`"), "{e}");
     }
 
     #[test]
