@@ -220,7 +220,7 @@ impl Agent {
         let dns = crate::dns::Responder::start(
             &config.dns,
             &config.site,
-            mesh.subscribe(),
+            forwarder.served_views(),
             metrics.dns(),
             shutdown.child_token(),
         )
@@ -374,7 +374,7 @@ impl Agent {
                 Ok(json!({"name": record.name, "peer_site": record.peer_site}))
             }
             Request::Status => Ok(self.status().await),
-            Request::ServiceList => Ok(json!(self.mesh.view().services)),
+            Request::ServiceList => Ok(json!(self.forwarder.served_view().services)),
         }
     }
 

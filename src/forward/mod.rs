@@ -18,7 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -125,6 +125,11 @@ pub struct Forwarder {
     /// UDP listener sockets by address: a sidecar delivering a datagram from a client's
     /// VIP and port sends it from the listener bound there, if there is one.
     udp_sockets: Mutex<HashMap<SocketAddr, Arc<tokio::net::UdpSocket>>>,
+    /// The newest view whose listeners have all been started (or failed to start, see
+    /// `bind_errors`). DNS answers and `service list` come from it rather than from the mesh,
+    /// so that a name never resolves to a VIP that nobody listens on yet: binding thousands
+    /// of listeners when a large site links takes a noticeable fraction of a second.
+    served: watch::Sender<Arc<View>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -147,6 +152,7 @@ impl Forwarder {
             bind_errors: Mutex::new(BTreeMap::new()),
             own: Mutex::new(HashMap::new()),
             udp_sockets: Mutex::new(HashMap::new()),
+            served: watch::channel(Arc::new(View::default())).0,
             shutdown,
             tasks: TaskTracker::new(),
         });
@@ -196,6 +202,16 @@ impl Forwarder {
         lock(&self.bind_errors).clone()
     }
 
+    /// Views as they become served: each one after its listeners are in place.
+    pub fn served_views(&self) -> watch::Receiver<Arc<View>> {
+        self.served.subscribe()
+    }
+
+    /// The newest served view (see [`Forwarder::served_views`]).
+    pub fn served_view(&self) -> Arc<View> {
+        self.served.borrow().clone()
+    }
+
     /// Number of running listeners.
     pub fn listener_count(&self) -> usize {
         lock(&self.listeners).len()
@@ -206,6 +222,7 @@ impl Forwarder {
         loop {
             let view = rx.borrow_and_update().clone();
             self.reconcile(&view);
+            self.served.send_replace(view);
             tokio::select! {
                 r = rx.changed() => if r.is_err() { break },
                 _ = self.shutdown.cancelled() => break,
