@@ -357,3 +357,56 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         Err(p) => p.into_inner(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::vips::VipRange;
+
+    // Two workers: the test reads the served view while the forwarder's task may still be
+    // binding, as DNS does from its own threads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_view_is_served_only_once_its_listeners_listen() {
+        let mut yaml = "site: london\nexports:\n  - service: grid\n    ports: [{name: member, port: 7001}, \
+                        {name: gossip, port: 7002, protocol: UDP}]\n    endpoints:\n"
+            .to_string();
+        for i in 0..300 {
+            yaml.push_str(&format!(
+                "      - {{hostname: m-{i}, ip: 10.1.{}.{}}}\n",
+                i / 250,
+                i % 250 + 1
+            ));
+        }
+        let config = Config::parse(&yaml, "test").unwrap();
+        let range = VipRange::new("127.88.0.0/15".parse().unwrap()).unwrap();
+        let metrics = Metrics::new();
+        let mesh = Mesh::new("london", range, 7, false, metrics.clone());
+        let opts = ForwardOptions {
+            max_flows: 16,
+            udp_idle: Duration::from_secs(60),
+            bind_own: true,
+        };
+        let shutdown = CancellationToken::new();
+        let fwd = Forwarder::start(mesh.clone(), metrics, opts, shutdown.clone());
+        let mut served = fwd.served_views();
+        mesh.set_exports(&config.exports, "default").unwrap();
+        let view = loop {
+            served.changed().await.unwrap();
+            let view = served.borrow_and_update().clone();
+            if view.vips.len() == 300 {
+                break view;
+            }
+        };
+        // The moment the view is served, every VIP in it takes connections and datagrams.
+        for vip in view.vips.keys() {
+            let tcp = tokio::net::TcpStream::connect((*vip, 7001)).await;
+            assert!(tcp.is_ok(), "{vip}:7001 not listening: {tcp:?}");
+            let udp = std::net::UdpSocket::bind((*vip, 7002));
+            assert!(udp.is_err(), "{vip}:7002/udp is free, so nothing listens there");
+        }
+        assert_eq!(fwd.listener_count(), 600);
+        shutdown.cancel();
+        fwd.shutdown().await;
+    }
+}
