@@ -30,22 +30,19 @@ pub enum VipError {
     },
 }
 
-/// What to do about a full block: the narrowest range whose blocks hold `wanted` endpoints,
-/// written from `cidr`'s own address, e.g. "give every site the same, larger vips.cidr, such
-/// as 127.72.0.0/13 (2046 addresses per site)".
+/// What to do about a full block: the narrowest range, written from `cidr`'s own address,
+/// whose blocks hold `wanted` endpoints (as [`VipRange`] carves them), e.g. "give every site
+/// the same, larger vips.cidr, such as 127.72.0.0/13 (2046 addresses per site)".
 fn wider(cidr: &IpNet, wanted: usize) -> String {
-    // Usable addresses per block are 2^(host bits - 8) - 2.
-    let block_bits = (wanted as u128 + 2).next_power_of_two().trailing_zeros() as u8;
-    let host_bits = block_bits.max(8) + 8;
-    let net = (host_bits <= cidr.max_prefix_len())
-        .then(|| IpNet::new(cidr.network(), cidr.max_prefix_len() - host_bits).ok())
-        .flatten();
-    match net {
-        Some(net) => format!(
-            "give every site the same, larger vips.cidr, such as {} ({} addresses per site)",
-            net.trunc(),
-            (1u128 << (host_bits - 8)) - 2
-        ),
+    let fits = (0..cidr.prefix_len()).rev().find_map(|prefix| {
+        let net = IpNet::new(cidr.network(), prefix).ok()?.trunc();
+        let capacity = VipRange::new(net).ok()?.capacity();
+        (capacity >= wanted as u64).then_some((net, capacity))
+    });
+    match fits {
+        Some((net, capacity)) => {
+            format!("give every site the same, larger vips.cidr, such as {net} ({capacity} addresses per site)")
+        }
         None => "no vips.cidr has blocks that large; split the endpoints over more sites".into(),
     }
 }
