@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# Instructions the two causeway agents execute per round trip, per MiB and per connection,
+# counted by valgrind's callgrind: repeatable to about 1% whatever else the machine is doing,
+# where CPU time on this 2-vCPU VM varies ±15% from run to run. Use it to compare two builds
+# of the data path; bench/run.sh stays the measure of real speed against the other tools.
+#
+#   sudo bash bench/instructions.sh                      # build, then measure
+#   sudo CAUSEWAY=/path/causeway LOADGEN=/path/loadgen SKIP_BUILD=1 bash bench/instructions.sh
+#
+# Same topology as bench/run.sh (two namespaces joined by a veth, servers on london's pod
+# address) with both agents running under `valgrind --tool=callgrind`, instrumentation off
+# until each phase starts. Phases: PINGPONG=2000 one-byte round trips (loadgen pingpong),
+# BULK_MIB=64 MiB from paris to london (iperf3 -n), CONNS_SECONDS=5 of new connections
+# (loadgen connrate, 4 at a time). Agents under valgrind run ~50× slower, so bulk batches
+# grow larger than at full speed: compare builds with this script, not with bench/run.sh.
+# Only user-space instructions count; system calls are one instruction each.
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+NS_L=cwi-london
+NS_P=cwi-paris
+PINGPONG=${PINGPONG:-2000}
+BULK_MIB=${BULK_MIB:-64}
+CONNS_SECONDS=${CONNS_SECONDS:-5}
+WORK=$(mktemp -d /tmp/cw-instr.XXXXXX)
+PIDS=()
+
+log() { printf '[instr %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() {
+    log "FATAL: $*"
+    exit 1
+}
+[ "$(id -u)" = 0 ] || die "run as root (network namespaces)"
+for tool in valgrind callgrind_control iperf3; do
+    command -v $tool >/dev/null || die "$tool not found (apt-get install -y valgrind iperf3)"
+done
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+    log "building (release)"
+    (cd "$ROOT" && cargo build --release --quiet --bin causeway --example loadgen) || die "build failed"
+fi
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+CAUSEWAY=${CAUSEWAY:-$TARGET/release/causeway}
+LOADGEN=${LOADGEN:-$TARGET/release/examples/loadgen}
+
+cleanup() {
+    trap - EXIT INT TERM
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    sleep 1
+    for ns in $NS_P $NS_L; do
+        pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
+        # shellcheck disable=SC2086
+        [ -n "$pids" ] && kill -9 $pids 2>/dev/null 2>&1
+        ip netns del "$ns" 2>/dev/null 2>&1
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+for ns in $NS_P $NS_L; do ip netns del "$ns" 2>/dev/null; done
+ip netns add $NS_L && ip netns add $NS_P || die "ip netns add failed"
+ip -n $NS_L link set lo up
+ip -n $NS_P link set lo up
+ip -n $NS_L link add wan0 type veth peer name wan0 netns $NS_P
+ip -n $NS_L addr add 10.201.0.1/24 dev wan0
+ip -n $NS_P addr add 10.201.0.2/24 dev wan0
+ip -n $NS_L addr add 10.1.0.1/32 dev lo
+ip -n $NS_L link set wan0 up
+ip -n $NS_P link set wan0 up
+
+bg() {
+    local ns=$1
+    shift
+    ip netns exec "$ns" "$@" &
+    PIDS+=($!)
+    LAST_PID=$!
+}
+inp() { ip netns exec $NS_P "$@"; }
+
+bg $NS_L iperf3 -s -B 10.1.0.1 -p 5201 >"$WORK/iperf3.log" 2>&1
+bg $NS_L "$LOADGEN" echo-server --listen 10.1.0.1:7007 --oneshot 10.1.0.1:7008 2>"$WORK/echo.log"
+
+declare -A PID
+for site in london paris; do
+    "$CAUSEWAY" --state "$WORK/$site" init --site $site >/dev/null 2>&1 || die "init failed"
+    awk -v site=$site '
+        /^[a-z]/ { section = $1 }
+        /^listen:/ { print "listen: 0.0.0.0:7400"; next }
+        /^advertise:/ { if (site == "london") { print "advertise: [\"10.201.0.1:7400\"]"; next } }
+        /^metrics:/ { next }
+        section == "dns:" && /^  listen:/ { print "  listen: [\"127.0.0.1:5353\"]"; next }
+        /^exports: \[\]/ && site == "london" {
+            print "exports:"
+            print "  - service: bench"
+            print "    ports: [{name: iperf, port: 5201}, {name: echo, port: 7007}, {name: oneshot, port: 7008}]"
+            print "    endpoints: [{hostname: bench-0, ip: 10.1.0.1}]"
+            next
+        }
+        { print }' "$WORK/$site/causeway.yaml" >"$WORK/$site.yaml" && mv "$WORK/$site.yaml" "$WORK/$site/causeway.yaml"
+    ns=$NS_L
+    [ $site = paris ] && ns=$NS_P
+    bg $ns env RUST_LOG=warn TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --instr-atstart=no \
+        --callgrind-out-file="$WORK/cg.$site" "$CAUSEWAY" --state "$WORK/$site" run 2>"$WORK/$site.log"
+    PID[$site]=$LAST_PID
+done
+for i in $(seq 150); do
+    "$CAUSEWAY" --state "$WORK/london" status >/dev/null 2>&1 && "$CAUSEWAY" --state "$WORK/paris" status >/dev/null 2>&1 && break
+    sleep 0.2
+done
+"$CAUSEWAY" --state "$WORK/london" token issue -o "$WORK/t.token" >/dev/null || die "token issue failed"
+inp "$CAUSEWAY" --state "$WORK/paris" token redeem "$WORK/t.token" >/dev/null || die "token redeem failed"
+vip=""
+for i in $(seq 300); do
+    vip=$("$CAUSEWAY" --state "$WORK/paris" service list -o json 2>/dev/null | tr -d ' \n' |
+        grep -o '"vip":"[0-9.]*"' | head -n 1 | cut -d'"' -f4)
+    [ -n "$vip" ] && break
+    sleep 0.2
+done
+[ -n "$vip" ] || die "no VIP in paris"
+log "VIP $vip; warming up"
+inp "$LOADGEN" pingpong --addr "$vip:7007" --count 200 --warmup 0 >/dev/null || die "no path through the VIP"
+
+# phase NAME CMD...: instrumentation on in both agents, CMD, a dump of what it cost, off.
+DUMPS=0
+phase() {
+    local name=$1
+    shift
+    for site in london paris; do callgrind_control -i on "${PID[$site]}" >/dev/null 2>&1; done
+    "$@" >"$WORK/$name.out" 2>&1 || die "$name failed: $(tail -n 3 "$WORK/$name.out")"
+    for site in london paris; do
+        callgrind_control -d "${PID[$site]}" >/dev/null 2>&1
+        callgrind_control -i off "${PID[$site]}" >/dev/null 2>&1
+    done
+    DUMPS=$((DUMPS + 1))
+    for site in london paris; do
+        IR[$name,$site]=$(awk '/^totals:/ {print $2}' "$WORK/cg.$site.$DUMPS")
+    done
+}
+declare -A IR
+
+log "ping-pong: $PINGPONG round trips"
+phase pingpong inp "$LOADGEN" pingpong --addr "$vip:7007" --count "$PINGPONG" --warmup 0
+log "bulk: $BULK_MIB MiB"
+phase bulk inp iperf3 -c "$vip" -p 5201 -n "${BULK_MIB}M" -J
+log "connections: $CONNS_SECONDS s"
+phase conns inp "$LOADGEN" connrate --addr "$vip:7008" --seconds "$CONNS_SECONDS" --concurrency 4
+conns=$(sed -n 's/.*"connections":\([0-9]*\).*/\1/p' "$WORK/conns.out")
+[ -n "$conns" ] && [ "$conns" -gt 0 ] || die "no connections counted"
+
+per() { awk -v a="$1" -v n="$2" 'BEGIN { printf "%.0f", a / n }'; }
+printf '\ncauseway %s, callgrind instructions (user space) per unit\n\n' "$(cd "$ROOT" && git describe --always --dirty 2>/dev/null)"
+printf '| per | london | paris | both |\n|---|---|---|---|\n'
+for row in "pingpong round trip:$PINGPONG" "bulk MiB:$BULK_MIB" "conns connection:$conns"; do
+    key=${row%% *}
+    rest=${row#* }
+    unit=${rest%%:*}
+    n=${rest##*:}
+    l=${IR[$key,london]}
+    p=${IR[$key,paris]}
+    printf '| %s | %s | %s | %s |\n' "$unit" "$(per "$l" "$n")" "$(per "$p" "$n")" "$(per $((l + p)) "$n")"
+done
+printf '\n(%s round trips, %s MiB, %s connections)\n' "$PINGPONG" "$BULK_MIB" "$conns"
