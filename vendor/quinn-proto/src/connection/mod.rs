@@ -190,6 +190,10 @@ pub struct Connection {
     accepted_0rtt: bool,
     /// Whether the idle timer should be reset the next time an ack-eliciting packet is transmitted.
     permit_idle_reset: bool,
+    /// Packets were sent since the loss detection timer was last armed (causeway patch): the
+    /// timer is armed once per `poll_transmit` call instead of once per packet, which a GSO
+    /// batch of 40 packets made 40 walks over the packet spaces.
+    loss_timer_stale: bool,
     /// Negotiated idle timeout
     idle_timeout: Option<Duration>,
     /// The time we send next bundled ACK
@@ -322,6 +326,7 @@ impl Connection {
             next_crypto: None,
             accepted_0rtt: false,
             permit_idle_reset: true,
+            loss_timer_stale: false,
             idle_timeout: match config.max_idle_timeout {
                 None | Some(VarInt(0)) => None,
                 Some(dur) => Some(Duration::from_millis(dur.0)),
@@ -460,6 +465,19 @@ impl Connection {
     /// single Transmit using GSO. This must be at least 1.
     #[must_use]
     pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        max_datagrams: usize,
+        buf: &mut Vec<u8>,
+    ) -> Option<Transmit> {
+        let transmit = self.poll_transmit_packets(now, max_datagrams, buf);
+        if mem::take(&mut self.loss_timer_stale) {
+            self.set_loss_detection_timer(now);
+        }
+        transmit
+    }
+
+    fn poll_transmit_packets(
         &mut self,
         now: Instant,
         max_datagrams: usize,
