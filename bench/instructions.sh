@@ -13,7 +13,10 @@
 # BULK_MIB=64 MiB from paris to london (iperf3 -n), CONNS_SECONDS=5 of new connections
 # (loadgen connrate, 4 at a time). Agents under valgrind run ~50× slower, so bulk batches
 # grow larger than at full speed: compare builds with this script, not with bench/run.sh.
-# Only user-space instructions count; system calls are one instruction each.
+# Only user-space instructions count; system calls are one instruction each. KEEP=DIR keeps
+# the callgrind dumps (cg.london.N, cg.paris.N; N = 1, 2, 3 for the phases above) for
+# callgrind_annotate. Each phase also reports the QUIC datagrams paris sent per unit: under
+# valgrind a round trip sends ~1.5 each way (ACK-only packets), at full speed 1.0.
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -54,6 +57,7 @@ cleanup() {
         [ -n "$pids" ] && kill -9 $pids 2>/dev/null 2>&1
         ip netns del "$ns" 2>/dev/null 2>&1
     done
+    [ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$WORK"/cg.* "$KEEP"/ 2>/dev/null
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -127,6 +131,8 @@ DUMPS=0
 phase() {
     local name=$1
     shift
+    local out0
+    out0=$(udp_out)
     for site in london paris; do callgrind_control -i on "${PID[$site]}" >/dev/null 2>&1; done
     "$@" >"$WORK/$name.out" 2>&1 || die "$name failed: $(tail -n 3 "$WORK/$name.out")"
     for site in london paris; do
@@ -134,11 +140,14 @@ phase() {
         callgrind_control -i off "${PID[$site]}" >/dev/null 2>&1
     done
     DUMPS=$((DUMPS + 1))
+    SENT[$name]=$(($(udp_out) - out0))
     for site in london paris; do
         IR[$name,$site]=$(awk '/^totals:/ {print $2}' "$WORK/cg.$site.$DUMPS")
     done
 }
-declare -A IR
+declare -A IR SENT
+# QUIC datagrams paris has sent so far.
+udp_out() { ip netns exec $NS_P nstat -asz 2>/dev/null | awk '$1 == "UdpOutDatagrams" { print $2 + 0 }'; }
 
 log "ping-pong: $PINGPONG round trips"
 phase pingpong inp "$LOADGEN" pingpong --addr "$vip:7007" --count "$PINGPONG" --warmup 0
@@ -150,8 +159,8 @@ conns=$(sed -n 's/.*"connections":\([0-9]*\).*/\1/p' "$WORK/conns.out")
 [ -n "$conns" ] && [ "$conns" -gt 0 ] || die "no connections counted"
 
 per() { awk -v a="$1" -v n="$2" 'BEGIN { printf "%.0f", a / n }'; }
-printf '\ncauseway %s, callgrind instructions (user space) per unit\n\n' "$(cd "$ROOT" && git describe --always --dirty 2>/dev/null)"
-printf '| per | london | paris | both |\n|---|---|---|---|\n'
+printf '\n%s (tree %s), callgrind instructions (user space) per unit\n\n' "$CAUSEWAY" "$(cd "$ROOT" && git describe --always --dirty 2>/dev/null)"
+printf '| per | london | paris | both | UDP sends by paris (a GSO batch is one) |\n|---|---|---|---|---|\n'
 for row in "pingpong round trip:$PINGPONG" "bulk MiB:$BULK_MIB" "conns connection:$conns"; do
     key=${row%% *}
     rest=${row#* }
@@ -159,6 +168,7 @@ for row in "pingpong round trip:$PINGPONG" "bulk MiB:$BULK_MIB" "conns connectio
     n=${rest##*:}
     l=${IR[$key,london]}
     p=${IR[$key,paris]}
-    printf '| %s | %s | %s | %s |\n' "$unit" "$(per "$l" "$n")" "$(per "$p" "$n")" "$(per $((l + p)) "$n")"
+    printf '| %s | %s | %s | %s | %s |\n' "$unit" "$(per "$l" "$n")" "$(per "$p" "$n")" "$(per $((l + p)) "$n")" \
+        "$(awk -v a="${SENT[$key]}" -v n="$n" 'BEGIN { printf "%.2f", a / n }')"
 done
 printf '\n(%s round trips, %s MiB, %s connections)\n' "$PINGPONG" "$BULK_MIB" "$conns"
