@@ -10,9 +10,10 @@
 # Same topology as bench/run.sh (two namespaces joined by a veth, servers on london's pod
 # address) with both agents running under `valgrind --tool=callgrind`, instrumentation off
 # until each phase starts. Phases: PINGPONG=2000 one-byte round trips (loadgen pingpong),
-# BULK_MIB=64 MiB from paris to london (iperf3 -n), CONNS_SECONDS=5 of new connections
-# (loadgen connrate, 4 at a time). Agents under valgrind run ~50× slower, so bulk batches
-# grow larger than at full speed: compare builds with this script, not with bench/run.sh.
+# BULK_MIB=32 MiB each way through london's echo server (socat, all of it back before the
+# phase ends), CONNS_SECONDS=5 of new connections (loadgen connrate, 4 at a time). Agents
+# under valgrind run ~50× slower, so bulk batches grow larger than at full speed: compare
+# builds with this script, not with bench/run.sh.
 # Only user-space instructions count; system calls are one instruction each. KEEP=DIR keeps
 # the callgrind dumps (cg.london.N, cg.paris.N; N = 1, 2, 3 for the phases above) for
 # callgrind_annotate. Each phase also reports the QUIC datagrams paris sent per unit: under
@@ -21,10 +22,12 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 NS_L=cwi-london
 NS_P=cwi-paris
 PINGPONG=${PINGPONG:-2000}
-BULK_MIB=${BULK_MIB:-64}
+BULK_MIB=${BULK_MIB:-32}
 CONNS_SECONDS=${CONNS_SECONDS:-5}
 WORK=$(mktemp -d /tmp/cw-instr.XXXXXX)
 PIDS=()
@@ -35,8 +38,8 @@ die() {
     exit 1
 }
 [ "$(id -u)" = 0 ] || die "run as root (network namespaces)"
-for tool in valgrind callgrind_control iperf3; do
-    command -v $tool >/dev/null || die "$tool not found (apt-get install -y valgrind iperf3)"
+for tool in valgrind callgrind_control socat; do
+    command -v $tool >/dev/null || die "$tool not found (apt-get install -y valgrind socat)"
 done
 
 if [ -z "${SKIP_BUILD:-}" ]; then
@@ -57,7 +60,7 @@ cleanup() {
         [ -n "$pids" ] && kill -9 $pids 2>/dev/null 2>&1
         ip netns del "$ns" 2>/dev/null 2>&1
     done
-    [ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$WORK"/cg.* "$KEEP"/ 2>/dev/null
+    [ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$WORK"/cg.* "$WORK"/*.out "$KEEP"/ 2>/dev/null
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -83,26 +86,12 @@ bg() {
 }
 inp() { ip netns exec $NS_P "$@"; }
 
-bg $NS_L iperf3 -s -B 10.1.0.1 -p 5201 >"$WORK/iperf3.log" 2>&1
 bg $NS_L "$LOADGEN" echo-server --listen 10.1.0.1:7007 --oneshot 10.1.0.1:7008 2>"$WORK/echo.log"
 
 declare -A PID
 for site in london paris; do
     "$CAUSEWAY" --state "$WORK/$site" init --site $site >/dev/null 2>&1 || die "init failed"
-    awk -v site=$site '
-        /^[a-z]/ { section = $1 }
-        /^listen:/ { print "listen: 0.0.0.0:7400"; next }
-        /^advertise:/ { if (site == "london") { print "advertise: [\"10.201.0.1:7400\"]"; next } }
-        /^metrics:/ { next }
-        section == "dns:" && /^  listen:/ { print "  listen: [\"127.0.0.1:5353\"]"; next }
-        /^exports: \[\]/ && site == "london" {
-            print "exports:"
-            print "  - service: bench"
-            print "    ports: [{name: iperf, port: 5201}, {name: echo, port: 7007}, {name: oneshot, port: 7008}]"
-            print "    endpoints: [{hostname: bench-0, ip: 10.1.0.1}]"
-            next
-        }
-        { print }' "$WORK/$site/causeway.yaml" >"$WORK/$site.yaml" && mv "$WORK/$site.yaml" "$WORK/$site/causeway.yaml"
+    bench_site_config "$WORK/$site" $site 10.201.0.1:7400
     ns=$NS_L
     [ $site = paris ] && ns=$NS_P
     bg $ns env RUST_LOG=warn TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --instr-atstart=no \
@@ -135,6 +124,15 @@ phase() {
     out0=$(udp_out)
     for site in london paris; do callgrind_control -i on "${PID[$site]}" >/dev/null 2>&1; done
     "$@" >"$WORK/$name.out" 2>&1 || die "$name failed: $(tail -n 3 "$WORK/$name.out")"
+    # Let the slowed agents finish what the client started (closing streams, last ACKs):
+    # wait until paris sends no more than keep-alives (one a second) before counting.
+    local before after=$(udp_out)
+    for _ in $(seq 120); do
+        before=$after
+        sleep 1
+        after=$(udp_out)
+        [ $((after - before)) -le 2 ] && break
+    done
     for site in london paris; do
         callgrind_control -d "${PID[$site]}" >/dev/null 2>&1
         callgrind_control -i off "${PID[$site]}" >/dev/null 2>&1
@@ -151,8 +149,13 @@ udp_out() { ip netns exec $NS_P nstat -asz 2>/dev/null | awk '$1 == "UdpOutDatag
 
 log "ping-pong: $PINGPONG round trips"
 phase pingpong inp "$LOADGEN" pingpong --addr "$vip:7007" --count "$PINGPONG" --warmup 0
-log "bulk: $BULK_MIB MiB"
-phase bulk inp iperf3 -c "$vip" -p 5201 -n "${BULK_MIB}M" -J
+log "bulk: $BULK_MIB MiB each way"
+# Through the echo server, not iperf3: an iperf3 client finishes once its bytes are in its
+# socket and the server then closes, so whatever the slowed agents still held was discarded
+# uncounted (most of it, for small sizes). Here every byte comes back before the phase ends.
+phase bulk inp sh -c "head -c ${BULK_MIB}M /dev/zero | socat -t 600 -T 600 - TCP:$vip:7007 | wc -c"
+[ "$(tr -d ' \n' <"$WORK/bulk.out")" = $((BULK_MIB * 1024 * 1024)) ] ||
+    die "bulk: $(cat "$WORK/bulk.out") bytes came back, not $((BULK_MIB * 1024 * 1024))"
 log "connections: $CONNS_SECONDS s"
 phase conns inp "$LOADGEN" connrate --addr "$vip:7008" --seconds "$CONNS_SECONDS" --concurrency 4
 conns=$(sed -n 's/.*"connections":\([0-9]*\).*/\1/p' "$WORK/conns.out")
@@ -161,7 +164,7 @@ conns=$(sed -n 's/.*"connections":\([0-9]*\).*/\1/p' "$WORK/conns.out")
 per() { awk -v a="$1" -v n="$2" 'BEGIN { printf "%.0f", a / n }'; }
 printf '\n%s (tree %s), callgrind instructions (user space) per unit\n\n' "$CAUSEWAY" "$(cd "$ROOT" && git describe --always --dirty 2>/dev/null)"
 printf '| per | london | paris | both | UDP sends by paris (a GSO batch is one) |\n|---|---|---|---|---|\n'
-for row in "pingpong round trip:$PINGPONG" "bulk MiB:$BULK_MIB" "conns connection:$conns"; do
+for row in "pingpong round trip:$PINGPONG" "bulk MiB:$((BULK_MIB * 2))" "conns connection:$conns"; do
     key=${row%% *}
     rest=${row#* }
     unit=${rest%%:*}
@@ -171,4 +174,4 @@ for row in "pingpong round trip:$PINGPONG" "bulk MiB:$BULK_MIB" "conns connectio
     printf '| %s | %s | %s | %s | %s |\n' "$unit" "$(per "$l" "$n")" "$(per "$p" "$n")" "$(per $((l + p)) "$n")" \
         "$(awk -v a="${SENT[$key]}" -v n="$n" 'BEGIN { printf "%.2f", a / n }')"
 done
-printf '\n(%s round trips, %s MiB, %s connections)\n' "$PINGPONG" "$BULK_MIB" "$conns"
+printf '\n(%s round trips; %s MiB each way through an echo server, so a MiB row is per MiB\ncarried in one direction; %s connections)\n' "$PINGPONG" "$BULK_MIB" "$conns"

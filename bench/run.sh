@@ -29,6 +29,8 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 NS_L=cwb-london
 NS_P=cwb-paris
 L_WAN=10.201.0.1
@@ -547,20 +549,7 @@ run_causeway() {
             R[causeway,status]="failed: init"
             return 1
         }
-        awk -v site=$site -v adv="$L_WAN:7400" '
-            /^[a-z]/ { section = $1 }
-            /^listen:/ { print "listen: 0.0.0.0:7400"; next }
-            /^advertise:/ { if (site == "london") { print "advertise: [\"" adv "\"]"; next } }
-            /^metrics:/ { next }
-            section == "dns:" && /^  listen:/ { print "  listen: [\"127.0.0.1:5353\"]"; next }
-            /^exports: \[\]/ && site == "london" {
-                print "exports:"
-                print "  - service: bench"
-                print "    ports: [{name: iperf, port: 5201}, {name: echo, port: 7007}, {name: oneshot, port: 7008}]"
-                print "    endpoints: [{hostname: bench-0, ip: 10.1.0.1}]"
-                next
-            }
-            { print }' "$d/$site/causeway.yaml" >"$d/$site.yaml" && mv "$d/$site.yaml" "$d/$site/causeway.yaml"
+        bench_site_config "$d/$site" $site "$L_WAN:7400"
     done
     # Both agents, the client and the servers share this machine's CPUs: one runtime worker
     # per agent (CW_WORKERS, default 1; tokio's TOKIO_WORKER_THREADS, which defaults to one
