@@ -16,8 +16,8 @@
 # builds with this script, not with bench/run.sh.
 # Only user-space instructions count; system calls are one instruction each. KEEP=DIR keeps
 # the callgrind dumps (cg.london.N, cg.paris.N; N = 1, 2, 3 for the phases above) for
-# callgrind_annotate. Each phase also reports the QUIC datagrams paris sent per unit: under
-# valgrind a round trip sends ~1.5 each way (ACK-only packets), at full speed 1.0.
+# callgrind_annotate. Each phase also reports the UDP sends paris made per unit (a GSO batch
+# counts once); a round trip sends one datagram each way, as at full speed.
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
