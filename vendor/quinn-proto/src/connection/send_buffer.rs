@@ -1,4 +1,4 @@
-use std::{collections::VecDeque, mem, ops::Range};
+use std::{collections::VecDeque, ops::Range};
 
 use bytes::{Buf, Bytes};
 
@@ -51,44 +51,40 @@ impl SendBuffer {
         // first unacknowledged byte and nothing after it is waiting, so the data can be released
         // at once instead of going through the range set (a B-tree insert and removal per
         // acknowledged packet).
-        let in_order = range.start == base_offset && self.acks.is_empty();
-        if !in_order {
-            self.acks.insert(range.clone());
+        if range.start == base_offset && self.acks.is_empty() {
+            self.release_front((range.end - range.start) as usize);
+            return;
         }
 
-        loop {
-            let prefix = if in_order {
-                if range.is_empty() {
-                    break;
+        self.acks.insert(range);
+
+        while self.acks.min() == Some(self.offset - self.unacked_len as u64) {
+            let prefix = self.acks.pop_min().unwrap();
+            self.release_front((prefix.end - prefix.start) as usize);
+        }
+    }
+
+    /// Drops the first `to_advance` unacknowledged bytes, which the peer has now acknowledged
+    fn release_front(&mut self, mut to_advance: usize) {
+        self.unacked_len -= to_advance;
+        while to_advance > 0 {
+            let front = self
+                .unacked_segments
+                .front_mut()
+                .expect("Expected buffered data");
+
+            if front.len() <= to_advance {
+                to_advance -= front.len();
+                self.unacked_segments.pop_front();
+                self.front_trimmed = 0;
+
+                if self.unacked_segments.len() * 4 < self.unacked_segments.capacity() {
+                    self.unacked_segments.shrink_to_fit();
                 }
-                mem::replace(&mut range, 0..0)
-            } else if self.acks.min() == Some(self.offset - self.unacked_len as u64) {
-                self.acks.pop_min().unwrap()
             } else {
-                break;
-            };
-            let mut to_advance = (prefix.end - prefix.start) as usize;
-
-            self.unacked_len -= to_advance;
-            while to_advance > 0 {
-                let front = self
-                    .unacked_segments
-                    .front_mut()
-                    .expect("Expected buffered data");
-
-                if front.len() <= to_advance {
-                    to_advance -= front.len();
-                    self.unacked_segments.pop_front();
-                    self.front_trimmed = 0;
-
-                    if self.unacked_segments.len() * 4 < self.unacked_segments.capacity() {
-                        self.unacked_segments.shrink_to_fit();
-                    }
-                } else {
-                    front.advance(to_advance);
-                    self.front_trimmed += to_advance;
-                    to_advance = 0;
-                }
+                front.advance(to_advance);
+                self.front_trimmed += to_advance;
+                to_advance = 0;
             }
         }
     }
