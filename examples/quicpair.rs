@@ -217,9 +217,7 @@ fn deliver(side: &mut Side, now: Instant, buf: &mut Vec<u8>, received: &mut u64)
             anyhow::bail!("connection lost: {reason}");
         }
     }
-    while let Some(id) = conn.streams().accept(Dir::Uni) {
-        let _ = id;
-    }
+    while conn.streams().accept(Dir::Uni).is_some() {}
     // The server reads stream 0 (the only one) in whole chunks, as read_chunks does.
     let id = StreamId::new(quinn_proto::Side::Client, Dir::Uni, 0);
     if side.reads
