@@ -57,8 +57,8 @@ cleanup() {
     for ns in $NS_P $NS_L; do
         pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
         # shellcheck disable=SC2086
-        [ -n "$pids" ] && kill -9 $pids 2>/dev/null 2>&1
-        ip netns del "$ns" 2>/dev/null 2>&1
+        [ -n "$pids" ] && kill -9 $pids 2>/dev/null
+        ip netns del "$ns" 2>/dev/null
     done
     [ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$WORK"/cg.* "$WORK"/*.out "$KEEP"/ 2>/dev/null
     rm -rf "$WORK"
@@ -67,15 +67,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 for ns in $NS_P $NS_L; do ip netns del "$ns" 2>/dev/null; done
-ip netns add $NS_L && ip netns add $NS_P || die "ip netns add failed"
-ip -n $NS_L link set lo up
-ip -n $NS_P link set lo up
-ip -n $NS_L link add wan0 type veth peer name wan0 netns $NS_P
-ip -n $NS_L addr add 10.201.0.1/24 dev wan0
-ip -n $NS_P addr add 10.201.0.2/24 dev wan0
-ip -n $NS_L addr add 10.1.0.1/32 dev lo
-ip -n $NS_L link set wan0 up
-ip -n $NS_P link set wan0 up
+bench_netns $NS_L $NS_P || die "cannot create the namespaces and their veth pair"
 
 bg() {
     local ns=$1
@@ -86,12 +78,12 @@ bg() {
 }
 inp() { ip netns exec $NS_P "$@"; }
 
-bg $NS_L "$LOADGEN" echo-server --listen 10.1.0.1:7007 --oneshot 10.1.0.1:7008 2>"$WORK/echo.log"
+bg $NS_L "$LOADGEN" echo-server --listen $POD:7007 --oneshot $POD:7008 2>"$WORK/echo.log"
 
 declare -A PID
 for site in london paris; do
     "$CAUSEWAY" --state "$WORK/$site" init --site $site >/dev/null 2>&1 || die "init failed"
-    bench_site_config "$WORK/$site" $site 10.201.0.1:7400
+    bench_site_config "$WORK/$site" $site $L_WAN:7400
     ns=$NS_L
     [ $site = paris ] && ns=$NS_P
     bg $ns env RUST_LOG=warn TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --instr-atstart=no \
@@ -104,13 +96,7 @@ for i in $(seq 150); do
 done
 "$CAUSEWAY" --state "$WORK/london" token issue -o "$WORK/t.token" >/dev/null || die "token issue failed"
 inp "$CAUSEWAY" --state "$WORK/paris" token redeem "$WORK/t.token" >/dev/null || die "token redeem failed"
-vip=""
-for i in $(seq 300); do
-    vip=$("$CAUSEWAY" --state "$WORK/paris" service list -o json 2>/dev/null | tr -d ' \n' |
-        grep -o '"vip":"[0-9.]*"' | head -n 1 | cut -d'"' -f4)
-    [ -n "$vip" ] && break
-    sleep 0.2
-done
+vip=$(bench_first_vip "$WORK/paris" 300 0.2)
 [ -n "$vip" ] || die "no VIP in paris"
 log "VIP $vip; warming up"
 inp "$LOADGEN" pingpong --addr "$vip:7007" --count 200 --warmup 0 >/dev/null || die "no path through the VIP"
@@ -144,7 +130,7 @@ phase() {
     done
 }
 declare -A IR SENT
-# QUIC datagrams paris has sent so far.
+# UDP sends paris has made so far (a GSO batch counts once).
 udp_out() { ip netns exec $NS_P nstat -asz 2>/dev/null | awk '$1 == "UdpOutDatagrams" { print $2 + 0 }'; }
 
 log "ping-pong: $PINGPONG round trips"
@@ -154,8 +140,8 @@ log "bulk: $BULK_MIB MiB each way"
 # socket and the server then closes, so whatever the slowed agents still held was discarded
 # uncounted (most of it, for small sizes). Here every byte comes back before the phase ends.
 phase bulk inp sh -c "head -c ${BULK_MIB}M /dev/zero | socat -t 600 -T 600 - TCP:$vip:7007 | wc -c"
-[ "$(tr -d ' \n' <"$WORK/bulk.out")" = $((BULK_MIB * 1024 * 1024)) ] ||
-    die "bulk: $(cat "$WORK/bulk.out") bytes came back, not $((BULK_MIB * 1024 * 1024))"
+want=$((BULK_MIB * 1024 * 1024))
+[ "$(tr -d ' \n' <"$WORK/bulk.out")" = $want ] || die "bulk: $(cat "$WORK/bulk.out") bytes came back, not $want"
 log "connections: $CONNS_SECONDS s"
 phase conns inp "$LOADGEN" connrate --addr "$vip:7008" --seconds "$CONNS_SECONDS" --concurrency 4
 conns=$(sed -n 's/.*"connections":\([0-9]*\).*/\1/p' "$WORK/conns.out")

@@ -33,9 +33,6 @@ ROOT=$(dirname "$HERE")
 . "$HERE/lib.sh"
 NS_L=cwb-london
 NS_P=cwb-paris
-L_WAN=10.201.0.1
-P_WAN=10.201.0.2
-POD=10.1.0.1
 IPERF_PORT=5201
 ECHO_PORT=7007
 ONESHOT_PORT=7008
@@ -152,16 +149,7 @@ done
 
 # ---------------------------------------------------------------- namespaces
 log "creating namespaces $NS_L and $NS_P"
-ip netns add $NS_L || die "ip netns add failed"
-ip netns add $NS_P || die "ip netns add failed"
-ip -n $NS_L link set lo up
-ip -n $NS_P link set lo up
-ip -n $NS_L link add wan0 type veth peer name wan0 netns $NS_P || die "cannot create a veth pair"
-ip -n $NS_L addr add $L_WAN/24 dev wan0
-ip -n $NS_P addr add $P_WAN/24 dev wan0
-ip -n $NS_L addr add $POD/32 dev lo
-ip -n $NS_L link set wan0 up
-ip -n $NS_P link set wan0 up
+bench_netns $NS_L $NS_P || die "cannot create the namespaces and their veth pair"
 for ns in $NS_L $NS_P; do
     # Many short connections per second: more ephemeral ports, reuse of TIME_WAIT ports. The
     # range starts above the tools' listening ports (11000-14999): a client socket left on one
@@ -569,13 +557,7 @@ run_causeway() {
         return 1
     }
     local t_link=$(date +%s.%N)
-    for i in $(seq 150); do
-        # [0].endpoints[0].vip: the only service is bench, with one endpoint.
-        vip=$("$CAUSEWAY" --state "$d/paris" service list -o json 2>/dev/null | tr -d ' \n' |
-            grep -o '"vip":"[0-9.]*"' | head -n 1 | cut -d'"' -f4)
-        [ -n "$vip" ] && break
-        sleep 0.1
-    done
+    vip=$(bench_first_vip "$d/paris" 150 0.1)
     echo "causeway: VIP known in paris $(awk -v a="$t_link" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s after the redemption" >>"$RAW"
     if [ -z "$vip" ]; then
         R[causeway,status]="failed: no VIP for bench in paris"
