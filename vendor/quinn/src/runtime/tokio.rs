@@ -48,6 +48,10 @@ impl AsyncTimer for Sleep {
     }
 }
 
+/// Whether quinn-udp receives a batch with one `recvmmsg` call on this platform (see
+/// `poll_recv`).
+const RECVMMSG: bool = cfg!(any(target_os = "linux", target_os = "android"));
+
 #[derive(Debug)]
 struct UdpSocket {
     io: tokio::net::UdpSocket,
@@ -74,12 +78,28 @@ impl AsyncUdpSocket for UdpSocket {
         bufs: &mut [std::io::IoSliceMut<'_>],
         meta: &mut [udp::RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        // causeway patch: `recvmmsg` on a non-blocking socket stops at the first empty read,
+        // so a batch with fewer messages than it asked for has drained the socket. Clear the
+        // readiness then, as tokio does after a short stream read, instead of learning it from
+        // one more system call that fails with EAGAIN (on the path of every round trip).
+        // Returning `WouldBlock` from the closure is how `try_io` clears readiness; the clear
+        // is tied to the readiness event it was polled with, so an edge that arrived since is
+        // kept. Only where quinn-udp receives with `recvmmsg` (elsewhere a batch is one).
+        let asked = bufs.len().min(udp::BATCH_SIZE);
         loop {
             ready!(self.io.poll_recv_ready(cx))?;
-            if let Ok(res) = self.io.try_io(Interest::READABLE, || {
-                self.inner.recv((&self.io).into(), bufs, meta)
-            }) {
-                return Poll::Ready(Ok(res));
+            let mut drained = None;
+            let res = self.io.try_io(Interest::READABLE, || {
+                let n = self.inner.recv((&self.io).into(), bufs, meta)?;
+                if RECVMMSG && n > 0 && n < asked {
+                    drained = Some(n);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            match (res, drained) {
+                (Ok(n), _) | (Err(_), Some(n)) => return Poll::Ready(Ok(n)),
+                (Err(_), None) => {}
             }
         }
     }
