@@ -22,6 +22,7 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
+BENCH=instr
 # shellcheck source=bench/lib.sh
 . "$HERE/lib.sh"
 NS_L=cwi-london
@@ -32,23 +33,12 @@ CONNS_SECONDS=${CONNS_SECONDS:-5}
 WORK=$(mktemp -d /tmp/cw-instr.XXXXXX)
 PIDS=()
 
-log() { printf '[instr %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() {
-    log "FATAL: $*"
-    exit 1
-}
 [ "$(id -u)" = 0 ] || die "run as root (network namespaces)"
 for tool in valgrind callgrind_control socat; do
     command -v $tool >/dev/null || die "$tool not found (apt-get install -y valgrind socat)"
 done
 
-if [ -z "${SKIP_BUILD:-}" ]; then
-    log "building (release)"
-    (cd "$ROOT" && cargo build --release --quiet --bin causeway --example loadgen) || die "build failed"
-fi
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-CAUSEWAY=${CAUSEWAY:-$TARGET/release/causeway}
-LOADGEN=${LOADGEN:-$TARGET/release/examples/loadgen}
+bench_build
 
 cleanup() {
     trap - EXIT INT TERM

@@ -1,5 +1,28 @@
-# Shared by bench/run.sh and bench/instructions.sh (sourced, not run): the two-site topology
-# both measure.
+# Shared by the bench scripts (sourced, not run): progress messages, the build, and the
+# two-site topology they all measure. A script sets BENCH (its name in messages) and ROOT
+# (the repository) before sourcing this.
+
+# log MESSAGE, die MESSAGE: progress and fatal errors on stderr.
+log() { printf '[%s %s] %s\n' "$BENCH" "$(date +%T)" "$*" >&2; }
+die() {
+    log "FATAL: $*"
+    exit 1
+}
+
+# bench_build: builds causeway and examples/loadgen (release, --locked) unless SKIP_BUILD is
+# set, and sets CAUSEWAY and LOADGEN to them unless those are set already. Honours
+# CARGO_TARGET_DIR.
+bench_build() {
+    local target=${CARGO_TARGET_DIR:-$ROOT/target}
+    if [ -z "${SKIP_BUILD:-}" ] || [ "$SKIP_BUILD" = 0 ]; then
+        log "building release binaries (target dir $target)"
+        (cd "$ROOT" && CARGO_TARGET_DIR=$target cargo build --release --quiet --locked --bin causeway --example loadgen) ||
+            die "cargo build failed"
+    fi
+    CAUSEWAY=${CAUSEWAY:-$target/release/causeway}
+    LOADGEN=${LOADGEN:-$target/release/examples/loadgen}
+    [ -x "$CAUSEWAY" ] && [ -x "$LOADGEN" ] || die "missing $CAUSEWAY or $LOADGEN"
+}
 
 # London's and paris's ends of the veth, and london's "pod" address, which paris has no route
 # to: the servers listen there and every tool has to carry the traffic.

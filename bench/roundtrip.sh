@@ -15,6 +15,7 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
+BENCH=roundtrip
 # shellcheck source=bench/lib.sh
 . "$HERE/lib.sh"
 NS_L=cwr-london
@@ -25,21 +26,10 @@ STRACE_COUNT=${STRACE_COUNT:-2000}
 WORK=$(mktemp -d /tmp/cw-rt.XXXXXX)
 SPIN=()
 
-log() { printf '[roundtrip %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() {
-    log "FATAL: $*"
-    exit 1
-}
 [ "$(id -u)" = 0 ] || die "run as root (network namespaces)"
 command -v strace >/dev/null || die "strace not found (apt-get install -y strace)"
 
-if [ -z "${SKIP_BUILD:-}" ]; then
-    log "building (release)"
-    (cd "$ROOT" && cargo build --release --quiet --locked --bin causeway --example loadgen) || die "build failed"
-fi
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-CAUSEWAY=${CAUSEWAY:-$TARGET/release/causeway}
-LOADGEN=${LOADGEN:-$TARGET/release/examples/loadgen}
+bench_build
 RATHOLE=${RATHOLE:-$(command -v rathole || echo /tmp/rathole/bin/rathole)}
 
 cleanup() {

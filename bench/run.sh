@@ -29,6 +29,7 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
+BENCH=bench
 # shellcheck source=bench/lib.sh
 . "$HERE/lib.sh"
 NS_L=cwb-london
@@ -52,12 +53,6 @@ ROUNDS=${ROUNDS:-1}
 CW_WORKERS=${CW_WORKERS:-1}
 RESULTS_DIR=$HERE/results
 
-log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() {
-    log "FATAL: $*"
-    exit 1
-}
-
 [ "$(id -u)" = 0 ] || die "run as root (network namespaces): sudo bash bench/run.sh"
 
 # ---------------------------------------------------------------- prerequisites and build
@@ -79,15 +74,7 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
         die "apt-get install ${need_pkgs[*]} failed"
 fi
 
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
-if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    log "building release binaries (target dir $TARGET)"
-    (cd "$ROOT" && CARGO_TARGET_DIR=$TARGET cargo build --release --locked --bin causeway --example loadgen) ||
-        die "cargo build failed"
-fi
-CAUSEWAY=$TARGET/release/causeway
-LOADGEN=$TARGET/release/examples/loadgen
-[ -x "$CAUSEWAY" ] && [ -x "$LOADGEN" ] || die "missing $CAUSEWAY or $LOADGEN"
+bench_build
 
 RATHOLE=${RATHOLE:-$(command -v rathole 2>/dev/null || echo /tmp/rathole/bin/rathole)}
 
