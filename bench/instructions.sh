@@ -44,19 +44,14 @@ cleanup() {
     trap - EXIT INT TERM
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
     sleep 1
-    for ns in $NS_P $NS_L; do
-        pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
-        # shellcheck disable=SC2086
-        [ -n "$pids" ] && kill -9 $pids 2>/dev/null
-        ip netns del "$ns" 2>/dev/null
-    done
+    bench_netns_down $NS_P $NS_L
     [ -n "${KEEP:-}" ] && mkdir -p "$KEEP" && cp "$WORK"/cg.* "$WORK"/*.out "$KEEP"/ 2>/dev/null
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for ns in $NS_P $NS_L; do ip netns del "$ns" 2>/dev/null; done
+bench_netns_down $NS_P $NS_L
 bench_netns $NS_L $NS_P || die "cannot create the namespaces and their veth pair"
 
 bg() {
@@ -80,12 +75,7 @@ for site in london paris; do
         --callgrind-out-file="$WORK/cg.$site" "$CAUSEWAY" --state "$WORK/$site" run 2>"$WORK/$site.log"
     PID[$site]=$LAST_PID
 done
-for i in $(seq 150); do
-    "$CAUSEWAY" --state "$WORK/london" status >/dev/null 2>&1 && "$CAUSEWAY" --state "$WORK/paris" status >/dev/null 2>&1 && break
-    sleep 0.2
-done
-"$CAUSEWAY" --state "$WORK/london" token issue -o "$WORK/t.token" >/dev/null || die "token issue failed"
-inp "$CAUSEWAY" --state "$WORK/paris" token redeem "$WORK/t.token" >/dev/null || die "token redeem failed"
+bench_link "$WORK" 150 || die "linking the sites failed: $(tail -n 3 "$WORK/link.log")"
 vip=$(bench_first_vip "$WORK/paris" 300 0.2)
 [ -n "$vip" ] || die "no VIP in paris"
 log "VIP $vip; warming up"

@@ -24,33 +24,26 @@ COUNT=${COUNT:-10000}
 ROUNDS=${ROUNDS:-2}
 STRACE_COUNT=${STRACE_COUNT:-2000}
 WORK=$(mktemp -d /tmp/cw-rt.XXXXXX)
-SPIN=()
 
 [ "$(id -u)" = 0 ] || die "run as root (network namespaces)"
 command -v strace >/dev/null || die "strace not found (apt-get install -y strace)"
 
 bench_build
-RATHOLE=${RATHOLE:-$(command -v rathole || echo /tmp/rathole/bin/rathole)}
 
 cleanup() {
     trap - EXIT INT TERM
     disown -a 2>/dev/null # no "Killed" line for each background process below
-    [ ${#SPIN[@]} -gt 0 ] && kill "${SPIN[@]}" 2>/dev/null
-    for ns in $NS_P $NS_L; do
-        pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
-        # shellcheck disable=SC2086
-        [ -n "$pids" ] && kill -9 $pids 2>/dev/null
-        ip netns del "$ns" 2>/dev/null
-    done
+    bench_spin_stop
+    bench_netns_down $NS_P $NS_L
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for ns in $NS_P $NS_L; do ip netns del "$ns" 2>/dev/null; done
+bench_netns_down $NS_P $NS_L
 bench_netns $NS_L $NS_P || die "cannot create the namespaces and their veth pair"
 inp() { ip netns exec $NS_P "$@"; }
-ip netns exec $NS_L "$LOADGEN" echo-server --listen $POD:7007 2>"$WORK/echo.log" >/dev/null &
+ip netns exec $NS_L "$LOADGEN" echo-server --listen $POD:$ECHO_PORT 2>"$WORK/echo.log" >/dev/null &
 
 # causeway: two agents, one tokio worker each, as in bench/run.sh.
 for site in london paris; do
@@ -61,30 +54,18 @@ for site in london paris; do
     ip netns exec $ns env RUST_LOG=warn TOKIO_WORKER_THREADS=1 "$CAUSEWAY" --state "$WORK/$site" run \
         2>"$WORK/$site.log" >/dev/null &
 done
-for _ in $(seq 50); do
-    "$CAUSEWAY" --state "$WORK/london" status >/dev/null 2>&1 && "$CAUSEWAY" --state "$WORK/paris" status >/dev/null 2>&1 && break
-    sleep 0.2
-done
-"$CAUSEWAY" --state "$WORK/london" token issue -o "$WORK/t.token" >/dev/null 2>"$WORK/token.log" ||
-    die "token issue failed: $(cat "$WORK/token.log")"
-inp "$CAUSEWAY" --state "$WORK/paris" token redeem "$WORK/t.token" >/dev/null || die "token redeem failed"
+bench_link "$WORK" 50 || die "linking the sites failed: $(tail -n 3 "$WORK/link.log")"
 vip=$(bench_first_vip "$WORK/paris" 50 0.2)
 [ -n "$vip" ] || die "no VIP in paris"
-declare -A ADDR=([causeway]="$vip:7007")
+declare -A ADDR=([causeway]="$vip:$ECHO_PORT")
 
-# rathole (noise transport), configured as in bench/run.sh: server in paris, client in london.
+# rathole, configured as in bench/run.sh (its echo service on 127.0.0.1:14002).
 TOOLS=(causeway)
 if [ -x "$RATHOLE" ]; then
-    "$RATHOLE" --genkey >"$WORK/keys" 2>&1
-    priv=$(awk '/Private Key/ {getline; print; exit}' "$WORK/keys")
-    pub=$(awk '/Public Key/ {getline; print; exit}' "$WORK/keys")
-    printf '[server]\nbind_addr = "%s:2333"\ndefault_token = "bench"\n[server.transport]\ntype = "noise"\n[server.transport.noise]\nlocal_private_key = "%s"\n[server.services.echo]\nbind_addr = "127.0.0.1:14002"\n' \
-        $P_WAN "$priv" >"$WORK/rh-paris.toml"
-    printf '[client]\nremote_addr = "%s:2333"\ndefault_token = "bench"\n[client.transport]\ntype = "noise"\n[client.transport.noise]\nremote_public_key = "%s"\n[client.services.echo]\nlocal_addr = "%s:7007"\n' \
-        $P_WAN "$pub" $POD >"$WORK/rh-london.toml"
-    ip netns exec $NS_P env RUST_LOG=error "$RATHOLE" --server "$WORK/rh-paris.toml" >/dev/null 2>&1 &
+    mkdir -p "$WORK/rathole" && bench_rathole_config "$WORK/rathole" 14000 || die "rathole --genkey failed"
+    ip netns exec $NS_P env RUST_LOG=error "$RATHOLE" --server "$WORK/rathole/paris.toml" >/dev/null 2>&1 &
     sleep 0.3
-    ip netns exec $NS_L env RUST_LOG=error "$RATHOLE" --client "$WORK/rh-london.toml" >/dev/null 2>&1 &
+    ip netns exec $NS_L env RUST_LOG=error "$RATHOLE" --client "$WORK/rathole/london.toml" >/dev/null 2>&1 &
     ADDR[rathole]=127.0.0.1:14002
     TOOLS+=(rathole)
 else
@@ -120,10 +101,7 @@ schedstat() {
     echo "$run $wait"
 }
 
-for c in $(seq 0 $(($(nproc) - 1))); do
-    taskset -c "$c" chrt -i 0 bash -c 'while :; do :; done' &
-    SPIN+=($!)
-done
+bench_spin_start
 printf '| tool | round | median µs | agents run µs per round trip | agents run-queue wait µs per round trip |\n|---|---|---|---|---|\n'
 for r in $(seq "$ROUNDS"); do
     for tool in "${TOOLS[@]}"; do
@@ -136,8 +114,7 @@ for r in $(seq "$ROUNDS"); do
             'BEGIN { printf "| %s | %d | %.0f | %.0f | %.1f |\n", t, r, m, dr / n / 1000, dw / n / 1000 }'
     done
 done
-kill "${SPIN[@]}" 2>/dev/null
-SPIN=()
+bench_spin_stop
 
 printf '\n| tool | system calls per round trip, both agents (strace -c, %d round trips) | of which recvmmsg / epoll_wait |\n|---|---|---|\n' "$STRACE_COUNT"
 for tool in "${TOOLS[@]}"; do

@@ -34,9 +34,6 @@ BENCH=bench
 . "$HERE/lib.sh"
 NS_L=cwb-london
 NS_P=cwb-paris
-IPERF_PORT=5201
-ECHO_PORT=7007
-ONESHOT_PORT=7008
 
 TOOLS=${TOOLS:-direct socat stunnel ssh rathole causeway}
 IPERF_SECONDS=${IPERF_SECONDS:-10}
@@ -76,32 +73,16 @@ fi
 
 bench_build
 
-RATHOLE=${RATHOLE:-$(command -v rathole 2>/dev/null || echo /tmp/rathole/bin/rathole)}
-
 # ---------------------------------------------------------------- cleanup
 WORK=$(mktemp -d /tmp/cwb.XXXXXX)
 PIDS=()
 
-kill_ns_procs() {
-    local ns=$1 pids
-    pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
-    [ -n "$pids" ] || return 0
-    # shellcheck disable=SC2086
-    kill $pids 2>/dev/null
-    sleep 0.5
-    pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
-    # shellcheck disable=SC2086
-    [ -n "$pids" ] && kill -9 $pids 2>/dev/null
-    return 0
-}
 
 teardown() {
     local p
+    bench_spin_stop
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-    for ns in $NS_P $NS_L; do
-        kill_ns_procs "$ns"
-        ip netns del "$ns" 2>/dev/null
-    done
+    bench_netns_down $NS_P $NS_L
     rm -rf "$WORK"
 }
 
@@ -129,8 +110,7 @@ bg() {
 for ns in $NS_P $NS_L; do
     if ip netns list | grep -qw "$ns"; then
         log "removing a stale namespace $ns"
-        kill_ns_procs "$ns"
-        ip netns del "$ns"
+        bench_netns_down "$ns"
     fi
 done
 
@@ -225,22 +205,6 @@ profile_wait() {
     PROF=()
 }
 
-# Latency on an otherwise idle VM measures how fast a halted vCPU wakes up (~100 µs here)
-# more than the tools. One busy loop per CPU under SCHED_IDLE keeps the CPUs from halting
-# and yields at once to any runnable task, like a host with some other work to do.
-SPIN=()
-spin_start() {
-    local c
-    for c in $(seq 0 $(($(nproc) - 1))); do
-        taskset -c "$c" chrt -i 0 bash -c 'while :; do :; done' &
-        SPIN+=($!)
-        PIDS+=($!)
-    done
-}
-spin_stop() {
-    [ ${#SPIN[@]} -gt 0 ] && kill "${SPIN[@]}" 2>/dev/null && wait "${SPIN[@]}" 2>/dev/null
-    SPIN=()
-}
 
 RAW=$WORK/raw.txt
 : >"$RAW"
@@ -265,7 +229,7 @@ measure() {
     idle_phase "$tool" "$echo_addr" fresh "${pids[@]}"
 
     log "$tool: ping-pong latency ($PINGPONG_COUNT round trips, CPUs kept awake, then idle)"
-    spin_start
+    bench_spin_start
     [ "$tool" = causeway ] && profile_start pingpong 4
     c0=$(cpu_ticks "${pids[@]}")
     out=$(inp timeout 120 "$LOADGEN" pingpong --addr "$echo_addr" --count "$PINGPONG_COUNT" \
@@ -276,7 +240,7 @@ measure() {
     # own work adds to every request and response.
     R[$tool,rt_cpu_us]=$(awk -v c="$((c1 - c0))" -v hz="$CLK_TCK" -v n="$((PINGPONG_COUNT + PINGPONG_WARMUP))" \
         'BEGIN {if (n > 0 && c > 0) printf "%.0f", 1e6 * c / hz / n}')
-    spin_stop
+    bench_spin_stop
     echo "$tool pingpong (CPUs kept awake): $out" >>"$RAW"
     R[$tool,p50]=$(jget median_us <<<"$out")
     R[$tool,p99]=$(jget p99_us <<<"$out")
@@ -477,33 +441,17 @@ EOF
 # paris (control channel on 10.201.0.2:2333); its client runs in london next to the pod and
 # dials paris. Noise transport (Noise_NK_25519_ChaChaPoly_BLAKE2s), keys from --genkey.
 run_rathole() {
-    local d=$WORK/rathole base=14000 pids=() priv pub i names=(iperf echo oneshot) ports=($IPERF_PORT $ECHO_PORT $ONESHOT_PORT)
+    local d=$WORK/rathole base=14000 pids=()
     if [ ! -x "$RATHOLE" ]; then
         log "rathole: no binary ($RATHOLE); skipping"
         R[rathole,status]="not run: no rathole binary"
         return 1
     fi
     rm -rf "$d" && mkdir -p "$d"
-    "$RATHOLE" --genkey >"$d/keys" 2>&1 || {
+    bench_rathole_config "$d" $base || {
         R[rathole,status]="failed: rathole --genkey"
         return 1
     }
-    priv=$(awk '/Private Key/ {getline; print; exit}' "$d/keys")
-    pub=$(awk '/Public Key/ {getline; print; exit}' "$d/keys")
-    {
-        printf '[server]\nbind_addr = "%s:2333"\ndefault_token = "bench"\n' $P_WAN
-        printf '[server.transport]\ntype = "noise"\n[server.transport.noise]\nlocal_private_key = "%s"\n' "$priv"
-        for i in 0 1 2; do
-            printf '[server.services.%s]\nbind_addr = "127.0.0.1:%d"\n' "${names[$i]}" $((base + 1 + i))
-        done
-    } >"$d/paris.toml"
-    {
-        printf '[client]\nremote_addr = "%s:2333"\ndefault_token = "bench"\n' $P_WAN
-        printf '[client.transport]\ntype = "noise"\n[client.transport.noise]\nremote_public_key = "%s"\n' "$pub"
-        for i in 0 1 2; do
-            printf '[client.services.%s]\nlocal_addr = "%s:%d"\n' "${names[$i]}" $POD "${ports[$i]}"
-        done
-    } >"$d/london.toml"
     bg $NS_P env RUST_LOG=error "$RATHOLE" --server "$d/paris.toml" 2>"$d/paris.log" >&2
     pids+=("$LAST_PID")
     sleep 0.3
@@ -517,7 +465,7 @@ run_rathole() {
 # causeway: london exports the pod's ports, paris redeems london's token and forwards its
 # VIP (VIP port = exported port) over the QUIC link.
 run_causeway() {
-    local d=$WORK/causeway vip="" i
+    local d=$WORK/causeway vip="" site
     rm -rf "$d" && mkdir -p "$d"
     for site in london paris; do
         "$CAUSEWAY" --state "$d/$site" init --site $site >/dev/null 2>"$d/init.log" || {
@@ -533,16 +481,12 @@ run_causeway() {
     CW_LONDON_PID=$LAST_PID
     bg $NS_P env RUST_LOG=warn TOKIO_WORKER_THREADS="$CW_WORKERS" "$CAUSEWAY" --state "$d/paris" run 2>"$d/paris.log"
     CW_PARIS_PID=$LAST_PID
-    for i in $(seq 50); do
-        "$CAUSEWAY" --state "$d/london" status >/dev/null 2>&1 && "$CAUSEWAY" --state "$d/paris" status >/dev/null 2>&1 && break
-        sleep 0.2
-    done
-    "$CAUSEWAY" --state "$d/london" token issue -o "$d/t.token" >/dev/null &&
-        inp "$CAUSEWAY" --state "$d/paris" token redeem "$d/t.token" >>"$RAW" 2>&1 || {
+    bench_link "$d" 50 || {
         R[causeway,status]="failed: token redeem"
         tail -n 5 "$d"/*.log >>"$RAW"
         return 1
     }
+    cat "$d/link.log" >>"$RAW"
     local t_link=$(date +%s.%N)
     vip=$(bench_first_vip "$d/paris" 150 0.1)
     echo "causeway: VIP known in paris $(awk -v a="$t_link" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s after the redemption" >>"$RAW"
