@@ -646,3 +646,138 @@ fn vip_range_outside_loopback_gets_a_local_route() {
         b"outside 127/8"
     );
 }
+
+/// Issue 15 (1): flows on one link are isolated. Four downloads whose clients never read
+/// (4 KiB receive buffers) and four uploads to a server that never reads hold only their own
+/// stream windows: a fifth flow still moves 100 MiB each way at once, and the link stays up.
+#[test]
+fn stalled_flows_do_not_stall_the_link() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = sites(dir.path(), &net, &["london", "paris"]);
+    let (london, paris) = (&s[0], &s[1]);
+    london.link_spoke(dir.path(), paris, 1);
+    export(
+        london,
+        "grid",
+        "[{name: talker, port: 9100}, {name: sink, port: 9101}, {name: bulk, port: 9102}, {name: drain, port: 9103}]",
+        true,
+    );
+    let vip: std::net::IpAddr = wait_vip(paris, "grid", "london", "grid-0").parse().unwrap();
+    const BULK: usize = 100 << 20;
+
+    // london's pod: a talker that writes until its client's window closes, a sink that
+    // accepts uploads and never reads, a bulk sender and a drain that counts what it gets.
+    let bind = |port: u16| net.run_in("london", || TcpListener::bind((POD, port)).unwrap());
+    let talker = bind(9100);
+    std::thread::spawn(move || {
+        for c in talker.incoming().flatten() {
+            std::thread::spawn(move || {
+                let chunk = vec![7u8; 1 << 20];
+                let mut c = c;
+                while c.write_all(&chunk).is_ok() {}
+            });
+        }
+    });
+    let sink = bind(9101);
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let held_by_sink = held.clone();
+    std::thread::spawn(move || {
+        for c in sink.incoming().flatten() {
+            held_by_sink.lock().unwrap().push(c);
+        }
+    });
+    let bulk = bind(9102);
+    std::thread::spawn(move || {
+        for mut c in bulk.incoming().flatten() {
+            let chunk = vec![1u8; 1 << 20];
+            for _ in 0..BULK / chunk.len() {
+                if c.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let drain = bind(9103);
+    std::thread::spawn(move || {
+        for mut c in drain.incoming().flatten() {
+            let n = std::io::copy(&mut c, &mut std::io::sink()).unwrap_or(0);
+            let _ = c.write_all(n.to_string().as_bytes());
+        }
+    });
+
+    // Four readers that never read, with 4 KiB receive buffers.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(net.run_in("paris", || {
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            sock.set_recv_buffer_size(4096).unwrap();
+            sock.connect(&SocketAddr::new(vip, 9100).into()).unwrap();
+            TcpStream::from(sock)
+        }));
+    }
+    // Four uploads that nobody reads: each writes until its window is full.
+    let uploads: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = net.run_in("paris", || TcpStream::connect((vip, 9101)).unwrap());
+            std::thread::spawn(move || {
+                c.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+                let chunk = vec![3u8; 1 << 20];
+                let mut sent = 0usize;
+                while sent < 256 << 20 && c.write_all(&chunk).is_ok() {
+                    sent += chunk.len();
+                }
+                (c, sent)
+            })
+        })
+        .collect();
+    let uploads: Vec<_> = uploads.into_iter().map(|t| t.join().unwrap()).collect();
+    for (_, sent) in &uploads {
+        assert!(*sent < 256 << 20, "an upload nobody reads was not held back");
+    }
+
+    let logs = || {
+        format!(
+            "paris:\n{}\nlondon:\n{}",
+            tail(&paris.log_text(), 20),
+            tail(&london.log_text(), 20)
+        )
+    };
+    // A fifth flow downloads 100 MiB, then uploads 100 MiB, while the eight are stalled.
+    let started = Instant::now();
+    let got = net.run_in("paris", || -> std::io::Result<usize> {
+        let mut c = TcpStream::connect((vip, 9102))?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        std::io::copy(&mut c, &mut std::io::sink()).map(|n| n as usize)
+    });
+    assert!(
+        matches!(got, Ok(n) if n == BULK),
+        "download beside stalled flows: {got:?} after {:?}\n{}",
+        started.elapsed(),
+        logs()
+    );
+    let counted = net.run_in("paris", || -> std::io::Result<String> {
+        let mut c = TcpStream::connect((vip, 9103))?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        c.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let chunk = vec![5u8; 1 << 20];
+        for _ in 0..BULK / chunk.len() {
+            c.write_all(&chunk)?;
+        }
+        c.shutdown(Shutdown::Write)?;
+        let mut back = String::new();
+        c.read_to_string(&mut back)?;
+        Ok(back)
+    });
+    assert_eq!(
+        counted.as_ref().ok().map(String::as_str),
+        Some(BULK.to_string().as_str()),
+        "upload beside stalled flows: {counted:?}\n{}",
+        logs()
+    );
+    eprintln!("200 MiB beside 8 stalled flows in {:?}", started.elapsed());
+    assert_eq!(paris.link_state("london").as_deref(), Some("up"));
+    drop((stalled, uploads, held));
+}

@@ -32,6 +32,9 @@ pub struct TransportConfig {
     pub(crate) receive_window: VarInt,
     pub(crate) send_window: u64,
     pub(crate) send_fairness: bool,
+    /// causeway patch: see [`TransportConfig::stream_receive_window_growth`]
+    pub(crate) stream_receive_window_max: VarInt,
+    pub(crate) stream_window_growth_budget: u64,
 
     pub(crate) packet_threshold: u32,
     pub(crate) time_threshold: f32,
@@ -113,6 +116,23 @@ impl TransportConfig {
     /// streams.
     pub fn stream_receive_window(&mut self, value: VarInt) -> &mut Self {
         self.stream_receive_window = value;
+        self
+    }
+
+    /// causeway patch: let stream receive windows grow with use.
+    ///
+    /// Each stream starts with `stream_receive_window` and doubles its window, up to `max`, each
+    /// time the application has read a whole window since the last change. Growth is taken from
+    /// a per-connection `budget` (bytes) that freed streams return. A stream the application
+    /// stops reading never grows, so it holds at most `stream_receive_window`; with
+    /// `receive_window` left unlimited, such streams cannot starve the others of
+    /// connection-level credit, and unread data per connection stays under
+    /// `max_concurrent_bidi_streams × stream_receive_window + budget`.
+    ///
+    /// The default (`max` = the default `stream_receive_window`, no budget) never grows.
+    pub fn stream_receive_window_growth(&mut self, max: VarInt, budget: u64) -> &mut Self {
+        self.stream_receive_window_max = max;
+        self.stream_window_growth_budget = budget;
         self
     }
 
@@ -378,6 +398,8 @@ impl Default for TransportConfig {
             receive_window: VarInt::MAX,
             send_window: (8 * STREAM_RWND).into(),
             send_fairness: true,
+            stream_receive_window_max: STREAM_RWND.into(),
+            stream_window_growth_budget: 0,
 
             packet_threshold: 3,
             time_threshold: 9.0 / 8.0,
@@ -416,6 +438,8 @@ impl fmt::Debug for TransportConfig {
             receive_window,
             send_window,
             send_fairness,
+            stream_receive_window_max,
+            stream_window_growth_budget,
             packet_threshold,
             time_threshold,
             initial_rtt,
@@ -445,6 +469,8 @@ impl fmt::Debug for TransportConfig {
             .field("receive_window", receive_window)
             .field("send_window", send_window)
             .field("send_fairness", send_fairness)
+            .field("stream_receive_window_max", stream_receive_window_max)
+            .field("stream_window_growth_budget", stream_window_growth_budget)
             .field("packet_threshold", packet_threshold)
             .field("time_threshold", time_threshold)
             .field("initial_rtt", initial_rtt)

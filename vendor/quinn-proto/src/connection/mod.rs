@@ -363,6 +363,10 @@ impl Connection {
                 config.send_window,
                 config.receive_window,
                 config.stream_receive_window,
+                streams::WindowGrowth {
+                    max: config.stream_receive_window_max.into(),
+                    budget: config.stream_window_growth_budget,
+                },
             ),
             datagrams: DatagramState::default(),
             config,

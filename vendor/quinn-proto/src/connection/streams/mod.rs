@@ -25,7 +25,7 @@ pub use send::{FinishError, WriteError, Written};
 
 mod state;
 #[allow(unreachable_pub)] // fuzzing only
-pub use state::StreamsState;
+pub use state::{StreamsState, WindowGrowth};
 
 /// Access to streams
 pub struct Streams<'a> {
@@ -141,6 +141,8 @@ impl RecvStream<'_> {
         let stream = get_or_insert_recv(self.state.stream_receive_window)(entry.get_mut());
 
         let (read_credits, stop_sending) = stream.stop()?;
+        // causeway patch: a stopped stream buffers nothing; its window growth goes back.
+        self.state.window_growth.budget += stream.take_window_growth(self.state.stream_receive_window);
         if stop_sending.should_transmit() {
             self.pending.stop_sending.push(frame::StopSending {
                 id: self.id,

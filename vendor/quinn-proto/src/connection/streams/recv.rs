@@ -4,7 +4,7 @@ use std::mem;
 use thiserror::Error;
 use tracing::debug;
 
-use super::state::get_or_insert_recv;
+use super::state::{WindowGrowth, get_or_insert_recv};
 use super::{ClosedStream, Retransmits, ShouldTransmit, StreamId, StreamsState};
 use crate::connection::assembler::{Assembler, Chunk, IllegalOrderedRead};
 use crate::connection::streams::state::StreamRecv;
@@ -18,6 +18,13 @@ pub(super) struct Recv {
     sent_max_stream_data: u64,
     pub(super) end: u64,
     pub(super) stopped: bool,
+    /// causeway patch: this stream's current receive window (bytes). Starts at the configured
+    /// `stream_receive_window` and doubles, up to `stream_receive_window_max`, each time the
+    /// application has read a whole window since the last change; a stream nobody reads never
+    /// grows, so it holds at most the initial window.
+    window: u64,
+    /// causeway patch: `assembler.bytes_read()` when `window` last changed.
+    window_grown_at: u64,
 }
 
 impl Recv {
@@ -28,6 +35,8 @@ impl Recv {
             sent_max_stream_data: initial_max_data,
             end: 0,
             stopped: false,
+            window: initial_max_data,
+            window_grown_at: 0,
         })
     }
 
@@ -38,6 +47,17 @@ impl Recv {
         self.sent_max_stream_data = initial_max_data;
         self.end = 0;
         self.stopped = false;
+        self.window = initial_max_data;
+        self.window_grown_at = 0;
+    }
+
+    /// causeway patch: gives back how far this stream's window has grown past `initial`
+    /// (bytes), for the connection's growth budget, and shrinks it back to `initial`; called
+    /// when the stream is freed or stopped (a stopped stream buffers nothing).
+    pub(super) fn take_window_growth(&mut self, initial: u64) -> u64 {
+        let growth = self.window.saturating_sub(initial);
+        self.window -= growth;
+        growth
     }
 
     /// Process a STREAM frame
@@ -109,8 +129,18 @@ impl Recv {
     /// transmission of the value is recommended. If the boolean value is
     /// `false` the new window should only be transmitted if a previous transmission
     /// had failed.
-    pub(super) fn max_stream_data(&mut self, stream_receive_window: u64) -> (u64, ShouldTransmit) {
-        let max_stream_data = self.assembler.bytes_read() + stream_receive_window;
+    pub(super) fn max_stream_data(&mut self, growth: &mut WindowGrowth) -> (u64, ShouldTransmit) {
+        // causeway patch: grow the window once the application has read a whole window since
+        // the last change, while the connection's budget lasts.
+        let read = self.assembler.bytes_read();
+        if self.window < growth.max && read - self.window_grown_at >= self.window {
+            let grow = self.window.min(growth.max - self.window).min(growth.budget);
+            self.window += grow;
+            growth.budget -= grow;
+            self.window_grown_at = read;
+        }
+        let stream_receive_window = self.window;
+        let max_stream_data = read + stream_receive_window;
 
         // Only announce a window update if it's significant enough
         // to make it worthwhile sending a MAX_STREAM_DATA frame.
@@ -362,7 +392,7 @@ impl<'a> Chunks<'a> {
 
         // If the stream hasn't finished, we may need to issue stream-level flow control credit
         if let ChunksState::Readable(mut rs) = state {
-            let (_, max_stream_data) = rs.max_stream_data(self.streams.stream_receive_window);
+            let (_, max_stream_data) = rs.max_stream_data(&mut self.streams.window_growth);
             should_transmit |= max_stream_data.0;
             if max_stream_data.0 {
                 self.pending.max_stream_data.insert(self.id);
@@ -483,7 +513,10 @@ mod tests {
             "full connection flow control credit is issued by stop"
         );
 
-        let (max_stream_data, transmit) = s.max_stream_data(RECV_WINDOW);
+        let (max_stream_data, transmit) = s.max_stream_data(&mut WindowGrowth {
+            max: RECV_WINDOW,
+            budget: 0,
+        });
         assert!(!transmit.should_transmit());
         assert_eq!(
             max_stream_data, RECV_WINDOW,
@@ -508,7 +541,10 @@ mod tests {
         assert_eq!(new_bytes, RECV_WINDOW - (INITIAL_OFFSET + INITIAL_BYTES));
         assert!(!is_closed);
 
-        let (max_stream_data, transmit) = s.max_stream_data(RECV_WINDOW);
+        let (max_stream_data, transmit) = s.max_stream_data(&mut WindowGrowth {
+            max: RECV_WINDOW,
+            budget: 0,
+        });
         assert!(!transmit.should_transmit());
         assert_eq!(
             max_stream_data, RECV_WINDOW,
@@ -535,7 +571,10 @@ mod tests {
         );
         assert!(!is_closed);
 
-        let (max_stream_data, transmit) = s.max_stream_data(RECV_WINDOW);
+        let (max_stream_data, transmit) = s.max_stream_data(&mut WindowGrowth {
+            max: RECV_WINDOW,
+            budget: 0,
+        });
         assert!(!transmit.should_transmit());
         assert_eq!(
             max_stream_data, RECV_WINDOW,

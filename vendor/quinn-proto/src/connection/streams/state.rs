@@ -65,6 +65,22 @@ impl StreamRecv {
     }
 }
 
+/// causeway patch: the limits on stream receive window growth of one connection.
+///
+/// A stream's window starts at `stream_receive_window` and doubles, up to `max`, each time the
+/// application has read a whole window since the last change; every byte of growth comes out of
+/// `budget`, which a freed stream returns. So a stream the application does not read holds at
+/// most the initial window, and all streams of a connection together hold at most
+/// `concurrent streams × stream_receive_window + budget` unread bytes.
+#[derive(Debug, Clone, Copy)]
+#[allow(unreachable_pub)] // fuzzing only
+pub struct WindowGrowth {
+    /// Largest window one stream may grow to (bytes)
+    pub max: u64,
+    /// Growth (bytes) still available to this connection's streams
+    pub budget: u64,
+}
+
 #[allow(unreachable_pub)] // fuzzing only
 pub struct StreamsState {
     pub(super) side: Side,
@@ -129,6 +145,8 @@ pub struct StreamsState {
     pub(super) send_window: u64,
     /// Configured upper bound for how much unacked data the peer can send us per stream
     pub(super) stream_receive_window: u64,
+    /// causeway patch: how far receive windows may grow past `stream_receive_window`
+    pub(super) window_growth: WindowGrowth,
 
     // Pertinent state from the TransportParameters supplied by the peer
     initial_max_stream_data_uni: VarInt,
@@ -152,6 +170,7 @@ impl StreamsState {
         send_window: u64,
         receive_window: VarInt,
         stream_receive_window: VarInt,
+        window_growth: WindowGrowth,
     ) -> Self {
         let mut this = Self {
             side,
@@ -181,6 +200,7 @@ impl StreamsState {
             buffered_data: 0,
             send_window,
             stream_receive_window: stream_receive_window.into(),
+            window_growth,
             initial_max_stream_data_uni: 0u32.into(),
             initial_max_stream_data_bidi_local: 0u32.into(),
             initial_max_stream_data_bidi_remote: 0u32.into(),
@@ -529,7 +549,7 @@ impl StreamsState {
             }
             retransmits.get_or_create().max_stream_data.insert(id);
 
-            let (max, _) = rs.max_stream_data(self.stream_receive_window);
+            let (max, _) = rs.max_stream_data(&mut self.window_growth);
             rs.record_sent_max_stream_data(max);
 
             trace!(stream = %id, max = max, "MAX_STREAM_DATA");
@@ -1013,7 +1033,11 @@ impl StreamsState {
         }
     }
 
-    pub(super) fn stream_recv_freed(&mut self, id: StreamId, recv: StreamRecv) {
+    pub(super) fn stream_recv_freed(&mut self, id: StreamId, mut recv: StreamRecv) {
+        // causeway patch: a freed stream's grown window returns to the budget.
+        if let StreamRecv::Open(ref mut rs) = recv {
+            self.window_growth.budget += rs.take_window_growth(self.stream_receive_window);
+        }
         self.free_recv.push(recv.free(self.stream_receive_window));
         self.stream_freed(id, StreamHalf::Recv);
     }
@@ -1069,6 +1093,10 @@ mod tests {
             1024 * 1024,
             (1024 * 1024u32).into(),
             (1024 * 1024u32).into(),
+            WindowGrowth {
+                max: 1024 * 1024,
+                budget: 0,
+            },
         )
     }
 
@@ -1215,6 +1243,10 @@ mod tests {
             1024 * 1024,
             (1024 * 1024u32).into(),
             (1024 * 1024u32).into(),
+            WindowGrowth {
+                max: 1024 * 1024,
+                budget: 0,
+            },
         );
         let id = StreamId::new(Side::Server, Dir::Uni, 0);
         let initial_max = client.local_max_data;
@@ -1253,6 +1285,83 @@ mod tests {
         assert!(should_transmit.0);
         assert!(pending.max_stream_id[Dir::Uni as usize]);
         assert_eq!(client.local_max_data - initial_max, MESSAGE_SIZE as u64);
+    }
+
+    /// causeway patch: a stream's window doubles each time a whole window has been read, up to
+    /// `max` and within the connection's budget; an unread stream keeps the initial window;
+    /// freeing a stream returns its growth.
+    #[test]
+    fn receive_window_grows_with_reads_within_budget() {
+        const W: u32 = 1024;
+        let mut client = StreamsState::new(
+            Side::Client,
+            4u32.into(),
+            4u32.into(),
+            1024 * 1024,
+            VarInt::MAX,
+            W.into(),
+            WindowGrowth {
+                max: 4 * W as u64,
+                budget: 2 * W as u64,
+            },
+        );
+        let mut pending = Retransmits::default();
+        // Feeds `len` bytes at `offset` to stream `id`, reads all and returns the new limit.
+        let mut feed_and_read = |client: &mut StreamsState, id, offset: u64, len: usize, read: bool| {
+            client
+                .received(
+                    frame::Stream {
+                        id,
+                        offset,
+                        fin: false,
+                        data: Bytes::from(vec![0; len]),
+                    },
+                    len,
+                )
+                .unwrap();
+            if read {
+                let mut recv = RecvStream {
+                    id,
+                    state: client,
+                    pending: &mut pending,
+                };
+                let mut chunks = recv.read(true).unwrap();
+                while let Ok(Some(_)) = chunks.next(usize::MAX) {}
+                let _ = chunks.finalize();
+            }
+            // As a MAX_STREAM_DATA frame would announce it.
+            let rs = client.recv.get_mut(&id).unwrap().as_mut().unwrap();
+            let rs = rs.as_open_recv_mut().unwrap();
+            let max = rs.max_stream_data(&mut client.window_growth).0;
+            rs.record_sent_max_stream_data(max);
+            max
+        };
+        let fast = StreamId::new(Side::Server, Dir::Uni, 0);
+        let stalled = StreamId::new(Side::Server, Dir::Uni, 1);
+
+        // The stalled stream is never read: it keeps the initial window.
+        assert_eq!(feed_and_read(&mut client, stalled, 0, W as usize, false), W as u64);
+        // The fast stream: W read -> window 2W; 2W more -> 4W (max); then no more growth.
+        // The fast stream: W read -> window 2W.
+        assert_eq!(feed_and_read(&mut client, fast, 0, W as usize, true), 3 * W as u64);
+        assert_eq!(client.window_growth.budget, W as u64);
+        // 2W more read: it would double to 4W (the max), but only 1W of budget is left -> 3W.
+        assert_eq!(feed_and_read(&mut client, fast, W as u64, 2 * W as usize, true), 6 * W as u64);
+        assert_eq!(client.window_growth.budget, 0);
+        // Budget spent: no more growth, the window stays 3W.
+        assert_eq!(
+            feed_and_read(&mut client, fast, 3 * W as u64, 3 * W as usize, true),
+            9 * W as u64
+        );
+
+        // Stopping the fast stream frees it and returns its 2W of growth.
+        let mut recv = RecvStream {
+            id: fast,
+            state: &mut client,
+            pending: &mut pending,
+        };
+        recv.stop(0u32.into()).unwrap();
+        assert_eq!(client.window_growth.budget, 2 * W as u64);
     }
 
     #[test]
