@@ -131,12 +131,35 @@ pub struct Agent {
     metrics: Arc<Metrics>,
     /// The `clusterset.local` DNS responder.
     dns: crate::dns::Responder,
+    /// The open-files limit after raising it (None: it could not be read), for `status`.
+    open_files: Option<crate::rlimit::OpenFiles>,
 }
 
 impl Agent {
     /// Starts an agent on `state` with `config`: binds the QUIC port and the admin socket
     /// and re-establishes every recorded link.
     pub async fn start(state: StateDir, config: Config, opts: StartOptions) -> anyhow::Result<Arc<Agent>> {
+        let open_files = match crate::rlimit::raise_open_files() {
+            Ok(limit) => {
+                if let Some(from) = limit.raised_from {
+                    info!(from, to = limit.soft, "open-files limit raised to the hard limit");
+                }
+                if let Some(short) = limit.shortfall(config.limits.max_flows, 0) {
+                    warn!(
+                        limit = limit.soft,
+                        max_flows = config.limits.max_flows,
+                        short,
+                        "the open-files limit is too low for limits.max_flows (2 per flow, 1 per VIP listener): raise \
+                         the hard limit (ulimit -Hn, LimitNOFILE=, the container runtime's nofile) or lower limits.max_flows"
+                    );
+                }
+                Some(limit)
+            }
+            Err(e) => {
+                warn!(error = %e, "could not raise the open-files limit");
+                None
+            }
+        };
         let identity = Arc::new(identity::load(&state).with_context(|| {
             format!(
                 "loading the site identity from {} (run `causeway init` first?)",
@@ -180,6 +203,9 @@ impl Agent {
         let shutdown = CancellationToken::new();
         let vips_cidr = config.vips.cidr.to_string();
         let metrics = Metrics::new();
+        if let Some(limit) = open_files {
+            metrics.set_open_files_limit(limit.soft);
+        }
         let range = VipRange::new(config.vips.cidr).context("vips.cidr")?;
         crate::forward::ensure_local_vips(config.vips.cidr).map_err(anyhow::Error::msg)?;
         let block = config
@@ -252,6 +278,7 @@ impl Agent {
             forwarder,
             metrics,
             dns,
+            open_files,
         });
         if let Some(addr) = agent.config.metrics {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -477,6 +504,7 @@ impl Agent {
             "services": view.services,
             "conflicts": view.conflicts,
             "listener_errors": self.forwarder.bind_errors(),
+            "open_files": self.open_files,
             "mode": if self.mesh.is_member() { "sidecar" } else { "gateway" },
             "sidecars": self.links.members(),
             "dns": self.dns.status(),

@@ -17,6 +17,7 @@ pub mod link;
 pub mod mesh;
 pub mod metrics;
 pub mod protocol;
+pub mod rlimit;
 pub mod routing;
 pub mod state;
 pub mod token;

@@ -151,6 +151,12 @@ pub struct Metrics {
     services: U64Gauge,
     /// Local endpoints that are ready to receive flows.
     ready_endpoints: U64Gauge,
+    /// The soft open-files limit in force: each VIP listener and flow holds descriptors, so an
+    /// operator can alert before a large clusterset runs into it.
+    open_files_limit: U64Gauge,
+    /// VIP listeners the view asks for that could not be bound (their names and errors are in
+    /// `causeway status`): nonzero means some VIPs do not answer here.
+    listener_errors: U64Gauge,
     /// The DNS responder's counters; the registry reads them through their collector at scrape
     /// time, so the responder's hot path stays a relaxed atomic add.
     dns: Arc<crate::dns::Stats>,
@@ -173,6 +179,8 @@ impl Metrics {
         let link_received = Family::<LinkLabels, U64Gauge>::default();
         let services = U64Gauge::default();
         let ready_endpoints = U64Gauge::default();
+        let open_files_limit = U64Gauge::default();
+        let listener_errors = U64Gauge::default();
         let dns = Arc::new(crate::dns::Stats::default());
 
         // The registry appends `_total` to counters and the unit to names registered with one.
@@ -224,6 +232,16 @@ impl Metrics {
             "Local endpoints ready to receive flows",
             ready_endpoints.clone(),
         );
+        registry.register(
+            "open_files_limit",
+            "The agent's soft open-files limit (RLIMIT_NOFILE) after raising it to the hard limit",
+            open_files_limit.clone(),
+        );
+        registry.register(
+            "vip_listener_errors",
+            "VIP listeners that could not be bound (see `causeway status`)",
+            listener_errors.clone(),
+        );
         // causeway_dns_responses_total{rcode}, causeway_dns_{truncated,forwarded,dropped}_total.
         registry.register_collector(Box::new(dns.clone()));
 
@@ -242,6 +260,8 @@ impl Metrics {
             link_received,
             services,
             ready_endpoints,
+            open_files_limit,
+            listener_errors,
             dns,
         })
     }
@@ -359,6 +379,16 @@ impl Metrics {
     /// Sets the number of local endpoints that are ready.
     pub fn set_endpoints(&self, ready: usize) {
         self.ready_endpoints.set(u64::try_from(ready).unwrap_or(u64::MAX));
+    }
+
+    /// Sets the open-files limit in force (descriptors).
+    pub fn set_open_files_limit(&self, limit: u64) {
+        self.open_files_limit.set(limit);
+    }
+
+    /// Sets the number of VIP listeners that could not be bound.
+    pub fn set_listener_errors(&self, count: usize) {
+        self.listener_errors.set(u64::try_from(count).unwrap_or(u64::MAX));
     }
 
     /// The whole registry in the OpenMetrics text format, ending with `# EOF`.

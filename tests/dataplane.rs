@@ -781,3 +781,80 @@ fn stalled_flows_do_not_stall_the_link() {
     assert_eq!(paris.link_state("london").as_deref(), Some("up"));
     drop((stalled, uploads, held));
 }
+
+/// Issue 15 (8): agents started with the 1,024 open-files soft limit containers give raise it
+/// to the hard limit, report it (`status`, `/metrics`), and carry 1,500 concurrent flows.
+#[test]
+fn agents_raise_the_open_files_limit_and_carry_many_flows() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    if !require(&["prlimit"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut s: Vec<Site> = ["london", "paris"]
+        .iter()
+        .map(|n| {
+            net.add_pod(n, POD);
+            let mut site = Site::init_in(dir.path(), n, &net);
+            site.soft_nofile = Some(1024);
+            site
+        })
+        .collect();
+    for site in &mut s {
+        site.start();
+    }
+    let (london, paris) = (&s[0], &s[1]);
+    let status: serde_json::Value = serde_json::from_str(&paris.ok(&["status", "-o", "json"])).unwrap();
+    let limit = &status["open_files"];
+    assert_eq!(limit["raised_from"], 1024, "{status}");
+    assert!(limit["soft"].as_u64().unwrap() > 4096, "{status}");
+    assert_eq!(limit["soft"], limit["hard"]);
+
+    london.link_spoke(dir.path(), paris, 1);
+    export(london, "many", "[{name: echo, port: 9200}]", true);
+    let vip: std::net::IpAddr = wait_vip(paris, "many", "london", "many-0").parse().unwrap();
+    const FLOWS: usize = 1500;
+    let listener = net.run_in("london", || TcpListener::bind((POD, 9200)).unwrap());
+    let server = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for _ in 0..FLOWS {
+            let (c, _) = listener.accept().unwrap();
+            held.push(c);
+        }
+        // Every flow open at once; then each echoes one byte.
+        let mut echoed = 0;
+        for c in &mut held {
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut b = [0u8; 1];
+            if c.read_exact(&mut b).is_ok() && c.write_all(&b).is_ok() {
+                echoed += 1;
+            }
+        }
+        echoed
+    });
+    let mut clients = net.run_in("paris", || {
+        (0..FLOWS)
+            .map(|_| TcpStream::connect_timeout(&SocketAddr::new(vip, 9200), Duration::from_secs(10)).unwrap())
+            .collect::<Vec<_>>()
+    });
+    let mut answered = 0;
+    for c in &mut clients {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"x").unwrap();
+    }
+    for c in &mut clients {
+        let mut b = [0u8; 1];
+        if c.read_exact(&mut b).is_ok() {
+            answered += 1;
+        }
+    }
+    assert_eq!(
+        (answered, server.join().unwrap()),
+        (FLOWS, FLOWS),
+        "paris:\n{}\nlondon:\n{}",
+        tail(&paris.log_text(), 20),
+        tail(&london.log_text(), 20)
+    );
+}

@@ -309,6 +309,9 @@ impl Forwarder {
                     let hint = if e.kind() == std::io::ErrorKind::AddrNotAvailable {
                         " (the VIP range is not local here: keep vips.cidr inside 127.0.0.0/8, or make it local with \
                          `ip route add local <cidr> dev lo`)"
+                    } else if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) {
+                        " (out of open files: raise the hard open-files limit, e.g. `ulimit -Hn`, LimitNOFILE= or the \
+                         container runtime's nofile, or lower limits.max_flows)"
                     } else {
                         ""
                     };
@@ -319,6 +322,7 @@ impl Forwarder {
                 }
             }
         }
+        self.metrics.set_listener_errors(errors.len());
         if !listeners.is_empty() {
             info!(listeners = listeners.len(), "VIP listeners reconciled");
         }

@@ -44,6 +44,9 @@ pub struct Site {
     pub log: PathBuf,
     /// The network namespace the agent runs in ([`Site::init_in`]); None: the host's.
     pub netns: Option<String>,
+    /// Start the agent with this soft open-files limit (`prlimit --nofile=N:`), as containers
+    /// start processes with 1,024; None: the test's own.
+    pub soft_nofile: Option<u64>,
     child: Option<Child>,
 }
 
@@ -96,6 +99,7 @@ impl Site {
             state,
             port,
             netns: None,
+            soft_nofile: None,
             child: None,
         }
     }
@@ -206,14 +210,18 @@ impl Site {
     /// `causeway`, inside the site's network namespace if it has one (`ip netns exec`
     /// execs the agent, so the child's pid is the agent's).
     fn agent_command(&self) -> Command {
-        match &self.netns {
-            Some(ns) => {
-                let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", ns, BIN]);
-                cmd
-            }
-            None => Command::new(BIN),
+        // Each wrapper execs the next, so the child's pid stays the agent's.
+        let mut argv: Vec<String> = Vec::new();
+        if let Some(n) = self.soft_nofile {
+            argv.extend(["prlimit".into(), format!("--nofile={n}:")]);
         }
+        if let Some(ns) = &self.netns {
+            argv.extend(["ip".into(), "netns".into(), "exec".into(), ns.clone()]);
+        }
+        argv.push(BIN.into());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        cmd
     }
 
     /// SIGTERM and wait: a graceful stop.
