@@ -540,3 +540,41 @@ impl Mesh {
         self.view.send_replace(Arc::new(view));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vip_table_loads_absent_good_and_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vips.yaml");
+        // Absent, or empty: an empty table.
+        assert_eq!(load_vip_table(&path), VipTable::default());
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(load_vip_table(&path), VipTable::default());
+        // Good: read back as written.
+        let text = "vips:\n- service: web\n  namespace: default\n  hostname: web-0\n  vip: 127.77.95.182\n\
+                    - service: web\n  namespace: default\n  hostname: web-1\n  vip: 127.77.95.17\n  \
+                    freed_at: 2023-11-14T22:13:25Z\n";
+        std::fs::write(&path, text).unwrap();
+        let table = load_vip_table(&path);
+        assert_eq!(table.vips.len(), 2);
+        assert_eq!(table.live().len(), 1);
+        assert_eq!(serde_yaml::to_string(&table).unwrap(), text);
+        // Corrupt: an empty table, and the file is set aside, not lost.
+        for bad in [
+            "vips: [{{{",
+            "vips:\n- {service: web, vip: 1.2.3.4}\n",
+            "\u{0}\u{1}garbage",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            assert_eq!(load_vip_table(&path), VipTable::default(), "{bad:?}");
+            assert!(!path.exists());
+            assert_eq!(
+                std::fs::read_to_string(dir.path().join("vips.yaml.corrupt")).unwrap(),
+                bad
+            );
+        }
+    }
+}
