@@ -24,12 +24,12 @@ use crate::forward::{ForwardOptions, Forwarder};
 use crate::identity::{self, PeerTrust, SiteIdentity};
 use crate::link::redeem::{self, Issuer};
 use crate::link::{Established, LinkHandler, LinkRecord, LinkState, Links, Role, describe_connection_error};
-use crate::mesh::Mesh;
+use crate::mesh::{Mesh, VipStore};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ALPN_LINK, ALPN_REDEEM, Control, close};
 use crate::state::{StateDir, rfc3339};
 use crate::token::{GrantStore, Token};
-use crate::vips::VipRange;
+use crate::vips::{VipAllocator, VipRange, VipTable};
 
 /// Handshakes (and redemptions) processed at once; more wait in quinn's queue.
 const MAX_HANDSHAKES: usize = 256;
@@ -39,6 +39,18 @@ const REDEEM_WAIT_UP: Duration = Duration::from_secs(10);
 /// Kernel buffer for the QUIC socket, each way: bursts of a fast link must not overflow the
 /// default (~200 KiB), which drops packets before quinn sees them.
 const UDP_BUFFER: usize = 8 * 1024 * 1024;
+
+/// How long a link's connections and their flows outlive silence: follows
+/// `links.idle_timeout` (default 30 s), which is not a configuration key yet; when it is,
+/// [`vip_quarantine`] should read it from the configuration instead.
+const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a freed VIP is kept from other endpoints: a client may hold it from a DNS answer
+/// for `dns.ttl`, and a flow through it may live on until its link's idle timeout, so no
+/// client still using the address can silently reach another endpoint.
+fn vip_quarantine(config: &Config) -> Duration {
+    Duration::from_secs(u64::from(config.dns.ttl)) + LINK_IDLE_TIMEOUT
+}
 
 /// Opens the one QUIC endpoint on `addr` with large socket buffers.
 fn quic_endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
@@ -212,7 +224,22 @@ impl Agent {
             .vips
             .block
             .unwrap_or_else(|| VipRange::block_of_site(&config.site));
-        let mesh = Mesh::new(&config.site, range, block, sidecar, metrics.clone());
+        let allocator = VipAllocator::new(range, block, vip_quarantine(&config));
+        // A sidecar assigns no VIPs (its gateway does) and may run on a read-only state.
+        let vips = if sidecar {
+            VipStore {
+                allocator,
+                table: VipTable::default(),
+                file: None,
+            }
+        } else {
+            VipStore {
+                allocator,
+                table: crate::mesh::load_vip_table(&state.vips()),
+                file: Some(state.vips()),
+            }
+        };
+        let mesh = Mesh::new(&config.site, vips, sidecar, metrics.clone());
         mesh.set_exports(&config.exports, &config.namespace)
             .context("assigning VIPs to exports")?;
         let forwarder = Forwarder::start(

@@ -13,9 +13,14 @@
 //! every advert. A sidecar's mesh runs in **member mode**: it originates nothing, sends its
 //! exports to its gateway, takes the site's advert from it, and routes every flow that is not
 //! for its own pod to the gateway.
+//!
+//! A gateway's VIP allocation ([`VipTable`]) is written to `vips.yaml` in the state directory
+//! whenever it changes, before the VIPs in it are advertised, so a restart hands every
+//! endpoint the address it had; [`load_vip_table`] reads it back at start.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -26,7 +31,7 @@ use crate::catalog::{Advert, EndpointAd, Lsdb, ServiceAd, View};
 use crate::config::Export;
 use crate::metrics::Metrics;
 use crate::protocol::Control;
-use crate::vips::{VipAllocator, VipError, VipRange};
+use crate::vips::{VipAllocator, VipError, VipRange, VipTable};
 
 /// A link that is up, as the mesh uses it.
 struct UpLink {
@@ -50,7 +55,10 @@ struct Inner {
     lsdb: Lsdb,
     /// Sequence number of our latest advertisement.
     seq: u64,
+    /// Assigns our endpoints' VIPs from our block.
     allocator: VipAllocator,
+    /// The allocation: live VIPs and freed ones in (or past) quarantine, as last persisted.
+    vip_table: VipTable,
     /// Exports from causeway.yaml, without VIPs.
     config_exports: Vec<ServiceAd>,
     /// Our exports as advertised (with VIPs): the configured ones and our members'.
@@ -63,12 +71,48 @@ struct Inner {
     member_vips: HashMap<IpAddr, String>,
 }
 
+/// Where a mesh's VIP allocation starts from and is kept.
+pub struct VipStore {
+    /// Assigns addresses: range, our block, quarantine of freed addresses.
+    pub allocator: VipAllocator,
+    /// The allocation as persisted before this start ([`load_vip_table`]), or empty.
+    pub table: VipTable,
+    /// `vips.yaml`, written on every change; `None` keeps it in memory only (sidecars, which
+    /// assign nothing and may have a read-only state directory, and tests).
+    pub file: Option<PathBuf>,
+}
+
+/// Reads the VIP allocation persisted at `path`. An absent file is an empty table; so is an
+/// unreadable or corrupt one, after a warning naming the file (the agent still starts, but
+/// its VIPs may move this once); a corrupt file is first renamed to `<name>.corrupt` so that
+/// it can be inspected.
+pub fn load_vip_table(path: &Path) -> VipTable {
+    match crate::state::read_yaml_or_default::<VipTable>(path) {
+        Ok(table) => table,
+        Err(e) => {
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(".corrupt");
+            let aside = PathBuf::from(aside);
+            let kept = matches!(e, crate::state::StateError::Corrupt { .. }) && std::fs::rename(path, &aside).is_ok();
+            warn!(
+                file = %path.display(),
+                error = %e,
+                kept = %if kept { aside.display().to_string() } else { "no".into() },
+                "the VIP allocation cannot be read; starting with an empty one, so endpoints may get new VIPs once"
+            );
+            VipTable::default()
+        }
+    }
+}
+
 /// The live catalog and routing table.
 pub struct Mesh {
     /// Our site id.
     site: String,
     /// The clusterset's VIP range.
     range: VipRange,
+    /// Where the VIP allocation is persisted (see [`VipStore::file`]).
+    vip_file: Option<PathBuf>,
     inner: Mutex<Inner>,
     /// The current view, for listeners, DNS and the admin API.
     view: watch::Sender<Arc<View>>,
@@ -89,14 +133,18 @@ fn now_millis() -> u64 {
 }
 
 impl Mesh {
-    pub fn new(site: &str, range: VipRange, block: u32, member: bool, metrics: Arc<Metrics>) -> Arc<Mesh> {
+    /// A mesh for `site` (a sidecar's when `member`) whose VIPs come from `vips`; a gateway
+    /// originates its (empty) advertisement at once.
+    pub fn new(site: &str, vips: VipStore, member: bool, metrics: Arc<Metrics>) -> Arc<Mesh> {
         let mesh = Arc::new(Mesh {
             site: site.to_string(),
-            range,
+            range: vips.allocator.range(),
+            vip_file: vips.file,
             inner: Mutex::new(Inner {
                 lsdb: Lsdb::default(),
                 seq: 0,
-                allocator: VipAllocator::new(range, block),
+                allocator: vips.allocator,
+                vip_table: vips.table,
                 config_exports: Vec::new(),
                 services: Vec::new(),
                 links: BTreeMap::new(),
@@ -295,7 +343,18 @@ impl Mesh {
                     .map(|e| (s.service.clone(), s.namespace.clone(), e.hostname.clone()))
             })
             .collect();
-        let vips = inner.allocator.assign(&keys)?;
+        let table = inner.allocator.assign(&inner.vip_table, &keys, SystemTime::now())?;
+        if table != inner.vip_table {
+            // Persisted before anyone is told, so no address handed out is forgotten by a
+            // restart; failing that, the VIPs still work until the next restart.
+            if let Some(path) = &self.vip_file
+                && let Err(e) = crate::state::write_yaml(path, &table)
+            {
+                warn!(error = %e, "VIP allocation not persisted; a restart may give endpoints new VIPs");
+            }
+            inner.vip_table = table;
+        }
+        let vips = inner.vip_table.live();
         let mut member_vips = HashMap::new();
         let services: Vec<ServiceAd> = merged
             .into_values()
@@ -479,5 +538,43 @@ impl Mesh {
                 .count(),
         );
         self.view.send_replace(Arc::new(view));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vip_table_loads_absent_good_and_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vips.yaml");
+        // Absent, or empty: an empty table.
+        assert_eq!(load_vip_table(&path), VipTable::default());
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(load_vip_table(&path), VipTable::default());
+        // Good: read back as written.
+        let text = "vips:\n- service: web\n  namespace: default\n  hostname: web-0\n  vip: 127.77.95.182\n\
+                    - service: web\n  namespace: default\n  hostname: web-1\n  vip: 127.77.95.17\n  \
+                    freed_at: 2023-11-14T22:13:25Z\n";
+        std::fs::write(&path, text).unwrap();
+        let table = load_vip_table(&path);
+        assert_eq!(table.vips.len(), 2);
+        assert_eq!(table.live().len(), 1);
+        assert_eq!(serde_yaml::to_string(&table).unwrap(), text);
+        // Corrupt: an empty table, and the file is set aside, not lost.
+        for bad in [
+            "vips: [{{{",
+            "vips:\n- {service: web, vip: 1.2.3.4}\n",
+            "\u{0}\u{1}garbage",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            assert_eq!(load_vip_table(&path), VipTable::default(), "{bad:?}");
+            assert!(!path.exists());
+            assert_eq!(
+                std::fs::read_to_string(dir.path().join("vips.yaml.corrupt")).unwrap(),
+                bad
+            );
+        }
     }
 }

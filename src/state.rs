@@ -1,4 +1,4 @@
-//! The site's state directory: where its keys, certificates, grants and links live.
+//! The site's state directory: where its keys, certificates, grants, links and VIPs live.
 //!
 //! Everything an agent must remember across restarts is a small file in one directory
 //! (`--state DIR`). This module names those files and writes them durably: a write goes to a
@@ -71,6 +71,11 @@ impl StateDir {
     /// Links to other sites (both the ones we dial and the ones that dial us).
     pub fn links(&self) -> PathBuf {
         self.root.join("links.yaml")
+    }
+    /// This site's VIP allocation: every endpoint's VIP, and freed VIPs with the time they
+    /// were freed, so a restart cannot move a VIP or hand a freed one out too soon.
+    pub fn vips(&self) -> PathBuf {
+        self.root.join("vips.yaml")
     }
     /// The admin API's unix socket: in the state directory, or, when that is read-only (a
     /// sidecar's state is a mounted Secret), in the temporary directory under a name derived

@@ -385,7 +385,12 @@ mod tests {
         let config = Config::parse(&yaml, "test").unwrap();
         let range = VipRange::new("127.88.0.0/15".parse().unwrap()).unwrap();
         let metrics = Metrics::new();
-        let mesh = Mesh::new("london", range, 7, false, metrics.clone());
+        let vips = crate::mesh::VipStore {
+            allocator: crate::vips::VipAllocator::new(range, 7, Duration::from_secs(35)),
+            table: Default::default(),
+            file: None,
+        };
+        let mesh = Mesh::new("london", vips, false, metrics.clone());
         let opts = ForwardOptions {
             max_flows: 16,
             udp_idle: Duration::from_secs(60),
