@@ -69,7 +69,9 @@ fn main() -> anyhow::Result<()> {
         .with_single_cert(vec![cert_der.clone()], key)?;
     tls.alpn_protocols = vec![b"bench".to_vec()];
     let mut server_config = ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    server_config.transport_config(Arc::new(causeway::identity::transport_config()));
+    server_config.transport_config(Arc::new(causeway::identity::transport_config(
+        &causeway::identity::LinkTiming::default(),
+    )));
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert_der)?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -78,7 +80,9 @@ fn main() -> anyhow::Result<()> {
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"bench".to_vec()];
     let mut client_config = ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    client_config.transport_config(Arc::new(causeway::identity::transport_config()));
+    client_config.transport_config(Arc::new(causeway::identity::transport_config(
+        &causeway::identity::LinkTiming::default(),
+    )));
 
     let ep_config = Arc::new(EndpointConfig::default());
     let mut client = Side {

@@ -40,20 +40,19 @@ const REDEEM_WAIT_UP: Duration = Duration::from_secs(10);
 /// default (~200 KiB), which drops packets before quinn sees them.
 const UDP_BUFFER: usize = 8 * 1024 * 1024;
 
-/// How long a link's connections and their flows outlive silence: follows
-/// `links.idle_timeout` (default 30 s), which is not a configuration key yet; when it is,
-/// [`vip_quarantine`] should read it from the configuration instead.
-const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// How long a freed VIP is kept from other endpoints: a client may hold it from a DNS answer
 /// for `dns.ttl`, and a flow through it may live on until its link's idle timeout, so no
 /// client still using the address can silently reach another endpoint.
 fn vip_quarantine(config: &Config) -> Duration {
-    Duration::from_secs(u64::from(config.dns.ttl)) + LINK_IDLE_TIMEOUT
+    Duration::from_secs(u64::from(config.dns.ttl)) + config.links.idle_timeout
 }
 
 /// Opens the one QUIC endpoint on `addr` with large socket buffers.
-fn quic_endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+fn quic_endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    reset_key: ring::hmac::Key,
+) -> std::io::Result<quinn::Endpoint> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -75,7 +74,7 @@ fn quic_endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::
     }
     socket.bind(&addr.into())?;
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        quinn::EndpointConfig::new(Arc::new(reset_key)),
         server,
         socket.into(),
         Arc::new(quinn::TokioRuntime),
@@ -200,15 +199,16 @@ impl Agent {
             _ => {}
         }
         let trust = PeerTrust::new();
+        let timing = identity::LinkTiming::from(&config.links);
         let endpoint = if sidecar {
             // A sidecar only dials its gateway: it exposes no port.
             let any: std::net::SocketAddr = if config.listen.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
                 .parse()
                 .context("client address")?;
-            quic_endpoint(any, None).context("opening the sidecar's QUIC socket")?
+            quic_endpoint(any, None, identity.stateless_reset_key()).context("opening the sidecar's QUIC socket")?
         } else {
-            let server = identity::server_config(&identity, trust.clone(), &[ALPN_LINK, ALPN_REDEEM])?;
-            quic_endpoint(config.listen, Some(server))
+            let server = identity::server_config(&identity, trust.clone(), &[ALPN_LINK, ALPN_REDEEM], &timing)?;
+            quic_endpoint(config.listen, Some(server), identity.stateless_reset_key())
                 .with_context(|| format!("binding the QUIC link port {} (listen)", config.listen))?
         };
         let local_addr = endpoint.local_addr().context("reading the bound QUIC address")?;
@@ -264,6 +264,7 @@ impl Agent {
             crate::link::LinkOptions {
                 vips_cidr: vips_cidr.clone(),
                 sidecar_gateway: config.gateway.clone(),
+                timing,
             },
             handler,
             shutdown.child_token(),
@@ -639,6 +640,10 @@ impl Drop for UpGuard<'_> {
 
 #[async_trait::async_trait]
 impl LinkHandler for Session {
+    fn silent(&self, name: &str, conn: &quinn::Connection, silent: bool) {
+        self.mesh.link_silent(name, conn, silent);
+    }
+
     async fn run(&self, link: Established) -> String {
         let Established {
             name,

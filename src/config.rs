@@ -39,6 +39,13 @@ const DEFAULT_VIPS: &str = "127.77.0.0/16";
 const DEFAULT_MAX_FLOWS: usize = 4096;
 /// Default idle timeout of forwarded UDP flows.
 const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);
+/// Default silence after which a link is down for routing and DNS (SPEC `links.down_after`).
+const DEFAULT_DOWN_AFTER: Duration = Duration::from_secs(3);
+/// Default silence after which a link's connection and flows are given up
+/// (SPEC `links.idle_timeout`).
+const DEFAULT_LINK_IDLE: Duration = Duration::from_secs(30);
+/// Most parallel QUIC connections (lanes) per link.
+pub const MAX_LANES: u8 = 8;
 /// Host bits a VIP block must have at least, since blocks are carved per site.
 const MIN_VIP_HOST_BITS: u8 = 16;
 
@@ -132,6 +139,9 @@ pub struct Config {
         skip_serializing_if = "Option::is_none"
     )]
     pub gateway: Option<String>,
+    /// How links notice silence and how long they wait it out.
+    #[serde(default)]
+    pub links: LinksConfig,
     /// Concurrency bounds that keep one agent from exhausting its host.
     #[serde(default)]
     pub limits: Limits,
@@ -206,6 +216,113 @@ fn de_block<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     match v {
         Some(b) if b > 255 => Err(de::Error::custom(format!("block {b} is out of range: use 0 to 255"))),
         other => Ok(other),
+    }
+}
+
+/// Link timing and lanes (SPEC `links:`).
+///
+/// A link that hears nothing from its peer for `down_after` is taken out of routing and DNS
+/// (new flows take another path, or see NXDOMAIN), but its connection and open flows are kept
+/// until `idle_timeout`: an outage shorter than that costs no flow, as it costs no direct TCP
+/// connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LinksConfig {
+    /// Parallel QUIC connections per link, so one link can use several cores; `auto` is
+    /// min(CPUs, 8).
+    pub lanes: Lanes,
+    /// Silence (no packet from the peer) after which the link is down for routing and DNS.
+    /// Keep-alives go every `down_after / 3` (at most 1 s), so a healthy link is never silent
+    /// that long. A humantime duration, more than zero.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub down_after: Duration,
+    /// Silence after which the link's connection and every flow on it are given up (the QUIC
+    /// idle timeout, RFC 9000 §10.1). At least `down_after`.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for LinksConfig {
+    fn default() -> Self {
+        LinksConfig {
+            lanes: Lanes::Auto,
+            down_after: DEFAULT_DOWN_AFTER,
+            idle_timeout: DEFAULT_LINK_IDLE,
+        }
+    }
+}
+
+impl LinksConfig {
+    /// How often to send keep-alives: a third of `down_after`, at most 1 s, at least 50 ms.
+    pub fn keep_alive(&self) -> Duration {
+        (self.down_after / 3).clamp(Duration::from_millis(50), Duration::from_secs(1))
+    }
+}
+
+/// `links.lanes`: `auto` or a count from 1 to [`MAX_LANES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lanes {
+    /// min(available CPUs, [`MAX_LANES`]).
+    Auto,
+    /// Exactly this many.
+    Count(u8),
+}
+
+impl Lanes {
+    /// The number of lanes this resolves to on this machine.
+    pub fn count(self) -> u8 {
+        match self {
+            Lanes::Count(n) => n,
+            Lanes::Auto => std::thread::available_parallelism()
+                .map(|n| n.get().min(usize::from(MAX_LANES)) as u8)
+                .unwrap_or(1),
+        }
+    }
+}
+
+impl Serialize for Lanes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Lanes::Auto => s.serialize_str("auto"),
+            Lanes::Count(n) => s.serialize_u8(*n),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Lanes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Lanes, D::Error> {
+        /// A visitor rather than an untagged enum, so errors keep the key path and line.
+        struct LanesVisitor;
+        impl de::Visitor<'_> for LanesVisitor {
+            type Value = Lanes;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "`auto` or a number of lanes from 1 to {MAX_LANES}")
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Lanes, E> {
+                u8::try_from(n)
+                    .ok()
+                    .filter(|n| (1..=MAX_LANES).contains(n))
+                    .map(Lanes::Count)
+                    .ok_or_else(|| {
+                        E::custom(format!(
+                            "{n}: expected `auto` or a number of lanes from 1 to {MAX_LANES}"
+                        ))
+                    })
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Lanes, E> {
+                self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+            }
+            fn visit_str<E: de::Error>(self, w: &str) -> Result<Lanes, E> {
+                if w.trim() == "auto" {
+                    Ok(Lanes::Auto)
+                } else {
+                    Err(E::custom(format!(
+                        "`{w}`: expected `auto` or a number of lanes from 1 to {MAX_LANES}"
+                    )))
+                }
+            }
+        }
+        d.deserialize_any(LanesVisitor)
     }
 }
 
@@ -347,6 +464,17 @@ impl Config {
             }
         };
         config.check_exports(text, origin)?;
+        if config.links.idle_timeout < config.links.down_after {
+            return Err(ConfigError::Invalid {
+                origin: origin.to_owned(),
+                key: "links.idle_timeout".to_owned(),
+                message: format!(
+                    "{} is shorter than links.down_after ({}): a link must count as down before its flows are given up",
+                    humantime::format_duration(config.links.idle_timeout),
+                    humantime::format_duration(config.links.down_after)
+                ),
+            });
+        }
         Ok(config)
     }
 
@@ -432,6 +560,10 @@ vips:
   cidr: {DEFAULT_VIPS}           # virtual IPs for remote endpoints (inside 127/8 needs no privilege)
 metrics: 127.0.0.1:9400         # Prometheus text format at /metrics; omit to disable
 # gateway: causeway.grid.svc:7400 # sidecars only: the site's gateway, the one agent a sidecar links to
+links:
+  lanes: auto                   # parallel QUIC connections per link; auto = min(CPUs, 8)
+  down_after: 3s                # silence after which a link counts as down for routing and DNS
+  idle_timeout: 30s             # silence after which a link's connections and their flows are given up
 limits:
   max_flows: {DEFAULT_MAX_FLOWS}               # concurrent forwarded TCP flows per agent
   udp_idle: 60s                 # humantime duration, idle UDP flows expire
@@ -1520,5 +1652,30 @@ exports:
         for bad in ["", "London", "a_b", "-a", "a-", "a.b", &"a".repeat(64)] {
             assert!(!is_dns_label(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn links_timing_and_lanes() {
+        let c = parse("site: a\n").unwrap();
+        assert_eq!(c.links, LinksConfig::default());
+        assert_eq!(c.links.down_after, Duration::from_secs(3));
+        assert_eq!(c.links.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.links.keep_alive(), Duration::from_secs(1));
+        let c = parse("site: a\nlinks:\n  lanes: 4\n  down_after: 600ms\n  idle_timeout: 2m\n").unwrap();
+        assert_eq!(c.links.lanes, Lanes::Count(4));
+        assert_eq!(c.links.keep_alive(), Duration::from_millis(200));
+        assert_eq!(c.links.idle_timeout, Duration::from_secs(120));
+        assert!(parse(&c.to_yaml()).unwrap() == c);
+        let e = err("site: a\nlinks:\n  down_after: 10s\n  idle_timeout: 5s\n");
+        assert!(
+            e.contains("links.idle_timeout") && e.contains("shorter than links.down_after"),
+            "{e}"
+        );
+        let e = err("site: a\nlinks:\n  lanes: 9\n");
+        assert!(e.contains("links.lanes") && e.contains("1 to 8"), "{e}");
+        let e = err("site: a\nlinks:\n  lanes: many\n");
+        assert!(e.contains("links.lanes") && e.contains("auto"), "{e}");
+        let e = err("site: a\nlinks:\n  down_after: 0s\n");
+        assert!(e.contains("links.down_after") && e.contains("line 3"), "{e}");
     }
 }

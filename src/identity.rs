@@ -438,8 +438,37 @@ impl ClientCertVerifier for LinkClientVerifier {
     }
 }
 
-/// QUIC transport settings shared by every link: keep-alives that notice a dead peer within
-/// 5 s, and per-stream flow control that keeps flows apart.
+/// How a link's connections keep alive and when they give up, from `links:` in causeway.yaml.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkTiming {
+    /// Interval of QUIC keep-alive PINGs: well under `down_after`, so a healthy link is
+    /// never silent that long.
+    pub keep_alive: Duration,
+    /// The QUIC idle timeout (RFC 9000 §10.1): silence after which the connection and its
+    /// flows are given up. Both ends advertise one; the shorter applies.
+    pub idle_timeout: Duration,
+    /// Silence after which a link leaves routing and DNS (its connection stays).
+    pub down_after: Duration,
+}
+
+impl Default for LinkTiming {
+    fn default() -> Self {
+        LinkTiming::from(&crate::config::LinksConfig::default())
+    }
+}
+
+impl From<&crate::config::LinksConfig> for LinkTiming {
+    fn from(c: &crate::config::LinksConfig) -> Self {
+        LinkTiming {
+            keep_alive: c.keep_alive(),
+            idle_timeout: c.idle_timeout,
+            down_after: c.down_after,
+        }
+    }
+}
+
+/// QUIC transport settings shared by every link: keep-alives and the idle timeout from
+/// `timing` (`links:` in causeway.yaml), and per-stream flow control that keeps flows apart.
 ///
 /// **Flow isolation.** There is no connection-level receive limit (`receive_window` unlimited,
 /// as quinn's default): a connection-wide window is shared credit, and a few streams whose
@@ -452,12 +481,14 @@ impl ClientCertVerifier for LinkClientVerifier {
 /// at the receiving agent, a fast flow up to 16 MiB, and one link's unread data at most
 /// `flows × 64 KiB + 64 MiB` (flows are bounded by `limits.max_flows`; streams past it are
 /// refused at once).
-pub fn transport_config() -> quinn::TransportConfig {
+pub fn transport_config(timing: &LinkTiming) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_millis(1000)));
-    // 3 s of silence: the peer is gone (keep-alives every 1 s make this safe), so a dead
-    // peer is noticed well within the 5 s the links promise.
-    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(3_000))));
+    t.keep_alive_interval(Some(timing.keep_alive));
+    // A link that is silent for `down_after` leaves routing and DNS (the session watches for
+    // it); its connection waits out `idle_timeout`, so a short outage costs no flow.
+    let idle = quinn::IdleTimeout::try_from(timing.idle_timeout)
+        .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::MAX));
+    t.max_idle_timeout(Some(idle));
     t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW_INITIAL));
     t.stream_receive_window_growth(quinn::VarInt::from_u32(STREAM_WINDOW_MAX), STREAM_WINDOW_GROWTH_BUDGET);
     t.receive_window(quinn::VarInt::MAX);
@@ -506,6 +537,7 @@ pub fn server_config(
     id: &SiteIdentity,
     trust: Arc<PeerTrust>,
     alpns: &[&[u8]],
+    timing: &LinkTiming,
 ) -> Result<quinn::ServerConfig, IdentityError> {
     let verifier = Arc::new(LinkClientVerifier { trust });
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
@@ -518,7 +550,7 @@ pub fn server_config(
     tls.max_early_data_size = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| IdentityError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    cfg.transport_config(Arc::new(transport_config()));
+    cfg.transport_config(Arc::new(transport_config(timing)));
     Ok(cfg)
 }
 
@@ -530,6 +562,7 @@ pub fn client_config(
     peer_ca: &CertificateDer<'static>,
     alpn: &[u8],
     present: bool,
+    timing: &LinkTiming,
 ) -> Result<quinn::ClientConfig, IdentityError> {
     let mut roots = RootCertStore::empty();
     roots
@@ -555,11 +588,22 @@ pub fn client_config(
     tls.enable_early_data = false;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| IdentityError::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    cfg.transport_config(Arc::new(transport_config()));
+    cfg.transport_config(Arc::new(transport_config(timing)));
     Ok(cfg)
 }
 
 impl SiteIdentity {
+    /// The key of this agent's QUIC stateless resets (RFC 9000 §10.3), derived from the agent
+    /// key so that it survives a restart: a restarted agent answers packets of its previous
+    /// incarnation's connections with resets the peer can verify, and the peer redials at once
+    /// instead of waiting out `links.idle_timeout`.
+    pub fn stateless_reset_key(&self) -> ring::hmac::Key {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"causeway stateless reset v1\0");
+        ctx.update(self.key.secret_der());
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, ctx.finish().as_ref())
+    }
+
     /// Signs `msg` with the agent key (ECDSA P-256, ASN.1 signature).
     pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, IdentityError> {
         use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};

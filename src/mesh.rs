@@ -40,6 +40,9 @@ struct UpLink {
     conn: quinn::Connection,
     /// Frames for the link's control stream (a writer task drains it).
     control: mpsc::UnboundedSender<Control>,
+    /// Nothing heard for `links.down_after`: kept (its flows wait), but out of our advert and
+    /// our routes until it is heard again.
+    silent: bool,
 }
 
 /// A sidecar connected to this gateway.
@@ -409,6 +412,7 @@ impl Mesh {
             cost,
             conn,
             control,
+            silent: false,
         };
         inner.links.insert(name.to_string(), link);
         if self.member {
@@ -432,6 +436,26 @@ impl Mesh {
             } else {
                 self.originate(&mut inner);
             }
+        }
+    }
+
+    /// The link `name` on `conn` fell silent (`silent`) or was heard again
+    /// ([`crate::link::liveness`]): a silent link is left out of our advert and of routes, so
+    /// its peer's endpoints leave routing and DNS unless another path reaches them; its
+    /// connection and open flows stay. Sidecar sessions on a gateway are not links: ignored.
+    pub fn link_silent(&self, name: &str, conn: &quinn::Connection, silent: bool) {
+        let mut inner = self.lock();
+        let Some(link) = inner.links.get_mut(name) else {
+            return;
+        };
+        if link.conn.stable_id() != conn.stable_id() || link.silent == silent {
+            return;
+        }
+        link.silent = silent;
+        if self.member {
+            self.recompute(&inner);
+        } else {
+            self.originate(&mut inner);
         }
     }
 
@@ -469,7 +493,7 @@ impl Mesh {
     fn originate(&self, inner: &mut Inner) {
         inner.seq = now_millis().max(inner.seq + 1);
         let mut links: BTreeMap<String, u32> = BTreeMap::new();
-        for l in inner.links.values() {
+        for l in inner.links.values().filter(|l| !l.silent) {
             let c = links.entry(l.peer_site.clone()).or_insert(l.cost);
             *c = (*c).min(l.cost);
         }
@@ -496,7 +520,7 @@ impl Mesh {
         let mut routes = HashMap::new();
         if self.member {
             // Everything leaves through the gateway, our own site's other pods included.
-            if let Some(gw) = inner.links.values().next() {
+            if let Some(gw) = inner.links.values().find(|l| !l.silent) {
                 for site in view.routes.keys().chain(std::iter::once(&self.site)) {
                     routes.insert(site.clone(), gw.conn.clone());
                 }
@@ -506,7 +530,7 @@ impl Mesh {
             let best = inner
                 .links
                 .values()
-                .filter(|l| l.peer_site == route.next_hop)
+                .filter(|l| l.peer_site == route.next_hop && !l.silent)
                 .min_by_key(|l| l.cost)
                 .map(|l| l.conn.clone());
             if let Some(conn) = best {

@@ -57,6 +57,19 @@ fn export(site: &Site, service: &str, ports: &str, ready: bool) {
     ));
 }
 
+/// `cfg` (a causeway.yaml) with `links.down_after` and `links.idle_timeout` set.
+fn link_timing(cfg: &str, down_after: &str, idle_timeout: &str) -> String {
+    cfg.lines()
+        .map(|l| match l.trim_start() {
+            t if t.starts_with("down_after:") => format!("  down_after: {down_after}"),
+            t if t.starts_with("idle_timeout:") => format!("  idle_timeout: {idle_timeout}"),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
 /// A TCP round trip from inside `site`: send `msg`, half-close, read everything back.
 fn round_trip(net: &Net, site: &str, addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
     net.run_in(site, || {
@@ -316,7 +329,10 @@ fn a_site_that_vanishes_mid_flow_ends_the_flow_on_both_sides() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut s = sites(dir.path(), &net, &["london", "paris"]);
+    // Links give up on a silent peer after links.idle_timeout, here 3 s (default 30 s).
+    let mut s = sites_with(dir.path(), &net, &["london", "paris"], |cfg| {
+        link_timing(&cfg, "1s", "3s")
+    });
     let (london, paris) = (&s[0], &s[1]);
     london.link_spoke(dir.path(), paris, 1);
     export(london, "hold", "[{name: hold, port: 9100}]", true);
@@ -344,7 +360,7 @@ fn a_site_that_vanishes_mid_flow_ends_the_flow_on_both_sides() {
             tail(&s[0].log_text(), 20)
         )
     };
-    // The link's idle timeout is 3 s; each side ends its half of the flow then. The client
+    // The link's idle timeout is 3 s here; each side ends its half of the flow then. The client
     // learns it from a reset, not an orderly FIN: the far end did not finish.
     assert!(
         client_end == "reset" && client_after < Duration::from_secs(10),
@@ -857,4 +873,87 @@ fn agents_raise_the_open_files_limit_and_carry_many_flows() {
         tail(&paris.log_text(), 20),
         tail(&london.log_text(), 20)
     );
+}
+
+/// Issue 15 (4): an outage longer than `links.down_after` (3 s) but shorter than
+/// `links.idle_timeout` (30 s) takes the peer out of routing and DNS while it lasts, and costs
+/// no flow: an open TCP flow carries on, byte for byte, when the network is back.
+#[test]
+fn a_short_outage_costs_no_flow() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = sites(dir.path(), &net, &["london", "paris"]);
+    let (london, paris) = (&s[0], &s[1]);
+    london.link_spoke(dir.path(), paris, 1);
+    export(london, "hold", "[{name: hold, port: 9100}]", true);
+    let vip: std::net::IpAddr = wait_vip(paris, "hold", "london", "hold-0").parse().unwrap();
+    let listener = net.run_in("london", || TcpListener::bind((POD, 9100)).unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        // Echo until the client finishes.
+        let mut buf = [0u8; 4096];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let mut client = net.run_in("paris", || TcpStream::connect((vip, 9100)).unwrap());
+    client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut back = [0u8; 6];
+    client.write_all(b"before").unwrap();
+    client.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"before");
+
+    net.set_wan("london", false);
+    let cut = Instant::now();
+    // Written during the outage: QUIC holds it and delivers it afterwards.
+    client.write_all(b"during").unwrap();
+    // After down_after the link is down for routing and DNS, while the flow waits.
+    assert!(
+        wait_for(Duration::from_secs(6), || paris.link_state("london").as_deref()
+            == Some("down")
+            && vip_of(paris, "hold").is_none()),
+        "link not down or london still listed after {:?}: {:?}\n{}",
+        cut.elapsed(),
+        paris.link_state("london"),
+        tail(&paris.log_text(), 20)
+    );
+    let down = cut.elapsed();
+    std::thread::sleep(Duration::from_millis(4500).saturating_sub(down));
+    net.set_wan("london", true);
+    eprintln!("down for routing after {down:?}; outage {:?}", cut.elapsed());
+
+    client.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"during", "bytes written during the outage arrive");
+    client.write_all(b"after!").unwrap();
+    client.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"after!");
+    assert!(
+        wait_for(Duration::from_secs(5), || paris.link_state("london").as_deref()
+            == Some("up")
+            && vip_of(paris, "hold").is_some()),
+        "link not back: {:?}",
+        paris.link_state("london")
+    );
+    client.shutdown(Shutdown::Write).unwrap();
+    server.join().unwrap();
+}
+
+/// Any ready VIP of `service` that `site` lists.
+fn vip_of(site: &Site, service: &str) -> Option<String> {
+    site.services()
+        .into_iter()
+        .filter(|s| s["service"] == service)
+        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["ready"] == true)
+        .and_then(|e| e["vip"].as_str().map(String::from))
 }

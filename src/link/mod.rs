@@ -12,6 +12,7 @@
 //! connection with a reason the peer logs.
 
 pub mod backoff;
+pub mod liveness;
 pub mod redeem;
 
 use std::collections::BTreeMap;
@@ -84,6 +85,8 @@ pub struct LinkOptions {
     /// For a sidecar: its gateway's `host:port` (`gateway:` in causeway.yaml). A sidecar
     /// links only to its gateway and persists nothing.
     pub sidecar_gateway: Option<String>,
+    /// Keep-alive and idle timeout of the connections we dial (`links:`).
+    pub timing: identity::LinkTiming,
 }
 
 /// The content of `links.yaml`.
@@ -155,6 +158,10 @@ pub struct Established {
 pub trait LinkHandler: Send + Sync + 'static {
     /// Runs until the link ends (or is cancelled); returns why it ended.
     async fn run(&self, link: Established) -> String;
+
+    /// The link `name` on `conn` fell silent for `links.down_after` (`silent`), or was heard
+    /// again: take it out of routing and DNS, or back in. Its connection stays.
+    fn silent(&self, name: &str, conn: &quinn::Connection, silent: bool);
 }
 
 /// A link's record plus what is happening to it now.
@@ -178,6 +185,8 @@ pub struct Links {
     endpoint: quinn::Endpoint,
     /// Our `vips.cidr`, sent in hellos: the clusterset shares one range.
     vips_cidr: String,
+    /// Keep-alive and idle timeout of the connections we dial.
+    timing: identity::LinkTiming,
     /// Where records are persisted.
     path: std::path::PathBuf,
     /// Records and live state by link name.
@@ -213,6 +222,7 @@ impl Links {
         let LinkOptions {
             vips_cidr,
             sidecar_gateway,
+            timing,
         } = opts;
         let path = state_dir.links();
         let book: LinkBook = match &sidecar_gateway {
@@ -263,6 +273,7 @@ impl Links {
             trust,
             endpoint,
             vips_cidr,
+            timing,
             path,
             entries: Mutex::new(entries),
             changed: tokio::sync::watch::channel(0).0,
@@ -561,7 +572,8 @@ impl Links {
         record: &LinkRecord,
     ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
         let ca = identity::parse_cert_pem(&record.peer_ca, "peer_ca").map_err(|e| e.to_string())?;
-        let cfg = identity::client_config(&self.identity, &ca, ALPN_LINK, true).map_err(|e| e.to_string())?;
+        let cfg =
+            identity::client_config(&self.identity, &ca, ALPN_LINK, true, &self.timing).map_err(|e| e.to_string())?;
         let mut errors = Vec::new();
         for addr in resolve_all(&record.addresses, &mut errors).await {
             match tokio::time::timeout(
@@ -785,11 +797,74 @@ impl Links {
     async fn session(&self, link: Established) -> String {
         let conn = link.conn.clone();
         let cancel = link.cancel.clone();
+        let name = link.name.clone();
         tokio::select! {
             reason = self.handler.run(link) => reason,
             e = conn.closed() => describe_connection_error(&e),
             _ = cancel.cancelled() => "link stopped".to_string(),
+            never = self.watch_liveness(&name, &conn) => match never {},
         }
+    }
+
+    /// Applies `links.down_after` to the link's connection for as long as it runs: silent
+    /// links show as `down` and leave routing and DNS; the connection is kept (see
+    /// [`liveness`]).
+    async fn watch_liveness(&self, name: &str, conn: &quinn::Connection) -> std::convert::Infallible {
+        let mut live = liveness::Liveness::new(
+            self.timing.down_after,
+            std::time::Instant::now(),
+            conn.stats().udp_rx.datagrams,
+        );
+        let mut tick = tokio::time::interval(live.interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(change) = live.observe(std::time::Instant::now(), conn.stats().udp_rx.datagrams) else {
+                continue;
+            };
+            let silent = change == liveness::Change::Silent;
+            if silent {
+                warn!(
+                    link = name,
+                    down_after = ?self.timing.down_after,
+                    idle_timeout = ?self.timing.idle_timeout,
+                    "link silent: down for routing and DNS; its connection and flows wait until the idle timeout"
+                );
+            } else {
+                info!(link = name, "link heard again: back in routing and DNS");
+            }
+            self.set_silent(name, conn, silent);
+            self.handler.silent(name, conn, silent);
+        }
+    }
+
+    /// Shows a silent link as `down` (and back as `up`), if `conn` is still its connection.
+    fn set_silent(&self, name: &str, conn: &quinn::Connection, silent: bool) {
+        {
+            let mut entries = self.lock();
+            let Some(e) = entries.get_mut(name) else {
+                return;
+            };
+            if e.conn.as_ref().map(|c| c.stable_id()) != Some(conn.stable_id()) {
+                return;
+            }
+            let (state, error) = if silent {
+                (
+                    LinkState::Down,
+                    Some(format!(
+                        "nothing heard for {}: down for routing and DNS; the connection waits up to {} (links.idle_timeout)",
+                        humantime::format_duration(self.timing.down_after),
+                        humantime::format_duration(self.timing.idle_timeout)
+                    )),
+                )
+            } else {
+                (LinkState::Up, None)
+            };
+            e.state = state;
+            e.since = SystemTime::now();
+            e.last_error = error;
+        }
+        self.notify();
     }
 
     /// Per-link numbers for metrics: (name, peer, up, rtt, bytes sent, bytes received).
