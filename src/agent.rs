@@ -475,6 +475,9 @@ impl Agent {
         if cost == 0 {
             return Err("--cost must be at least 1".into());
         }
+        // One link per pair of sites, checked before dialing so the token is not spent (and
+        // before the name, whose clash is usually this one); held until the link is recorded.
+        let _reservation = self.links.reserve_peer(&token.issuer).map_err(|e| e.to_string())?;
         if self.links.contains(&name) {
             return Err(crate::link::LinkError::Exists(name).to_string());
         }

@@ -66,6 +66,16 @@ struct FlowFailureLabels {
     reason: String,
 }
 
+/// Labels of the UDP flow eviction counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EvictionLabels {
+    /// `origin`, `relay` or `terminus`: which of this site's tables gave up the flow.
+    role: String,
+    /// `client_share` (its client was at its share) or `table_full` (its holder held the
+    /// most flows of a full table).
+    reason: String,
+}
+
 /// Labels of the byte counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ByteLabels {
@@ -138,6 +148,9 @@ pub struct Metrics {
     /// Datagrams too large for the link's datagram limit, carried on a stream instead: a high
     /// rate means the path MTU is smaller than what the service sends.
     udp_via_stream: Family<ServiceLabels, Counter>,
+    /// UDP flows evicted to admit newer ones (`limits.max_flows`): a steady rate means one
+    /// client opens flows faster than they go idle.
+    udp_evicted: Family<EvictionLabels, Counter>,
     /// 1 while the link is up, 0 otherwise.
     link_up: Family<LinkLabels, Gauge>,
     /// quinn's smoothed RTT estimate; absent while unknown (link down).
@@ -173,6 +186,7 @@ impl Metrics {
         let udp_datagrams = Family::<DatagramLabels, Counter>::default();
         let udp_dropped = Family::<DropLabels, Counter>::default();
         let udp_via_stream = Family::<ServiceLabels, Counter>::default();
+        let udp_evicted = Family::<EvictionLabels, Counter>::default();
         let link_up = Family::<LinkLabels, Gauge>::default();
         let link_rtt = Family::<LinkLabels, F64Gauge>::default();
         let link_sent = Family::<LinkLabels, U64Gauge>::default();
@@ -206,6 +220,11 @@ impl Metrics {
             "udp_datagrams_via_stream",
             "UDP datagrams larger than the link's datagram limit, carried on a stream",
             udp_via_stream.clone(),
+        );
+        registry.register(
+            "udp_flows_evicted",
+            "UDP flows evicted to admit newer ones, by table and reason",
+            udp_evicted.clone(),
         );
         registry.register("link_up", "Whether the link is up (1) or not (0)", link_up.clone());
         registry.register_with_unit(
@@ -254,6 +273,7 @@ impl Metrics {
             udp_datagrams,
             udp_dropped,
             udp_via_stream,
+            udp_evicted,
             link_up,
             link_rtt,
             link_sent,
@@ -341,6 +361,16 @@ impl Metrics {
             namespace: namespace.to_owned(),
         };
         self.udp_via_stream.get_or_create(&labels).inc();
+    }
+
+    /// One UDP flow was evicted from this agent's table to admit a newer one. `role` is
+    /// `origin`, `relay` or `terminus`; `reason` is `client_share` or `table_full`.
+    pub fn udp_flow_evicted(&self, role: &str, reason: &str) {
+        let labels = EvictionLabels {
+            role: role.to_owned(),
+            reason: reason.to_owned(),
+        };
+        self.udp_evicted.get_or_create(&labels).inc();
     }
 
     /// Sets a link's gauges from quinn's statistics. The agent refreshes them periodically; an
@@ -821,6 +851,8 @@ mod tests {
         m.datagram("dns", "kube-system", "to_endpoint");
         m.datagram_dropped("dns", "kube-system", "too_large");
         m.datagram_via_stream("dns", "kube-system");
+        m.udp_flow_evicted("origin", "client_share");
+        m.udp_flow_evicted("origin", "client_share");
         m.set_services(3);
         m.set_endpoints(2);
         let text = m.encode();
@@ -835,6 +867,7 @@ mod tests {
             r#"causeway_udp_datagrams_total{service="dns",namespace="kube-system",direction="to_endpoint"} 1"#,
             r#"causeway_udp_datagrams_dropped_total{service="dns",namespace="kube-system",reason="too_large"} 1"#,
             r#"causeway_udp_datagrams_via_stream_total{service="dns",namespace="kube-system"} 1"#,
+            r#"causeway_udp_flows_evicted_total{role="origin",reason="client_share"} 2"#,
             "causeway_services 3",
             "causeway_ready_endpoints 2",
             "# TYPE causeway_flows_opened counter",

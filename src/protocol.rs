@@ -111,6 +111,27 @@ pub enum Rejection {
         "vips.cidr differs: issuer uses {issuer}, redeemer uses {redeemer}; every site of a clusterset must use the same range"
     )]
     VipsMismatch { issuer: String, redeemer: String },
+    /// One link per pair of sites: the issuer already has a link with the redeemer's site
+    /// (in either direction), so a second one would only compete with it.
+    #[error(
+        "site {issuer} already has a link with site {peer} (named {link:?} there); one link per pair of \
+         sites: to re-link, remove it on {issuer} first with: causeway link remove {link}"
+    )]
+    AlreadyLinked {
+        /// The issuer's site id.
+        issuer: String,
+        /// The redeemer's site id.
+        peer: String,
+        /// The issuer's name for its existing link.
+        link: String,
+    },
+    /// The issuer is itself redeeming a token of the redeemer's site right now; linking both
+    /// ways at once would make two links.
+    #[error(
+        "site {issuer} is redeeming a token of site {peer} at this moment; one link per pair of sites: \
+         let that redemption finish (the link it makes carries traffic both ways)"
+    )]
+    LinkInProgress { issuer: String, peer: String },
     #[error("issuer failed: {message}")]
     Internal { message: String },
 }
@@ -135,6 +156,13 @@ pub enum Control {
         /// The link's cost (`token redeem --cost`), which both ends advertise.
         #[serde(default = "default_cost")]
         cost: u32,
+        /// Which of the dialer's links this is (its name and creation time): the same for
+        /// every reconnection of one link, different for another link of the same site. The
+        /// acceptor lets a reconnection replace a live connection (the dialer restarted) but
+        /// refuses a *different* link while one is live, so two links can never take turns
+        /// replacing each other. Absent from older dialers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        link: Option<String>,
     },
     /// The acceptor's yes: the link is up from here on.
     Welcome { site: String },
@@ -198,6 +226,7 @@ mod tests {
             site: "paris".into(),
             vips_cidr: "127.77.0.0/16".into(),
             cost: 3,
+            link: Some("london@2024-01-01T00:00:00Z".into()),
         };
         write_frame(&mut a, &hello).await.unwrap();
         write_frame(&mut a, &RedeemResponse::Rejected(Rejection::UsedUp { uses: 1 }))

@@ -957,3 +957,123 @@ fn vip_of(site: &Site, service: &str) -> Option<String> {
         .find(|e| e["ready"] == true)
         .and_then(|e| e["vip"].as_str().map(String::from))
 }
+
+/// Sends `msg` from `socket` to `to` and waits up to `wait` for the same bytes back (other
+/// datagrams, such as late echoes of a flood, are skipped).
+fn udp_echo(socket: &std::net::UdpSocket, to: SocketAddr, msg: &[u8], wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 2048];
+    let _ = socket.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut next_send = Instant::now();
+    while Instant::now() < deadline {
+        if Instant::now() >= next_send {
+            let _ = socket.send_to(msg, to);
+            next_send = Instant::now() + Duration::from_millis(300);
+        }
+        if let Ok((n, _)) = socket.recv_from(&mut buf)
+            && &buf[..n] == msg
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Issue 15, item 6: one client sending from thousands of source ports must not fill the UDP
+/// flow tables (at its own site's origin or at the far terminus) for everybody else: another
+/// client of the same site gets its echoes through at once, and the flooder's newest flows
+/// work too; evictions are counted.
+#[test]
+fn one_client_flooding_udp_source_ports_does_not_deny_another() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = sites_with(dir.path(), &net, &["london", "paris"], |text| {
+        format!("{text}metrics: 127.0.0.1:9400\n")
+    });
+    let (london, paris) = (&s[0], &s[1]);
+    london.link_spoke(dir.path(), paris, 1);
+    const QUIET: &str = "10.1.0.2";
+    net.add_pod("paris", QUIET);
+
+    // A UDP echo server on london's pod address, as a thread of this test.
+    let echo = net.run_in("london", || std::net::UdpSocket::bind((POD, 7009)).unwrap());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    export(london, "uecho", "[{name: echo, port: 7009, protocol: UDP}]", true);
+    let vip = wait_vip(paris, "uecho", "london", "uecho-0");
+    let to: SocketAddr = format!("{vip}:7009").parse().unwrap();
+    let first = net.run_in("paris", || std::net::UdpSocket::bind((POD, 0)).unwrap());
+    assert!(
+        udp_echo(&first, to, b"warm-up", Duration::from_secs(10)),
+        "no UDP echo through the link"
+    );
+
+    // The flood: 6,000 source ports of one address (limits.max_flows is 4,096), paced so the
+    // agent's socket buffer does not drop it. The last few sockets stay open.
+    const FLOOD: usize = 6000;
+    let newest: Vec<std::net::UdpSocket> = net.run_in("paris", || {
+        let mut keep = Vec::new();
+        for i in 0..FLOOD {
+            let s = std::net::UdpSocket::bind((POD, 0)).unwrap();
+            s.send_to(format!("flood {i}").as_bytes(), to).unwrap();
+            if i >= FLOOD - 8 {
+                keep.push(s);
+            }
+            if i % 50 == 49 {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        keep
+    });
+
+    // Another client of paris: answered at once.
+    let quiet = net.run_in("paris", || std::net::UdpSocket::bind((QUIET, 0)).unwrap());
+    let started = Instant::now();
+    assert!(
+        udp_echo(&quiet, to, b"quiet client", Duration::from_secs(3)),
+        "the second client got no echo after the flood\nparis:\n{}\nlondon:\n{}",
+        tail(&paris.log_text(), 40),
+        tail(&london.log_text(), 40)
+    );
+    eprintln!("second client answered after {:?}", started.elapsed());
+    // The flooder's newest flows work too.
+    for (i, s) in newest.iter().enumerate() {
+        let msg = format!("newest {i}");
+        assert!(
+            udp_echo(s, to, msg.as_bytes(), Duration::from_secs(3)),
+            "the flooder's newest flow {i} got no echo"
+        );
+    }
+    // And a fresh client port of the flooder.
+    let fresh = net.run_in("paris", || std::net::UdpSocket::bind((POD, 0)).unwrap());
+    assert!(udp_echo(&fresh, to, b"fresh port", Duration::from_secs(3)));
+
+    // Counted: paris evicted the flooder's oldest flows at its share; london's terminus
+    // table filled and gave up the least recently used flows of the link.
+    let counter = |text: &str, series: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0)
+    };
+    let p = scrape(&net, "paris");
+    let evicted = counter(
+        &p,
+        r#"causeway_udp_flows_evicted_total{role="origin",reason="client_share"}"#,
+    );
+    assert!(evicted >= 4096, "paris evicted {evicted} origin flows\n{p}");
+    let l = scrape(&net, "london");
+    let evicted = counter(
+        &l,
+        r#"causeway_udp_flows_evicted_total{role="terminus",reason="table_full"}"#,
+    );
+    assert!(evicted > 0, "london never filled its terminus table: {evicted}\n{l}");
+    // Logged, but not once per flow.
+    let logged = paris.log_text().matches("udp flow evicted").count();
+    assert!((1..=5).contains(&logged), "paris logged {logged} evictions");
+}

@@ -470,3 +470,192 @@ fn sites_with_different_vip_ranges_cannot_link() {
         "{err}"
     );
 }
+
+/// `token list -o json` of `site`: the grant with id `grant`.
+fn grant_view(site: &Site, grant: &str) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = serde_json::from_str(&site.ok(&["token", "list", "-o", "json"])).unwrap();
+    list.into_iter()
+        .find(|g| g["grant"] == grant)
+        .unwrap_or_else(|| panic!("no grant {grant} on {}", site.name))
+}
+
+/// Issue 15, item 2: a second link between the same two sites (another token of the same
+/// issuer, or a token of the other direction) is refused with the existing link's name and
+/// exit status 1, spends no token, and leaves the first link and its flows alone; the issuer
+/// refuses too when the redeemer has no link of its own left.
+#[test]
+fn second_link_between_the_same_sites_is_refused_and_the_first_keeps_its_flows() {
+    use std::io::Read;
+    use std::net::{SocketAddr, TcpStream};
+
+    let Some(net) = common::netns::Net::new(&["london", "paris"]) else {
+        return;
+    };
+    if !common::netns::require(&["socat"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    const POD: &str = "10.1.0.1";
+    let s = common::sites_in(dir.path(), &net, &["london", "paris"], POD, |_| {});
+    let (london, paris) = (&s[0], &s[1]);
+    london.link_spoke(dir.path(), paris, 1);
+    assert!(wait_for(Duration::from_secs(5), || london.link_up("paris")));
+
+    // An echo service in london, and one TCP flow to it from paris, kept open throughout.
+    let _echo = net.spawn(
+        "london",
+        &[
+            "socat",
+            &format!("TCP-LISTEN:7007,bind={POD},reuseaddr,fork"),
+            "EXEC:cat",
+        ],
+    );
+    london.set_exports(&format!(
+        "exports:\n  - service: echo\n    ports: [{{name: tcp, port: 7007}}]\n    endpoints:\n      - {{hostname: echo-0, ip: {POD}}}\n"
+    ));
+    let mut vip = None;
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            vip = paris
+                .services()
+                .into_iter()
+                .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+                .find(|e| e["site"] == "london" && e["ready"] == true)
+                .and_then(|e| e["vip"].as_str().map(String::from));
+            vip.is_some()
+        }),
+        "paris never saw london's echo service"
+    );
+    let addr: SocketAddr = format!("{}:7007", vip.unwrap()).parse().unwrap();
+    let mut flow = None;
+    assert!(wait_for(Duration::from_secs(5), || {
+        flow = net.run_in("paris", || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()
+        });
+        flow.is_some()
+    }));
+    let mut flow = flow.unwrap();
+    flow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut echo_once = |msg: &[u8]| {
+        flow.write_all(msg).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        flow.read_exact(&mut back)
+            .expect("the flow through the first link was broken");
+        assert_eq!(back, msg);
+    };
+    echo_once(b"before");
+    let since = |site: &Site, name: &str| {
+        site.links()
+            .into_iter()
+            .find(|l| l["name"] == name)
+            .map(|l| l["since"].clone())
+    };
+    let (paris_since, london_since) = (since(paris, "london"), since(london, "paris"));
+
+    // Paris redeems a second london token under another name: refused before dialing.
+    let again = london.issue(&[], &dir.path().join("again.token"));
+    let grant = field(&std::fs::read_to_string(&again).unwrap(), "grant");
+    let err = paris.fails(&["token", "redeem", again.to_str().unwrap(), "--name", "london-again"]);
+    assert!(
+        err.contains(
+            "already linked to site london as link \"london\"; remove it first with: causeway link remove london"
+        ),
+        "{err}"
+    );
+    assert_eq!(grant_view(london, &grant)["redeemed"], 0, "the refused token was spent");
+
+    // The other direction: london redeems a paris token while paris dials london.
+    let reverse = paris.issue(&[], &dir.path().join("reverse.token"));
+    let err = london.fails(&["token", "redeem", reverse.to_str().unwrap()]);
+    assert!(
+        err.contains(
+            "already linked to site paris as link \"paris\"; remove it first with: causeway link remove paris"
+        ),
+        "{err}"
+    );
+
+    // Nothing moved: one link each side, up since before, and the flow still echoes.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(paris.links().len(), 1, "{:?}", paris.links());
+    assert_eq!(london.links().len(), 1, "{:?}", london.links());
+    assert!(paris.link_up("london") && london.link_up("paris"));
+    assert_eq!(since(paris, "london"), paris_since, "paris's link reconnected");
+    assert_eq!(since(london, "paris"), london_since, "london's link reconnected");
+    echo_once(b"after the refused redemptions");
+    assert!(!london.log_text().contains("replaced by a newer connection"));
+    assert!(!paris.log_text().contains("replaced by a newer connection"));
+
+    // The issuer's own guard: paris forgets its side, london still has its link with paris.
+    paris.ok(&["link", "remove", "london"]);
+    let err = paris.fails(&["token", "redeem", again.to_str().unwrap(), "--name", "london-again"]);
+    assert!(
+        err.contains("london refused the token")
+            && err.contains("site london already has a link with site paris (named \"paris\" there)")
+            && err.contains("causeway link remove paris"),
+        "{err}"
+    );
+    assert_eq!(grant_view(london, &grant)["redeemed"], 0, "the refused token was spent");
+    assert!(paris.links().is_empty(), "{:?}", paris.links());
+
+    // With the old link gone on both sides, the same token links the sites again.
+    london.ok(&["link", "remove", "paris"]);
+    let out = paris.ok(&["token", "redeem", again.to_str().unwrap(), "--name", "london-again"]);
+    assert!(out.starts_with("linked to london"), "{out}");
+    assert_eq!(grant_view(london, &grant)["redeemed"], 1);
+}
+
+/// Two links to one site left in `links.yaml` by an older version: the newer one stays idle
+/// (and says why), so the two never take turns replacing each other; removing the one in use
+/// lets the idle one take over.
+#[test]
+fn duplicate_links_from_an_old_links_file_stay_idle_instead_of_fighting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (london, mut paris) = linked_pair(dir.path());
+    paris.stop();
+    let path = paris.state.join("links.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let created = field(&text, "  created");
+    // The same record again under another name, created a minute later.
+    let later = {
+        let t = std::time::SystemTime::UNIX_EPOCH
+            + Duration::from_secs(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs()
+                    + 60,
+            );
+        humantime::format_rfc3339_seconds(t).to_string()
+    };
+    let record = text.split_once("links:\n").unwrap().1;
+    let again = record
+        .replacen("- name: london", "- name: london-again", 1)
+        .replacen(&created, &later, 1);
+    std::fs::write(&path, format!("{text}{again}")).unwrap();
+    paris.start();
+    assert!(wait_for(Duration::from_secs(10), || paris.link_up("london")));
+    assert!(wait_for(Duration::from_secs(5), || london.link_up("paris")));
+    std::thread::sleep(Duration::from_secs(3));
+    let links = paris.links();
+    assert_eq!(links.len(), 2, "{links:?}");
+    let idle = links.iter().find(|l| l["name"] == "london-again").unwrap();
+    assert_ne!(idle["state"], "up", "{idle}");
+    let why = idle["last_error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("second link to site london") && why.contains("causeway link remove london-again"),
+        "{idle}"
+    );
+    assert!(paris.link_up("london"));
+    assert!(
+        !london.log_text().contains("replaced by a newer connection"),
+        "{}",
+        london.log_text()
+    );
+
+    paris.ok(&["link", "remove", "london"]);
+    assert!(
+        wait_for(Duration::from_secs(10), || paris.link_up("london-again")),
+        "{:?}",
+        paris.links()
+    );
+}

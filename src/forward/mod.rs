@@ -7,8 +7,10 @@
 //! Flows are routed hop by hop to the site that owns the endpoint ([`Mesh::next_hop`]); the
 //! terminating agent accepts only VIPs of its own exports. Listeners follow the view: an
 //! endpoint withdrawn anywhere loses its listeners here at once (flows already open go on
-//! until they end). Concurrent TCP flows are bounded by `limits.max_flows`.
+//! until they end). Concurrent TCP flows are bounded by `limits.max_flows`, and so are UDP
+//! flows, with a per-client share and eviction of the least recently used ([`flowbook`]).
 
+pub mod flowbook;
 pub mod header;
 pub mod tcp;
 pub mod udp;
@@ -144,7 +146,7 @@ impl Forwarder {
         let fwd = Arc::new(Forwarder {
             site: mesh.site().to_string(),
             flow_permits: Arc::new(Semaphore::new(opts.max_flows)),
-            udp: udp::Tables::default(),
+            udp: udp::Tables::new(opts.max_flows),
             mesh,
             metrics,
             opts,

@@ -12,9 +12,16 @@
 //! path) is **not dropped**: it is carried on a short-lived unidirectional stream instead,
 //! counted in `causeway_udp_datagrams_via_stream_total` and logged once per flow. So large
 //! DNS answers, for instance, still arrive whole.
+//!
+//! Every flow this agent holds (as origin, relay or terminus) is admitted by one
+//! [`FlowBook`] of `limits.max_flows` slots: a local client may hold at most its share of them
+//! ([`flowbook::share`]), and a full table evicts the least recently used flow of whoever holds
+//! the most, so one client sending from thousands of source ports cannot keep any other from
+//! its flows. Evictions are counted in `causeway_udp_flows_evicted_total` and logged at most
+//! once per holder per [`flowbook::LOG_EVERY`].
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +31,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::flowbook::{self, Eviction, FlowBook};
 use super::header::{Datagram, FlowHeader, MAX_TTL};
 use super::{Forwarder, Hop, ListenerKey, lock};
 use crate::config::Protocol;
@@ -108,10 +116,11 @@ enum ReplyPath {
 /// A flow whose client is here.
 struct OriginFlow {
     socket: Arc<UdpSocket>,
+    /// The listener it arrived on, so an evicted flow can be unhooked from `by_client`.
+    key: ListenerKey,
     client: SocketAddr,
     service: String,
     namespace: String,
-    last: Instant,
     /// Whether "too large for a datagram" was logged already.
     warned: bool,
 }
@@ -119,7 +128,6 @@ struct OriginFlow {
 /// A flow passing through.
 struct RelayFlow {
     back: quinn::Connection,
-    last: Instant,
 }
 
 /// A flow delivered to one of our endpoints.
@@ -129,29 +137,107 @@ struct TerminusFlow {
     reply: ReplyPath,
     service: String,
     namespace: String,
-    last: Instant,
     /// Stops the task reading the endpoint's answers.
     stop: CancellationToken,
     warned: bool,
 }
 
+/// Which of an agent's tables a flow is in: a flow id can be in two (origin and terminus,
+/// when a local client reaches a local endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Role {
+    Origin,
+    Relay,
+    Terminus,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Origin => "origin",
+            Role::Relay => "relay",
+            Role::Terminus => "terminus",
+        }
+    }
+}
+
+/// Who holds a flow, for the per-client share and the eviction order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Holder {
+    /// A client of ours, by source address (not port: one client, many ports). Bound to its
+    /// share.
+    Client(IpAddr),
+    /// The link the flow came in on (its connection's stable id): many clients of another
+    /// site, bound only by the whole table.
+    Link(usize),
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Holder::Client(ip) => write!(f, "client {ip}"),
+            Holder::Link(id) => write!(f, "link connection {id}"),
+        }
+    }
+}
+
+/// A flow in the book: its table and id.
+type FlowKey = (Role, u64);
+/// A holder in the book: per table, so a client's origin and local terminus flows each get
+/// a share.
+type HolderKey = (Role, Holder);
+
 /// The UDP flow tables of one agent.
-#[derive(Default)]
 pub struct Tables {
     inner: std::sync::Mutex<State>,
 }
 
-#[derive(Default)]
+impl Tables {
+    /// Empty tables for at most `max_flows` UDP flows (`limits.max_flows`).
+    pub fn new(max_flows: usize) -> Tables {
+        Tables {
+            inner: std::sync::Mutex::new(State {
+                origin: HashMap::new(),
+                by_client: HashMap::new(),
+                relay: HashMap::new(),
+                terminus: HashMap::new(),
+                book: FlowBook::new(max_flows),
+            }),
+        }
+    }
+}
+
 struct State {
     origin: HashMap<u64, OriginFlow>,
     by_client: HashMap<(ListenerKey, SocketAddr), u64>,
     relay: HashMap<u64, RelayFlow>,
     terminus: HashMap<u64, TerminusFlow>,
+    /// Every flow above, by holder and last use: admission, eviction and idle expiry.
+    book: FlowBook<FlowKey, HolderKey>,
 }
 
 impl State {
-    fn flows(&self) -> usize {
-        self.origin.len() + self.relay.len() + self.terminus.len()
+    /// Drops a flow the book gave up (evicted or expired) from its table; returns its
+    /// service and namespace when it was counted as opened (origin and terminus flows).
+    fn forget(&mut self, (role, id): FlowKey) -> Option<(String, String)> {
+        match role {
+            Role::Origin => {
+                let f = self.origin.remove(&id)?;
+                if self.by_client.get(&(f.key, f.client)) == Some(&id) {
+                    self.by_client.remove(&(f.key, f.client));
+                }
+                Some((f.service, f.namespace))
+            }
+            Role::Relay => {
+                self.relay.remove(&id);
+                None
+            }
+            Role::Terminus => {
+                let f = self.terminus.remove(&id)?;
+                f.stop.cancel();
+                Some((f.service, f.namespace))
+            }
+        }
     }
 }
 
@@ -190,31 +276,27 @@ impl Forwarder {
         };
         let (flow, warned) = {
             let mut st = lock(&self.udp.inner);
+            let now = Instant::now();
             match st.by_client.get(&(key, client)).copied() {
                 Some(id) => {
-                    let f = st.origin.get_mut(&id);
-                    let warned = f.as_ref().is_some_and(|f| f.warned);
-                    if let Some(f) = f {
-                        f.last = Instant::now();
-                    }
-                    (id, warned)
+                    st.book.touch(&(Role::Origin, id), now);
+                    (id, st.origin.get(&id).is_some_and(|f| f.warned))
                 }
                 None => {
-                    if st.flows() >= self.opts.max_flows {
-                        self.metrics
-                            .datagram_dropped(&target.service, &target.namespace, "limit");
-                        return;
-                    }
                     let id = rand::random::<u64>();
+                    let holder = (Role::Origin, Holder::Client(client.ip()));
+                    if let Some(ev) = st.book.admit((Role::Origin, id), holder, true, now) {
+                        self.evicted(&mut st, ev);
+                    }
                     st.by_client.insert((key, client), id);
                     st.origin.insert(
                         id,
                         OriginFlow {
                             socket: socket.clone(),
+                            key,
                             client,
                             service: target.service.clone(),
                             namespace: target.namespace.clone(),
-                            last: Instant::now(),
                             warned: false,
                         },
                     );
@@ -323,19 +405,7 @@ impl Forwarder {
                     self.metrics.datagram_dropped("unknown", "unknown", "no_route");
                     return;
                 };
-                {
-                    let mut st = lock(&self.udp.inner);
-                    if !st.relay.contains_key(&flow) && st.flows() >= self.opts.max_flows {
-                        return;
-                    }
-                    st.relay.insert(
-                        flow,
-                        RelayFlow {
-                            back: from.clone(),
-                            last: Instant::now(),
-                        },
-                    );
-                }
+                self.relay_flow(&mut lock(&self.udp.inner), flow, from);
                 let header = FlowHeader {
                     ttl: header.ttl - 1,
                     ..header
@@ -345,17 +415,18 @@ impl Forwarder {
             }
             Datagram::Reply { flow, payload } => {
                 let mut st = lock(&self.udp.inner);
-                if let Some(f) = st.origin.get_mut(&flow) {
-                    f.last = Instant::now();
+                let now = Instant::now();
+                if let Some(f) = st.origin.get(&flow) {
                     let (socket, client) = (f.socket.clone(), f.client);
                     self.metrics.datagram(&f.service, &f.namespace, "from_endpoint");
                     self.metrics
                         .add_bytes(&f.service, &f.namespace, "udp", "from_endpoint", payload.len() as u64);
+                    st.book.touch(&(Role::Origin, flow), now);
                     drop(st);
                     let _ = send_to_now(&socket, payload, client);
-                } else if let Some(f) = st.relay.get_mut(&flow) {
-                    f.last = Instant::now();
+                } else if let Some(f) = st.relay.get(&flow) {
                     let back = f.back.clone();
+                    st.book.touch(&(Role::Relay, flow), now);
                     drop(st);
                     self.send(&back, data.to_vec(), "relay", "relay", true);
                 } else {
@@ -369,9 +440,9 @@ impl Forwarder {
     fn deliver(self: &Arc<Self>, flow: u64, header: &FlowHeader, payload: &[u8], reply: ReplyPath) {
         let mut st = lock(&self.udp.inner);
         if let Some(f) = st.terminus.get_mut(&flow) {
-            f.last = Instant::now();
             f.reply = reply;
             let socket = f.socket.clone();
+            st.book.touch(&(Role::Terminus, flow), Instant::now());
             drop(st);
             let sent = send_now(&socket, payload);
             debug!(flow, ?sent, "udp datagram to endpoint (existing flow)");
@@ -390,13 +461,7 @@ impl Forwarder {
         if let Some(member) = self.mesh.member_for(&header.vip).filter(|_| !self.mesh.is_member()) {
             // A sidecar delivers this endpoint: pass the datagram on, and remember the way back.
             if let ReplyPath::Link(back) = &reply {
-                st.relay.insert(
-                    flow,
-                    RelayFlow {
-                        back: back.clone(),
-                        last: Instant::now(),
-                    },
-                );
+                self.relay_flow(&mut st, flow, back);
             }
             drop(st);
             if header.ttl == 0 {
@@ -424,11 +489,6 @@ impl Forwarder {
             let _ = send_to_now(&listener, payload, endpoint);
             return;
         }
-        if st.flows() >= self.opts.max_flows {
-            self.metrics
-                .datagram_dropped(&target.service, &target.namespace, "limit");
-            return;
-        }
         let endpoint = SocketAddr::new(target.ip, header.port);
         let socket = match connected_socket(from, endpoint) {
             Ok(s) => s,
@@ -440,6 +500,14 @@ impl Forwarder {
             }
         };
         let stop = self.shutdown.child_token();
+        let holder = match &reply {
+            ReplyPath::Link(conn) => (Role::Terminus, Holder::Link(conn.stable_id())),
+            ReplyPath::Local { client, .. } => (Role::Terminus, Holder::Client(client.ip())),
+        };
+        let limited = matches!(holder.1, Holder::Client(_));
+        if let Some(ev) = st.book.admit((Role::Terminus, flow), holder, limited, Instant::now()) {
+            self.evicted(&mut st, ev);
+        }
         st.terminus.insert(
             flow,
             TerminusFlow {
@@ -447,7 +515,6 @@ impl Forwarder {
                 reply,
                 service: target.service.clone(),
                 namespace: target.namespace.clone(),
-                last: Instant::now(),
                 stop: stop.clone(),
                 warned: false,
             },
@@ -474,11 +541,12 @@ impl Forwarder {
         let n = payload.len();
         let (reply, svc, ns, warned) = {
             let mut st = lock(&self.udp.inner);
-            let Some(f) = st.terminus.get_mut(&flow) else {
+            let Some(f) = st.terminus.get(&flow) else {
                 return ControlFlow::Break(());
             };
-            f.last = Instant::now();
-            (f.reply.clone(), f.service.clone(), f.namespace.clone(), f.warned)
+            let out = (f.reply.clone(), f.service.clone(), f.namespace.clone(), f.warned);
+            st.book.touch(&(Role::Terminus, flow), Instant::now());
+            out
         };
         debug!(flow, bytes = n, "endpoint answered");
         match reply {
@@ -511,30 +579,52 @@ impl Forwarder {
                 _ = tokio::time::sleep(period) => {}
                 _ = self.shutdown.cancelled() => return,
             }
-            let now = Instant::now();
             let mut st = lock(&self.udp.inner);
-            let expired: Vec<u64> = st
-                .origin
-                .iter()
-                .filter(|(_, f)| now - f.last > idle)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in expired {
-                if let Some(f) = st.origin.remove(&id) {
-                    self.metrics.flow_closed(&f.service, &f.namespace, "udp", "origin");
+            for (key, _) in st.book.expire(Instant::now(), idle) {
+                if let Some((svc, ns)) = st.forget(key) {
+                    self.metrics.flow_closed(&svc, &ns, "udp", key.0.as_str());
                 }
             }
-            let live: std::collections::HashSet<u64> = st.origin.keys().copied().collect();
-            st.by_client.retain(|_, id| live.contains(id));
-            st.relay.retain(|_, f| now - f.last <= idle);
-            st.terminus.retain(|_, f| {
-                let keep = now - f.last <= idle;
-                if !keep {
-                    f.stop.cancel();
-                    self.metrics.flow_closed(&f.service, &f.namespace, "udp", "terminus");
-                }
-                keep
-            });
+        }
+    }
+
+    /// Records that a datagram of `flow` came over `from`, where its replies go back:
+    /// admits the relay flow (held by that link) or refreshes it.
+    fn relay_flow(&self, st: &mut State, flow: u64, from: &quinn::Connection) {
+        let now = Instant::now();
+        if let Some(f) = st.relay.get_mut(&flow) {
+            f.back = from.clone();
+            st.book.touch(&(Role::Relay, flow), now);
+            return;
+        }
+        let holder = (Role::Relay, Holder::Link(from.stable_id()));
+        if let Some(ev) = st.book.admit((Role::Relay, flow), holder, false, now) {
+            self.evicted(st, ev);
+        }
+        st.relay.insert(flow, RelayFlow { back: from.clone() });
+    }
+
+    /// Drops a flow the book evicted to admit another; counts it, and logs it at most once
+    /// per holder per [`flowbook::LOG_EVERY`].
+    fn evicted(&self, st: &mut State, ev: Eviction<FlowKey, HolderKey>) {
+        let (role, id) = ev.flow;
+        if let Some((svc, ns)) = st.forget(ev.flow) {
+            self.metrics.flow_closed(&svc, &ns, "udp", role.as_str());
+        }
+        self.metrics.udp_flow_evicted(role.as_str(), ev.reason.as_str());
+        if ev.log {
+            let (_, holder) = ev.holder;
+            warn!(
+                flow = id,
+                role = role.as_str(),
+                %holder,
+                reason = ev.reason.as_str(),
+                still_held = ev.held,
+                share = flowbook::share(self.opts.max_flows),
+                max_flows = self.opts.max_flows,
+                "udp flow evicted to admit a newer one (logged once per {}s per holder; see causeway_udp_flows_evicted_total)",
+                flowbook::LOG_EVERY.as_secs()
+            );
         }
     }
 }

@@ -10,12 +10,21 @@
 //! exchange on the control stream. QUIC keep-alives (1 s) and the idle timeout (3 s) notice a
 //! dead peer within 5 s. `link remove` drops the record and the trust at once and closes the
 //! connection with a reason the peer logs.
+//!
+//! **One link per pair of sites.** Two links between the same sites would only compete (an
+//! acceptor keeps one connection per peer, so they would take turns replacing each other). A
+//! redemption therefore reserves the peer site first ([`Links::reserve_peer`]) on both sides:
+//! it is refused while any link with that site exists, in either direction, or while another
+//! redemption with it is in flight; [`Links::add`] refuses a second record for a peer too.
+//! Duplicates already in an old `links.yaml` are kept but left idle ([`duplicates`]), and an
+//! acceptor refuses a *different* link of a site while one is live (the dialer names its link
+//! in its hello), so two connections of one peer can never alternate.
 
 pub mod backoff;
 pub mod liveness;
 pub mod redeem;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -44,6 +53,98 @@ pub enum LinkError {
     NotFound(String),
     #[error("a link named {0:?} already exists; choose another with --name, or `causeway link remove {0}` first")]
     Exists(String),
+    #[error(transparent)]
+    Conflict(#[from] PeerConflict),
+}
+
+/// Why a new link with a peer site is refused: one link per pair of sites.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerConflict {
+    /// A link with the site exists already (we dial it, or it dials us).
+    #[error("already linked to site {site} as link {name:?}; remove it first with: causeway link remove {name}")]
+    Linked {
+        /// The peer site.
+        site: String,
+        /// Our name for the existing link.
+        name: String,
+    },
+    /// A redemption with the site (either direction) is in flight on this agent.
+    #[error(
+        "a link with site {site} is being made at this moment (a token redemption in progress); wait for it to finish"
+    )]
+    InProgress {
+        /// The peer site.
+        site: String,
+    },
+}
+
+/// Whether a new link with `site` would be a second one: the oldest record with that peer
+/// wins the name in the answer. `pending` holds the sites with a redemption in flight. Pure.
+pub fn peer_conflict<'a>(
+    records: impl IntoIterator<Item = &'a LinkRecord>,
+    pending: &BTreeSet<String>,
+    site: &str,
+) -> Option<PeerConflict> {
+    let existing = records
+        .into_iter()
+        .filter(|r| r.peer_site == site)
+        .min_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)));
+    if let Some(r) = existing {
+        return Some(PeerConflict::Linked {
+            site: site.to_string(),
+            name: r.name.clone(),
+        });
+    }
+    pending
+        .contains(site)
+        .then(|| PeerConflict::InProgress { site: site.to_string() })
+}
+
+/// Records that duplicate an older link with the same peer site (left by versions that
+/// allowed them): duplicate name → the name of the link kept for that site (the oldest,
+/// then the first by name). Pure.
+pub fn duplicates<'a>(records: impl IntoIterator<Item = &'a LinkRecord>) -> BTreeMap<String, String> {
+    let mut by_site: BTreeMap<&str, Vec<&LinkRecord>> = BTreeMap::new();
+    for r in records {
+        by_site.entry(r.peer_site.as_str()).or_default().push(r);
+    }
+    let mut out = BTreeMap::new();
+    for mut group in by_site.into_values() {
+        group.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)));
+        let kept = group[0].name.clone();
+        for r in &group[1..] {
+            out.insert(r.name.clone(), kept.clone());
+        }
+    }
+    out
+}
+
+/// What a dialer sends as its link's identity in `Hello`: the same across reconnections
+/// and restarts, different for another link to the same site.
+fn link_identity(record: &LinkRecord) -> String {
+    format!("{}@{}", record.name, rfc3339::format(record.created))
+}
+
+/// A peer site held for one redemption in flight ([`Links::reserve_peer`]); released when
+/// dropped.
+pub struct PeerReservation {
+    /// The set the site was added to.
+    pending: Arc<Mutex<BTreeSet<String>>>,
+    /// The reserved site.
+    site: String,
+}
+
+impl Drop for PeerReservation {
+    fn drop(&mut self) {
+        lock_set(&self.pending).remove(&self.site);
+    }
+}
+
+fn lock_set(m: &Mutex<BTreeSet<String>>) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 /// Which side of the link dials.
@@ -173,6 +274,12 @@ struct Entry {
     /// Stops this link's dialer task and session.
     cancel: CancellationToken,
     last_error: Option<String>,
+    /// For an acceptor: the dialer's link identity (from its hello) of the current
+    /// connection, so a different link of the same site cannot replace it while it lives.
+    peer_link: Option<String>,
+    /// Set when this record duplicates an older link with the same peer site (the name of
+    /// that link): it stays idle, neither dialing nor accepting.
+    duplicate_of: Option<String>,
 }
 
 /// The links of one agent.
@@ -203,6 +310,9 @@ pub struct Links {
     handler: Arc<dyn LinkHandler>,
     /// Sidecars connected to this gateway, by name.
     members: Mutex<BTreeMap<String, std::net::SocketAddr>>,
+    /// Peer sites with a redemption in flight (either direction), so two redemptions cannot
+    /// both pass the one-link-per-site check before either records its link.
+    pending: Arc<Mutex<BTreeSet<String>>>,
     /// False for a sidecar, whose one link (to its gateway) comes from its configuration and
     /// whose state directory may be a read-only Secret.
     persistent: bool,
@@ -245,12 +355,22 @@ impl Links {
             }
         };
         let now = SystemTime::now();
+        let dups = duplicates(&book.links);
         let mut entries = BTreeMap::new();
         for record in book.links {
+            let duplicate_of = dups.get(&record.name).cloned();
             let state = match record.role {
-                Role::Dialer => LinkState::Connecting,
-                Role::Acceptor => LinkState::Down,
+                Role::Dialer if duplicate_of.is_none() => LinkState::Connecting,
+                _ => LinkState::Down,
             };
+            let last_error = duplicate_of.as_ref().map(|kept| {
+                warn!(
+                    link = %record.name, peer = %record.peer_site, kept = %kept,
+                    "second link to the same site left idle; remove it with: causeway link remove {}",
+                    record.name
+                );
+                duplicate_message(&record, kept)
+            });
             let cancel = shutdown.child_token();
             entries.insert(
                 record.name.clone(),
@@ -260,7 +380,9 @@ impl Links {
                     since: now,
                     conn: None,
                     cancel,
-                    last_error: None,
+                    last_error,
+                    peer_link: None,
+                    duplicate_of,
                 },
             );
         }
@@ -268,6 +390,7 @@ impl Links {
             me: me.clone(),
             handler,
             members: Mutex::new(BTreeMap::new()),
+            pending: Arc::new(Mutex::new(BTreeSet::new())),
             persistent: sidecar_gateway.is_none(),
             identity,
             trust,
@@ -284,7 +407,7 @@ impl Links {
         let dialers: Vec<String> = links
             .lock()
             .values()
-            .filter(|e| e.record.role == Role::Dialer)
+            .filter(|e| e.record.role == Role::Dialer && e.duplicate_of.is_none())
             .map(|e| e.record.name.clone())
             .collect();
         for name in dialers {
@@ -331,13 +454,36 @@ impl Links {
         self.lock().contains_key(name)
     }
 
-    /// Adds (or, for the same peer CA, replaces) a link record durably, trusts its CA, and
-    /// starts dialing if we are the dialer.
+    /// Holds `site` for one redemption: refused ([`PeerConflict`]) while a link with it
+    /// exists, in either direction, or another redemption with it is in flight. Both the
+    /// redeemer (before dialing) and the issuer (before consuming the grant) take one, and
+    /// keep it until the link is recorded.
+    pub fn reserve_peer(&self, site: &str) -> Result<PeerReservation, PeerConflict> {
+        let entries = self.lock();
+        let mut pending = lock_set(&self.pending);
+        if let Some(conflict) = peer_conflict(entries.values().map(|e| &e.record), &pending, site) {
+            return Err(conflict);
+        }
+        pending.insert(site.to_string());
+        Ok(PeerReservation {
+            pending: self.pending.clone(),
+            site: site.to_string(),
+        })
+    }
+
+    /// Adds (or, for the same name, peer CA and role, replaces) a link record durably,
+    /// trusts its CA, and starts dialing if we are the dialer. Errors: [`LinkError::Exists`]
+    /// for a name taken by another link, [`PeerConflict::Linked`] when another link already
+    /// has this peer site (one link per pair of sites), and state-file errors.
     pub fn add(&self, record: LinkRecord) -> Result<(), LinkError> {
         let name = record.name.clone();
         let role = record.role;
         {
             let mut entries = self.lock();
+            let others = entries.values().filter(|e| e.record.name != name).map(|e| &e.record);
+            if let Some(conflict) = peer_conflict(others, &BTreeSet::new(), &record.peer_site) {
+                return Err(conflict.into());
+            }
             if let Some(old) = entries.get(&name) {
                 if old.record.peer_ca != record.peer_ca || old.record.role != role {
                     return Err(LinkError::Exists(name));
@@ -361,6 +507,8 @@ impl Links {
                     conn: None,
                     cancel: self.shutdown.child_token(),
                     last_error: None,
+                    peer_link: None,
+                    duplicate_of: None,
                 },
             );
             self.persist(&entries)?;
@@ -390,16 +538,57 @@ impl Links {
             conn.close(close::REMOVED.into(), b"link removed");
         }
         info!(link = %name, peer = %entry.record.peer_site, "link removed; peer trust revoked");
+        self.reactivate_duplicates(name);
         self.notify();
         Ok(entry.record)
     }
 
-    /// The name of a link whose peer is this site, preferring acceptor records.
+    /// After link `removed` is gone, the oldest idle duplicate of it (if any) becomes the
+    /// site's link: it starts dialing, or accepting.
+    fn reactivate_duplicates(&self, removed: &str) {
+        let dialer = {
+            let mut entries = self.lock();
+            let idle: Vec<LinkRecord> = entries
+                .values()
+                .filter(|e| e.duplicate_of.as_deref() == Some(removed))
+                .map(|e| e.record.clone())
+                .collect();
+            let Some(next) = idle
+                .iter()
+                .min_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)))
+                .map(|r| r.name.clone())
+            else {
+                return;
+            };
+            for r in &idle {
+                if let Some(e) = entries.get_mut(&r.name) {
+                    if r.name == next {
+                        e.duplicate_of = None;
+                        e.last_error = None;
+                    } else {
+                        e.duplicate_of = Some(next.clone());
+                        e.last_error = Some(duplicate_message(r, &next));
+                    }
+                }
+            }
+            info!(link = %next, "link is no longer a duplicate; it takes over");
+            entries
+                .get(&next)
+                .filter(|e| e.record.role == Role::Dialer)
+                .map(|e| e.record.name.clone())
+        };
+        if let Some(name) = dialer {
+            self.spawn_dialer(&name);
+        }
+    }
+
+    /// The name of the (non-duplicate) link whose peer is this site, preferring acceptor
+    /// records.
     fn name_for_peer(&self, site: &str) -> Option<String> {
         let entries = self.lock();
         entries
             .values()
-            .filter(|e| e.record.peer_site == site)
+            .filter(|e| e.record.peer_site == site && e.duplicate_of.is_none())
             .min_by_key(|e| e.record.role != Role::Acceptor)
             .map(|e| e.record.name.clone())
     }
@@ -576,12 +765,7 @@ impl Links {
             identity::client_config(&self.identity, &ca, ALPN_LINK, true, &self.timing).map_err(|e| e.to_string())?;
         let mut errors = Vec::new();
         for addr in resolve_all(&record.addresses, &mut errors).await {
-            match tokio::time::timeout(
-                DIAL_TIMEOUT,
-                self.connect_addr(&cfg, addr, &record.peer_site, record.cost),
-            )
-            .await
-            {
+            match tokio::time::timeout(DIAL_TIMEOUT, self.connect_addr(&cfg, addr, record)).await {
                 Ok(Ok(ok)) => return Ok(ok),
                 Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
                 Err(_) => errors.push(format!("{addr}: timed out")),
@@ -594,9 +778,9 @@ impl Links {
         &self,
         cfg: &quinn::ClientConfig,
         addr: std::net::SocketAddr,
-        peer_site: &str,
-        cost: u32,
+        record: &LinkRecord,
     ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
+        let (peer_site, cost) = (record.peer_site.as_str(), record.cost);
         let conn = self
             .endpoint
             .connect_with(cfg.clone(), addr, peer_site)
@@ -609,6 +793,7 @@ impl Links {
             site: self.identity.site.clone(),
             vips_cidr: self.vips_cidr.clone(),
             cost,
+            link: Some(link_identity(record)),
         };
         protocol::write_frame(&mut send, &hello)
             .await
@@ -659,7 +844,7 @@ impl Links {
         };
         let span = info_span!("link", name = %name, peer = %site, role = "acceptor");
         async move {
-            let Some((send, recv, cost)) = self.hello(&conn, &site).await else {
+            let Some((send, recv, cost, peer_link)) = self.hello(&conn, &site, Some(&name)).await else {
                 return;
             };
             let Some(cancel) = self.lock().get(&name).map(|e| e.cancel.clone()) else {
@@ -667,6 +852,11 @@ impl Links {
             };
             info!(%remote, "link up");
             self.set_state(&name, LinkState::Up, Some(conn.clone()), None);
+            if let Some(e) = self.lock().get_mut(&name)
+                && e.conn.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id())
+            {
+                e.peer_link = peer_link;
+            }
             let reason = self
                 .session(Established {
                     name: name.clone(),
@@ -694,7 +884,7 @@ impl Links {
         let span = info_span!("member", %remote);
         async move {
             let site = self.identity.site.clone();
-            let Some((send, recv, _)) = self.hello(&conn, &site).await else {
+            let Some((send, recv, _, _)) = self.hello(&conn, &site, None).await else {
                 return;
             };
             info!("sidecar connected");
@@ -730,10 +920,27 @@ impl Links {
         }
     }
 
+    /// Whether link `name` has a live connection from a dialer link other than `claimed`
+    /// (both known): then that other link must not replace it. Returns the live one's
+    /// identity.
+    fn live_other_link(&self, name: &str, claimed: Option<&str>) -> Option<String> {
+        let entries = self.lock();
+        let e = entries.get(name)?;
+        let live = e.state == LinkState::Up && e.conn.as_ref().is_some_and(|c| c.close_reason().is_none());
+        let current = e.peer_link.as_deref()?;
+        (live && claimed.is_some_and(|c| c != current)).then(|| current.to_string())
+    }
+
     /// The acceptor's side of the hello: checks the dialer's claims against its certificate
-    /// (`site`) and our settings; answers `Welcome` or `Reject`. Returns the control stream
-    /// and the link cost the dialer configured.
-    async fn hello(&self, conn: &quinn::Connection, site: &str) -> Option<(quinn::SendStream, quinn::RecvStream, u32)> {
+    /// (`site`) and our settings, and, for a site's link `link`, that no other link of that
+    /// site is live on it; answers `Welcome` or `Reject`. Returns the control stream, the
+    /// link cost the dialer configured and the dialer's link identity.
+    async fn hello(
+        &self,
+        conn: &quinn::Connection,
+        site: &str,
+        link: Option<&str>,
+    ) -> Option<(quinn::SendStream, quinn::RecvStream, u32, Option<String>)> {
         let remote = conn.remote_address();
         let exchange = async {
             let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| describe_connection_error(&e))?;
@@ -749,7 +956,15 @@ impl Links {
                     "vips.cidr differs: this site uses {}, the peer uses {vips_cidr}; every site of a clusterset must use the same range",
                     self.vips_cidr
                 )),
-                Control::Hello { .. } => None,
+                Control::Hello { link: claimed, .. } => link
+                    .and_then(|name| self.live_other_link(name, claimed.as_deref()))
+                    .map(|live| {
+                        format!(
+                            "site {site} already has a live link with {} ({live}); one link per pair of sites: \
+                             remove the extra one on {site} with `causeway link remove`",
+                            self.identity.site
+                        )
+                    }),
                 other => Some(format!("expected hello, got {other:?}")),
             };
             if let Some(message) = reject {
@@ -773,11 +988,11 @@ impl Links {
             )
             .await
             .map_err(|e| e.to_string())?;
-            let cost = match msg {
-                Control::Hello { cost, .. } => cost.max(1),
-                _ => 1,
+            let (cost, peer_link) = match msg {
+                Control::Hello { cost, link, .. } => (cost.max(1), link),
+                _ => (1, None),
             };
-            Ok::<_, String>((send, recv, cost))
+            Ok::<_, String>((send, recv, cost, peer_link))
         };
         match tokio::time::timeout(DIAL_TIMEOUT, exchange).await {
             Ok(Ok(streams)) => Some(streams),
@@ -908,6 +1123,15 @@ impl Links {
     }
 }
 
+/// What `link list` shows for an idle duplicate link.
+fn duplicate_message(record: &LinkRecord, kept: &str) -> String {
+    format!(
+        "idle: a second link to site {} (link {kept:?} is the one used); one link per pair of sites: \
+         remove this one with: causeway link remove {}",
+        record.peer_site, record.name
+    )
+}
+
 /// Resolves `host:port` strings, recording the ones that fail.
 pub async fn resolve_all(addresses: &[String], errors: &mut Vec<String>) -> Vec<std::net::SocketAddr> {
     let mut out = Vec::new();
@@ -938,5 +1162,114 @@ pub fn describe_connection_error(e: &quinn::ConnectionError) -> String {
         E::TimedOut => "timed out (no answer from the peer)".to_string(),
         E::LocallyClosed => "closed locally".to_string(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, peer: &str, role: Role, created_secs: u64) -> LinkRecord {
+        LinkRecord {
+            name: name.into(),
+            peer_site: peer.into(),
+            role,
+            addresses: Vec::new(),
+            peer_ca: "ca".into(),
+            cost: 1,
+            created: SystemTime::UNIX_EPOCH + Duration::from_secs(created_secs),
+        }
+    }
+
+    #[test]
+    fn a_second_link_to_a_site_conflicts_in_either_direction() {
+        let none = BTreeSet::new();
+        let links = [
+            record("london", "london", Role::Dialer, 10),
+            record("rome", "rome", Role::Acceptor, 20),
+        ];
+        // We dial london already: another redemption of a london token is refused.
+        let c = peer_conflict(&links, &none, "london").unwrap();
+        assert_eq!(
+            c.to_string(),
+            "already linked to site london as link \"london\"; remove it first with: causeway link remove london"
+        );
+        // rome dials us already: redeeming a rome token (the reverse direction) is refused too.
+        assert_eq!(
+            peer_conflict(&links, &none, "rome"),
+            Some(PeerConflict::Linked {
+                site: "rome".into(),
+                name: "rome".into()
+            })
+        );
+        assert_eq!(peer_conflict(&links, &none, "paris"), None);
+        // A redemption in flight holds the site.
+        let pending: BTreeSet<String> = ["paris".to_string()].into();
+        assert_eq!(
+            peer_conflict(&links, &pending, "paris"),
+            Some(PeerConflict::InProgress { site: "paris".into() })
+        );
+    }
+
+    #[test]
+    fn the_oldest_link_of_a_site_is_named_and_kept() {
+        let links = [
+            record("london-again", "london", Role::Dialer, 30),
+            record("london", "london", Role::Dialer, 10),
+            record("hub", "london", Role::Acceptor, 20),
+            record("rome", "rome", Role::Dialer, 5),
+        ];
+        let c = peer_conflict(&links, &BTreeSet::new(), "london").unwrap();
+        assert_eq!(
+            c,
+            PeerConflict::Linked {
+                site: "london".into(),
+                name: "london".into()
+            }
+        );
+        let dups = duplicates(&links);
+        assert_eq!(dups.len(), 2, "{dups:?}");
+        assert_eq!(dups["london-again"], "london");
+        assert_eq!(dups["hub"], "london");
+        assert!(!dups.contains_key("rome"));
+        // Same creation time: the first by name wins, whatever the order in the file.
+        let tie = [
+            record("b", "london", Role::Dialer, 1),
+            record("a", "london", Role::Dialer, 1),
+        ];
+        assert_eq!(
+            duplicates(&tie).into_iter().collect::<Vec<_>>(),
+            vec![("b".into(), "a".into())]
+        );
+        assert!(duplicates(&[]).is_empty());
+    }
+
+    #[test]
+    fn link_identity_is_stable_per_record_and_differs_between_links() {
+        let a = record("london", "london", Role::Dialer, 10);
+        let b = record("london-again", "london", Role::Dialer, 10);
+        assert_eq!(link_identity(&a), link_identity(&a.clone()));
+        assert_ne!(link_identity(&a), link_identity(&b));
+        let mut later = a.clone();
+        later.created += Duration::from_secs(1);
+        assert_ne!(
+            link_identity(&a),
+            link_identity(&later),
+            "a re-created link is another link"
+        );
+    }
+
+    #[test]
+    fn hellos_from_older_dialers_without_a_link_identity_still_parse() {
+        let old = br#"{"type":"hello","version":1,"site":"paris","vips_cidr":"127.77.0.0/16","cost":2}"#;
+        let msg: Control = serde_json::from_slice(old).unwrap();
+        assert!(matches!(
+            msg,
+            Control::Hello {
+                link: None,
+                cost: 2,
+                ..
+            }
+        ));
     }
 }

@@ -7,6 +7,11 @@
 //! the wire. The issuer checks the certificate chain and the proof, then the grant
 //! ([`GrantStore::redeem`]: secret in constant time, expiry, uses), records the redemption and
 //! the new acceptor link durably, trusts the redeemer's CA, and answers with its site id.
+//!
+//! One link per pair of sites: the issuer refuses ([`Rejection::AlreadyLinked`]) a redeemer
+//! whose site it already has a link with, in either direction, before the grant is touched,
+//! so the token stays usable; the redeemer checks its own links before dialing (the agent's
+//! `redeem`, through [`Links::reserve_peer`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::{info, warn};
 
-use super::{LinkRecord, Links, Role, describe_connection_error, resolve_all};
+use super::{LinkRecord, Links, PeerConflict, Role, describe_connection_error, resolve_all};
 use crate::identity::{self, SiteIdentity};
 use crate::protocol::{self, ALPN_REDEEM, REDEEM_EXPORTER_LABEL, RedeemRequest, RedeemResponse, Rejection, close};
 use crate::state::rfc3339;
@@ -254,6 +259,19 @@ impl Issuer {
                 redeemer: req.vips_cidr.clone(),
             });
         }
+        // Before the grant: a refused redemption leaves the token usable. Held until the
+        // link is recorded, so a concurrent redemption from the same site cannot slip past.
+        let _reservation = self.links.reserve_peer(&req.site).map_err(|c| match c {
+            PeerConflict::Linked { name, .. } => Rejection::AlreadyLinked {
+                issuer: self.identity.site.clone(),
+                peer: req.site.clone(),
+                link: name,
+            },
+            PeerConflict::InProgress { .. } => Rejection::LinkInProgress {
+                issuer: self.identity.site.clone(),
+                peer: req.site.clone(),
+            },
+        })?;
         self.grants.redeem(&req.grant, &req.secret, &req.site).await?;
         let record = LinkRecord {
             name: self.links.acceptor_name(&req.site, &req.ca),
