@@ -7,9 +7,10 @@
 //! acceptor admits it only with a client certificate from the recorded CA ([`PeerTrust`]).
 //! With TLS 1.3 the client's handshake can finish before the server has checked the client's
 //! certificate, so a link counts as `up` only after the application-level `Hello`/`Welcome`
-//! exchange on the control stream. QUIC keep-alives (1 s) and the idle timeout (3 s) notice a
-//! dead peer within 5 s. `link remove` drops the record and the trust at once and closes the
-//! connection with a reason the peer logs.
+//! exchange on the control stream. A link silent for `links.down_after` shows `down` and
+//! leaves routing ([`liveness`]); its connection and flows wait until `links.idle_timeout`.
+//! `link remove` drops the record and the trust at once and closes the connection with a
+//! reason the peer logs.
 //!
 //! **One link per pair of sites.** Two links between the same sites would only compete (an
 //! acceptor keeps one connection per peer, so they would take turns replacing each other). A
