@@ -5,8 +5,8 @@
 #   sudo SKIP_BUILD=1 FLOWS=200 bash bench/stalled.sh
 #
 # Two agents in namespaces as in bench/run.sh. London's pod runs a talker (socat writing
-# /dev/zero to every client) and a sink (socat that accepts uploads and never reads: it reads
-# from a fifo nobody writes). Paris opens FLOWS downloads with 4 KiB receive buffers that never
+# /dev/zero to every client) and a sink (a Python server that accepts uploads and never reads
+# them). Paris opens FLOWS downloads with 4 KiB receive buffers that never
 # read, and FLOWS uploads that write until blocked; after SETTLE seconds it records each
 # agent's VmRSS and PSS, then times a 100 MiB download through the same link beside them.
 # Prints the growth per stalled flow (both directions together) and the download time.
@@ -43,9 +43,18 @@ bench_netns_down $NS_P $NS_L
 bench_netns $NS_L $NS_P || die "cannot create the namespaces and their veth pair"
 inl() { ip netns exec $NS_L "$@"; }
 inp() { ip netns exec $NS_P "$@"; }
-mkfifo "$WORK/never"
 inl socat TCP-LISTEN:$TALK_PORT,bind=$POD,reuseaddr,fork OPEN:/dev/zero >/dev/null 2>&1 &
-inl socat TCP-LISTEN:$SINK_PORT,bind=$POD,reuseaddr,fork,rcvbuf=4096 OPEN:"$WORK/never" >/dev/null 2>&1 &
+inl python3 -c '
+import socket, sys
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+l.bind((sys.argv[1], int(sys.argv[2])))
+l.listen(1024)
+held = []
+while True:
+    held.append(l.accept()[0])
+' $POD $SINK_PORT >"$WORK/sink.log" 2>&1 &
 inl "$LOADGEN" echo-server --listen $POD:$ECHO_PORT >/dev/null 2>&1 &
 inl iperf3 -s -B $POD -p $IPERF_PORT >/dev/null 2>&1 &
 
@@ -101,7 +110,7 @@ while time.time() - idle_since < 1.0:
         try:
             s.send(chunk)
             moved = True
-        except BlockingIOError:
+        except (BlockingIOError, ConnectionError):
             pass
     if moved:
         idle_since = time.time()

@@ -802,9 +802,16 @@ impl RecvState {
                 Poll::Ready(Ok(msgs)) => {
                     self.recv_limiter.record_work(msgs);
                     for (meta, buf) in metas.iter().zip(iovs.iter()).take(msgs) {
-                        let mut data: BytesMut = buf[0..meta.len].into();
+                        // causeway patch: each GRO segment (one QUIC packet) is copied into an
+                        // allocation of its own, instead of all of them sharing one. Stream data
+                        // is kept as slices of these buffers until the application reads it, so
+                        // a stream nobody reads would otherwise pin whole 64 KiB batches for
+                        // each of its packets, far past its flow control window.
+                        let mut data = &buf[0..meta.len];
                         while !data.is_empty() {
-                            let buf = data.split_to(meta.stride.min(data.len()));
+                            let (segment, rest) = data.split_at(meta.stride.min(data.len()));
+                            data = rest;
+                            let buf = BytesMut::from(segment);
                             let mut response_buffer = Vec::new();
                             match endpoint.handle(
                                 now,
