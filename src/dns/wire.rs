@@ -141,6 +141,9 @@ pub struct Response {
     pub additionals: Vec<Record>,
     /// Whether to include an OPT record: only when the request had one (RFC 6891 §7).
     pub edns: bool,
+    /// The request's DO bit, copied into the response's OPT (RFC 3225 §3). The zone is not
+    /// signed, so no DNSSEC records come with it.
+    pub dnssec_ok: bool,
 }
 
 impl Response {
@@ -153,6 +156,7 @@ impl Response {
             authorities: Vec::new(),
             additionals: Vec::new(),
             edns: request.edns.is_some(),
+            dnssec_ok: request.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok),
         }
     }
 
@@ -167,6 +171,7 @@ impl Response {
             authorities: Vec::new(),
             additionals: Vec::new(),
             edns: false,
+            dnssec_ok: false,
         }
     }
 
@@ -226,17 +231,18 @@ impl Response {
             // Glue that does not fit is simply left out (RFC 2181 §9): no TC.
             (counts.additionals, _) = emit_section(&mut out, &self.additionals, room, &names)?;
         }
+        let flag = |set: bool, bit: u8| if set { bit } else { 0 };
         if self.edns {
-            // OPT: root owner, type 41, our UDP size as class, extended rcode, version 0, no
-            // flags (we do not sign: DO stays clear), no options.
+            // OPT: root owner, type 41, our UDP size as class, extended rcode, version 0, the
+            // request's DO bit copied (RFC 3225 §3; the top bit of the flags), no options.
             out.push(0);
             out.extend_from_slice(&41u16.to_be_bytes());
             out.extend_from_slice(&MAX_UDP_PAYLOAD.to_be_bytes());
-            out.extend_from_slice(&[self.metadata.response_code.high(), 0, 0, 0, 0, 0]);
+            let flags = flag(self.dnssec_ok, 0x80);
+            out.extend_from_slice(&[self.metadata.response_code.high(), 0, flags, 0, 0, 0]);
             counts.additionals += 1;
         }
         let m = &self.metadata;
-        let flag = |set: bool, bit: u8| if set { bit } else { 0 };
         out[..2].copy_from_slice(&m.id.to_be_bytes());
         out[2] = 0x80
             | (u8::from(m.op_code) & 0x0f) << 3
@@ -545,6 +551,29 @@ mod tests {
         assert!(m.metadata.truncation);
         let edns = m.edns.expect("OPT kept");
         assert_eq!(edns.max_payload(), MAX_UDP_PAYLOAD);
+    }
+
+    #[test]
+    fn the_do_bit_is_echoed() {
+        // RFC 3225 §3: the DO bit of the query is copied into the response; without EDNS
+        // there is no OPT to carry it.
+        for dnssec_ok in [false, true] {
+            let mut m = Message::query();
+            m.add_query(Query::query(Name::from_ascii("x.example.").unwrap(), RecordType::A));
+            let mut e = Edns::new();
+            e.set_max_payload(1232).set_dnssec_ok(dnssec_ok);
+            m.set_edns(e);
+            let req = Request::parse(&m.to_vec().unwrap()).unwrap();
+            let back = Message::from_vec(&Response::to(&req).encode(1232)).unwrap();
+            assert_eq!(back.edns.expect("OPT").flags().dnssec_ok, dnssec_ok);
+        }
+        let req = Request::parse(&query_bytes("x.example.", RecordType::A, None)).unwrap();
+        assert!(
+            Message::from_vec(&Response::to(&req).encode(512))
+                .unwrap()
+                .edns
+                .is_none()
+        );
     }
 
     #[test]
