@@ -531,6 +531,15 @@ const _: () = assert!(
     "a GSO batch of full-size packets must fit one UDP datagram's 64 KiB"
 );
 
+/// Connection attempts quinn holds for the accept loop before refusing new ones itself
+/// (quinn's default is 65,536, each holding its first datagram).
+const MAX_INCOMING: usize = 1024;
+/// Bytes quinn buffers for one waiting attempt beyond its first datagram (default 10 MiB):
+/// no 0-RTT here, so a client sends little before it is accepted.
+const INCOMING_BUFFER: u64 = 64 * 1024;
+/// Bytes quinn buffers for all waiting attempts together (default 100 MiB).
+const INCOMING_BUFFER_TOTAL: u64 = 4 * 1024 * 1024;
+
 /// The acceptor's QUIC server configuration: our agent chain, client certificates required
 /// and checked against `trust`, TLS 1.3 only, the given ALPNs.
 pub fn server_config(
@@ -551,6 +560,11 @@ pub fn server_config(
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| IdentityError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config(timing)));
+    // The accept loop decides on every attempt at once (crate::handshake), so few wait in
+    // quinn's queue; these only bound what a stalled loop could let pile up.
+    cfg.max_incoming(MAX_INCOMING);
+    cfg.incoming_buffer_size(INCOMING_BUFFER);
+    cfg.incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     Ok(cfg)
 }
 
