@@ -1008,9 +1008,13 @@ impl Links {
         }
     }
 
-    /// Runs an established link until it ends; returns why it ended.
+    /// Runs an established link until it ends; returns why it ended. Both sides first raise
+    /// the streams the peer may open from the handshake's few to one per flow
+    /// ([`identity::HANDSHAKE_BIDI_STREAMS`] → [`identity::LINK_BIDI_STREAMS`]); the peer
+    /// learns it from a MAX_STREAMS frame.
     async fn session(&self, link: Established) -> String {
         let conn = link.conn.clone();
+        conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(identity::LINK_BIDI_STREAMS));
         let cancel = link.cancel.clone();
         let name = link.name.clone();
         tokio::select! {
