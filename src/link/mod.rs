@@ -1148,6 +1148,13 @@ pub async fn resolve_all(addresses: &[String], errors: &mut Vec<String>) -> Vec<
     out
 }
 
+/// Whether the peer refused the connection before its handshake (`CONNECTION_REFUSED`,
+/// RFC 9000 §20.1): it has too many handshakes in flight from us or in all
+/// ([`crate::handshake`]), so trying again shortly is expected to succeed.
+pub fn is_refused(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ConnectionClosed(c) if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)
+}
+
 /// Words for why a QUIC connection failed or ended, naming certificate problems plainly.
 pub fn describe_connection_error(e: &quinn::ConnectionError) -> String {
     use quinn::ConnectionError as E;
