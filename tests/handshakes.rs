@@ -277,6 +277,13 @@ fn half_open_handshake_flood_does_not_lock_sites_out() {
         silent.bytes_received <= silent.bytes_sent,
         "the agent reflected more than it got: {silent:?}"
     );
+    // The flooders that answer the Retry hit the per-source limit: refused, and said so once
+    // per 10 s.
+    assert!(
+        log.contains("handshake refused: too many in flight"),
+        "no handshake was refused:\n{}",
+        common::tail(&log, 40)
+    );
     assert!(
         warns < 20,
         "the flood filled the log with warnings:\n{}",
