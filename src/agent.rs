@@ -2,18 +2,18 @@
 //! admin API, started together and stopped together.
 //!
 //! Incoming QUIC connections are dispatched by ALPN: link connections to [`Links::accept`],
-//! redeem connections to [`Issuer::serve`]. Handshakes in flight are bounded by a semaphore.
+//! redeem connections to [`Issuer::serve`]. Which attempts get a handshake at all is decided
+//! by [`Admission`] (stateless Retry for unvalidated sources, per-source and total limits).
 //! Shutdown is explicit, as in mini-redis: one [`CancellationToken`] is cancelled, every
 //! connection is closed with a reason the peer logs, and the agent waits (bounded) for its
 //! tasks to finish before the endpoint is dropped.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use serde_json::json;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -21,6 +21,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::admin::{self, Request};
 use crate::config::{Config, is_dns_label};
 use crate::forward::{ForwardOptions, Forwarder};
+use crate::handshake::{Admission, Decision, Limits, Throttle};
 use crate::identity::{self, PeerTrust, SiteIdentity};
 use crate::link::redeem::{self, Issuer};
 use crate::link::{Established, LinkHandler, LinkRecord, LinkState, Links, Role, describe_connection_error};
@@ -31,8 +32,17 @@ use crate::state::{StateDir, rfc3339};
 use crate::token::{GrantStore, Token};
 use crate::vips::{VipAllocator, VipRange, VipTable};
 
-/// Handshakes (and redemptions) processed at once; more wait in quinn's queue.
-const MAX_HANDSHAKES: usize = 256;
+/// Handshakes (and redemptions) in flight, per source and in all; attempts over either are
+/// refused at once (see [`crate::handshake`]).
+const HANDSHAKE_LIMITS: Limits = Limits {
+    per_source: 4,
+    total: 256,
+};
+/// How long an admitted handshake may take: as long as a dialer waits for one (the link
+/// dial timeout), so a silent client holds its slot no longer.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The least time between two warnings of a kind a flood repeats (the others are counted).
+const QUIET_WARNINGS: Duration = Duration::from_secs(10);
 /// How long `token redeem` waits for the new link to come up before answering.
 const REDEEM_WAIT_UP: Duration = Duration::from_secs(10);
 
@@ -346,45 +356,91 @@ impl Agent {
         self.dns.local_addrs()
     }
 
+    /// Decides on every incoming connection attempt at once ([`Admission`]): a stateless
+    /// Retry for unvalidated sources, a refusal over the limits, otherwise a handshake task
+    /// that holds its slot until the handshake (and, for a redemption, the exchange) ends.
+    /// The loop itself never waits, so a legitimate attempt is never queued behind a flood.
     async fn accept_loop(self: Arc<Self>) {
-        let limit = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let admission = Arc::new(Mutex::new(Admission::new(HANDSHAKE_LIMITS)));
+        let refused = Throttle::new(QUIET_WARNINGS);
+        let no_cert = Arc::new(Throttle::new(QUIET_WARNINGS));
         loop {
             let incoming = tokio::select! {
                 i = self.endpoint.accept() => match i { Some(i) => i, None => break },
                 _ = self.shutdown.cancelled() => break,
             };
-            let Ok(permit) = limit.clone().acquire_owned().await else {
-                break;
+            let remote = incoming.remote_address();
+            let decision = lock(&admission).decide(remote.ip(), incoming.remote_address_validated());
+            self.metrics.handshake(decision.outcome());
+            match decision {
+                Decision::Retry => {
+                    // Unvalidated implies may_retry (quinn's contract); should that ever
+                    // fail, the attempt gets no answer at all rather than state.
+                    if let Err(e) = incoming.retry() {
+                        e.into_incoming().ignore();
+                        self.metrics.handshake("ignored");
+                    }
+                    continue;
+                }
+                Decision::Refuse(why) => {
+                    incoming.refuse();
+                    if let Some(suppressed) = refused.allow(Instant::now()) {
+                        warn!(
+                            %remote,
+                            reason = ?why,
+                            suppressed,
+                            per_source = HANDSHAKE_LIMITS.per_source,
+                            total = HANDSHAKE_LIMITS.total,
+                            "handshake refused: too many in flight (further refusals are counted in \
+                             causeway_handshakes_total and logged at most every 10 s)"
+                        );
+                    }
+                    continue;
+                }
+                Decision::Admit => {}
+            }
+            let slot = Slot {
+                admission: admission.clone(),
+                source: remote.ip(),
             };
             let me = self.clone();
-            let remote = incoming.remote_address();
+            let no_cert = no_cert.clone();
             self.tasks.spawn(
                 async move {
-                    let conn =
-                        match tokio::time::timeout(Duration::from_secs(10), async { incoming.accept()?.await }).await {
-                            Ok(Ok(c)) => c,
-                            Ok(Err(e)) => {
-                                debug!(error = %crate::link::describe_connection_error(&e), "handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                debug!("handshake timed out");
-                                return;
-                            }
-                        };
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, async { incoming.accept()?.await });
+                    let conn = match handshake.await {
+                        Ok(Ok(c)) => {
+                            me.metrics.handshake("completed");
+                            c
+                        }
+                        Ok(Err(e)) => {
+                            me.metrics.handshake("failed");
+                            debug!(error = %crate::link::describe_connection_error(&e), "handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            me.metrics.handshake("timed_out");
+                            debug!("handshake timed out");
+                            return;
+                        }
+                    };
                     let alpn = conn
                         .handshake_data()
                         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
                         .and_then(|h| h.protocol);
                     match alpn.as_deref() {
                         Some(ALPN_REDEEM) => {
+                            // A redeemer is not authenticated until its request is checked, so
+                            // the exchange (bounded by its own timeout) keeps the slot.
                             me.issuer.serve(conn).await;
-                            drop(permit);
+                            drop(slot);
                         }
                         Some(ALPN_LINK) => {
-                            drop(permit);
+                            drop(slot);
                             if conn.peer_identity().is_none() {
-                                warn!("link attempt without a client certificate refused");
+                                if let Some(suppressed) = no_cert.allow(Instant::now()) {
+                                    warn!(suppressed, "link attempt without a client certificate refused");
+                                }
                                 conn.close(close::REJECTED.into(), b"links require a client certificate");
                                 return;
                             }
@@ -612,6 +668,30 @@ impl Agent {
                 Err(e) => warn!(error = %e, "configuration change not applied (the previous one stays in force)"),
             }
         }
+    }
+}
+
+/// An admitted handshake's slot in the [`Admission`]; given back when dropped, however the
+/// handshake task ends.
+struct Slot {
+    /// The admission it was taken from.
+    admission: Arc<Mutex<Admission>>,
+    /// The attempt's source address.
+    source: std::net::IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.admission).finished(self.source);
+    }
+}
+
+/// Locks the admission (a poisoned lock still holds consistent counts: every update is one
+/// step).
+fn lock(admission: &Mutex<Admission>) -> std::sync::MutexGuard<'_, Admission> {
+    match admission.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }
 

@@ -495,7 +495,9 @@ pub fn transport_config(timing: &LinkTiming) -> quinn::TransportConfig {
     // Written but unacknowledged data across streams; each stream's share is already bounded
     // by the peer's stream window, so this only caps the total in flight.
     t.send_window(4 * STREAM_WINDOW_MAX as u64);
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(16_384));
+    // Few streams until the link is established (see HANDSHAKE_BIDI_STREAMS); the session
+    // raises it to LINK_BIDI_STREAMS.
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(HANDSHAKE_BIDI_STREAMS));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
     t.datagram_receive_buffer_size(Some(4 * 1024 * 1024));
     t.datagram_send_buffer_size(4 * 1024 * 1024);
@@ -511,6 +513,16 @@ pub fn transport_config(timing: &LinkTiming) -> quinn::TransportConfig {
     t.mtu_discovery_config(Some(mtu));
     t
 }
+
+/// Bidirectional streams the peer may open at once on an established link: one per TCP flow,
+/// so above `limits.max_flows` (4,096 by default) with room for relayed flows. Set by
+/// `Links::session` once the hello exchange has succeeded.
+pub const LINK_BIDI_STREAMS: u32 = 16_384;
+/// Bidirectional streams the peer may open at once until then (the handshake, the hello, a
+/// redemption; each needs one). quinn-proto creates the state of every stream the peer may
+/// open when the connection is created (two hash-map entries each, about 1 MB for 16,384), so
+/// this is what a half-open connection costs, and a flood of handshakes with it.
+pub const HANDSHAKE_BIDI_STREAMS: u32 = 64;
 
 /// A new stream's receive window (bytes): what a flow whose consumer never reads can hold at
 /// the receiving agent. At a 0.1 ms LAN round trip it still carries 650 MB/s before growing.
@@ -530,6 +542,15 @@ const _: () = assert!(
     GSO_SEGMENTS * MAX_UDP_PAYLOAD as usize <= u16::MAX as usize - 28,
     "a GSO batch of full-size packets must fit one UDP datagram's 64 KiB"
 );
+
+/// Connection attempts quinn holds for the accept loop before refusing new ones itself
+/// (quinn's default is 65,536, each holding its first datagram).
+const MAX_INCOMING: usize = 1024;
+/// Bytes quinn buffers for one waiting attempt beyond its first datagram (default 10 MiB):
+/// no 0-RTT here, so a client sends little before it is accepted.
+const INCOMING_BUFFER: u64 = 64 * 1024;
+/// Bytes quinn buffers for all waiting attempts together (default 100 MiB).
+const INCOMING_BUFFER_TOTAL: u64 = 4 * 1024 * 1024;
 
 /// The acceptor's QUIC server configuration: our agent chain, client certificates required
 /// and checked against `trust`, TLS 1.3 only, the given ALPNs.
@@ -551,6 +572,11 @@ pub fn server_config(
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|e| IdentityError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config(timing)));
+    // The accept loop decides on every attempt at once (crate::handshake), so few wait in
+    // quinn's queue; these only bound what a stalled loop could let pile up.
+    cfg.max_incoming(MAX_INCOMING);
+    cfg.incoming_buffer_size(INCOMING_BUFFER);
+    cfg.incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     Ok(cfg)
 }
 

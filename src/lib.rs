@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod dns;
 pub mod forward;
+pub mod handshake;
 pub mod identity;
 pub mod link;
 pub mod mesh;

@@ -118,6 +118,13 @@ struct LinkLabels {
     peer: String,
 }
 
+/// Labels of `causeway_handshakes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    /// What became of the attempt (see [`Metrics::handshake`]).
+    outcome: String,
+}
+
 /// A gauge holding an unsigned value read from elsewhere (quinn's byte totals, counts).
 type U64Gauge = Gauge<u64, AtomicU64>;
 
@@ -151,6 +158,10 @@ pub struct Metrics {
     /// UDP flows evicted to admit newer ones (`limits.max_flows`): a steady rate means one
     /// client opens flows faster than they go idle.
     udp_evicted: Family<EvictionLabels, Counter>,
+    /// Incoming QUIC connection attempts by what became of them: a high `retry` rate with few
+    /// `admitted` is a flood of Initials from addresses that never answer (forged or silent);
+    /// `refused_*` means validated sources hit the handshake limits.
+    handshakes: Family<HandshakeLabels, Counter>,
     /// 1 while the link is up, 0 otherwise.
     link_up: Family<LinkLabels, Gauge>,
     /// quinn's smoothed RTT estimate; absent while unknown (link down).
@@ -187,6 +198,7 @@ impl Metrics {
         let udp_dropped = Family::<DropLabels, Counter>::default();
         let udp_via_stream = Family::<ServiceLabels, Counter>::default();
         let udp_evicted = Family::<EvictionLabels, Counter>::default();
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
         let link_up = Family::<LinkLabels, Gauge>::default();
         let link_rtt = Family::<LinkLabels, F64Gauge>::default();
         let link_sent = Family::<LinkLabels, U64Gauge>::default();
@@ -225,6 +237,11 @@ impl Metrics {
             "udp_flows_evicted",
             "UDP flows evicted to admit newer ones, by table and reason",
             udp_evicted.clone(),
+        );
+        registry.register(
+            "handshakes",
+            "Incoming QUIC connection attempts, by outcome",
+            handshakes.clone(),
         );
         registry.register("link_up", "Whether the link is up (1) or not (0)", link_up.clone());
         registry.register_with_unit(
@@ -274,6 +291,7 @@ impl Metrics {
             udp_dropped,
             udp_via_stream,
             udp_evicted,
+            handshakes,
             link_up,
             link_rtt,
             link_sent,
@@ -371,6 +389,17 @@ impl Metrics {
             reason: reason.to_owned(),
         };
         self.udp_evicted.get_or_create(&labels).inc();
+    }
+
+    /// One incoming QUIC connection attempt reached `outcome`: `retry` (asked to validate
+    /// its address), `admitted`, `refused_source` or `refused_busy` (over the per-source or
+    /// total handshake limit), `ignored` (no answer possible); then, for admitted ones,
+    /// `completed`, `failed` or `timed_out`. See [`crate::handshake`].
+    pub fn handshake(&self, outcome: &str) {
+        let labels = HandshakeLabels {
+            outcome: outcome.to_owned(),
+        };
+        self.handshakes.get_or_create(&labels).inc();
     }
 
     /// Sets a link's gauges from quinn's statistics. The agent refreshes them periodically; an
@@ -853,6 +882,9 @@ mod tests {
         m.datagram_via_stream("dns", "kube-system");
         m.udp_flow_evicted("origin", "client_share");
         m.udp_flow_evicted("origin", "client_share");
+        m.handshake("retry");
+        m.handshake("retry");
+        m.handshake("refused_source");
         m.set_services(3);
         m.set_endpoints(2);
         let text = m.encode();
@@ -868,6 +900,8 @@ mod tests {
             r#"causeway_udp_datagrams_dropped_total{service="dns",namespace="kube-system",reason="too_large"} 1"#,
             r#"causeway_udp_datagrams_via_stream_total{service="dns",namespace="kube-system"} 1"#,
             r#"causeway_udp_flows_evicted_total{role="origin",reason="client_share"} 2"#,
+            r#"causeway_handshakes_total{outcome="retry"} 2"#,
+            r#"causeway_handshakes_total{outcome="refused_source"} 1"#,
             "causeway_services 3",
             "causeway_ready_endpoints 2",
             "# TYPE causeway_flows_opened counter",

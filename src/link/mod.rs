@@ -1009,9 +1009,13 @@ impl Links {
         }
     }
 
-    /// Runs an established link until it ends; returns why it ended.
+    /// Runs an established link until it ends; returns why it ended. Both sides first raise
+    /// the streams the peer may open from the handshake's few to one per flow
+    /// ([`identity::HANDSHAKE_BIDI_STREAMS`] → [`identity::LINK_BIDI_STREAMS`]); the peer
+    /// learns it from a MAX_STREAMS frame.
     async fn session(&self, link: Established) -> String {
         let conn = link.conn.clone();
+        conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(identity::LINK_BIDI_STREAMS));
         let cancel = link.cancel.clone();
         let name = link.name.clone();
         tokio::select! {
@@ -1143,6 +1147,13 @@ pub async fn resolve_all(addresses: &[String], errors: &mut Vec<String>) -> Vec<
         }
     }
     out
+}
+
+/// Whether the peer refused the connection before its handshake (`CONNECTION_REFUSED`,
+/// RFC 9000 §20.1): it has too many handshakes in flight from us or in all
+/// ([`crate::handshake`]), so trying again shortly is expected to succeed.
+pub fn is_refused(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ConnectionClosed(c) if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)
 }
 
 /// Words for why a QUIC connection failed or ended, naming certificate problems plainly.

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{LinkRecord, Links, PeerConflict, Role, describe_connection_error, resolve_all};
 use crate::identity::{self, SiteIdentity};
@@ -27,6 +27,8 @@ use crate::token::{GrantStore, Token};
 
 /// How long one address may take to complete a handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the redeemer keeps trying an address that refuses the handshake for being busy.
+const REFUSED_PATIENCE: Duration = Duration::from_secs(5);
 /// How long the whole exchange may take once connected.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -84,26 +86,23 @@ pub async fn redeem(
     let mut tried = Vec::new();
     let mut mismatch = None;
     for addr in resolve_all(&token.addresses, &mut tried).await {
-        let connecting = match endpoint.connect_with(cfg.clone(), addr, &token.issuer) {
-            Ok(c) => c,
+        let conn = match connect(endpoint, &cfg, addr, &token.issuer).await {
             Err(e) => {
                 tried.push(format!("{addr}: {e}"));
                 continue;
             }
-        };
-        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(quinn::ConnectionError::TransportError(t))) if is_crypto(u64::from(t.code)) => {
+            Ok(Ok(Ok(conn))) => conn,
+            Ok(Ok(Err(quinn::ConnectionError::TransportError(t)))) if is_crypto(u64::from(t.code)) => {
                 // Our own verifier refused the issuer's certificate.
                 warn!(%addr, error = %t, "issuer certificate does not match the token");
                 mismatch = Some((addr, t.to_string()));
                 continue;
             }
-            Ok(Err(e)) => {
+            Ok(Ok(Err(e))) => {
                 tried.push(format!("{addr}: {}", describe_connection_error(&e)));
                 continue;
             }
-            Err(_) => {
+            Ok(Err(_)) => {
                 tried.push(format!("{addr}: no answer"));
                 continue;
             }
@@ -136,6 +135,32 @@ pub async fn redeem(
         site: token.issuer.clone(),
         tried: tried.join("; "),
     })
+}
+
+/// One handshake with `addr`, tried again (with backoff, for up to [`REFUSED_PATIENCE`]) while
+/// the issuer refuses it for having too many handshakes in flight ([`super::is_refused`]):
+/// several sites behind one address redeeming at once take turns. The outer error is a local
+/// one (no attempt made), the middle one a timeout of the last attempt.
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    cfg: &quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<Result<Result<quinn::Connection, quinn::ConnectionError>, tokio::time::error::Elapsed>, quinn::ConnectError>
+{
+    let deadline = tokio::time::Instant::now() + REFUSED_PATIENCE;
+    let mut backoff = super::Backoff::new(Duration::from_millis(50), Duration::from_millis(800));
+    loop {
+        let connecting = endpoint.connect_with(cfg.clone(), addr, server_name)?;
+        let result = tokio::time::timeout(CONNECT_TIMEOUT, connecting).await;
+        match &result {
+            Ok(Err(e)) if super::is_refused(e) && tokio::time::Instant::now() < deadline => {
+                debug!(%addr, "issuer busy with other handshakes; trying again");
+                tokio::time::sleep(backoff.next_delay(rand::random::<f64>())).await;
+            }
+            _ => return Ok(result),
+        }
+    }
 }
 
 fn is_crypto(code: u64) -> bool {

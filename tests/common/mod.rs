@@ -259,6 +259,12 @@ impl Site {
         }
     }
 
+    /// The agent's process id while it runs (the child's pid is the agent's: every wrapper
+    /// execs the next), e.g. to read its memory from `/proc/<pid>/status`.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Whether the agent process is still alive.
     pub fn alive(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
