@@ -167,6 +167,12 @@ pub struct DnsConfig {
     /// resolver by accident.
     #[serde(deserialize_with = "de_upstreams")]
     pub upstream: Vec<SocketAddr>,
+    /// Clients (CIDRs) whose queries outside the zone are forwarded to `upstream`, besides
+    /// loopback; others get REFUSED, so a responder reachable from other networks is no open
+    /// resolver. Unset: the networks of this host's (or pod's) own interfaces. Answers inside
+    /// the zone go to every client.
+    #[serde(default, deserialize_with = "de_opt_nets", skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<IpNet>>,
     /// TTL in seconds of answers from `zone`; short, so clients notice
     /// endpoints coming and going quickly. At most 86400.
     #[serde(deserialize_with = "de_ttl")]
@@ -179,6 +185,7 @@ impl Default for DnsConfig {
             listen: vec![parse_default(DEFAULT_DNS_LISTEN)],
             zone: DEFAULT_ZONE.to_owned(),
             upstream: Vec::new(),
+            allow: None,
             ttl: DEFAULT_TTL,
         }
     }
@@ -555,6 +562,8 @@ dns:
   listen: [\"{DEFAULT_DNS_LISTEN}\"]      # UDP and TCP
   zone: {DEFAULT_ZONE}
   upstream: []                  # e.g. [\"10.96.0.10:53\"]; empty: REFUSED outside the zone
+  # allow: [10.0.0.0/8]         # who may have names outside the zone forwarded, besides loopback;
+  #                             # default: the networks of this host's interfaces
   ttl: {DEFAULT_TTL}
 vips:
   cidr: {DEFAULT_VIPS}           # virtual IPs for remote endpoints (inside 127/8 needs no privilege)
@@ -1165,6 +1174,22 @@ fn de_upstreams<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::E
     }))
 }
 
+fn check_net(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map(|n| n.trunc())
+        .map_err(|_| format!("`{s}` is not a network: expected a CIDR such as 10.0.0.0/8 or fd00::/8, or an address"))
+}
+
+fn de_opt_nets<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<IpNet>>, D::Error> {
+    d.deserialize_seq(SeqCheck(StrCheck {
+        expecting: "a list of CIDRs",
+        check: check_net,
+    }))
+    .map(Some)
+}
+
 fn de_opt_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
     d.deserialize_option(OptCheck(SOCKET_ADDR))
 }
@@ -1677,5 +1702,22 @@ exports:
         assert!(e.contains("links.lanes") && e.contains("auto"), "{e}");
         let e = err("site: a\nlinks:\n  down_after: 0s\n");
         assert!(e.contains("links.down_after") && e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn dns_allow_takes_cidrs_and_addresses() {
+        let c = parse("site: a\n").unwrap();
+        assert_eq!(c.dns.allow, None);
+        let c = parse("site: a\ndns:\n  allow: [10.0.0.0/8, 192.168.1.7, \"fd00::/8\", 10.1.2.3/16]\n").unwrap();
+        let allow: Vec<String> = c.dns.allow.clone().unwrap().iter().map(|n| n.to_string()).collect();
+        assert_eq!(allow, ["10.0.0.0/8", "192.168.1.7/32", "fd00::/8", "10.1.0.0/16"]);
+        assert!(parse(&c.to_yaml()).unwrap() == c);
+        let c = parse("site: a\ndns:\n  allow: []\n").unwrap();
+        assert_eq!(c.dns.allow, Some(vec![]));
+        let e = err("site: a\ndns:\n  allow: [everyone]\n");
+        assert!(
+            e.contains("dns.allow") && e.contains("line 3") && e.contains("not a network"),
+            "{e}"
+        );
     }
 }

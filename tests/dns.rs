@@ -620,3 +620,50 @@ fn getent_resolves_through_the_responder_as_the_only_nameserver() {
     assert_eq!(code, Some(0));
     assert!(out.starts_with("192.0.2.7 "), "{out}");
 }
+
+/// Issue 16 (1): a responder reachable from other networks is no open resolver. With
+/// `dns.listen` on 0.0.0.0 and an upstream, names outside the zone are forwarded for clients on
+/// loopback and in `dns.allow` only; anyone else gets REFUSED for them, while names in the
+/// zone are answered for everyone.
+#[test]
+fn names_outside_the_zone_are_forwarded_only_for_allowed_clients() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    if !require(&["dig", "dnsmasq"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _upstream = dnsmasq(&net, "paris", 5300);
+    let s = sites(dir.path(), &net, &["london", "paris"], |site| {
+        if site.name == "paris" {
+            set_dns(site, "0.0.0.0:5353", &["127.0.0.1:5300"]);
+            // Only a network london's WAN address is not in (without `allow`, paris's own
+            // interface networks would include the WAN london shares).
+            let path = site.state.join("causeway.yaml");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let text = text.replacen("dns:\n", "dns:\n  allow: [10.99.0.0/16]\n", 1);
+            common::write_atomic(&path, &text);
+        }
+    });
+    let paris_wan = net.wan_addr("paris").to_string();
+    let from_london = |args: &[&str]| {
+        let out = net
+            .exec("london")
+            .args(["dig", &format!("@{paris_wan}"), "-p", "5353", "+time=2", "+tries=1"])
+            .args(args)
+            .output()
+            .expect("run dig");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = from_london(&["www.example.org", "A"]);
+    assert!(out.contains("status: REFUSED"), "{out}");
+    assert!(!out.contains("192.0.2.7"), "{out}");
+    // The zone is answered for anyone.
+    let out = from_london(&[&format!("dns-version.{ZONE}"), "TXT"]);
+    assert!(out.contains("status: NOERROR") && out.contains("1.0.0"), "{out}");
+    // Loopback in paris is always allowed.
+    let out = dig(&net, "paris", &["www.example.org", "A"]);
+    assert!(out.contains("\tA\t192.0.2.7"), "{out}");
+    drop(s);
+}

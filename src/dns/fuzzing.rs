@@ -122,11 +122,12 @@ fn fixture() -> &'static Fixture {
 pub fn exercise(data: &[u8]) {
     let f = fixture();
     for authority in &f.authorities {
-        for transport in [Transport::Udp, Transport::Tcp] {
-            let reply = match handle(data, transport, &f.view, authority) {
+        for (transport, may_forward) in [(Transport::Udp, true), (Transport::Tcp, true), (Transport::Udp, false)] {
+            let reply = match handle(data, transport, &f.view, authority, may_forward) {
                 Outcome::Reply(bytes) => bytes,
                 Outcome::Forward { servfail } => {
                     assert!(authority.forwards(), "forwarded without an upstream");
+                    assert!(may_forward, "forwarded for a client that may not have it");
                     servfail
                 }
                 Outcome::Drop => continue,
@@ -294,6 +295,7 @@ mod micro {
                     Transport::Udp,
                     &f.view,
                     &f.authorities[0],
+                    true,
                 )))
             });
         }

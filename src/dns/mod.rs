@@ -29,7 +29,9 @@
 //! nothing is cached, so a withdrawn endpoint is gone from the next answer.
 //!
 //! **Not an open resolver.** Names outside the zone are forwarded only when `dns.upstream` is
-//! set; otherwise they are REFUSED, whatever address the responder listens on.
+//! set, and only for clients on loopback or in `dns.allow` (default: the networks of this
+//! host's interfaces, read at start); everyone else gets REFUSED for them, whatever address
+//! the responder listens on. Answers inside the zone go to every client.
 //!
 //! **Binding.** An address that cannot be bound (port 53 without privilege, or taken) does not
 //! stop the agent, whose links and data plane work without DNS: it is logged as an error and
@@ -95,7 +97,7 @@ pub enum Outcome {
 
 /// The request path, bytes to bytes: parse, answer from `view`, encode within what the client
 /// accepts over `transport`. Pure, total, and never panics on any input.
-pub fn handle(packet: &[u8], transport: Transport, view: &View, authority: &Authority) -> Outcome {
+pub fn handle(packet: &[u8], transport: Transport, view: &View, authority: &Authority, may_forward: bool) -> Outcome {
     let small = match transport {
         Transport::Udp => wire::MIN_UDP_PAYLOAD,
         Transport::Tcp => u16::MAX,
@@ -107,6 +109,12 @@ pub fn handle(packet: &[u8], transport: Transport, view: &View, authority: &Auth
     };
     match authority.answer(&request, view) {
         Answer::Respond(r) => Outcome::Reply(r.encode(request.max_response(transport))),
+        Answer::Forward if !may_forward => {
+            // Not a client we resolve other names for: no open resolver.
+            let mut r = Response::to(&request);
+            r.metadata.response_code = ResponseCode::Refused;
+            Outcome::Reply(r.encode(request.max_response(transport)))
+        }
         Answer::Forward => {
             let mut r = Response::to(&request);
             r.metadata.recursion_available = true;
@@ -115,6 +123,70 @@ pub fn handle(packet: &[u8], transport: Transport, view: &View, authority: &Auth
                 servfail: r.encode(request.max_response(transport)),
             }
         }
+    }
+}
+
+/// Who may have names outside the zone forwarded: loopback always, plus `allow`.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardPolicy {
+    /// Client networks besides loopback (`dns.allow`, or this host's interface networks).
+    allow: Vec<ipnet::IpNet>,
+}
+
+impl ForwardPolicy {
+    /// A policy admitting loopback and `allow`.
+    pub fn new(allow: Vec<ipnet::IpNet>) -> Self {
+        ForwardPolicy { allow }
+    }
+
+    /// The networks of this host's (or pod's) interfaces, as `getifaddrs(3)` lists them: the
+    /// default for `dns.allow`. Empty if they cannot be read.
+    pub fn own_networks() -> Vec<ipnet::IpNet> {
+        let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+            return Vec::new();
+        };
+        let mut nets = Vec::new();
+        for a in addrs {
+            let (Some(addr), Some(mask)) = (a.address, a.netmask) else {
+                continue;
+            };
+            let net = match (
+                addr.as_sockaddr_in(),
+                mask.as_sockaddr_in(),
+                addr.as_sockaddr_in6(),
+                mask.as_sockaddr_in6(),
+            ) {
+                (Some(ip), Some(m), _, _) => {
+                    let prefix = u32::from(m.ip()).leading_ones() as u8;
+                    ipnet::IpNet::new(std::net::IpAddr::V4(ip.ip()), prefix).ok()
+                }
+                (_, _, Some(ip), Some(m)) => {
+                    let prefix = u128::from(m.ip()).leading_ones() as u8;
+                    ipnet::IpNet::new(std::net::IpAddr::V6(ip.ip()), prefix).ok()
+                }
+                _ => None,
+            };
+            if let Some(net) = net.map(|n| n.trunc())
+                && !nets.contains(&net)
+            {
+                nets.push(net);
+            }
+        }
+        nets
+    }
+
+    /// The networks admitted besides loopback.
+    pub fn allowed(&self) -> &[ipnet::IpNet] {
+        &self.allow
+    }
+
+    /// Whether `client`'s names outside the zone may be forwarded.
+    pub fn admits(&self, client: std::net::IpAddr) -> bool {
+        let client = match client {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        client.is_loopback() || self.allow.iter().any(|n| n.contains(&client))
     }
 }
 
@@ -304,8 +376,13 @@ impl Responder {
             })
             .collect();
         let authority = Authority::new(&config.zone, site, config.ttl, !upstream.is_empty())?;
+        let policy = ForwardPolicy::new(config.allow.clone().unwrap_or_else(ForwardPolicy::own_networks));
+        if !upstream.is_empty() {
+            info!(allow = ?policy.allowed(), "names outside the zone are forwarded for loopback and these networks only (dns.allow)");
+        }
         let shared = Arc::new(server::Shared {
             authority,
+            policy,
             views,
             upstream: upstream::Upstreams::new(upstream.clone()),
             stats: stats.clone(),
@@ -409,6 +486,64 @@ mod tests {
         h[2] = 0x80 | if truncated { 0x02 } else { 0 };
         h[3] = rcode;
         h
+    }
+
+    #[test]
+    fn forwarding_only_for_loopback_and_allowed_networks() {
+        let policy = ForwardPolicy::new(vec!["10.1.0.0/16".parse().unwrap(), "fd00::/8".parse().unwrap()]);
+        for ok in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "::1",
+            "10.1.2.3",
+            "::ffff:10.1.0.9",
+            "fd00::5",
+        ] {
+            assert!(policy.admits(ok.parse().unwrap()), "{ok}");
+        }
+        for no in ["10.2.0.1", "192.0.2.1", "2001:db8::1", "::ffff:192.0.2.1"] {
+            assert!(!policy.admits(no.parse().unwrap()), "{no}");
+        }
+        assert!(!ForwardPolicy::default().admits("10.1.2.3".parse().unwrap()));
+
+        // The same out-of-zone query: forwarded for an admitted client, REFUSED otherwise;
+        // in-zone names are answered for both.
+        use hickory_proto::op::{Message, Query};
+        use hickory_proto::rr::{Name, RecordType};
+        let authority = Authority::new("clusterset.local", "paris", 5, true).unwrap();
+        let view = View::default();
+        let ask = |name: &str, may_forward| {
+            let mut m = Message::query();
+            m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+            handle(&m.to_vec().unwrap(), Transport::Udp, &view, &authority, may_forward)
+        };
+        assert!(matches!(ask("example.com.", true), Outcome::Forward { .. }));
+        let Outcome::Reply(refused) = ask("example.com.", false) else {
+            panic!("not answered");
+        };
+        assert_eq!(
+            Message::from_vec(&refused).unwrap().metadata.response_code,
+            ResponseCode::Refused
+        );
+        for may_forward in [true, false] {
+            let Outcome::Reply(r) = ask("dns-version.clusterset.local.", may_forward) else {
+                panic!("in-zone not answered");
+            };
+            assert_eq!(
+                Message::from_vec(&r).unwrap().metadata.response_code,
+                ResponseCode::NoError
+            );
+        }
+    }
+
+    #[test]
+    fn own_networks_include_loopback() {
+        let nets = ForwardPolicy::own_networks();
+        assert!(
+            nets.iter()
+                .any(|n| n.contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap())),
+            "{nets:?}"
+        );
     }
 
     #[test]

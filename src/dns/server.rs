@@ -54,6 +54,8 @@ pub(crate) struct Shared {
     /// The mesh's views; each query reads the newest.
     pub views: watch::Receiver<Arc<View>>,
     pub upstream: Upstreams,
+    /// Who may have names outside the zone forwarded.
+    pub policy: super::ForwardPolicy,
     pub stats: Arc<Stats>,
     /// Bounds forwarded queries in flight.
     pub forwards: Arc<Semaphore>,
@@ -61,9 +63,9 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Runs one message through [`handle`] against the newest view, counting the outcome.
-    fn handle(&self, packet: &[u8], transport: Transport) -> Outcome {
+    fn handle(&self, packet: &[u8], transport: Transport, client: std::net::IpAddr) -> Outcome {
         let view = self.views.borrow().clone();
-        let outcome = handle(packet, transport, &view, &self.authority);
+        let outcome = handle(packet, transport, &view, &self.authority, self.policy.admits(client));
         if let Outcome::Reply(bytes) = &outcome {
             self.stats.reply(bytes);
         }
@@ -179,7 +181,7 @@ pub(crate) fn serve_udp(
             if client.port() == 0 {
                 continue;
             }
-            match shared.handle(query, Transport::Udp) {
+            match shared.handle(query, Transport::Udp, client.ip()) {
                 Outcome::Reply(bytes) => answers.push((bytes, client)),
                 Outcome::Forward { servfail } => {
                     let Ok(permit) = shared.forwards.clone().try_acquire_owned() else {
@@ -245,6 +247,9 @@ pub(crate) async fn serve_tcp(
 /// One TCP connection: length-prefixed queries in, length-prefixed answers out.
 async fn connection(stream: TcpStream, shared: Arc<Shared>, cancel: CancellationToken, tasks: TaskTracker) {
     let _ = stream.set_nodelay(true);
+    let Ok(client) = stream.peer_addr().map(|a| a.ip()) else {
+        return;
+    };
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_PIPELINE);
     let writer = async move {
@@ -275,7 +280,7 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, cancel: Cancellation
             if !matches!(timeout(TCP_IO, rd.read_exact(&mut message)).await, Ok(Ok(_))) {
                 break;
             }
-            match shared.handle(&message, Transport::Tcp) {
+            match shared.handle(&message, Transport::Tcp, client) {
                 Outcome::Reply(bytes) => {
                     if tx.send(bytes).await.is_err() {
                         break;
