@@ -667,3 +667,30 @@ fn names_outside_the_zone_are_forwarded_only_for_allowed_clients() {
     assert!(out.contains("\tA\t192.0.2.7"), "{out}");
     drop(s);
 }
+
+/// Issue 16 (6): `dns.upstream` naming the responder itself (here by the host's WAN address
+/// while listening on 0.0.0.0) is recognised and ignored with a warning, instead of each
+/// query being forwarded to itself until the forwarding bound.
+#[test]
+fn an_upstream_pointing_at_the_responder_itself_is_refused() {
+    let Some(net) = Net::new(&["london"]) else {
+        return;
+    };
+    if !require(&["dig"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let own = format!("{}:5353", net.wan_addr("london"));
+    let s = sites(dir.path(), &net, &["london"], |site| {
+        set_dns(site, "0.0.0.0:5353", &[own.as_str()]);
+    });
+    let out = dig(&net, "london", &["www.example.org", "A"]);
+    assert!(out.contains("status: REFUSED"), "{out}");
+    let status: serde_json::Value = serde_json::from_str(&s[0].ok(&["status", "-o", "json"])).unwrap();
+    assert_eq!(status["dns"]["forwarded"], 0, "{status}");
+    assert!(
+        s[0].log_text().contains("is this responder itself"),
+        "{}",
+        s[0].log_text()
+    );
+}

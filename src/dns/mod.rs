@@ -126,6 +126,18 @@ pub fn handle(packet: &[u8], transport: Transport, view: &View, authority: &Auth
     }
 }
 
+/// Whether upstream `u` is this responder itself: one of the addresses it is bound to, or,
+/// for a wildcard binding on `u`'s port, any address of this host (`own`) or loopback.
+/// Forwarding there would send every query back to ourselves until the forwarding bound.
+fn is_self(u: &SocketAddr, bound: &[SocketAddr], own: &[std::net::IpAddr]) -> bool {
+    bound.iter().any(|b| {
+        b == u
+            || (b.port() == u.port()
+                && b.ip().is_unspecified()
+                && (u.ip().is_loopback() || u.ip().is_unspecified() || own.contains(&u.ip())))
+    })
+}
+
 /// Who may have names outside the zone forwarded: loopback always, plus `allow`.
 #[derive(Debug, Clone, Default)]
 pub struct ForwardPolicy {
@@ -173,6 +185,21 @@ impl ForwardPolicy {
             }
         }
         nets
+    }
+
+    /// The addresses of this host's (or pod's) interfaces.
+    pub fn own_addresses() -> Vec<std::net::IpAddr> {
+        let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+            return Vec::new();
+        };
+        addrs
+            .filter_map(|a| a.address)
+            .filter_map(|a| {
+                a.as_sockaddr_in()
+                    .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                    .or_else(|| a.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip())))
+            })
+            .collect()
     }
 
     /// The networks admitted besides loopback.
@@ -361,14 +388,13 @@ impl Responder {
                 }
             }
         }
+        let own = ForwardPolicy::own_addresses();
         let upstream: Vec<SocketAddr> = config
             .upstream
             .iter()
             .copied()
             .filter(|u| {
-                let ours = bound
-                    .iter()
-                    .any(|b| b == u || (b.port() == u.port() && b.ip().is_unspecified() && u.ip().is_loopback()));
+                let ours = is_self(u, &bound, &own);
                 if ours {
                     warn!(upstream = %u, "dns.upstream {u} is this responder itself; ignoring it (it would loop)");
                 }
@@ -534,6 +560,21 @@ mod tests {
                 ResponseCode::NoError
             );
         }
+    }
+
+    #[test]
+    fn an_upstream_that_is_this_responder_is_recognised() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let own: Vec<std::net::IpAddr> = vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+        let wildcard = [a("0.0.0.0:5353")];
+        assert!(is_self(&a("127.0.0.1:5353"), &wildcard, &own));
+        assert!(is_self(&a("10.0.0.5:5353"), &wildcard, &own));
+        assert!(!is_self(&a("10.0.0.5:53"), &wildcard, &own));
+        assert!(!is_self(&a("10.0.0.6:5353"), &wildcard, &own));
+        let specific = [a("10.0.0.5:5353")];
+        assert!(is_self(&a("10.0.0.5:5353"), &specific, &own));
+        assert!(!is_self(&a("127.0.0.1:5353"), &specific, &own));
+        assert!(is_self(&a("[fd00::5]:5353"), &[a("[::]:5353")], &own));
     }
 
     #[test]
