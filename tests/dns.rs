@@ -694,3 +694,29 @@ fn an_upstream_pointing_at_the_responder_itself_is_refused() {
         s[0].log_text()
     );
 }
+
+/// Issue 16 (2): clients that hold TCP connections open (300 here, past the table's 256) do
+/// not lock out a client that asks: a full table closes the idlest connection for the new one.
+#[test]
+fn idle_tcp_connections_cannot_lock_out_tcp_queries() {
+    let Some(net) = Net::new(&["london"]) else {
+        return;
+    };
+    if !require(&["dig"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _s = sites(dir.path(), &net, &["london"], |_| {});
+    let held: Vec<std::net::TcpStream> = net.run_in("london", || {
+        (0..300)
+            .filter_map(|_| std::net::TcpStream::connect("127.0.0.1:5353").ok())
+            .collect()
+    });
+    assert!(held.len() >= 256, "only {} connections opened", held.len());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for _ in 0..3 {
+        let out = dig(&net, "london", &["+tcp", &format!("dns-version.{ZONE}"), "TXT"]);
+        assert!(out.contains("status: NOERROR") && out.contains("1.0.0"), "{out}");
+    }
+    drop(held);
+}

@@ -13,11 +13,12 @@
 //! forwarded, and answers are written as they are ready, so one slow upstream does not hold
 //! up zone answers on the same connection.
 
+use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,7 +36,7 @@ use crate::catalog::View;
 
 /// Forwarded queries in flight at once, over all sockets.
 pub const MAX_FORWARDS: usize = 1024;
-/// Open TCP connections per address.
+/// Open TCP connections per address; a new one past this closes the idlest.
 pub const MAX_TCP_CONNECTIONS: usize = 256;
 /// A TCP connection with no query for this long is closed (RFC 7766 §6.2.3 suggests seconds).
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
@@ -215,7 +216,7 @@ pub(crate) async fn serve_tcp(
     cancel: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let connections = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    let table = Arc::new(Mutex::new(ConnTable::new(MAX_TCP_CONNECTIONS)));
     loop {
         let (stream, client) = tokio::select! {
             r = listener.accept() => match r {
@@ -229,23 +230,101 @@ pub(crate) async fn serve_tcp(
             },
             _ = cancel.cancelled() => return,
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
+        // A full table closes its idlest connection for the new one: clients that hold
+        // connections open with rare queries cannot lock out the ones that ask.
+        let conn_cancel = cancel.child_token();
+        let (id, evicted) = lock(&table).admit(Instant::now(), conn_cancel.clone());
+        if let Some(evicted) = evicted {
             shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        let (shared, cancel, inner) = (shared.clone(), cancel.clone(), tasks.clone());
+            debug!(%client, "TCP connection table full: closed the idlest connection");
+            evicted.cancel();
+        }
+        let (shared, inner, table) = (shared.clone(), tasks.clone(), table.clone());
         tasks.spawn(
             async move {
-                connection(stream, shared, cancel, inner).await;
-                drop(permit);
+                connection(stream, shared, conn_cancel, inner, &table, id).await;
+                lock(&table).remove(id);
             }
             .instrument(debug_span!("dns_tcp", %client)),
         );
     }
 }
 
+fn lock(table: &Mutex<ConnTable>) -> std::sync::MutexGuard<'_, ConnTable> {
+    table.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The open TCP connections of one listener, by id, with when each last asked something:
+/// admitting one into a full table evicts the one idle longest (RFC 7766 §6.2.2: servers may
+/// close idle connections to make room). Plain data: times are passed in.
+pub(crate) struct ConnTable {
+    /// Most connections held at once.
+    cap: usize,
+    /// The id the next connection gets.
+    next: u64,
+    /// Last activity and the token that closes it, by id.
+    conns: HashMap<u64, (Instant, CancellationToken)>,
+}
+
+impl ConnTable {
+    /// An empty table holding at most `cap` connections.
+    pub(crate) fn new(cap: usize) -> Self {
+        ConnTable {
+            cap,
+            next: 0,
+            conns: HashMap::new(),
+        }
+    }
+
+    /// Admits a connection opened at `now`, closed through `cancel`; returns its id and, when
+    /// the table was full, the token of the idlest connection, which the caller cancels (it is
+    /// out of the table already).
+    pub(crate) fn admit(&mut self, now: Instant, cancel: CancellationToken) -> (u64, Option<CancellationToken>) {
+        let evicted = if self.conns.len() >= self.cap {
+            let idlest = self
+                .conns
+                .iter()
+                .min_by_key(|(id, (at, _))| (*at, **id))
+                .map(|(id, _)| *id);
+            idlest.and_then(|id| self.conns.remove(&id)).map(|(_, token)| token)
+        } else {
+            None
+        };
+        let id = self.next;
+        self.next += 1;
+        self.conns.insert(id, (now, cancel));
+        (id, evicted)
+    }
+
+    /// Connection `id` asked something at `now`.
+    pub(crate) fn touch(&mut self, id: u64, now: Instant) {
+        if let Some((at, _)) = self.conns.get_mut(&id) {
+            *at = now;
+        }
+    }
+
+    /// Connection `id` is closed.
+    pub(crate) fn remove(&mut self, id: u64) {
+        self.conns.remove(&id);
+    }
+
+    /// Connections held.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.conns.len()
+    }
+}
+
 /// One TCP connection: length-prefixed queries in, length-prefixed answers out.
-async fn connection(stream: TcpStream, shared: Arc<Shared>, cancel: CancellationToken, tasks: TaskTracker) {
+async fn connection(
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    table: &Mutex<ConnTable>,
+    id: u64,
+) {
+    let closed = cancel.clone();
     let _ = stream.set_nodelay(true);
     let Ok(client) = stream.peer_addr().map(|a| a.ip()) else {
         return;
@@ -280,6 +359,7 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, cancel: Cancellation
             if !matches!(timeout(TCP_IO, rd.read_exact(&mut message)).await, Ok(Ok(_))) {
                 break;
             }
+            lock(table).touch(id, Instant::now());
             match shared.handle(&message, Transport::Tcp, client) {
                 Outcome::Reply(bytes) => {
                     if tx.send(bytes).await.is_err() {
@@ -311,5 +391,43 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>, cancel: Cancellation
             }
         }
     };
-    tokio::join!(reader, writer);
+    tokio::select! {
+        _ = async { tokio::join!(reader, writer) } => {}
+        // Evicted or shutting down: a writer stuck on a client that does not read goes too.
+        _ = closed.cancelled() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_table_evicts_the_idlest_connection() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut table = ConnTable::new(3);
+        let tokens: Vec<CancellationToken> = (0..3).map(|_| CancellationToken::new()).collect();
+        let ids: Vec<u64> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let (id, evicted) = table.admit(t0 + s * i as u32, t.clone());
+                assert!(evicted.is_none());
+                id
+            })
+            .collect();
+        // The oldest one asks something: the second becomes the idlest.
+        table.touch(ids[0], t0 + 10 * s);
+        let (_, evicted) = table.admit(t0 + 11 * s, CancellationToken::new());
+        let evicted = evicted.expect("full: one evicted");
+        evicted.cancel();
+        assert!(tokens[1].is_cancelled() && !tokens[0].is_cancelled() && !tokens[2].is_cancelled());
+        assert_eq!(table.len(), 3);
+        // A closed connection frees its place.
+        table.remove(ids[2]);
+        let (_, evicted) = table.admit(t0 + 12 * s, CancellationToken::new());
+        assert!(evicted.is_none());
+        assert_eq!(table.len(), 3);
+    }
 }
