@@ -720,3 +720,33 @@ fn idle_tcp_connections_cannot_lock_out_tcp_queries() {
     }
     drop(held);
 }
+
+/// Issue 16 (5): with `dns.listen` on 0.0.0.0, a query sent to another address of the host (a
+/// second loopback address, the WAN address) is answered from that address, which dig
+/// requires (it drops "reply from unexpected source").
+#[test]
+fn a_wildcard_listener_answers_from_the_address_queried() {
+    let Some(net) = Net::new(&["london"]) else {
+        return;
+    };
+    if !require(&["dig"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _s = sites(dir.path(), &net, &["london"], |site| set_dns(site, "0.0.0.0:5353", &[]));
+    let wan = net.wan_addr("london").to_string();
+    for server in ["127.0.0.5", "127.0.0.1", wan.as_str()] {
+        let out = net
+            .exec("london")
+            .args(["dig", &format!("@{server}"), "-p", "5353", "+time=2", "+tries=1"])
+            .args([&format!("dns-version.{ZONE}"), "TXT"])
+            .output()
+            .expect("run dig");
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.contains("status: NOERROR") && out.contains("1.0.0"),
+            "asking {server}:\n{out}"
+        );
+        assert!(out.contains(&format!("SERVER: {server}#5353")), "{out}");
+    }
+}

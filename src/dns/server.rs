@@ -128,7 +128,12 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER);
     socket.set_read_timeout(Some(UDP_POLL))?;
     socket.bind(&addr.into())?;
-    Ok(socket.into())
+    let socket: std::net::UdpSocket = socket.into();
+    if addr.ip().is_unspecified() {
+        // Replies must leave from the address each query was sent to (batch.rs).
+        batch::enable_pktinfo(&socket, addr.is_ipv6())?;
+    }
+    Ok(socket)
 }
 
 fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -152,7 +157,8 @@ pub(crate) fn serve_udp(
     runtime: tokio::runtime::Handle,
     tasks: TaskTracker,
 ) {
-    let mut batch = Batch::new();
+    let wildcard = socket.local_addr().is_ok_and(|a| a.ip().is_unspecified());
+    let mut batch = Batch::new(wildcard);
     let mut answers = Vec::with_capacity(batch::BATCH);
     while !cancel.is_cancelled() {
         let n = match batch.recv(&socket) {
@@ -174,7 +180,7 @@ pub(crate) fn serve_udp(
         };
         answers.clear();
         for i in 0..n {
-            let Some((query, client)) = batch.get(i) else {
+            let Some((query, client, local)) = batch.get(i) else {
                 // Longer than any query, or from an address family we do not answer.
                 shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -183,7 +189,7 @@ pub(crate) fn serve_udp(
                 continue;
             }
             match shared.handle(query, Transport::Udp, client.ip()) {
-                Outcome::Reply(bytes) => answers.push((bytes, client)),
+                Outcome::Reply(bytes) => answers.push((bytes, client, local)),
                 Outcome::Forward { servfail } => {
                     let Ok(permit) = shared.forwards.clone().try_acquire_owned() else {
                         shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -195,7 +201,7 @@ pub(crate) fn serve_udp(
                         async move {
                             let answer = shared.forward(&query, false, servfail).await;
                             drop(permit);
-                            if let Err(e) = socket.send_to(&answer, client) {
+                            if let Err(e) = batch::send_from(&socket, &answer, client, local) {
                                 debug!(error = %e, %client, "sending a forwarded answer failed");
                             }
                         },
