@@ -750,3 +750,59 @@ fn a_wildcard_listener_answers_from_the_address_queried() {
         assert!(out.contains(&format!("SERVER: {server}#5353")), "{out}");
     }
 }
+
+/// Issue 16 (3): unbound with a stub zone for clusterset.local and `stub-prime: yes` (it asks
+/// the apex for NS, then the NS name's address, before anything else) resolves clusterset
+/// names through the agent; without NS at the apex it SERVFAILs every name.
+#[test]
+fn unbound_with_a_primed_stub_zone_resolves_clusterset_names() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    if !require(&["dig", "unbound"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Port 53: a primed stub zone asks the NS name's address, on the standard port.
+    let s = sites(dir.path(), &net, &["london", "paris"], |site| {
+        if site.name == "paris" {
+            set_dns(site, "127.0.0.1:53", &[]);
+        }
+    });
+    let (london, paris) = (&s[0], &s[1]);
+    london.link_spoke(dir.path(), paris, 1);
+    export(london, "etcd", "[{name: client, port: 2379}]", &[("etcd-0", POD, true)]);
+    let l0 = vip_of(&wait_ready(paris, "etcd", 1), "london", "etcd-0");
+    let ask = |name: &str| {
+        let out = net
+            .exec("paris")
+            .args(["dig", "@127.0.0.2", "+time=2", "+tries=1", name, "A"])
+            .output()
+            .expect("run dig");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let conf = dir.path().join("unbound.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server:\n  interface: 127.0.0.2\n  port: 53\n  do-daemonize: no\n  use-syslog: no\n  chroot: \"\"\n  \
+             username: \"\"\n  pidfile: \"\"\n  directory: \"{dir}\"\n  do-not-query-localhost: no\n  \
+             module-config: \"iterator\"\n  domain-insecure: \"{ZONE}\"\n  local-zone: \"local.\" nodefault\n  \
+             access-control: 127.0.0.0/8 allow\nstub-zone:\n  name: \"{ZONE}\"\n  stub-addr: 127.0.0.1@53\n  \
+             stub-prime: yes\nremote-control:\n  control-enable: no\n",
+            dir = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let _unbound = net.spawn("paris", &["unbound", "-d", "-c", conf.to_str().unwrap()]);
+    let name = format!("etcd-0.london.etcd.default.svc.{ZONE}");
+    let mut out = String::new();
+    let ok = wait_for(Duration::from_secs(10), || {
+        out = ask(&name);
+        out.contains("status: NOERROR")
+    });
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("IN A\t{l0}")), "{out}");
+    let out = ask(&format!("nope.default.svc.{ZONE}"));
+    assert!(out.contains("status: NXDOMAIN"), "{out}");
+}

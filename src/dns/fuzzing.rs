@@ -123,7 +123,11 @@ pub fn exercise(data: &[u8]) {
     let f = fixture();
     for authority in &f.authorities {
         for (transport, may_forward) in [(Transport::Udp, true), (Transport::Tcp, true), (Transport::Udp, false)] {
-            let reply = match handle(data, transport, &f.view, authority, may_forward) {
+            let asker = crate::dns::Asker {
+                may_forward,
+                server: Some(std::net::IpAddr::from([127, 0, 0, 1])),
+            };
+            let reply = match handle(data, transport, &f.view, authority, asker) {
                 Outcome::Reply(bytes) => bytes,
                 Outcome::Forward { servfail } => {
                     assert!(authority.forwards(), "forwarded without an upstream");
@@ -295,7 +299,10 @@ mod micro {
                     Transport::Udp,
                     &f.view,
                     &f.authorities[0],
-                    true,
+                    crate::dns::Asker {
+                        may_forward: true,
+                        server: None,
+                    },
                 )))
             });
         }

@@ -97,19 +97,20 @@ pub enum Outcome {
 
 /// The request path, bytes to bytes: parse, answer from `view`, encode within what the client
 /// accepts over `transport`. Pure, total, and never panics on any input.
-pub fn handle(packet: &[u8], transport: Transport, view: &View, authority: &Authority, may_forward: bool) -> Outcome {
+pub fn handle(packet: &[u8], transport: Transport, view: &View, authority: &Authority, asker: Asker) -> Outcome {
     let small = match transport {
         Transport::Udp => wire::MIN_UDP_PAYLOAD,
         Transport::Tcp => u16::MAX,
     };
-    let request = match Request::parse(packet) {
+    let mut request = match Request::parse(packet) {
         Ok(r) => r,
         Err(wire::Rejected::Drop(_)) => return Outcome::Drop,
         Err(wire::Rejected::Respond(r)) => return Outcome::Reply(r.encode(small)),
     };
+    request.server = asker.server;
     match authority.answer(&request, view) {
         Answer::Respond(r) => Outcome::Reply(r.encode(request.max_response(transport))),
-        Answer::Forward if !may_forward => {
+        Answer::Forward if !asker.may_forward => {
             // Not a client we resolve other names for: no open resolver.
             let mut r = Response::to(&request);
             r.metadata.response_code = ResponseCode::Refused;
@@ -124,6 +125,16 @@ pub fn handle(packet: &[u8], transport: Transport, view: &View, authority: &Auth
             }
         }
     }
+}
+
+/// Who asked, as far as answering depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asker {
+    /// Whether names outside the zone may be forwarded for it ([`ForwardPolicy::admits`]).
+    pub may_forward: bool,
+    /// The responder's address the query was sent to, if known: what the zone's NS name
+    /// resolves to for this asker.
+    pub server: Option<std::net::IpAddr>,
 }
 
 /// Whether upstream `u` is this responder itself: one of the addresses it is bound to, or,
@@ -401,7 +412,8 @@ impl Responder {
                 !ours
             })
             .collect();
-        let authority = Authority::new(&config.zone, site, config.ttl, !upstream.is_empty())?;
+        let authority = Authority::new(&config.zone, site, config.ttl, !upstream.is_empty())?
+            .with_ns_addrs(bound.iter().map(|b| b.ip()));
         let policy = ForwardPolicy::new(config.allow.clone().unwrap_or_else(ForwardPolicy::own_networks));
         if !upstream.is_empty() {
             info!(allow = ?policy.allowed(), "names outside the zone are forwarded for loopback and these networks only (dns.allow)");
@@ -541,7 +553,11 @@ mod tests {
         let ask = |name: &str, may_forward| {
             let mut m = Message::query();
             m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
-            handle(&m.to_vec().unwrap(), Transport::Udp, &view, &authority, may_forward)
+            let asker = Asker {
+                may_forward,
+                server: None,
+            };
+            handle(&m.to_vec().unwrap(), Transport::Udp, &view, &authority, asker)
         };
         assert!(matches!(ask("example.com.", true), Outcome::Forward { .. }));
         let Outcome::Reply(refused) = ask("example.com.", false) else {

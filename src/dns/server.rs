@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ use tracing::{Instrument, debug, debug_span};
 
 use super::batch::{self, Batch};
 use super::upstream::Upstreams;
-use super::{Authority, DnsError, Outcome, Stats, Transport, handle};
+use super::{Asker, Authority, DnsError, Outcome, Stats, Transport, handle};
 use crate::catalog::View;
 
 /// Forwarded queries in flight at once, over all sockets.
@@ -64,9 +64,13 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Runs one message through [`handle`] against the newest view, counting the outcome.
-    fn handle(&self, packet: &[u8], transport: Transport, client: std::net::IpAddr) -> Outcome {
+    fn handle(&self, packet: &[u8], transport: Transport, client: IpAddr, server: Option<IpAddr>) -> Outcome {
         let view = self.views.borrow().clone();
-        let outcome = handle(packet, transport, &view, &self.authority, self.policy.admits(client));
+        let asker = Asker {
+            may_forward: self.policy.admits(client),
+            server,
+        };
+        let outcome = handle(packet, transport, &view, &self.authority, asker);
         if let Outcome::Reply(bytes) = &outcome {
             self.stats.reply(bytes);
         }
@@ -157,7 +161,8 @@ pub(crate) fn serve_udp(
     runtime: tokio::runtime::Handle,
     tasks: TaskTracker,
 ) {
-    let wildcard = socket.local_addr().is_ok_and(|a| a.ip().is_unspecified());
+    let bound = socket.local_addr().ok().map(|a| a.ip());
+    let wildcard = bound.is_some_and(|a| a.is_unspecified());
     let mut batch = Batch::new(wildcard);
     let mut answers = Vec::with_capacity(batch::BATCH);
     while !cancel.is_cancelled() {
@@ -188,7 +193,7 @@ pub(crate) fn serve_udp(
             if client.port() == 0 {
                 continue;
             }
-            match shared.handle(query, Transport::Udp, client.ip()) {
+            match shared.handle(query, Transport::Udp, client.ip(), local.or(bound)) {
                 Outcome::Reply(bytes) => answers.push((bytes, client, local)),
                 Outcome::Forward { servfail } => {
                     let Ok(permit) = shared.forwards.clone().try_acquire_owned() else {
@@ -335,6 +340,7 @@ async fn connection(
     let Ok(client) = stream.peer_addr().map(|a| a.ip()) else {
         return;
     };
+    let server = stream.local_addr().ok().map(|a| a.ip());
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_PIPELINE);
     let writer = async move {
@@ -366,7 +372,7 @@ async fn connection(
                 break;
             }
             lock(table).touch(id, Instant::now());
-            match shared.handle(&message, Transport::Tcp, client) {
+            match shared.handle(&message, Transport::Tcp, client, server) {
                 Outcome::Reply(bytes) => {
                     if tx.send(bytes).await.is_err() {
                         break;

@@ -50,6 +50,9 @@ pub struct Request {
     /// The client's OPT record, if any: its presence allows an OPT in the response and its
     /// payload size bounds UDP answers.
     pub edns: Option<Edns>,
+    /// The responder's address the query was sent to, when known (set by the server, not
+    /// parsed): the address the zone's NS name resolves to for this asker.
+    pub server: Option<std::net::IpAddr>,
 }
 
 /// Why a request gets no regular answer.
@@ -104,6 +107,7 @@ impl Request {
                         metadata,
                         query,
                         edns: Some(edns),
+                        server: None,
                     });
                 }
                 Ok(_) => {}
@@ -114,6 +118,7 @@ impl Request {
             metadata,
             query,
             edns: None,
+            server: None,
         })
     }
 

@@ -9,7 +9,8 @@
 //!
 //! | name | records |
 //! |---|---|
-//! | `<zone>` | SOA |
+//! | `<zone>` | SOA, NS `ns.dns.<zone>` (so resolvers that prime a stub zone, unbound's `stub-prime` and BIND's stub zones, find the server) |
+//! | `ns.dns.<zone>` | A/AAAA: the responder's address the query was sent to (or its configured `dns.listen` addresses) |
 //! | `dns-version.<zone>` | TXT `"1.0.0"` |
 //! | `<svc>.<ns>.svc.<zone>` | A/AAAA of every answerable endpoint, in every site |
 //! | `<host>.<site>.<svc>.<ns>.svc.<zone>` | A/AAAA of that endpoint |
@@ -37,7 +38,7 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hickory_proto::op::{Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA, SRV, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, NS, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
 use super::DnsError;
@@ -78,6 +79,11 @@ pub struct Authority {
     forward: bool,
     /// The zone's SOA record, for the authority section of negative answers.
     soa: Record,
+    /// The zone's name server, `ns.dns.<zone>` (also the SOA's MNAME).
+    ns: Name,
+    /// Addresses `ns` resolves to when the address a query was sent to is not known (the
+    /// specific addresses of `dns.listen`).
+    ns_addrs: Vec<IpAddr>,
 }
 
 impl Authority {
@@ -100,15 +106,8 @@ impl Authority {
                 .and_then(|n| n.append_domain(&apex))
                 .map_err(|e| invalid(e.to_string()))
         };
-        let soa = SOA::new(
-            sub(&[b"ns", b"dns"])?,
-            sub(&[b"hostmaster"])?,
-            1,
-            7200,
-            1800,
-            86400,
-            ttl,
-        );
+        let ns = sub(&[b"ns", b"dns"])?;
+        let soa = SOA::new(ns.clone(), sub(&[b"hostmaster"])?, 1, 7200, 1800, 86400, ttl);
         Ok(Authority {
             zone_labels: apex.iter().len(),
             soa: Record::from_rdata(apex.clone(), ttl, RData::SOA(soa)),
@@ -116,7 +115,16 @@ impl Authority {
             site: site.to_string(),
             ttl,
             forward,
+            ns,
+            ns_addrs: Vec::new(),
         })
+    }
+
+    /// Sets the addresses the zone's NS name resolves to when a query's own destination is
+    /// not known; unspecified addresses (wildcard listeners) are left out.
+    pub fn with_ns_addrs(mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Self {
+        self.ns_addrs = addrs.into_iter().filter(|a| !a.is_unspecified()).collect();
+        self
     }
 
     /// The zone apex.
@@ -145,7 +153,7 @@ impl Authority {
                 response.metadata.response_code = ResponseCode::Refused;
             } else {
                 response.metadata.authoritative = true;
-                self.in_zone(query, view, &mut response);
+                self.in_zone(query, view, request.server, &mut response);
             }
             return Answer::Respond(response);
         }
@@ -171,7 +179,7 @@ impl Authority {
     }
 
     /// Fills `response` for a name inside the zone.
-    fn in_zone(&self, query: &Query, view: &View, response: &mut Response) {
+    fn in_zone(&self, query: &Query, view: &View, server: Option<IpAddr>, response: &mut Response) {
         // No name in the zone has more than five labels below the apex.
         let depth = query.name().iter().len().saturating_sub(self.zone_labels);
         let mut below: [&[u8]; 5] = [&[]; 5];
@@ -179,7 +187,7 @@ impl Authority {
             *slot = label;
         }
         let node = match below.get(..depth) {
-            Some(below) => self.node(below, query.name(), view),
+            Some(below) => self.node(below, query.name(), view, server),
             None => Node::Missing,
         };
         match node {
@@ -195,7 +203,7 @@ impl Authority {
                     .collect();
                 if response.answers.is_empty() {
                     response.authorities.push(self.soa.clone());
-                } else if matches!(qtype, RecordType::SRV | RecordType::ANY) {
+                } else if matches!(qtype, RecordType::SRV | RecordType::NS | RecordType::ANY) {
                     response.additionals = glue;
                 }
             }
@@ -203,10 +211,25 @@ impl Authority {
     }
 
     /// The records at the name whose labels below the apex are `below` (left to right).
-    fn node(&self, below: &[&[u8]], owner: &Name, view: &View) -> Node {
+    fn node(&self, below: &[&[u8]], owner: &Name, view: &View, server: Option<IpAddr>) -> Node {
         let exists = |yes: bool| if yes { Node::empty() } else { Node::Missing };
+        // The name server's addresses: the one this query reached, else the configured ones.
+        let ns_addrs = || -> Vec<IpAddr> {
+            match server.filter(|a| !a.is_unspecified()) {
+                Some(a) => vec![a],
+                None => self.ns_addrs.clone(),
+            }
+        };
         match below {
-            [] => Node::with(vec![self.soa.clone()]),
+            [] => Node::Exists {
+                records: vec![
+                    self.soa.clone(),
+                    Record::from_rdata(owner.clone(), self.ttl, RData::NS(NS(self.ns.clone()))),
+                ],
+                glue: self.address_records(&self.ns, ns_addrs().into_iter()),
+            },
+            [l] if eq(l, "dns") => Node::empty(),
+            [n, l] if eq(n, "ns") && eq(l, "dns") => Node::with(self.address_records(owner, ns_addrs().into_iter())),
             [l] if eq(l, "dns-version") => Node::with(vec![Record::from_rdata(
                 owner.clone(),
                 self.ttl,
@@ -728,6 +751,40 @@ mod tests {
             ["ns.dns.clusterset.local. hostmaster.clusterset.local. 1 7200 1800 86400 5"]
         );
         assert_negative(&ask("clusterset.local.", RecordType::A), ResponseCode::NoError);
+    }
+
+    #[test]
+    fn the_apex_has_ns_and_the_ns_name_resolves() {
+        // Resolvers that prime a stub zone (unbound stub-prime, BIND stub zones) ask the apex
+        // for NS, then the NS name for its address.
+        let configured = auth("paris", false).with_ns_addrs(["0.0.0.0".parse().unwrap(), "127.0.0.1".parse().unwrap()]);
+        let v = view();
+        let r = ask_with(&configured, &v, "clusterset.local.", RecordType::NS);
+        assert!(r.metadata.authoritative);
+        assert_eq!(rdata(&r), ["ns.dns.clusterset.local."]);
+        let glue: Vec<String> = r.additionals.iter().map(|a| format!("{} {}", a.name, a.data)).collect();
+        assert_eq!(glue, ["ns.dns.clusterset.local. 127.0.0.1"]);
+        let r = ask_with(&configured, &v, "ns.dns.clusterset.local.", RecordType::A);
+        assert_eq!(rdata(&r), ["127.0.0.1"]);
+        assert_negative(
+            &ask_with(&configured, &v, "ns.dns.clusterset.local.", RecordType::AAAA),
+            ResponseCode::NoError,
+        );
+        assert_negative(
+            &ask_with(&configured, &v, "dns.clusterset.local.", RecordType::A),
+            ResponseCode::NoError,
+        );
+        // The address the query was sent to wins (a wildcard listener answers with it).
+        let mut req = request("ns.dns.clusterset.local.", RecordType::A);
+        req.server = Some("10.9.0.53".parse().unwrap());
+        let Answer::Respond(r) = configured.answer(&req, &v) else {
+            panic!()
+        };
+        assert_eq!(rdata(&r), ["10.9.0.53"]);
+        // ANY at the apex has SOA and NS.
+        let r = ask("clusterset.local.", RecordType::ANY);
+        let types: Vec<RecordType> = r.answers.iter().map(|a| a.record_type()).collect();
+        assert_eq!(types, [RecordType::SOA, RecordType::NS]);
     }
 
     #[test]
