@@ -28,6 +28,7 @@ use crate::link::{Established, LinkHandler, LinkRecord, LinkState, Links, Role, 
 use crate::mesh::{Mesh, VipStore};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ALPN_LINK, ALPN_REDEEM, Control, close};
+use crate::readiness::{LinkFacts, Readiness};
 use crate::state::{StateDir, rfc3339};
 use crate::token::{GrantStore, Token};
 use crate::vips::{VipAllocator, VipRange, VipTable};
@@ -323,10 +324,19 @@ impl Agent {
                 .await
                 .with_context(|| format!("binding the metrics address {addr} (metrics)"))?;
             info!(metrics = %listener.local_addr().unwrap_or(addr), "serving Prometheus metrics at /metrics");
+            // A weak handle: the metrics task must not keep the agent alive.
+            let me = Arc::downgrade(&agent);
+            let ready: crate::metrics::ReadyFn = Arc::new(move || match me.upgrade() {
+                Some(agent) => agent.readiness(),
+                None => Readiness {
+                    ready: false,
+                    reason: "the agent is shutting down".into(),
+                },
+            });
             agent.tasks.spawn(crate::metrics::serve(
                 listener,
                 agent.metrics.clone(),
-                Arc::new(|| true),
+                ready,
                 agent.shutdown.clone(),
             ));
         }
@@ -569,7 +579,25 @@ impl Agent {
         }))
     }
 
+    /// Whether the agent has a catalogue to answer from ([`crate::readiness`]): `/readyz`
+    /// and `causeway status`.
+    pub fn readiness(&self) -> Readiness {
+        let heard = self.mesh.links_heard();
+        let facts: Vec<LinkFacts> = self
+            .links
+            .list()
+            .into_iter()
+            .map(|l| LinkFacts {
+                heard: heard.contains(&l.name),
+                name: l.name,
+                state: l.state,
+            })
+            .collect();
+        crate::readiness::assess(self.mesh.is_member(), &facts)
+    }
+
     async fn status(&self) -> serde_json::Value {
+        let readiness = self.readiness();
         let links = self.links.list();
         let view = self.mesh.view();
         let up = links.iter().filter(|l| l.state == LinkState::Up).count();
@@ -580,6 +608,8 @@ impl Agent {
             "state_dir": self.state.root.display().to_string(),
             "started": rfc3339::format(self.started),
             "uptime_secs": self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+            "ready": readiness.ready,
+            "ready_reason": readiness.reason,
             "links": links,
             "vips": {
                 "cidr": self.mesh.range().cidr().to_string(),

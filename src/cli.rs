@@ -650,6 +650,15 @@ fn status_table(data: &serde_json::Value) -> String {
             .unwrap_or_default(),
         data["started"].as_str().unwrap_or("?"),
     );
+    out.push_str(&format!(
+        "ready     {} ({})\n",
+        if data["ready"].as_bool() == Some(true) {
+            "yes"
+        } else {
+            "no"
+        },
+        data["ready_reason"].as_str().unwrap_or("?"),
+    ));
     if let Some(c) = data["counters"].as_object() {
         let counters: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();
         out.push_str(&format!("counters  {}\n\n", counters.join(" ")));
