@@ -128,6 +128,8 @@ pub struct Agent {
     pub config: Config,
     /// Its state directory.
     pub state: StateDir,
+    /// Where its admin socket is bound ([`StateDir::bind_admin_socket`]).
+    pub admin_socket: std::path::PathBuf,
     /// Our certificates.
     identity: Arc<SiteIdentity>,
     /// The one QUIC endpoint (links and redemptions, in and out).
@@ -297,13 +299,14 @@ impl Agent {
             links: links.clone(),
             vips_cidr,
         });
-        let socket_path = state.admin_socket();
+        let socket_path = state.bind_admin_socket().context("placing the admin socket")?;
         let listener = admin::bind(&socket_path)
             .await
             .with_context(|| format!("binding the admin socket {}", socket_path.display()))?;
         let agent = Arc::new(Agent {
             config,
             state,
+            admin_socket: socket_path.clone(),
             identity,
             endpoint,
             local_addr,
@@ -648,7 +651,7 @@ impl Agent {
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(3), self.tasks.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
-        let _ = std::fs::remove_file(self.state.admin_socket());
+        let _ = std::fs::remove_file(&self.admin_socket);
         info!("stopped");
     }
 }

@@ -350,7 +350,12 @@ async fn resolve(
 }
 
 async fn call(state: &StateDir, req: Request) -> anyhow::Result<serde_json::Value> {
-    Ok(admin::call(&state.root, &state.admin_socket(), &req).await?)
+    Ok(admin::call(
+        &state.root,
+        &state.admin_socket().map_err(admin::AdminError::from)?,
+        &req,
+    )
+    .await?)
 }
 
 fn init(state: &StateDir, site: &str, config_path: Option<&Path>) -> anyhow::Result<()> {
