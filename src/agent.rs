@@ -28,6 +28,7 @@ use crate::link::{Established, LinkHandler, LinkRecord, LinkState, Links, Role, 
 use crate::mesh::{Mesh, VipStore};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ALPN_LINK, ALPN_REDEEM, Control, close};
+use crate::readiness::{LinkFacts, Readiness};
 use crate::state::{StateDir, rfc3339};
 use crate::token::{GrantStore, Token};
 use crate::vips::{VipAllocator, VipRange, VipTable};
@@ -127,6 +128,8 @@ pub struct Agent {
     pub config: Config,
     /// Its state directory.
     pub state: StateDir,
+    /// Where its admin socket is bound ([`StateDir::bind_admin_socket`]).
+    pub admin_socket: std::path::PathBuf,
     /// Our certificates.
     identity: Arc<SiteIdentity>,
     /// The one QUIC endpoint (links and redemptions, in and out).
@@ -296,13 +299,14 @@ impl Agent {
             links: links.clone(),
             vips_cidr,
         });
-        let socket_path = state.admin_socket();
+        let socket_path = state.bind_admin_socket().context("placing the admin socket")?;
         let listener = admin::bind(&socket_path)
             .await
             .with_context(|| format!("binding the admin socket {}", socket_path.display()))?;
         let agent = Arc::new(Agent {
             config,
             state,
+            admin_socket: socket_path.clone(),
             identity,
             endpoint,
             local_addr,
@@ -323,10 +327,19 @@ impl Agent {
                 .await
                 .with_context(|| format!("binding the metrics address {addr} (metrics)"))?;
             info!(metrics = %listener.local_addr().unwrap_or(addr), "serving Prometheus metrics at /metrics");
+            // A weak handle: the metrics task must not keep the agent alive.
+            let me = Arc::downgrade(&agent);
+            let ready: crate::metrics::ReadyFn = Arc::new(move || match me.upgrade() {
+                Some(agent) => agent.readiness(),
+                None => Readiness {
+                    ready: false,
+                    reason: "the agent is shutting down".into(),
+                },
+            });
             agent.tasks.spawn(crate::metrics::serve(
                 listener,
                 agent.metrics.clone(),
-                Arc::new(|| true),
+                ready,
                 agent.shutdown.clone(),
             ));
         }
@@ -569,7 +582,25 @@ impl Agent {
         }))
     }
 
+    /// Whether the agent has a catalogue to answer from ([`crate::readiness`]): `/readyz`
+    /// and `causeway status`.
+    pub fn readiness(&self) -> Readiness {
+        let heard = self.mesh.links_heard();
+        let facts: Vec<LinkFacts> = self
+            .links
+            .list()
+            .into_iter()
+            .map(|l| LinkFacts {
+                heard: heard.contains(&l.name),
+                name: l.name,
+                state: l.state,
+            })
+            .collect();
+        crate::readiness::assess(self.mesh.is_member(), &facts)
+    }
+
     async fn status(&self) -> serde_json::Value {
+        let readiness = self.readiness();
         let links = self.links.list();
         let view = self.mesh.view();
         let up = links.iter().filter(|l| l.state == LinkState::Up).count();
@@ -580,6 +611,8 @@ impl Agent {
             "state_dir": self.state.root.display().to_string(),
             "started": rfc3339::format(self.started),
             "uptime_secs": self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+            "ready": readiness.ready,
+            "ready_reason": readiness.reason,
             "links": links,
             "vips": {
                 "cidr": self.mesh.range().cidr().to_string(),
@@ -618,7 +651,7 @@ impl Agent {
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(3), self.tasks.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
-        let _ = std::fs::remove_file(self.state.admin_socket());
+        let _ = std::fs::remove_file(&self.admin_socket);
         info!("stopped");
     }
 }

@@ -350,7 +350,12 @@ async fn resolve(
 }
 
 async fn call(state: &StateDir, req: Request) -> anyhow::Result<serde_json::Value> {
-    Ok(admin::call(&state.root, &state.admin_socket(), &req).await?)
+    Ok(admin::call(
+        &state.root,
+        &state.admin_socket().map_err(admin::AdminError::from)?,
+        &req,
+    )
+    .await?)
 }
 
 fn init(state: &StateDir, site: &str, config_path: Option<&Path>) -> anyhow::Result<()> {
@@ -650,6 +655,15 @@ fn status_table(data: &serde_json::Value) -> String {
             .unwrap_or_default(),
         data["started"].as_str().unwrap_or("?"),
     );
+    out.push_str(&format!(
+        "ready     {} ({})\n",
+        if data["ready"].as_bool() == Some(true) {
+            "yes"
+        } else {
+            "no"
+        },
+        data["ready_reason"].as_str().unwrap_or("?"),
+    ));
     if let Some(c) = data["counters"].as_object() {
         let counters: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();
         out.push_str(&format!("counters  {}\n\n", counters.join(" ")));

@@ -62,7 +62,7 @@ pub async fn run() -> anyhow::Result<()> {
 
     let ask = |agent: &Agent, req: Request| {
         let root = agent.state.root.clone();
-        let sock = agent.state.admin_socket();
+        let sock = agent.admin_socket.clone();
         async move { admin::call(&root, &sock, &req).await }
     };
 

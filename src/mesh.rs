@@ -43,6 +43,9 @@ struct UpLink {
     /// Nothing heard for `links.down_after`: kept (its flows wait), but out of our advert and
     /// our routes until it is heard again.
     silent: bool,
+    /// An advert arrived on this connection: the peer's catalogue has reached us, which is
+    /// what readiness waits for ([`crate::readiness`]).
+    heard: bool,
 }
 
 /// A sidecar connected to this gateway.
@@ -413,6 +416,7 @@ impl Mesh {
             conn,
             control,
             silent: false,
+            heard: false,
         };
         inner.links.insert(name.to_string(), link);
         if self.member {
@@ -459,9 +463,23 @@ impl Mesh {
         }
     }
 
+    /// Names of the up links on whose current connection an advert has arrived (on a
+    /// sidecar: its gateway link once the gateway's catalogue came), for readiness.
+    pub fn links_heard(&self) -> std::collections::BTreeSet<String> {
+        self.lock()
+            .links
+            .iter()
+            .filter(|(_, l)| l.heard)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// An advert arrived on link `from`.
     pub fn on_advert(&self, from: &str, advert: Advert) {
         let mut inner = self.lock();
+        if let Some(link) = inner.links.get_mut(from) {
+            link.heard = true;
+        }
         if advert.origin == self.site && !self.member {
             // An old advertisement of ours from before a restart (or a clock step): make
             // sure ours is newer, so the whole clusterset forgets the old one.

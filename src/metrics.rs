@@ -8,7 +8,8 @@
 //! OpenMetrics text format (what prometheus-client's text encoder writes, `# EOF` included,
 //! hence the `application/openmetrics-text; version=1.0.0` content type). The same listener
 //! answers `GET /healthz` (the process is alive) and `GET /readyz` (a closure supplied by the
-//! agent decides), so Kubernetes probes need no second port.
+//! agent decides, see [`crate::readiness`]; 503 with the reason in the body while not ready),
+//! so Kubernetes probes need no second port.
 //!
 //! The DNS responder's counters (`causeway_dns_*`) are the exception to one family per metric:
 //! at ~90k queries/s a label lookup per answer would cost too much, so they stay the plain
@@ -16,9 +17,12 @@
 //!
 //! The HTTP server is hand-written on tokio rather than pulled in from hyper: it speaks just
 //! enough HTTP/1.x for scrapers and probes (one request per connection, `Connection: close`) and
-//! is hardened for whatever else reaches the port: at most 16 connections at once, the request
-//! head must arrive within 5 s and fit in 8 KiB, writes are bounded in time, and malformed input
-//! gets a 4xx answer, never a panic.
+//! is hardened for whatever else reaches the port: at most 64 connections at once, the request
+//! head must arrive within 3 s and fit in 8 KiB, writes are bounded in time, and malformed input
+//! gets a 4xx answer, never a panic. Every connection is accepted at once: when the table is
+//! full the connection idle the longest is dropped to make room ([`crate::conntable`]), so
+//! idle or slow clients can never keep a liveness probe (1 s timeout) waiting in the kernel's
+//! queue until the kubelet restarts a healthy agent.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -31,14 +35,18 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::conntable::{ConnTable, Slot};
 use tracing::{debug, warn};
 
 /// Content type of `/metrics`: prometheus-client's text encoder writes OpenMetrics 1.0 (with the
 /// trailing `# EOF`), not the older Prometheus 0.0.4 text format.
 pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Decides `/readyz`: asked on every request, so it must be cheap.
+pub type ReadyFn = Arc<dyn Fn() -> crate::readiness::Readiness + Send + Sync>;
 
 /// Content type of the probe answers and error bodies.
 const PLAIN_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
@@ -487,12 +495,12 @@ fn link_labels(link: &str, peer: &str) -> LinkLabels {
 /// Bounds of the HTTP endpoint. Constants in production; tests shorten the timeouts.
 #[derive(Clone, Copy, Debug)]
 struct Limits {
-    /// Connections handled at once; more wait in the kernel's accept queue.
+    /// Connections held at once; past it the idlest is dropped for the new one.
     max_connections: usize,
     /// Largest request head accepted (request line and headers).
     max_head: usize,
-    /// Time allowed for the whole request head to arrive, so idle connections cannot hold one
-    /// of the few slots.
+    /// Time allowed for the whole request head to arrive, so idle connections do not linger
+    /// (scrapers and probes send theirs at once).
     head_timeout: Duration,
     /// Time allowed to write the response, so a client that never reads cannot hold a slot.
     write_timeout: Duration,
@@ -508,9 +516,9 @@ struct Limits {
 
 impl Limits {
     const DEFAULT: Limits = Limits {
-        max_connections: 16,
+        max_connections: 64,
         max_head: 8 * 1024,
-        head_timeout: Duration::from_secs(5),
+        head_timeout: Duration::from_secs(3),
         write_timeout: Duration::from_secs(5),
         linger: Duration::from_secs(1),
         linger_bytes: 64 * 1024,
@@ -523,35 +531,22 @@ impl Limits {
 /// `ready` is asked on every `/readyz`; it should be cheap (read a flag, not do I/O). When
 /// `shutdown` is cancelled the server stops accepting, abandons connections still in progress,
 /// and returns once their tasks have ended.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    ready: Arc<dyn Fn() -> bool + Send + Sync>,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: ReadyFn, shutdown: CancellationToken) {
     serve_with(listener, metrics, ready, shutdown, Limits::DEFAULT).await;
 }
 
 async fn serve_with(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    ready: ReadyFn,
     shutdown: CancellationToken,
     limits: Limits,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let table = ConnTable::new(limits.max_connections);
     let tasks = TaskTracker::new();
     loop {
-        // Take a slot before accepting: when all are busy, new connections wait in the
-        // kernel's queue instead of costing us a task and a file descriptor each.
-        let permit = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => break,
-            permit = Arc::clone(&slots).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break, // closed: cannot happen, the semaphore is never closed
-            },
-        };
+        // Accept at once, always: a slot is made by evicting the idlest connection, so a probe
+        // never waits in the kernel's queue behind idle clients.
         let accepted = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
@@ -561,21 +556,28 @@ async fn serve_with(
             Ok(accepted) => accepted,
             Err(err) => {
                 warn!(error = %err, "metrics endpoint: accept failed");
-                drop(permit);
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(limits.accept_backoff) => continue,
                 }
             }
         };
+        let Some(slot) = table.admit() else {
+            // Every slot is busy answering (bounded by the write timeout): refuse this one.
+            debug!(%peer, "metrics endpoint: every connection is being answered; refused");
+            drop(stream);
+            continue;
+        };
         let metrics = Arc::clone(&metrics);
         let ready = Arc::clone(&ready);
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            let _permit = permit;
             tokio::select! {
                 () = shutdown.cancelled() => {}
-                result = handle(stream, &metrics, ready.as_ref(), &limits) => {
+                () = slot.evicted().cancelled() => {
+                    debug!(%peer, "metrics endpoint: idle connection dropped to make room");
+                }
+                result = handle(stream, &metrics, ready.as_ref(), &limits, &slot) => {
                     if let Err(err) = result {
                         debug!(%peer, error = %err, "metrics endpoint: connection failed");
                     }
@@ -605,10 +607,13 @@ enum HeadError {
 async fn handle(
     mut stream: TcpStream,
     metrics: &Metrics,
-    ready: &(dyn Fn() -> bool + Send + Sync),
+    ready: &(dyn Fn() -> crate::readiness::Readiness + Send + Sync),
     limits: &Limits,
+    slot: &Slot,
 ) -> std::io::Result<()> {
-    let response = match read_head(&mut stream, limits).await {
+    let head = read_head(&mut stream, limits).await;
+    slot.busy();
+    let response = match head {
         Ok(head) => route(&head, metrics, ready),
         Err(HeadError::Closed(0)) => return Ok(()),
         Err(err @ HeadError::Closed(_)) => {
@@ -641,7 +646,8 @@ async fn handle(
         }
     }
     // Drain what the client may still send so the close is a FIN, not a reset that could
-    // discard the answer before the client read it. Bounded in time and bytes.
+    // discard the answer before the client read it. Bounded in time and bytes, and evictable.
+    slot.idle();
     let _ = tokio::time::timeout(limits.linger, drain(&mut stream, limits.linger_bytes)).await;
     Ok(())
 }
@@ -820,7 +826,7 @@ fn is_token_byte(b: u8) -> bool {
 }
 
 /// Decides the answer to a complete request head.
-fn route(head: &[u8], metrics: &Metrics, ready: &(dyn Fn() -> bool + Send + Sync)) -> Response {
+fn route(head: &[u8], metrics: &Metrics, ready: &(dyn Fn() -> crate::readiness::Readiness + Send + Sync)) -> Response {
     let Some(request) = parse_head(head) else {
         return Response::text(400, "Bad Request", "bad request\n");
     };
@@ -844,10 +850,15 @@ fn route(head: &[u8], metrics: &Metrics, ready: &(dyn Fn() -> bool + Send + Sync
         },
         "/healthz" => Response::text(200, "OK", "ok"),
         "/readyz" => {
-            if ready() {
+            let readiness = ready();
+            if readiness.ready {
                 Response::text(200, "OK", "ok")
             } else {
-                Response::text(503, "Service Unavailable", "not ready")
+                Response::text(
+                    503,
+                    "Service Unavailable",
+                    &format!("not ready: {}\n", readiness.reason),
+                )
             }
         }
         _ => Response::text(404, "Not Found", "not found\n"),
@@ -1023,7 +1034,10 @@ mod tests {
         let metrics = Metrics::new();
         let ready = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&ready);
-        let ready_fn: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || flag.load(Ordering::SeqCst));
+        let ready_fn: ReadyFn = Arc::new(move || crate::readiness::Readiness {
+            ready: flag.load(Ordering::SeqCst),
+            reason: "no link up (1 recorded: london connecting)".into(),
+        });
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(serve_with(
             listener,
@@ -1104,8 +1118,11 @@ mod tests {
         let (status, _, body) = exchange(server.addr, b"GET /healthz HTTP/1.1\r\n\r\n").await;
         assert_eq!((status, body.as_slice()), (200, &b"ok"[..]));
 
-        let (status, _, _) = exchange(server.addr, b"GET /readyz HTTP/1.1\r\n\r\n").await;
-        assert_eq!(status, 503);
+        let (status, _, body) = exchange(server.addr, b"GET /readyz HTTP/1.1\r\n\r\n").await;
+        assert_eq!(
+            (status, body.as_slice()),
+            (503, &b"not ready: no link up (1 recorded: london connecting)\n"[..])
+        );
         server.ready.store(true, Ordering::SeqCst);
         let (status, _, body) = exchange(server.addr, b"GET /readyz HTTP/1.0\r\n\r\n").await;
         assert_eq!((status, body.as_slice()), (200, &b"ok"[..]));
@@ -1159,33 +1176,56 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn slow_clients_time_out_and_do_not_block_others_forever() {
+    async fn slow_clients_time_out() {
         let limits = Limits {
-            max_connections: 2,
             head_timeout: Duration::from_millis(300),
             ..Limits::DEFAULT
         };
         let server = start(limits).await;
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        stream.write_all(b"GET /metr").await.expect("write");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+            .await
+            .expect("answered")
+            .expect("read");
+        assert_eq!(split_answer(&answer).0, 408);
+        server.shutdown.cancel();
+        let _ = server.task.await;
+    }
 
-        // Two idle clients take both slots; each gets 408 once its head timeout passes.
+    #[tokio::test]
+    async fn a_full_table_of_idle_clients_never_delays_a_probe() {
+        // Long head timeout: only eviction can make room in time.
+        let limits = Limits {
+            max_connections: 4,
+            head_timeout: Duration::from_secs(60),
+            ..Limits::DEFAULT
+        };
+        let server = start(limits).await;
         let mut idle = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..8 {
             let mut stream = TcpStream::connect(server.addr).await.expect("connect");
             stream.write_all(b"GET /metr").await.expect("write");
             idle.push(stream);
         }
-        // A third client is served once a slot frees up.
-        let third = tokio::spawn(exchange(server.addr, b"GET /healthz HTTP/1.1\r\n\r\n"));
-        for mut stream in idle {
-            let mut answer = Vec::new();
-            tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-                .await
-                .expect("answered")
-                .expect("read");
-            assert_eq!(split_answer(&answer).0, 408);
+        for _ in 0..3 {
+            let (status, _, _) = tokio::time::timeout(
+                Duration::from_secs(1),
+                exchange(server.addr, b"GET /healthz HTTP/1.1\r\n\r\n"),
+            )
+            .await
+            .expect("a probe is answered within its 1 s timeout");
+            assert_eq!(status, 200);
         }
-        let (status, _, _) = third.await.expect("third client");
-        assert_eq!(status, 200);
+        // The oldest idle clients were dropped (no answer, just the close) to make room.
+        let mut answer = Vec::new();
+        let first = &mut idle[0];
+        tokio::time::timeout(Duration::from_secs(1), first.read_to_end(&mut answer))
+            .await
+            .expect("the idlest was dropped")
+            .ok();
+        assert!(answer.is_empty());
         server.shutdown.cancel();
         let _ = server.task.await;
     }

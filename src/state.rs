@@ -77,15 +77,68 @@ impl StateDir {
     pub fn vips(&self) -> PathBuf {
         self.root.join("vips.yaml")
     }
-    /// The admin API's unix socket: in the state directory, or, when that is read-only (a
-    /// sidecar's state is a mounted Secret), in the temporary directory under a name derived
-    /// from the state path, so the CLI finds it the same way.
-    pub fn admin_socket(&self) -> PathBuf {
+    /// Where the agent binds its admin socket: `admin.sock` in the state directory, or, when
+    /// that is read-only (a sidecar's state is a mounted Secret), `causeway-<hash of the
+    /// state path>.sock` in the first private runtime directory ([`runtime_dirs`]) that is
+    /// ours or can be made ours. A directory that exists with another owner or a mode that
+    /// lets others in is skipped with a warning: in a shared directory another user could
+    /// otherwise bind the socket first, keep the agent from starting and read the CLI's
+    /// requests, token text included.
+    pub fn bind_admin_socket(&self) -> Result<PathBuf, SocketDirError> {
         if writable(&self.root) || !self.root.exists() {
-            return self.root.join("admin.sock");
+            return Ok(self.root.join("admin.sock"));
         }
+        let mut refused = Vec::new();
+        for dir in runtime_dirs() {
+            match ensure_private_dir(&dir) {
+                Ok(()) => {
+                    for why in &refused {
+                        tracing::warn!(reason = %why, "admin socket directory skipped");
+                    }
+                    return Ok(dir.join(self.socket_name()));
+                }
+                Err(e) => refused.push(e),
+            }
+        }
+        Err(SocketDirError::NoPrivateDir(refused))
+    }
+
+    /// Where the CLI finds the agent's admin socket: the same place the agent chose
+    /// ([`StateDir::bind_admin_socket`]), looking only in directories that are private to
+    /// this user or root. A directory that has the socket but is not private is refused
+    /// (unless a private one has it too): whoever controls it could be listening.
+    pub fn admin_socket(&self) -> Result<PathBuf, SocketDirError> {
+        if writable(&self.root) || !self.root.exists() {
+            return Ok(self.root.join("admin.sock"));
+        }
+        let name = self.socket_name();
+        let mut refused = None;
+        let mut first = None;
+        for dir in runtime_dirs() {
+            let path = dir.join(&name);
+            first.get_or_insert_with(|| path.clone());
+            if fs::symlink_metadata(&path).is_err() {
+                continue;
+            }
+            match check_dir(&dir) {
+                Ok(()) => return Ok(path),
+                Err(e) => {
+                    refused.get_or_insert(e);
+                }
+            }
+        }
+        match refused {
+            Some(e) => Err(e),
+            // Not running: the first candidate is where it would be.
+            None => first.ok_or(SocketDirError::NoPrivateDir(Vec::new())),
+        }
+    }
+
+    /// The socket's file name outside the state directory, derived from the state path so
+    /// that several agents of one user do not collide.
+    fn socket_name(&self) -> String {
         let name = crate::vips::fnv1a(self.root.to_string_lossy().as_bytes());
-        std::env::temp_dir().join(format!("causeway-{name:016x}.sock"))
+        format!("causeway-{name:016x}.sock")
     }
 
     /// Creates the directory (mode 0700) if it does not exist.
@@ -93,6 +146,119 @@ impl StateDir {
         fs::create_dir_all(&self.root).map_err(|e| StateError::io(&self.root, e))?;
         fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700)).map_err(|e| StateError::io(&self.root, e))
     }
+}
+
+/// Why no private directory for the admin socket could be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketDirError {
+    #[error(
+        "{dir} is owned by uid {owner}, not by you (uid {me}) or root: someone else may be \
+         listening there, so it is not used; remove it, or set XDG_RUNTIME_DIR to a directory \
+         of your own"
+    )]
+    WrongOwner { dir: PathBuf, owner: u32, me: u32 },
+    #[error(
+        "{dir} has mode {mode:04o}: other users may create or replace the admin socket in it, \
+         so it is not used; run `chmod 700 {dir}` if it is yours, or remove it"
+    )]
+    WrongMode { dir: PathBuf, mode: u32 },
+    #[error("{dir} is not a directory (a symbolic link or a file is in its place); remove it")]
+    NotADirectory { dir: PathBuf },
+    #[error("{dir}: {source}")]
+    Io {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the state directory is read-only and no private directory for the admin socket could \
+         be used ({}); set XDG_RUNTIME_DIR to a directory only you can write",
+        .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+    )]
+    NoPrivateDir(Vec<SocketDirError>),
+}
+
+/// Candidate directories for the admin socket when the state directory is read-only, in the
+/// order tried: `$XDG_RUNTIME_DIR/causeway` (the per-user runtime directory, when set),
+/// `/run/causeway` (root only), and `causeway-<uid>` in the temporary directory.
+pub fn runtime_dirs() -> Vec<PathBuf> {
+    let me = rustix::process::geteuid().as_raw();
+    let mut dirs = Vec::new();
+    if let Some(xdg) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        dirs.push(PathBuf::from(xdg).join("causeway"));
+    }
+    if me == 0 {
+        dirs.push(PathBuf::from("/run/causeway"));
+    }
+    dirs.push(std::env::temp_dir().join(format!("causeway-{me}")));
+    dirs
+}
+
+/// What [`private_dir_problem`] looks at: the directory's own metadata, not its target's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirFacts {
+    /// A real directory (not a symbolic link to one).
+    pub is_dir: bool,
+    pub owner: u32,
+    pub mode: u32,
+}
+
+/// Whether a directory may hold the admin socket for user `me`: a real directory, owned by
+/// `me` or root, that no one else may write or enter. Returns what is wrong, if anything.
+pub fn private_dir_problem(dir: &Path, facts: DirFacts, me: u32) -> Option<SocketDirError> {
+    if !facts.is_dir {
+        return Some(SocketDirError::NotADirectory { dir: dir.to_path_buf() });
+    }
+    if facts.owner != me && facts.owner != 0 {
+        return Some(SocketDirError::WrongOwner {
+            dir: dir.to_path_buf(),
+            owner: facts.owner,
+            me,
+        });
+    }
+    if facts.mode & 0o077 != 0 {
+        return Some(SocketDirError::WrongMode {
+            dir: dir.to_path_buf(),
+            mode: facts.mode & 0o7777,
+        });
+    }
+    None
+}
+
+/// Checks an existing directory with [`private_dir_problem`] (without following a link).
+fn check_dir(dir: &Path) -> Result<(), SocketDirError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(dir).map_err(|source| SocketDirError::Io {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
+    let facts = DirFacts {
+        is_dir: meta.file_type().is_dir(),
+        owner: meta.uid(),
+        mode: meta.mode(),
+    };
+    match private_dir_problem(dir, facts, rustix::process::geteuid().as_raw()) {
+        Some(problem) => Err(problem),
+        None => Ok(()),
+    }
+}
+
+/// Creates `dir` with mode 0700 unless it exists, then checks it is private ([`check_dir`]):
+/// `mkdir` never follows or replaces what another user put there first, so the check sees
+/// exactly what will hold the socket.
+fn ensure_private_dir(dir: &Path) -> Result<(), SocketDirError> {
+    use std::os::unix::fs::DirBuilderExt;
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(source) => {
+            return Err(SocketDirError::Io {
+                dir: dir.to_path_buf(),
+                source,
+            });
+        }
+    }
+    check_dir(dir)
 }
 
 /// Whether this process may create files in `dir` (honours read-only mounts).
@@ -173,6 +339,61 @@ pub fn write_yaml<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), Sta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_dir_must_be_a_real_directory_of_ours_or_roots_closed_to_others() {
+        let dir = Path::new("/tmp/causeway-1000");
+        let ok = DirFacts {
+            is_dir: true,
+            owner: 1000,
+            mode: 0o40700,
+        };
+        assert!(private_dir_problem(dir, ok, 1000).is_none());
+        assert!(private_dir_problem(dir, DirFacts { owner: 0, ..ok }, 1000).is_none());
+        let e = private_dir_problem(dir, DirFacts { owner: 65534, ..ok }, 1000).expect("someone else's");
+        assert!(
+            matches!(
+                e,
+                SocketDirError::WrongOwner {
+                    owner: 65534,
+                    me: 1000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("uid 65534"), "{e}");
+        for mode in [0o40755, 0o40770, 0o41777, 0o40701] {
+            let e = private_dir_problem(dir, DirFacts { mode, ..ok }, 1000).expect("open to others");
+            assert!(matches!(e, SocketDirError::WrongMode { .. }), "{mode:o}: {e}");
+        }
+        let e = private_dir_problem(dir, DirFacts { is_dir: false, ..ok }, 1000).expect("a link");
+        assert!(matches!(e, SocketDirError::NotADirectory { .. }), "{e}");
+    }
+
+    #[test]
+    fn ensure_private_dir_creates_0700_and_refuses_what_others_could_use() {
+        let base = tempfile::tempdir().unwrap();
+        let fresh = base.path().join("fresh");
+        ensure_private_dir(&fresh).unwrap();
+        assert_eq!(fs::metadata(&fresh).unwrap().permissions().mode() & 0o777, 0o700);
+        ensure_private_dir(&fresh).expect("ours already: used again");
+
+        let open = base.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(
+            ensure_private_dir(&open),
+            Err(SocketDirError::WrongMode { .. })
+        ));
+
+        let link = base.path().join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        assert!(matches!(
+            ensure_private_dir(&link),
+            Err(SocketDirError::NotADirectory { .. })
+        ));
+    }
 
     #[test]
     fn atomic_write_replaces_and_keeps_mode() {
