@@ -13,12 +13,11 @@
 //! forwarded, and answers are written as they are ready, so one slow upstream does not hold
 //! up zone answers on the same connection.
 
-use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,6 +32,7 @@ use super::batch::{self, Batch};
 use super::upstream::Upstreams;
 use super::{Asker, Authority, DnsError, Outcome, Stats, Transport, handle};
 use crate::catalog::View;
+use crate::conntable::{ConnTable, Slot};
 
 /// Forwarded queries in flight at once, over all sockets.
 pub const MAX_FORWARDS: usize = 1024;
@@ -227,7 +227,10 @@ pub(crate) async fn serve_tcp(
     cancel: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let table = Arc::new(Mutex::new(ConnTable::new(MAX_TCP_CONNECTIONS)));
+    // A full table closes its idlest connection for the new one (RFC 7766 §6.2.2: servers may
+    // close idle connections to make room): clients that hold connections open with rare
+    // queries cannot lock out the ones that ask.
+    let table = ConnTable::new(MAX_TCP_CONNECTIONS);
     loop {
         let (stream, client) = tokio::select! {
             r = listener.accept() => match r {
@@ -241,101 +244,35 @@ pub(crate) async fn serve_tcp(
             },
             _ = cancel.cancelled() => return,
         };
-        // A full table closes its idlest connection for the new one: clients that hold
-        // connections open with rare queries cannot lock out the ones that ask.
-        let conn_cancel = cancel.child_token();
-        let (id, evicted) = lock(&table).admit(Instant::now(), conn_cancel.clone());
-        if let Some(evicted) = evicted {
+        if table.len() >= MAX_TCP_CONNECTIONS {
             shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            debug!(%client, "TCP connection table full: closed the idlest connection");
-            evicted.cancel();
+            debug!(%client, "TCP connection table full: closing the idlest connection");
         }
-        let (shared, inner, table) = (shared.clone(), tasks.clone(), table.clone());
+        // Connections are only ever idle here (answers are bounded by TCP_IO), so one is
+        // always admitted.
+        let Some(slot) = table.admit() else {
+            continue;
+        };
+        let (shared, cancel, inner) = (shared.clone(), cancel.clone(), tasks.clone());
         tasks.spawn(
             async move {
-                connection(stream, shared, conn_cancel, inner, &table, id).await;
-                lock(&table).remove(id);
+                connection(stream, shared, cancel, inner, slot).await;
             }
             .instrument(debug_span!("dns_tcp", %client)),
         );
     }
 }
 
-fn lock(table: &Mutex<ConnTable>) -> std::sync::MutexGuard<'_, ConnTable> {
-    table.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The open TCP connections of one listener, by id, with when each last asked something:
-/// admitting one into a full table evicts the one idle longest (RFC 7766 §6.2.2: servers may
-/// close idle connections to make room). Plain data: times are passed in.
-pub(crate) struct ConnTable {
-    /// Most connections held at once.
-    cap: usize,
-    /// The id the next connection gets.
-    next: u64,
-    /// Last activity and the token that closes it, by id.
-    conns: HashMap<u64, (Instant, CancellationToken)>,
-}
-
-impl ConnTable {
-    /// An empty table holding at most `cap` connections.
-    pub(crate) fn new(cap: usize) -> Self {
-        ConnTable {
-            cap,
-            next: 0,
-            conns: HashMap::new(),
-        }
-    }
-
-    /// Admits a connection opened at `now`, closed through `cancel`; returns its id and, when
-    /// the table was full, the token of the idlest connection, which the caller cancels (it is
-    /// out of the table already).
-    pub(crate) fn admit(&mut self, now: Instant, cancel: CancellationToken) -> (u64, Option<CancellationToken>) {
-        let evicted = if self.conns.len() >= self.cap {
-            let idlest = self
-                .conns
-                .iter()
-                .min_by_key(|(id, (at, _))| (*at, **id))
-                .map(|(id, _)| *id);
-            idlest.and_then(|id| self.conns.remove(&id)).map(|(_, token)| token)
-        } else {
-            None
-        };
-        let id = self.next;
-        self.next += 1;
-        self.conns.insert(id, (now, cancel));
-        (id, evicted)
-    }
-
-    /// Connection `id` asked something at `now`.
-    pub(crate) fn touch(&mut self, id: u64, now: Instant) {
-        if let Some((at, _)) = self.conns.get_mut(&id) {
-            *at = now;
-        }
-    }
-
-    /// Connection `id` is closed.
-    pub(crate) fn remove(&mut self, id: u64) {
-        self.conns.remove(&id);
-    }
-
-    /// Connections held.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.conns.len()
-    }
-}
-
 /// One TCP connection: length-prefixed queries in, length-prefixed answers out.
-async fn connection(
-    stream: TcpStream,
-    shared: Arc<Shared>,
-    cancel: CancellationToken,
-    tasks: TaskTracker,
-    table: &Mutex<ConnTable>,
-    id: u64,
-) {
-    let closed = cancel.clone();
+async fn connection(stream: TcpStream, shared: Arc<Shared>, cancel: CancellationToken, tasks: TaskTracker, slot: Slot) {
+    // Closed at shutdown, or when evicted to make room for a new connection.
+    let (stop, evicted) = (cancel.clone(), slot.evicted().clone());
+    let closed = async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = evicted.cancelled() => {}
+        }
+    };
     let _ = stream.set_nodelay(true);
     let Ok(client) = stream.peer_addr().map(|a| a.ip()) else {
         return;
@@ -366,12 +303,14 @@ async fn connection(
                     _ => break,
                 },
                 _ = cancel.cancelled() => break,
+                _ = slot.evicted().cancelled() => break,
             };
             let mut message = vec![0u8; usize::from(len)];
             if !matches!(timeout(TCP_IO, rd.read_exact(&mut message)).await, Ok(Ok(_))) {
                 break;
             }
-            lock(table).touch(id, Instant::now());
+            // Idle again from now: the connection that asked least recently is evicted first.
+            slot.idle();
             match shared.handle(&message, Transport::Tcp, client, server) {
                 Outcome::Reply(bytes) => {
                     if tx.send(bytes).await.is_err() {
@@ -406,40 +345,6 @@ async fn connection(
     tokio::select! {
         _ = async { tokio::join!(reader, writer) } => {}
         // Evicted or shutting down: a writer stuck on a client that does not read goes too.
-        _ = closed.cancelled() => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_full_table_evicts_the_idlest_connection() {
-        let t0 = Instant::now();
-        let s = Duration::from_secs(1);
-        let mut table = ConnTable::new(3);
-        let tokens: Vec<CancellationToken> = (0..3).map(|_| CancellationToken::new()).collect();
-        let ids: Vec<u64> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let (id, evicted) = table.admit(t0 + s * i as u32, t.clone());
-                assert!(evicted.is_none());
-                id
-            })
-            .collect();
-        // The oldest one asks something: the second becomes the idlest.
-        table.touch(ids[0], t0 + 10 * s);
-        let (_, evicted) = table.admit(t0 + 11 * s, CancellationToken::new());
-        let evicted = evicted.expect("full: one evicted");
-        evicted.cancel();
-        assert!(tokens[1].is_cancelled() && !tokens[0].is_cancelled() && !tokens[2].is_cancelled());
-        assert_eq!(table.len(), 3);
-        // A closed connection frees its place.
-        table.remove(ids[2]);
-        let (_, evicted) = table.admit(t0 + 12 * s, CancellationToken::new());
-        assert!(evicted.is_none());
-        assert_eq!(table.len(), 3);
+        _ = closed => {}
     }
 }
