@@ -157,6 +157,8 @@ pub struct Agent {
     dns: crate::dns::Responder,
     /// The open-files limit after raising it (None: it could not be read), for `status`.
     open_files: Option<crate::rlimit::OpenFiles>,
+    /// The last change to causeway.yaml picked up while running, for `status`.
+    reload: Mutex<Option<ReloadStatus>>,
 }
 
 impl Agent {
@@ -321,6 +323,7 @@ impl Agent {
             metrics,
             dns,
             open_files,
+            reload: Mutex::new(None),
         });
         if let Some(addr) = agent.config.metrics {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -625,6 +628,7 @@ impl Agent {
             "conflicts": view.conflicts,
             "listener_errors": self.forwarder.bind_errors(),
             "open_files": self.open_files,
+            "config_reload": *self.reload.lock().unwrap_or_else(|p| p.into_inner()),
             "mode": if self.mesh.is_member() { "sidecar" } else { "gateway" },
             "sidecars": self.links.members(),
             "dns": self.dns.status(),
@@ -692,16 +696,69 @@ impl Agent {
                 continue;
             }
             last = now;
-            match Config::load(&path) {
-                Ok(cfg) => {
-                    if let Err(e) = self.mesh.set_exports(&cfg.exports, &cfg.namespace) {
-                        warn!(error = %e, "new exports not applied");
+            let outcome = match Config::load(&path) {
+                Ok(cfg) => self.apply(&cfg),
+                Err(e) => Err(e.to_string()),
+            };
+            let status = match outcome {
+                Ok(restart_needed) => {
+                    if !restart_needed.is_empty() {
+                        warn!(
+                            keys = ?restart_needed,
+                            "configuration change applied, except {}: restart needed for those (the running values stay)",
+                            restart_needed.join(", ")
+                        );
+                    }
+                    ReloadStatus {
+                        at: SystemTime::now(),
+                        applied: true,
+                        error: None,
+                        restart_needed,
                     }
                 }
-                Err(e) => warn!(error = %e, "configuration change not applied (the previous one stays in force)"),
-            }
+                Err(error) => {
+                    warn!(error = %error, "configuration change not applied (the previous one stays in force)");
+                    ReloadStatus {
+                        at: SystemTime::now(),
+                        applied: false,
+                        error: Some(error),
+                        restart_needed: Vec::new(),
+                    }
+                }
+            };
+            self.metrics.config_reload(status.applied);
+            *self.reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
         }
     }
+
+    /// Applies what of `cfg` can change while running (exports, `dns.upstream`, `dns.allow`,
+    /// `dns.ttl`); returns the changed keys that need a restart.
+    fn apply(&self, cfg: &Config) -> Result<Vec<&'static str>, String> {
+        let mut restart_needed = cfg.restart_needed(&self.config);
+        self.mesh
+            .set_exports(&cfg.exports, &cfg.namespace)
+            .map_err(|e| format!("exports: {e}"))?;
+        for key in self.dns.reconfigure(&cfg.dns).map_err(|e| format!("dns: {e}"))? {
+            if !restart_needed.contains(&key) {
+                restart_needed.push(key);
+            }
+        }
+        Ok(restart_needed)
+    }
+}
+
+/// The outcome of the last change to causeway.yaml picked up while running, for `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+struct ReloadStatus {
+    /// When it was read.
+    #[serde(with = "rfc3339")]
+    at: SystemTime,
+    /// Whether it was applied (else the previous configuration stays in force).
+    applied: bool,
+    /// Why it was rejected.
+    error: Option<String>,
+    /// Changed keys the running agent keeps until restarted.
+    restart_needed: Vec<&'static str>,
 }
 
 /// An admitted handshake's slot in the [`Admission`]; given back when dropped, however the

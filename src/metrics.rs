@@ -126,6 +126,13 @@ struct LinkLabels {
     peer: String,
 }
 
+/// Labels of `causeway_config_reloads_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    /// `applied` or `rejected` (see [`Metrics::config_reload`]).
+    result: String,
+}
+
 /// Labels of `causeway_handshakes_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandshakeLabels {
@@ -170,6 +177,11 @@ pub struct Metrics {
     /// `admitted` is a flood of Initials from addresses that never answer (forged or silent);
     /// `refused_*` means validated sources hit the handshake limits.
     handshakes: Family<HandshakeLabels, Counter>,
+    /// Changes to causeway.yaml picked up while running, by result: a rejected one leaves
+    /// the previous configuration in force, which an operator must notice.
+    config_reloads: Family<ReloadLabels, Counter>,
+    /// 1 while the last change to causeway.yaml was rejected, else 0.
+    config_reload_failed: U64Gauge,
     /// 1 while the link is up, 0 otherwise.
     link_up: Family<LinkLabels, Gauge>,
     /// quinn's smoothed RTT estimate; absent while unknown (link down).
@@ -207,6 +219,8 @@ impl Metrics {
         let udp_via_stream = Family::<ServiceLabels, Counter>::default();
         let udp_evicted = Family::<EvictionLabels, Counter>::default();
         let handshakes = Family::<HandshakeLabels, Counter>::default();
+        let config_reloads = Family::<ReloadLabels, Counter>::default();
+        let config_reload_failed = U64Gauge::default();
         let link_up = Family::<LinkLabels, Gauge>::default();
         let link_rtt = Family::<LinkLabels, F64Gauge>::default();
         let link_sent = Family::<LinkLabels, U64Gauge>::default();
@@ -245,6 +259,16 @@ impl Metrics {
             "udp_flows_evicted",
             "UDP flows evicted to admit newer ones, by table and reason",
             udp_evicted.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Changes to causeway.yaml picked up while running, by result (applied or rejected)",
+            config_reloads.clone(),
+        );
+        registry.register(
+            "config_reload_failed",
+            "1 while the last change to causeway.yaml was rejected (the previous one stays in force)",
+            config_reload_failed.clone(),
         );
         registry.register(
             "handshakes",
@@ -300,6 +324,8 @@ impl Metrics {
             udp_via_stream,
             udp_evicted,
             handshakes,
+            config_reloads,
+            config_reload_failed,
             link_up,
             link_rtt,
             link_sent,
@@ -397,6 +423,15 @@ impl Metrics {
             reason: reason.to_owned(),
         };
         self.udp_evicted.get_or_create(&labels).inc();
+    }
+
+    /// A change to causeway.yaml was applied (`ok`) or rejected.
+    pub fn config_reload(&self, ok: bool) {
+        let labels = ReloadLabels {
+            result: if ok { "applied" } else { "rejected" }.to_owned(),
+        };
+        self.config_reloads.get_or_create(&labels).inc();
+        self.config_reload_failed.set(u64::from(!ok));
     }
 
     /// One incoming QUIC connection attempt reached `outcome`: `retry` (asked to validate

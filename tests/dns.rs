@@ -806,3 +806,61 @@ fn unbound_with_a_primed_stub_zone_resolves_clusterset_names() {
     let out = ask(&format!("nope.default.svc.{ZONE}"));
     assert!(out.contains("status: NXDOMAIN"), "{out}");
 }
+
+/// Issue 16 (14): a changed `dns.upstream` is applied while running; a changed `dns.listen`
+/// is reported as needing a restart; a rejected change shows in `status` and the previous
+/// configuration stays in force.
+#[test]
+fn reloads_apply_dns_settings_and_report_what_needs_a_restart() {
+    let Some(net) = Net::new(&["london"]) else {
+        return;
+    };
+    if !require(&["dig", "dnsmasq"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _upstream = dnsmasq(&net, "london", 5300);
+    let s = sites(dir.path(), &net, &["london"], |_| {});
+    let london = &s[0];
+    let reload = || -> serde_json::Value {
+        let st: serde_json::Value = serde_json::from_str(&london.ok(&["status", "-o", "json"])).unwrap();
+        st["config_reload"].clone()
+    };
+    assert!(dig(&net, "london", &["www.example.org", "A"]).contains("status: REFUSED"));
+
+    set_dns(london, "127.0.0.1:5353", &["127.0.0.1:5300"]);
+    let mut out = String::new();
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            out = dig(&net, "london", &["www.example.org", "A"]);
+            out.contains("\tA\t192.0.2.7")
+        }),
+        "dns.upstream not applied:\n{out}\n{}",
+        london.log_text()
+    );
+    assert_eq!(reload()["applied"], true, "{}", reload());
+    assert_eq!(reload()["restart_needed"], serde_json::json!([]), "{}", reload());
+
+    set_dns(london, "127.0.0.1:5354", &["127.0.0.1:5300"]);
+    assert!(
+        wait_for(Duration::from_secs(5), || reload()["restart_needed"]
+            == serde_json::json!(["dns.listen"])),
+        "{}",
+        reload()
+    );
+    assert!(london.log_text().contains("restart needed"), "{}", london.log_text());
+    // Still answering where it was.
+    assert!(dig(&net, "london", &["www.example.org", "A"]).contains("\tA\t192.0.2.7"));
+
+    let path = london.state.join("causeway.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    common::write_atomic(&path, &text.replace("ttl: 5", "ttl: soon"));
+    assert!(
+        wait_for(Duration::from_secs(5), || reload()["applied"] == false),
+        "{}",
+        reload()
+    );
+    let error = reload()["error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("dns.ttl"), "{error}");
+    assert!(dig(&net, "london", &["www.example.org", "A"]).contains("\tA\t192.0.2.7"));
+}

@@ -127,6 +127,53 @@ pub fn handle(packet: &[u8], transport: Transport, view: &View, authority: &Auth
     }
 }
 
+/// What answering a query needs from `dns:` besides the sockets; swapped as a whole when the
+/// configuration changes ([`Responder::reconfigure`]).
+pub(crate) struct Settings {
+    /// The zone and how it is answered.
+    pub authority: Authority,
+    /// Where names outside the zone go (after dropping any that are ourselves).
+    pub upstream: upstream::Upstreams,
+    /// Who may have them forwarded.
+    pub policy: ForwardPolicy,
+    /// `dns.ttl`, to tell whether a reload changed it.
+    ttl: u32,
+    /// `dns.listen` as configured at start, to tell whether a reload changed it.
+    listen: Vec<SocketAddr>,
+}
+
+impl Settings {
+    /// The settings for `config`, with the responder bound to `bound`.
+    fn new(config: &DnsConfig, site: &str, bound: &[SocketAddr]) -> Result<Settings, DnsError> {
+        let own = ForwardPolicy::own_addresses();
+        let upstream: Vec<SocketAddr> = config
+            .upstream
+            .iter()
+            .copied()
+            .filter(|u| {
+                let ours = is_self(u, bound, &own);
+                if ours {
+                    warn!(upstream = %u, "dns.upstream {u} is this responder itself; ignoring it (it would loop)");
+                }
+                !ours
+            })
+            .collect();
+        let authority = Authority::new(&config.zone, site, config.ttl, !upstream.is_empty())?
+            .with_ns_addrs(bound.iter().map(|b| b.ip()));
+        let policy = ForwardPolicy::new(config.allow.clone().unwrap_or_else(ForwardPolicy::own_networks));
+        if !upstream.is_empty() {
+            info!(allow = ?policy.allowed(), "names outside the zone are forwarded for loopback and these networks only (dns.allow)");
+        }
+        Ok(Settings {
+            authority,
+            upstream: upstream::Upstreams::new(upstream),
+            policy,
+            ttl: config.ttl,
+            listen: config.listen.clone(),
+        })
+    }
+}
+
 /// Who asked, as far as answering depends on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Asker {
@@ -349,8 +396,11 @@ pub struct Responder {
     bound: Vec<SocketAddr>,
     /// Addresses that could not be bound, with the reason, for `status`.
     errors: Vec<String>,
-    /// Where names outside the zone go (after dropping any that are ourselves).
-    upstream: Vec<SocketAddr>,
+    /// What the answering threads use: zone, upstreams, forwarding policy; replaced by
+    /// [`Responder::reconfigure`].
+    settings: watch::Sender<Arc<Settings>>,
+    /// This site (for rebuilding the settings).
+    site: String,
     stats: Arc<Stats>,
     /// Cancelled to stop every socket task and thread.
     cancel: CancellationToken,
@@ -399,30 +449,12 @@ impl Responder {
                 }
             }
         }
-        let own = ForwardPolicy::own_addresses();
-        let upstream: Vec<SocketAddr> = config
-            .upstream
-            .iter()
-            .copied()
-            .filter(|u| {
-                let ours = is_self(u, &bound, &own);
-                if ours {
-                    warn!(upstream = %u, "dns.upstream {u} is this responder itself; ignoring it (it would loop)");
-                }
-                !ours
-            })
-            .collect();
-        let authority = Authority::new(&config.zone, site, config.ttl, !upstream.is_empty())?
-            .with_ns_addrs(bound.iter().map(|b| b.ip()));
-        let policy = ForwardPolicy::new(config.allow.clone().unwrap_or_else(ForwardPolicy::own_networks));
-        if !upstream.is_empty() {
-            info!(allow = ?policy.allowed(), "names outside the zone are forwarded for loopback and these networks only (dns.allow)");
-        }
+        let settings = Settings::new(config, site, &bound)?;
+        let upstream = settings.upstream.servers().to_vec();
+        let (settings_tx, settings_rx) = watch::channel(Arc::new(settings));
         let shared = Arc::new(server::Shared {
-            authority,
-            policy,
+            settings: settings_rx,
             views,
-            upstream: upstream::Upstreams::new(upstream.clone()),
             stats: stats.clone(),
             forwards: Arc::new(tokio::sync::Semaphore::new(server::MAX_FORWARDS)),
         });
@@ -469,12 +501,52 @@ impl Responder {
             zone: config.zone.clone(),
             bound,
             errors,
-            upstream,
+            settings: settings_tx,
+            site: site.to_string(),
             stats,
             cancel,
             tasks,
             threads: std::sync::Mutex::new(threads),
         })
+    }
+
+    /// Applies a changed `dns:` section while running: `upstream`, `allow` and `ttl` take
+    /// effect for the next query. `listen` and `zone` need a restart (sockets and the zone's
+    /// identity); their names are returned, and the running values stay.
+    ///
+    /// # Errors
+    /// [`DnsError`] when the new settings cannot be built (then nothing changes).
+    pub fn reconfigure(&self, config: &DnsConfig) -> Result<Vec<&'static str>, DnsError> {
+        let mut restart = Vec::new();
+        if config.zone != self.zone {
+            restart.push("dns.zone");
+        }
+        let listen_now: Vec<SocketAddr> = config.listen.clone();
+        let configured_before = self.settings.borrow().listen.clone();
+        if listen_now != configured_before {
+            restart.push("dns.listen");
+        }
+        let mut applied = config.clone();
+        applied.zone = self.zone.clone();
+        let mut settings = Settings::new(&applied, &self.site, &self.bound)?;
+        settings.listen = configured_before;
+        let settings = Arc::new(settings);
+        let changed = {
+            let now = self.settings.borrow();
+            now.upstream.servers() != settings.upstream.servers()
+                || now.policy.allowed() != settings.policy.allowed()
+                || now.ttl != settings.ttl
+        };
+        if changed {
+            info!(
+                upstream = ?settings.upstream.servers(),
+                allow = ?settings.policy.allowed(),
+                ttl = settings.ttl,
+                "DNS settings applied"
+            );
+            self.settings.send_replace(settings);
+        }
+        Ok(restart)
     }
 
     /// The addresses answering, UDP and TCP each.
@@ -488,7 +560,7 @@ impl Responder {
             "zone": self.zone,
             "listen": self.bound.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "errors": self.errors,
-            "upstream": self.upstream.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "upstream": self.settings.borrow().upstream.servers().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         });
         if let (Some(map), serde_json::Value::Object(counters)) = (v.as_object_mut(), self.stats.to_json()) {
             map.extend(counters);

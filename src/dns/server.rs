@@ -29,8 +29,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span};
 
 use super::batch::{self, Batch};
-use super::upstream::Upstreams;
-use super::{Asker, Authority, DnsError, Outcome, Stats, Transport, handle};
+use super::{Asker, DnsError, Outcome, Settings, Stats, Transport, handle};
 use crate::catalog::View;
 use crate::conntable::{ConnTable, Slot};
 
@@ -51,26 +50,26 @@ const UDP_POLL: Duration = Duration::from_millis(100);
 
 /// What every socket task shares.
 pub(crate) struct Shared {
-    pub authority: Authority,
+    /// Zone, upstreams and forwarding policy; each query reads the newest.
+    pub settings: watch::Receiver<Arc<Settings>>,
     /// The mesh's views; each query reads the newest.
     pub views: watch::Receiver<Arc<View>>,
-    pub upstream: Upstreams,
-    /// Who may have names outside the zone forwarded.
-    pub policy: super::ForwardPolicy,
     pub stats: Arc<Stats>,
     /// Bounds forwarded queries in flight.
     pub forwards: Arc<Semaphore>,
 }
 
 impl Shared {
-    /// Runs one message through [`handle`] against the newest view, counting the outcome.
+    /// Runs one message through [`handle`] against the newest view and settings, counting
+    /// the outcome.
     fn handle(&self, packet: &[u8], transport: Transport, client: IpAddr, server: Option<IpAddr>) -> Outcome {
         let view = self.views.borrow().clone();
+        let settings = self.settings.borrow().clone();
         let asker = Asker {
-            may_forward: self.policy.admits(client),
+            may_forward: settings.policy.admits(client),
             server,
         };
-        let outcome = handle(packet, transport, &view, &self.authority, asker);
+        let outcome = handle(packet, transport, &view, &settings.authority, asker);
         if let Outcome::Reply(bytes) = &outcome {
             self.stats.reply(bytes);
         }
@@ -80,7 +79,8 @@ impl Shared {
     /// Forwards `query`; the answer, or `servfail` if no upstream gives one.
     async fn forward(&self, query: &[u8], client_tcp: bool, servfail: Vec<u8>) -> Vec<u8> {
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-        match self.upstream.forward(query, client_tcp).await {
+        let settings = self.settings.borrow().clone();
+        match settings.upstream.forward(query, client_tcp).await {
             Ok(answer) => answer,
             Err(e) => {
                 debug!(error = %e, "forwarding failed; answering SERVFAIL");

@@ -32,6 +32,12 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
+    /// The resolvers, in the order they are tried.
+    pub fn servers(&self) -> &[SocketAddr] {
+        &self.servers
+    }
+
+    /// Tries `servers` in this order.
     pub fn new(servers: Vec<SocketAddr>) -> Upstreams {
         Upstreams { servers }
     }
