@@ -103,9 +103,21 @@ fn vip_of(eps: &[(String, String, String)], site: &str, host: &str) -> String {
 
 /// `dig @127.0.0.1 -p <port> ARGS` inside `site`: its whole output.
 fn dig_at(net: &Net, site: &str, port: u16, args: &[&str]) -> String {
+    dig_server(net, site, "127.0.0.1", port, args)
+}
+
+/// `dig @SERVER -p PORT ARGS` run inside `site` (2 s per try, 2 tries): stdout and stderr.
+fn dig_server(net: &Net, site: &str, server: &str, port: u16, args: &[&str]) -> String {
     let out = net
         .exec(site)
-        .args(["dig", "@127.0.0.1", "-p", &port.to_string(), "+time=2", "+tries=2"])
+        .args([
+            "dig",
+            &format!("@{server}"),
+            "-p",
+            &port.to_string(),
+            "+time=2",
+            "+tries=2",
+        ])
         .args(args)
         .output()
         .expect("run dig");
@@ -647,15 +659,7 @@ fn names_outside_the_zone_are_forwarded_only_for_allowed_clients() {
         }
     });
     let paris_wan = net.wan_addr("paris").to_string();
-    let from_london = |args: &[&str]| {
-        let out = net
-            .exec("london")
-            .args(["dig", &format!("@{paris_wan}"), "-p", "5353", "+time=2", "+tries=1"])
-            .args(args)
-            .output()
-            .expect("run dig");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let from_london = |args: &[&str]| dig_server(&net, "london", &paris_wan, 5353, args);
     let out = from_london(&["www.example.org", "A"]);
     assert!(out.contains("status: REFUSED"), "{out}");
     assert!(!out.contains("192.0.2.7"), "{out}");
@@ -736,13 +740,7 @@ fn a_wildcard_listener_answers_from_the_address_queried() {
     let _s = sites(dir.path(), &net, &["london"], |site| set_dns(site, "0.0.0.0:5353", &[]));
     let wan = net.wan_addr("london").to_string();
     for server in ["127.0.0.5", "127.0.0.1", wan.as_str()] {
-        let out = net
-            .exec("london")
-            .args(["dig", &format!("@{server}"), "-p", "5353", "+time=2", "+tries=1"])
-            .args([&format!("dns-version.{ZONE}"), "TXT"])
-            .output()
-            .expect("run dig");
-        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        let out = dig_server(&net, "london", server, 5353, &[&format!("dns-version.{ZONE}"), "TXT"]);
         assert!(
             out.contains("status: NOERROR") && out.contains("1.0.0"),
             "asking {server}:\n{out}"
@@ -773,14 +771,7 @@ fn unbound_with_a_primed_stub_zone_resolves_clusterset_names() {
     london.link_spoke(dir.path(), paris, 1);
     export(london, "etcd", "[{name: client, port: 2379}]", &[("etcd-0", POD, true)]);
     let l0 = vip_of(&wait_ready(paris, "etcd", 1), "london", "etcd-0");
-    let ask = |name: &str| {
-        let out = net
-            .exec("paris")
-            .args(["dig", "@127.0.0.2", "+time=2", "+tries=1", name, "A"])
-            .output()
-            .expect("run dig");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let ask = |name: &str| dig_server(&net, "paris", "127.0.0.2", 53, &[name, "A"]);
     let conf = dir.path().join("unbound.conf");
     std::fs::write(
         &conf,
