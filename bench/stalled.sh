@@ -79,13 +79,16 @@ for _ in $(seq 50); do
     sleep 0.2
 done
 
-mem() { awk '$1 == "VmRSS:" { print $2 }' "/proc/$1/status"; }
-pss() { awk '$1 == "Pss:" { print $2 }' "/proc/$1/smaps_rollup"; }
-declare -A RSS0 PSS0
-for s in london paris; do
-    RSS0[$s]=$(mem "${PID[$s]}")
-    PSS0[$s]=$(pss "${PID[$s]}")
-done
+# snapshot KEY: each agent's VmRSS and PSS (kB) into RSS[site,KEY] and PSS[site,KEY].
+declare -A RSS PSS
+snapshot() {
+    local s
+    for s in london paris; do
+        RSS[$s,$1]=$(awk '$1 == "VmRSS:" { print $2 }' "/proc/${PID[$s]}/status")
+        PSS[$s,$1]=$(awk '$1 == "Pss:" { print $2 }' "/proc/${PID[$s]}/smaps_rollup")
+    done
+}
+snapshot before
 
 log "$FLOWS stalled downloads and $FLOWS stalled uploads through $vip"
 inp python3 - "$vip" "$TALK_PORT" "$SINK_PORT" "$FLOWS" "$WORK/held" <<'PY' &
@@ -120,11 +123,7 @@ PY
 for _ in $(seq 600); do [ -s "$WORK/held" ] && break; sleep 0.2; done
 [ -s "$WORK/held" ] || die "the stalled flows were not set up"
 sleep "$SETTLE"
-declare -A RSS1 PSS1
-for s in london paris; do
-    RSS1[$s]=$(mem "${PID[$s]}")
-    PSS1[$s]=$(pss "${PID[$s]}")
-done
+snapshot stalled
 log "100 MiB download beside them"
 t0=$(date +%s.%N)
 dl=$(inp timeout 60 iperf3 -c "$vip" -p $IPERF_PORT -n 100M -R -J 2>/dev/null |
@@ -135,7 +134,7 @@ echo "causeway, $FLOWS downloads that never read (4 KiB receive buffers) + $FLOW
 echo "| agent | VmRSS before KiB | VmRSS stalled KiB | KiB per stalled flow | PSS before KiB | PSS stalled KiB | KiB per stalled flow |"
 echo "|---|---|---|---|---|---|---|"
 for s in london paris; do
-    awk -v s=$s -v a="${RSS0[$s]}" -v b="${RSS1[$s]}" -v c="${PSS0[$s]}" -v d="${PSS1[$s]}" -v n=$((2 * FLOWS)) \
+    awk -v s=$s -v a="${RSS[$s,before]}" -v b="${RSS[$s,stalled]}" -v c="${PSS[$s,before]}" -v d="${PSS[$s,stalled]}" -v n=$((2 * FLOWS)) \
         'BEGIN { printf "| %s | %d | %d | %.1f | %d | %d | %.1f |\n", s, a, b, (b - a) / n, c, d, (d - c) / n }'
 done
 awk -v b="${dl:-0}" -v a="$t0" -v c="$t1" 'BEGIN { printf "100 MiB download beside them: %d bytes in %.2f s (%.2f Gbit/s)\n", b, c - a, b * 8 / (c - a) / 1e9 }'
