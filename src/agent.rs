@@ -300,6 +300,7 @@ impl Agent {
             grants: grants.clone(),
             links: links.clone(),
             vips_cidr,
+            warnings: crate::handshake::Throttle::new(Duration::from_secs(10)),
         });
         let socket_path = state.bind_admin_socket().context("placing the admin socket")?;
         let listener = admin::bind(&socket_path)

@@ -659,3 +659,30 @@ fn duplicate_links_from_an_old_links_file_stay_idle_instead_of_fighting() {
         paris.links()
     );
 }
+
+/// Issue 16 (15): redemptions need no certificate, so anyone can repeat a refused one; the
+/// issuer's warnings about them are rate-limited with counts instead of one line each.
+#[test]
+fn refused_redemptions_do_not_flood_the_issuers_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let london = Site::started(dir.path(), "london");
+    let paris = Site::started(dir.path(), "paris");
+    let token = london.issue(&[], &dir.path().join("t"));
+    let text = std::fs::read_to_string(&token).unwrap();
+    let secret = field(&text, "secret");
+    let flipped = format!("{}{}", if secret.starts_with('0') { "1" } else { "0" }, &secret[1..]);
+    let tampered = dir.path().join("tampered");
+    std::fs::write(&tampered, replace_field(&text, "secret", &flipped)).unwrap();
+    for _ in 0..20 {
+        let err = paris.fails(&["token", "redeem", tampered.to_str().unwrap()]);
+        assert!(err.contains("wrong secret"), "{err}");
+    }
+    let logged = london.log_text().matches("redemption refused").count();
+    assert!(
+        (1..=3).contains(&logged),
+        "{logged} warnings for 20 refusals:\n{}",
+        london.log_text()
+    );
+    // The real token still works afterwards.
+    paris.ok(&["token", "redeem", token.to_str().unwrap()]);
+}

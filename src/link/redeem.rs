@@ -209,6 +209,9 @@ pub struct Issuer {
     pub links: Arc<Links>,
     /// Our `vips.cidr`, which the redeemer's must equal.
     pub vips_cidr: String,
+    /// Redeem connections need no certificate, so anyone can make their warnings repeat:
+    /// logged at most once per 10 s, with the count of those left out.
+    pub warnings: crate::handshake::Throttle,
 }
 
 impl Issuer {
@@ -229,7 +232,9 @@ impl Issuer {
                     }
                 }
                 Err(rejection) => {
-                    warn!(%remote, site = %req.site, %rejection, "redemption refused");
+                    if let Some(suppressed) = self.warnings.allow(std::time::Instant::now()) {
+                        warn!(%remote, site = %req.site, %rejection, suppressed, "redemption refused");
+                    }
                     RedeemResponse::Rejected(rejection)
                 }
             };
@@ -241,10 +246,15 @@ impl Issuer {
             let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
             Ok::<(), String>(())
         };
-        match tokio::time::timeout(EXCHANGE_TIMEOUT, work).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(%remote, error = %e, "redeem connection failed"),
-            Err(_) => warn!(%remote, "redeem connection timed out"),
+        let failure = match tokio::time::timeout(EXCHANGE_TIMEOUT, work).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some("timed out".to_string()),
+        };
+        if let Some(error) = failure
+            && let Some(suppressed) = self.warnings.allow(std::time::Instant::now())
+        {
+            warn!(%remote, %error, suppressed, "redeem connection failed");
         }
         conn.close(close::DONE.into(), b"done");
     }
