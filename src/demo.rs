@@ -3,8 +3,9 @@
 //! Two sites (london and paris) are initialised in a temporary directory, each runs a real
 //! agent on its own loopback port, london issues a token through its admin socket, paris
 //! redeems it through its own, and the link is shown up. London exports a small echo
-//! service (TCP and UDP); paris learns it through the link, listens on its virtual IP, and
-//! the demo connects to that VIP and prints what came back through the tunnel. Every step
+//! service (TCP and UDP); paris learns it through the link and listens on its virtual IP; the
+//! demo resolves the service's `clusterset.local` names through paris's DNS responder, connects
+//! to the per-endpoint name's address and prints what came back through the tunnel. Every step
 //! goes through the same code (and the same admin API) as the real commands.
 //!
 //! Both sites share this host's loopback, so london does not listen on its own endpoint's
@@ -146,7 +147,44 @@ pub async fn run() -> anyhow::Result<()> {
     .context("paris never learned london's echo service")?;
     println!("[6] paris sees echo.default: endpoint echo-0 in london (real address 127.0.0.1), VIP {vip}");
 
-    let addr = std::net::SocketAddr::new(vip, echo_port);
+    // The names grid members use: asked of paris's own DNS responder, as a pod in paris would.
+    let dns = crate::dns::client::server_for(
+        *paris
+            .dns_addrs()
+            .first()
+            .context("paris's DNS responder is not listening")?,
+    );
+    let zone = "clusterset.local";
+    let mut by_name = None;
+    for (name, qtype) in [
+        (format!("echo.default.svc.{zone}"), hickory_proto::rr::RecordType::A),
+        (
+            format!("echo-0.london.echo.default.svc.{zone}"),
+            hickory_proto::rr::RecordType::A,
+        ),
+        (
+            format!("_tcp-echo._tcp.echo.default.svc.{zone}"),
+            hickory_proto::rr::RecordType::SRV,
+        ),
+    ] {
+        let fqdn = hickory_proto::rr::Name::from_ascii(format!("{name}."))?;
+        let answer = crate::dns::client::query(dns, &fqdn, qtype).await?;
+        println!("[7] DNS  {name} {qtype} (asked of paris's responder at {dns}):");
+        for record in &answer.answers {
+            println!("       {}", crate::dns::client::format_record(record));
+            if name.starts_with("echo-0.")
+                && let hickory_proto::rr::RData::A(a) = &record.data
+            {
+                by_name = Some(std::net::IpAddr::V4(a.0));
+            }
+        }
+    }
+    let reached = by_name.context("the per-endpoint name did not resolve")?;
+    if reached != vip {
+        bail!("echo-0's name resolved to {reached}, not its VIP {vip}");
+    }
+
+    let addr = std::net::SocketAddr::new(reached, echo_port);
     let message = b"hello from paris, through the causeway";
     // The listener may still be starting: a refused connection is retried, not fatal.
     let reply = poll(50, Duration::from_millis(50), || async {
@@ -162,13 +200,13 @@ pub async fn run() -> anyhow::Result<()> {
         );
     }
     println!(
-        "[7] TCP  {addr}: sent {:?}, got back {:?}",
+        "[8] TCP  echo-0.london.echo.default.svc.{zone}:{echo_port} ({addr}): sent {:?}, got back {:?}",
         String::from_utf8_lossy(message),
         String::from_utf8_lossy(&reply)
     );
     let reply = udp_round_trip(addr, b"a datagram from paris").await?;
     println!(
-        "[8] UDP  {addr}: sent \"a datagram from paris\", got back {:?}",
+        "[9] UDP  echo-0.london.echo.default.svc.{zone}:{echo_port} ({addr}): sent \"a datagram from paris\", got back {:?}",
         String::from_utf8_lossy(&reply)
     );
 

@@ -451,6 +451,18 @@ fn demo_runs_on_a_fresh_machine() {
     );
     assert!(stdout.contains("paris redeemed it: linked to"), "{stdout}");
     assert!(stdout.contains("is up"), "{stdout}");
+    // Issue 17 (3): the names users come for resolve through paris's DNS, and the echo is
+    // reached by name.
+    assert!(
+        stdout.contains("echo-0.london.echo.default.svc.clusterset.local.\t5\tIN\tA\t127.77."),
+        "{stdout}"
+    );
+    assert!(stdout.contains("IN\tSRV\t0 10 "), "{stdout}");
+    assert!(
+        stdout.contains("TCP  echo-0.london.echo.default.svc.clusterset.local:")
+            && stdout.contains("got back \"hello from paris, through the causeway\""),
+        "{stdout}"
+    );
 }
 
 #[test]
