@@ -3,6 +3,7 @@
 mod common;
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use common::{Site, wait_for};
@@ -23,6 +24,24 @@ fn field(text: &str, key: &str) -> String {
         .find_map(|l| l.strip_prefix(&prefix))
         .unwrap_or_else(|| panic!("no {key} in token"))
         .to_string()
+}
+
+/// A certificate's PEM with one byte of its DER changed at `index`, re-encoded.
+fn pem_with_der_byte_changed(pem: &str, index: usize) -> String {
+    use base64::Engine;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let mut der = base64::engine::general_purpose::STANDARD.decode(b64.trim()).unwrap();
+    der[index] ^= 0x01;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
 }
 
 fn replace_field(text: &str, key: &str, value: &str) -> String {
@@ -165,19 +184,69 @@ fn used_up_unknown_and_tampered_tokens_name_the_cause() {
     let tokyo = Site::started(dir.path(), "tokyo");
     let token = london.issue(&[], &dir.path().join("t"));
     let text = std::fs::read_to_string(&token).unwrap();
+    let issued = causeway::token::Token::parse(&text).unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    // Re-signed by someone holding the secret: passes the redeemer's check, not the issuer's.
+    let resigned = |change: &dyn Fn(&mut causeway::token::Token)| {
+        let mut t = issued.clone();
+        change(&mut t);
+        t.mac = t.compute_mac().unwrap();
+        t.to_yaml()
+    };
 
+    // Any field changed: the token's mac no longer matches, and the redeemer says so
+    // before dialing.
     let secret = field(&text, "secret");
     let flipped = format!("{}{}", if secret.starts_with('0') { "1" } else { "0" }, &secret[1..]);
-    let tampered = dir.path().join("tampered");
-    std::fs::write(&tampered, replace_field(&text, "secret", &flipped)).unwrap();
-    let err = tokyo.fails(&["token", "redeem", tampered.to_str().unwrap()]);
+    let tampered = write("tampered", &replace_field(&text, "secret", &flipped));
+    let err = tokyo.fails(&["token", "redeem", &tampered]);
+    assert!(
+        err.contains("token tampered with") && err.contains("ask london for a new token"),
+        "{err}"
+    );
+
+    // The CA's bytes changed outside its key (the first byte of the serial number): TLS
+    // would still pin the same key, so only the mac notices.
+    let ca_changed = |t: &mut causeway::token::Token| t.ca = pem_with_der_byte_changed(&t.ca, 15);
+    let mut changed_ca = issued.clone();
+    ca_changed(&mut changed_ca);
+    assert_ne!(changed_ca.ca, issued.ca);
+    let path = write("ca", &changed_ca.to_yaml());
+    let err = tokyo.fails(&["token", "redeem", &path]);
+    assert!(err.contains("token tampered with"), "{err}");
+    // ... and with the mac recomputed, the issuer refuses it: not what it issued.
+    let path = write("ca-resigned", &resigned(&ca_changed));
+    let err = tokyo.fails(&["token", "redeem", &path]);
+    assert!(err.contains("london refused the token: token tampered with"), "{err}");
+
+    let path = write("wrong-secret", &resigned(&|t| t.secret = flipped.clone()));
+    let err = tokyo.fails(&["token", "redeem", &path]);
     assert!(err.contains("wrong secret"), "{err}");
 
-    let unknown = dir.path().join("unknown");
-    std::fs::write(&unknown, replace_field(&text, "grant", &"ab".repeat(16))).unwrap();
-    let err = tokyo.fails(&["token", "redeem", unknown.to_str().unwrap()]);
+    let path = write("unknown", &resigned(&|t| t.grant = "ab".repeat(16)));
+    let err = tokyo.fails(&["token", "redeem", &path]);
     assert!(err.contains("unknown grant"), "{err}");
 
+    // A version 1 token (no mac) is refused, saying what to do.
+    let v1: String = text
+        .replace("version: 2", "version: 1")
+        .lines()
+        .filter(|l| !l.starts_with("mac:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = write("v1", &v1);
+    let err = tokyo.fails(&["token", "redeem", &path]);
+    assert!(
+        err.contains("token version 1") && err.contains("issue a new token"),
+        "{err}"
+    );
+
+    // None of those spent the token.
     paris.ok(&["token", "redeem", token.to_str().unwrap()]);
     let err = tokyo.fails(&["token", "redeem", token.to_str().unwrap()]);
     assert!(err.contains("used up"), "{err}");
@@ -185,6 +254,7 @@ fn used_up_unknown_and_tampered_tokens_name_the_cause() {
 
     let garbage = dir.path().join("garbage");
     std::fs::write(&garbage, "hello: world\n").unwrap();
+    std::fs::set_permissions(&garbage, std::fs::Permissions::from_mode(0o600)).unwrap();
     let err = tokyo.fails(&["token", "redeem", garbage.to_str().unwrap()]);
     assert!(err.contains("not a causeway token"), "{err}");
 
