@@ -493,7 +493,10 @@ fn init_refuses_to_overwrite_and_config_errors_name_key_and_line() {
     let london = Site::init(dir.path(), "london");
     let err = london.fails(&["init", "--site", "london"]);
     assert!(err.contains("refusing to overwrite"), "{err}");
-    let err = london.fails(&["init", "--site", "Bad_Name"]);
+    // A bad site id is a usage error: exit 2.
+    let out = london.cli(&["init", "--site", "Bad_Name"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("not a valid site id"), "{err}");
 
     let cfg = london.state.join("causeway.yaml");
