@@ -44,6 +44,14 @@ fn pem_with_der_byte_changed(pem: &str, index: usize) -> String {
     )
 }
 
+/// The token `text` with its mac recomputed from its secret, as someone holding the token
+/// could: it passes the redeemer's own check, whatever was changed.
+fn resigned(text: &str) -> String {
+    let mut t: causeway::token::Token = serde_yaml::from_str(text).unwrap();
+    t.mac = t.compute_mac().unwrap();
+    t.to_yaml()
+}
+
 fn replace_field(text: &str, key: &str, value: &str) -> String {
     let prefix = format!("{key}: ");
     text.lines()
@@ -167,12 +175,18 @@ fn expired_token_is_refused_with_the_time() {
     let err = paris.fails(&["token", "redeem", token.to_str().unwrap()]);
     assert!(err.contains("token expired at 20"), "{err}");
 
-    // Moving the expiry forward in the file does not help: the issuer keeps its own.
+    // Moving the expiry forward in the file does not help: the mac no longer matches, and
+    // with the mac recomputed from the secret the issuer finds it is not what it issued (and
+    // keeps its own expiry anyway).
     let text = std::fs::read_to_string(&token).unwrap();
     let forged = dir.path().join("forged");
-    std::fs::write(&forged, replace_field(&text, "expires", "2099-01-01T00:00:00Z")).unwrap();
+    let later = replace_field(&text, "expires", "2099-01-01T00:00:00Z");
+    std::fs::write(&forged, &later).unwrap();
     let err = paris.fails(&["token", "redeem", forged.to_str().unwrap()]);
-    assert!(err.contains("london refused the token: token expired at 20"), "{err}");
+    assert!(err.contains("token tampered with"), "{err}");
+    std::fs::write(&forged, resigned(&later)).unwrap();
+    let err = paris.fails(&["token", "redeem", forged.to_str().unwrap()]);
+    assert!(err.contains("london refused the token: token tampered with"), "{err}");
     assert!(paris.links().is_empty());
 }
 
@@ -331,14 +345,15 @@ fn token_pinned_to_another_ca_is_refused() {
     let text = std::fs::read_to_string(&token).unwrap();
 
     // The token's addresses lead to another agent (an interceptor): its certificate is not
-    // signed by the CA the token pins.
+    // signed by the CA the token pins. (Changed by someone holding the secret, who recomputed
+    // the mac: otherwise the redeemer would refuse it as tampered before dialing.)
     let redirected = dir.path().join("redirected");
     std::fs::write(
         &redirected,
-        text.replace(
+        resigned(&text.replace(
             &format!("127.0.0.1:{}", london.port),
             &format!("127.0.0.1:{}", mallory.port),
-        ),
+        )),
     )
     .unwrap();
     let err = paris.fails(&["token", "redeem", redirected.to_str().unwrap()]);
@@ -352,7 +367,7 @@ fn token_pinned_to_another_ca_is_refused() {
     let indented: String = mallory_ca.trim_end().lines().map(|l| format!("  {l}\n")).collect();
     let swapped = format!("{}ca: |\n{}{}", &text[..ca_start], indented.trim_end(), &text[ca_end..]);
     let swapped_path = dir.path().join("swapped");
-    std::fs::write(&swapped_path, swapped).unwrap();
+    std::fs::write(&swapped_path, resigned(&swapped)).unwrap();
     let err = paris.fails(&["token", "redeem", swapped_path.to_str().unwrap()]);
     assert!(err.contains("issuer certificate does not match the token"), "{err}");
     assert!(paris.links().is_empty());
