@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{self, ALPN_LINK, ALPN_REDEEM, Control, close};
 use crate::readiness::{LinkFacts, Readiness};
 use crate::state::{StateDir, rfc3339};
-use crate::token::{GrantStore, Token};
+use crate::token::{GrantStore, Token, TokenFor};
 use crate::vips::{VipAllocator, VipRange, VipTable};
 
 /// Handshakes (and redemptions) in flight, per source and in all; attempts over either are
@@ -511,7 +511,6 @@ impl Agent {
     }
 
     async fn issue(&self, uses: u32, ttl: Duration) -> Result<serde_json::Value, String> {
-        let (grant, secret) = self.grants.issue(uses, ttl).await.map_err(|e| e.to_string())?;
         let addresses = self.advertised();
         if addresses
             .iter()
@@ -522,15 +521,12 @@ impl Agent {
                 "the token advertises only loopback addresses; set `advertise:` in causeway.yaml so other machines can reach this site"
             );
         }
-        let token = Token {
-            version: crate::token::TOKEN_VERSION,
+        let to = TokenFor {
             issuer: self.identity.site.clone(),
             addresses,
             ca: self.identity.ca_pem.clone(),
-            grant: grant.id.clone(),
-            secret,
-            expires: grant.expires,
         };
+        let (grant, token) = self.grants.issue(uses, ttl, to).await.map_err(|e| e.to_string())?;
         info!(grant = %grant.id, uses, expires = %rfc3339::format(grant.expires), "token issued");
         Ok(
             json!({"token": token.to_yaml(), "grant": grant.id, "expires": rfc3339::format(grant.expires), "uses": uses}),

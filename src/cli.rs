@@ -1,9 +1,11 @@
 //! The command line: argument parsing (clap derive) and the output of every command.
 //!
 //! Commands other than `init`, `run` and `demo` talk to the running agent through the admin
-//! socket in the state directory. Every command exits 0 on success and 1 on error, printing
-//! one line on stderr that names what was wrong and what to do; `-o json|yaml` gives machine
-//! readable output where a command lists things.
+//! socket in the state directory. Every command exits 0 on success, 2 on a usage error (the
+//! command line itself: clap's errors, and values checked by the value parsers here or
+//! raised as [`UsageError`]) and 1 on any other error, printing one line on stderr that names
+//! what was wrong and what to do; `-o json|yaml` gives machine readable output where a
+//! command lists things. `--help` and `--version` exit 0.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -55,7 +57,7 @@ pub enum Command {
     /// Create the state dir: site CA, agent certificate, and causeway.yaml if absent.
     Init {
         /// The site's cluster id (a DNS-1123 label).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_site)]
         site: String,
         /// Where to write causeway.yaml (default: <state>/causeway.yaml).
         #[arg(long)]
@@ -116,11 +118,11 @@ pub enum QueryType {
 pub enum TokenCommand {
     /// Ask the running agent for a grant and write the token.
     Issue {
-        /// How many sites may redeem this token.
-        #[arg(long, default_value_t = 1)]
+        /// How many sites may redeem this token (1 to 1000).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=crate::token::MAX_USES as i64))]
         uses: u32,
-        /// How long the token stays valid (e.g. 15m, 2h, 1d).
-        #[arg(long, default_value = "15m", value_parser = parse_duration)]
+        /// How long the token stays valid (e.g. 15m, 2h, 1d; 1s to 30 days).
+        #[arg(long, default_value = "15m", value_parser = parse_token_ttl)]
         expires: Duration,
         /// Write the token to this file (mode 0600) instead of standard output.
         #[arg(short = 'o', long = "output")]
@@ -131,10 +133,10 @@ pub enum TokenCommand {
         /// The token file, or - to read standard input.
         file: String,
         /// Local name of the link (default: the issuer's site id).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_label)]
         name: Option<String>,
-        /// Routing cost of the link; lower is preferred.
-        #[arg(long, default_value_t = 1)]
+        /// Routing cost of the link (at least 1); lower is preferred.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         cost: u32,
     },
     /// The tokens this site issued: state (open/used/expired/revoked), uses, who redeemed them.
@@ -146,6 +148,7 @@ pub enum TokenCommand {
     /// stay; remove those with `link remove`).
     Revoke {
         /// The grant id (`token list`, or the token's `grant` field), or a unique prefix of it.
+        #[arg(value_parser = parse_grant_prefix)]
         grant: String,
     },
 }
@@ -170,8 +173,8 @@ pub enum SidecarCommand {
         /// Where to write: the manifest file, or the directory.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
-        /// The Secret's name (with `--format secret`).
-        #[arg(long, default_value = "causeway-member")]
+        /// The Secret's name (with `--format secret`; a DNS-1123 subdomain).
+        #[arg(long, default_value = "causeway-member", value_parser = parse_subdomain)]
         name: String,
     },
 }
@@ -191,16 +194,146 @@ pub enum LinkCommand {
         output: Output,
     },
     /// Drop a link and revoke the peer's trust on this side at once.
-    Remove { name: String },
+    Remove {
+        #[arg(value_parser = parse_label)]
+        name: String,
+    },
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 15m, 2h, 7d)"))
+/// A token's lifetime: a duration the issuer accepts, so a bad one is a usage error here
+/// rather than a refusal from the agent.
+fn parse_token_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 15m, 2h, 7d)"))?;
+    if d < Duration::from_secs(1) || d > crate::token::MAX_TTL {
+        return Err("must be between 1s and 30 days (examples: 90s, 15m, 2h, 7d)".into());
+    }
+    Ok(d)
 }
 
-/// Parses the command line, runs the command and maps errors to exit status 1.
+const LABEL_RULE: &str =
+    "use a DNS-1123 label: lowercase letters, digits and '-', at most 63, e.g. london or eu-west-1";
+
+fn parse_label(s: &str) -> Result<String, String> {
+    if is_dns_label(s) {
+        Ok(s.to_string())
+    } else {
+        Err(LABEL_RULE.into())
+    }
+}
+
+fn parse_site(s: &str) -> Result<String, String> {
+    parse_label(s).map_err(|rule| format!("not a valid site id: {rule}"))
+}
+
+/// A Kubernetes object name: dot-separated DNS-1123 labels, at most 253 characters.
+fn parse_subdomain(s: &str) -> Result<String, String> {
+    if s.len() <= 253 && s.split('.').all(is_dns_label) {
+        Ok(s.to_string())
+    } else {
+        Err("use a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', e.g. causeway-member".into())
+    }
+}
+
+fn parse_grant_prefix(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.len() <= 32 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(t.to_string())
+    } else {
+        Err("a grant id is up to 32 hex digits; `causeway token list` shows them".into())
+    }
+}
+
+/// A bad command line found after parsing: exits 2, like clap's own errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Exit status of a usage error.
+const USAGE: u8 = 2;
+
+/// Makes a command with subcommands answer a missing one with an error (exit 2) rather than
+/// its help text, so that every usage error is one line.
+fn no_help_instead_of_errors(cmd: clap::Command) -> clap::Command {
+    let names: Vec<String> = cmd.get_subcommands().map(|c| c.get_name().to_string()).collect();
+    let mut cmd = cmd.arg_required_else_help(false);
+    for name in names {
+        cmd = cmd.mut_subcommand(name, no_help_instead_of_errors);
+    }
+    cmd
+}
+
+/// Parses `args` (the first being the program name): the command line, or the exit to take
+/// with what to print (help and version on stdout, exit 0; errors as one line, exit 2).
+pub fn parse_args<I, T>(args: I) -> Result<Cli, (ExitCode, String)>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::{CommandFactory, FromArgMatches};
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let cmd = no_help_instead_of_errors(Cli::command());
+    match cmd
+        .clone()
+        .try_get_matches_from(&args)
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(cli) => Ok(cli),
+        Err(e) => match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                Err((ExitCode::SUCCESS, e.render().to_string()))
+            }
+            _ => Err((
+                ExitCode::from(USAGE),
+                format!("error: {}; see `{} --help`\n", one_line(&e), command_path(&cmd, &args)),
+            )),
+        },
+    }
+}
+
+/// The subcommand a command line names, as far as it goes (`causeway token issue`): the
+/// words that name subcommands, in order, skipping everything else.
+fn command_path(cmd: &clap::Command, args: &[std::ffi::OsString]) -> String {
+    let mut path = vec![cmd.get_name().to_string()];
+    let mut current = cmd;
+    for arg in args.iter().skip(1).filter_map(|a| a.to_str()) {
+        if let Some(sub) = current.find_subcommand(arg) {
+            path.push(sub.get_name().to_string());
+            current = sub;
+        }
+    }
+    path.join(" ")
+}
+
+/// Clap's error as one line: the message and its tips, without the usage and the pointer to
+/// `--help` that clap renders on lines of their own.
+fn one_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let mut parts = Vec::new();
+    for line in rendered.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with("Usage:") {
+            // The usage may continue on indented lines; nothing after it is the message.
+            break;
+        }
+        if !line.starts_with("For more information") {
+            parts.push(line.strip_prefix("error:").unwrap_or(line).trim().to_string());
+        }
+    }
+    parts.join(" ")
+}
+
+/// Parses the command line, runs the command and maps errors to exit status 2 (usage) or 1.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_args(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err((code, text)) => {
+            if code == ExitCode::SUCCESS {
+                print!("{text}");
+            } else {
+                eprint!("{text}");
+            }
+            return code;
+        }
+    };
     init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -212,8 +345,12 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            if e.is::<UsageError>() {
+                ExitCode::from(USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -289,6 +426,23 @@ async fn resolve(
     use hickory_proto::op::ResponseCode;
     use hickory_proto::rr::{Name, RecordType};
 
+    // The name first: a bad one is a usage error whatever the configuration.
+    let (qname, default) = match name.parse::<std::net::IpAddr>() {
+        Ok(addr) => (crate::dns::zone::reverse_name(addr), RecordType::PTR),
+        Err(_) => {
+            let fqdn = if name.ends_with('.') {
+                name.to_string()
+            } else {
+                format!("{name}.")
+            };
+            let qname = Name::from_ascii(&fqdn).map_err(|e| {
+                UsageError(format!(
+                    "{name:?} is not a DNS name ({e}): give a name or an IP address"
+                ))
+            })?;
+            (qname, RecordType::A)
+        }
+    };
     let path = config.unwrap_or_else(|| state.config());
     let cfg = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let Some(listen) = cfg.dns.listen.first() else {
@@ -298,18 +452,6 @@ async fn resolve(
         );
     };
     let server = client::server_for(*listen);
-    let (qname, default) = match name.parse::<std::net::IpAddr>() {
-        Ok(addr) => (crate::dns::zone::reverse_name(addr), RecordType::PTR),
-        Err(_) => {
-            let fqdn = if name.ends_with('.') {
-                name.to_string()
-            } else {
-                format!("{name}.")
-            };
-            let qname = Name::from_ascii(&fqdn).map_err(|e| anyhow::anyhow!("{name:?} is not a DNS name: {e}"))?;
-            (qname, RecordType::A)
-        }
-    };
     let qtype = match qtype {
         None => default,
         Some(QueryType::A) => RecordType::A,
@@ -359,11 +501,6 @@ async fn call(state: &StateDir, req: Request) -> anyhow::Result<serde_json::Valu
 }
 
 fn init(state: &StateDir, site: &str, config_path: Option<&Path>) -> anyhow::Result<()> {
-    if !is_dns_label(site) {
-        bail!(
-            "--site {site:?} is not a valid site id: use a DNS-1123 label (lowercase letters, digits and '-', at most 63, e.g. london or eu-west-1)"
-        );
-    }
     identity::create(state, site)?;
     let config_path = config_path.map(Path::to_path_buf).unwrap_or_else(|| state.config());
     let wrote_config = if config_path.exists() {
@@ -453,7 +590,34 @@ fn sidecar_credentials(state: &StateDir, format: CredentialsFormat, output: &Pat
     Ok(())
 }
 
+/// Where `token issue -o` may write, checked before a grant is spent on a token that could
+/// not be written.
+fn check_output_path(path: &Path) -> Result<(), UsageError> {
+    if path.is_dir() {
+        return Err(UsageError(format!(
+            "-o {}: is a directory; give a file name, e.g. -o {}",
+            path.display(),
+            path.join("peer.token").display()
+        )));
+    }
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(UsageError(format!(
+            "-o {}: directory {} does not exist; create it or write elsewhere",
+            path.display(),
+            parent.display()
+        )));
+    }
+    Ok(())
+}
+
 async fn token_issue(state: &StateDir, uses: u32, expires: Duration, output: Option<PathBuf>) -> anyhow::Result<()> {
+    if let Some(path) = &output {
+        check_output_path(path)?;
+    }
     let data = call(
         state,
         Request::TokenIssue {
@@ -538,14 +702,10 @@ async fn token_revoke(state: &StateDir, grant: &str) -> anyhow::Result<()> {
 }
 
 async fn token_redeem(state: &StateDir, file: &str, name: Option<String>, cost: u32) -> anyhow::Result<()> {
-    let token = if file == "-" {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
-            .context("reading the token from standard input")?;
-        s
-    } else {
-        std::fs::read_to_string(file).with_context(|| format!("reading token file {file}"))?
-    };
+    let (token, warning) = crate::token::file::read(file)?;
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
     let data = call(state, Request::TokenRedeem { token, name, cost }).await?;
     let peer = data["peer_site"].as_str().unwrap_or("?");
     let addr = data["addr"].as_str().unwrap_or("?");
@@ -730,6 +890,33 @@ mod tests {
             row.split_whitespace().collect::<Vec<_>>(),
             [&"ab".repeat(16), "revoked", "1/2", "2026-11-21T12:15:00Z", "paris"]
         );
+    }
+
+    #[test]
+    fn usage_errors_are_one_line_naming_the_subcommands_help() {
+        let usage = |line: &str| match parse_args(line.split_whitespace()) {
+            Err((code, text)) => {
+                assert_eq!(code, ExitCode::from(USAGE), "{line}");
+                assert_eq!(text.lines().count(), 1, "{line}: {text:?}");
+                text
+            }
+            Ok(_) => panic!("{line} parsed"),
+        };
+        let text = usage("causeway --state x token issue --uses 0");
+        assert!(
+            text.starts_with("error: invalid value '0' for '--uses <USES>'"),
+            "{text}"
+        );
+        assert!(text.ends_with("; see `causeway token issue --help`\n"), "{text}");
+        assert!(usage("causeway token issue --expires 31d").contains("between 1s and 30 days"));
+        assert!(usage("causeway token").contains("requires a subcommand"));
+        assert!(usage("causeway link remove Paris").contains("DNS-1123 label"));
+        assert!(usage("causeway init --site Bad").contains("not a valid site id"));
+        assert!(matches!(
+            parse_args(["causeway", "--version"]),
+            Err((ExitCode::SUCCESS, _))
+        ));
+        assert!(parse_args(["causeway", "token", "issue", "--uses", "1000", "--expires", "30d"]).is_ok());
     }
 
     #[test]

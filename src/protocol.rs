@@ -80,6 +80,10 @@ pub struct RedeemRequest {
     /// ([`REDEEM_EXPORTER_LABEL`]): proves the key without sending it, bound to this
     /// connection so it cannot be replayed elsewhere.
     pub proof: String,
+    /// The token's `mac`, which the issuer compares with the one it recorded at issue: a
+    /// token whose fields were changed is refused even if its mac was recomputed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// TLS exporter label for the redeemer's proof of possession.
@@ -93,6 +97,10 @@ pub enum Rejection {
     UnknownGrant,
     #[error("wrong secret: the token's secret does not match the grant (the token was altered)")]
     WrongSecret,
+    #[error(
+        "token tampered with: it differs from the token this site issued for that grant; ask the issuer for a new token"
+    )]
+    Tampered,
     #[error("token expired at {at}")]
     Expired { at: String },
     #[error("token used up: all {uses} use(s) were already redeemed")]

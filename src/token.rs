@@ -7,19 +7,37 @@
 //! [`GrantBook::redeem`], a plain state machine over the grant records with the clock passed
 //! in, so every rule (unknown grant, wrong secret, expired, used up) is tested without
 //! sockets. The issuer keeps only the SHA-256 of each secret and compares in constant time.
+//!
+//! **Tampering.** A token carries a `mac`: HMAC-SHA256, keyed by its secret, over every other
+//! field (the CA as DER, so a re-wrapped PEM is still the same token). The redeemer checks it
+//! before dialing, which catches a token changed by someone who does not hold the secret, or
+//! damaged in transit. The issuer also records the mac in the grant and refuses a redemption
+//! that presents another one ([`Rejection::Tampered`]), which catches a token whose fields
+//! were changed by someone who does hold the secret and recomputed the mac. The CA needs this:
+//! TLS uses only its name and key, so bytes changed elsewhere in it would go unnoticed.
+//! Version 1 tokens had no mac and are refused with a message saying to issue a new one
+//! (tokens live minutes, at most 30 days). [`file`] reads a token file on the redeemer's side:
+//! bounded in size, refused when others could have written it.
+
+pub mod file;
 
 use std::time::{Duration, SystemTime};
 
-use ring::digest;
 use ring::rand::{SecureRandom, SystemRandom};
+use ring::{digest, hmac};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::protocol::Rejection;
 use crate::state::rfc3339;
 
-/// Version of the token file format.
-pub const TOKEN_VERSION: u32 = 1;
+/// Version of the token file format: 2 added `mac`.
+pub const TOKEN_VERSION: u32 = 2;
+/// The largest token file read or parsed. A real one is about 1 KiB (most of it the CA); a
+/// bound keeps `token redeem -` on an endless input from growing without limit.
+pub const MAX_TOKEN_BYTES: usize = 64 * 1024;
+/// Domain separation for the token's mac, so it can never be mistaken for another HMAC.
+const MAC_CONTEXT: &[u8] = b"causeway-token-mac-v2";
 /// Most uses one grant may allow.
 pub const MAX_USES: u32 = 1000;
 /// Longest a grant may stay open.
@@ -37,6 +55,18 @@ pub enum TokenError {
     Invalid(String),
     #[error("could not generate randomness")]
     Random,
+    #[error("token larger than 64 KiB ({0} bytes): not a causeway token")]
+    TooLarge(usize),
+    #[error(
+        "token version 1 (issued by causeway before tokens carried a mac) cannot be checked for \
+         tampering and is no longer accepted: upgrade causeway on the issuing site and issue a new token"
+    )]
+    Unprotected,
+    #[error(
+        "token tampered with: its fields do not match its mac (changed or damaged after {issuer} \
+         issued it); ask {issuer} for a new token"
+    )]
+    Tampered { issuer: String },
 }
 
 /// The token file, as handed from issuer to redeemer. A secret: whoever holds it can link.
@@ -59,12 +89,63 @@ pub struct Token {
     /// When the grant stops accepting redemptions (RFC 3339, UTC).
     #[serde(with = "rfc3339")]
     pub expires: SystemTime,
+    /// HMAC-SHA256 (64 hex digits) keyed by the secret over every other field: see
+    /// [`Token::compute_mac`]. Defaults to empty only so that a version 1 token, which lacks
+    /// it, is refused for its version rather than for a missing field.
+    #[serde(default)]
+    pub mac: String,
+}
+
+/// What the issuer puts in a token besides the grant (see [`GrantBook::issue_token`]).
+#[derive(Debug, Clone)]
+pub struct TokenFor {
+    /// The issuer's site id.
+    pub issuer: String,
+    /// The addresses to dial.
+    pub addresses: Vec<String>,
+    /// The issuer's site CA certificate (PEM).
+    pub ca: String,
 }
 
 impl Token {
-    /// Parses and checks a token file's text.
+    /// The token's mac over its current fields (the `mac` field itself aside). Fields are
+    /// length-prefixed, so no shifting of bytes between them gives the same input; the CA
+    /// enters as DER, so re-wrapping its PEM is not tampering but changing any byte of the
+    /// certificate is.
+    pub fn compute_mac(&self) -> Result<String, TokenError> {
+        let key = hex::decode(&self.secret)
+            .ok()
+            .filter(|k| k.len() == 32)
+            .ok_or_else(|| TokenError::Invalid("secret must be 64 hex digits".into()))?;
+        let ca = crate::identity::parse_cert_pem(&self.ca, "ca")
+            .map_err(|_| TokenError::Invalid("ca is not a PEM certificate".into()))?;
+        let mut ctx = hmac::Context::with_key(&hmac::Key::new(hmac::HMAC_SHA256, &key));
+        let mut field = |bytes: &[u8]| {
+            ctx.update(&(bytes.len() as u64).to_be_bytes());
+            ctx.update(bytes);
+        };
+        field(MAC_CONTEXT);
+        field(&self.version.to_be_bytes());
+        field(self.issuer.as_bytes());
+        field(&(self.addresses.len() as u64).to_be_bytes());
+        for a in &self.addresses {
+            field(a.as_bytes());
+        }
+        field(ca.as_ref());
+        field(self.grant.as_bytes());
+        field(rfc3339::format(self.expires).as_bytes());
+        Ok(hex::encode(ctx.sign().as_ref()))
+    }
+
+    /// Parses and checks a token file's text, its mac included.
     pub fn parse(text: &str) -> Result<Token, TokenError> {
+        if text.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge(text.len()));
+        }
         let t: Token = serde_yaml::from_str(text).map_err(|e| TokenError::Parse(e.to_string()))?;
+        if t.version == 1 {
+            return Err(TokenError::Unprotected);
+        }
         if t.version != TOKEN_VERSION {
             return Err(TokenError::Invalid(format!(
                 "version {} is not supported (this causeway reads version {TOKEN_VERSION})",
@@ -83,8 +164,15 @@ impl Token {
         if !is_hex(&t.secret, 64) {
             return Err(TokenError::Invalid("secret must be 64 hex digits".into()));
         }
-        crate::identity::parse_cert_pem(&t.ca, "ca")
-            .map_err(|_| TokenError::Invalid("ca is not a PEM certificate".into()))?;
+        if !is_hex(&t.mac, 64) {
+            return Err(TokenError::Invalid("mac must be 64 hex digits".into()));
+        }
+        let expected = t.compute_mac()?;
+        if !bool::from(expected.as_bytes().ct_eq(t.mac.to_ascii_lowercase().as_bytes())) {
+            return Err(TokenError::Tampered {
+                issuer: t.issuer.clone(),
+            });
+        }
         Ok(t)
     }
 
@@ -136,6 +224,11 @@ pub struct Grant {
     /// wanted redeems no more, whatever its uses and expiry say.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339::option")]
     pub revoked: Option<SystemTime>,
+    /// The mac of the token issued for this grant: a redemption must present the same one,
+    /// so a token whose fields were changed (even with the mac recomputed from its secret)
+    /// is refused. Absent from grants recorded before tokens carried a mac.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_mac: Option<String>,
 }
 
 /// Where a grant stands, as `token list` shows it.
@@ -256,15 +349,61 @@ impl GrantBook {
             // Whole seconds, as the token shows it.
             expires: rfc3339::parse(&rfc3339::format(now + ttl)).unwrap_or(now + ttl),
             revoked: None,
+            token_mac: None,
         };
         self.prune(now);
         self.grants.push(grant.clone());
         Ok((grant, secret))
     }
 
+    /// Creates a grant and the token for it, and records the token's mac in the grant.
+    pub fn issue_token(
+        &mut self,
+        now: SystemTime,
+        uses: u32,
+        ttl: Duration,
+        to: TokenFor,
+    ) -> Result<(Grant, Token), TokenError> {
+        let (grant, secret) = self.issue(now, uses, ttl)?;
+        let mut token = Token {
+            version: TOKEN_VERSION,
+            issuer: to.issuer,
+            addresses: to.addresses,
+            ca: to.ca,
+            grant: grant.id.clone(),
+            secret,
+            expires: grant.expires,
+            mac: String::new(),
+        };
+        let mac = match token.compute_mac() {
+            Ok(mac) => mac,
+            Err(e) => {
+                // Nothing handed out: forget the grant.
+                self.grants.retain(|g| g.id != grant.id);
+                return Err(e);
+            }
+        };
+        token.mac = mac.clone();
+        let recorded = self
+            .grants
+            .iter_mut()
+            .find(|g| g.id == grant.id)
+            .ok_or_else(|| TokenError::Invalid("the new grant vanished".into()))?;
+        recorded.token_mac = Some(mac);
+        Ok((recorded.clone(), token))
+    }
+
     /// Decides one redemption and, on success, records it. The secret is checked before
-    /// anything about the grant's state is revealed.
-    pub fn redeem(&mut self, id: &str, secret: &str, site: &str, now: SystemTime) -> Result<(), Rejection> {
+    /// anything about the grant's state is revealed; then the token's `mac`, against the one
+    /// recorded at issue (a grant recorded before macs has none, and checks none).
+    pub fn redeem(
+        &mut self,
+        id: &str,
+        secret: &str,
+        mac: Option<&str>,
+        site: &str,
+        now: SystemTime,
+    ) -> Result<(), Rejection> {
         let grant = self
             .grants
             .iter_mut()
@@ -273,6 +412,12 @@ impl GrantBook {
         let presented = sha256_hex(secret);
         if !bool::from(presented.as_bytes().ct_eq(grant.secret_sha256.as_bytes())) {
             return Err(Rejection::WrongSecret);
+        }
+        if let Some(expected) = &grant.token_mac {
+            let presented = mac.unwrap_or_default().to_ascii_lowercase();
+            if !bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
+                return Err(Rejection::Tampered);
+            }
         }
         if let Some(at) = grant.revoked {
             return Err(Rejection::Revoked {
@@ -343,14 +488,156 @@ mod tests {
         rfc3339::parse("2026-11-21T12:00:00Z").unwrap()
     }
 
+    /// A CA certificate made for these tests (the token's mac covers its DER).
+    fn test_ca() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    fn issued() -> (GrantBook, Token) {
+        let mut book = GrantBook::default();
+        let to = TokenFor {
+            issuer: "london".into(),
+            addresses: vec!["gw.london.example:7400".into()],
+            ca: test_ca(),
+        };
+        let (_, token) = book.issue_token(t0(), 1, Duration::from_secs(900), to).unwrap();
+        (book, token)
+    }
+
+    /// The PEM of `der` with one byte changed at `index`.
+    fn pem_with_byte_changed(pem: &str, index: usize) -> String {
+        use base64::Engine;
+        let mut der = crate::identity::parse_cert_pem(pem, "ca").unwrap().to_vec();
+        der[index] ^= 0x01;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&der);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            lines.join("\n")
+        )
+    }
+
+    #[test]
+    fn an_issued_token_round_trips_and_its_grant_records_the_mac() {
+        let (book, token) = issued();
+        let text = token.to_yaml();
+        assert!(text.contains("version: 2") && text.contains("mac: "), "{text}");
+        assert_eq!(Token::parse(&text).unwrap(), token);
+        assert_eq!(book.grants[0].token_mac.as_deref(), Some(token.mac.as_str()));
+        // A re-wrapped PEM is the same certificate, so the same token.
+        let mut rewrapped = token.clone();
+        rewrapped.ca = token.ca.replace('\n', "\r\n");
+        assert!(Token::parse(&rewrapped.to_yaml()).is_ok());
+    }
+
+    type Change = Box<dyn Fn(&mut Token)>;
+
+    #[test]
+    fn a_change_to_any_field_is_tampering() {
+        let (_, token) = issued();
+        let serial = 15; // inside the serial number, well before the key
+        let changes: Vec<(&str, Change)> = vec![
+            ("issuer", Box::new(|t| t.issuer = "paris".into())),
+            ("address", Box::new(|t| t.addresses[0] = "evil.example:7400".into())),
+            (
+                "extra address",
+                Box::new(|t| t.addresses.push("evil.example:7400".into())),
+            ),
+            ("grant", Box::new(|t| t.grant = "ab".repeat(16))),
+            ("secret", Box::new(|t| t.secret = "cd".repeat(32))),
+            ("expires", Box::new(|t| t.expires += Duration::from_secs(3600))),
+            (
+                "ca serial",
+                Box::new(move |t| t.ca = pem_with_byte_changed(&t.ca, serial)),
+            ),
+            ("mac", Box::new(|t| t.mac = "00".repeat(32))),
+        ];
+        for (what, change) in changes {
+            let mut t = token.clone();
+            change(&mut t);
+            let err = Token::parse(&t.to_yaml()).unwrap_err();
+            assert!(
+                matches!(&err, TokenError::Tampered { issuer } if issuer == &t.issuer),
+                "{what}: {err}"
+            );
+            assert!(err.to_string().starts_with("token tampered with"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_issuer_refuses_a_token_whose_mac_was_recomputed() {
+        let (mut book, token) = issued();
+        let mut forged = token.clone();
+        forged.ca = pem_with_byte_changed(&token.ca, 15);
+        forged.mac = forged.compute_mac().unwrap();
+        // It passes the redeemer's own check ...
+        assert!(Token::parse(&forged.to_yaml()).is_ok());
+        // ... but not the issuer's, before any state is revealed or a use spent.
+        assert_eq!(
+            book.redeem(&forged.grant, &forged.secret, Some(&forged.mac), "paris", t0()),
+            Err(Rejection::Tampered)
+        );
+        assert_eq!(
+            book.redeem(&token.grant, &token.secret, None, "paris", t0()),
+            Err(Rejection::Tampered),
+            "a redeemer that leaves the mac out is refused too"
+        );
+        assert_eq!(
+            book.redeem(
+                &token.grant,
+                &token.secret,
+                Some(&token.mac.to_uppercase()),
+                "paris",
+                t0()
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn version_1_tokens_and_oversized_text_are_refused_with_their_cause() {
+        let (_, token) = issued();
+        let v1 = token.to_yaml().replace("version: 2", "version: 1");
+        let v1: String = v1
+            .lines()
+            .filter(|l| !l.starts_with("mac:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let err = Token::parse(&v1).unwrap_err().to_string();
+        assert!(err.contains("version 1") && err.contains("issue a new token"), "{err}");
+
+        let err = Token::parse(&token.to_yaml().replace("version: 2", "version: 3")).unwrap_err();
+        assert!(err.to_string().contains("version 3 is not supported"), "{err}");
+
+        let huge = format!("{}#{}\n", token.to_yaml(), "x".repeat(MAX_TOKEN_BYTES));
+        let err = Token::parse(&huge).unwrap_err().to_string();
+        assert!(err.starts_with("token larger than 64 KiB"), "{err}");
+
+        let no_mac: String = token
+            .to_yaml()
+            .lines()
+            .filter(|l| !l.starts_with("mac:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let err = Token::parse(&no_mac).unwrap_err().to_string();
+        assert!(err.contains("mac must be 64 hex digits"), "{err}");
+    }
+
     #[test]
     fn one_use_grant_redeems_once() {
         let mut book = GrantBook::default();
         let (g, secret) = book.issue(t0(), 1, Duration::from_secs(900)).unwrap();
         assert_ne!(g.secret_sha256, secret, "the secret itself is not stored");
-        assert_eq!(book.redeem(&g.id, &secret, "paris", t0()), Ok(()));
+        assert_eq!(book.redeem(&g.id, &secret, None, "paris", t0()), Ok(()));
         assert_eq!(
-            book.redeem(&g.id, &secret, "tokyo", t0()),
+            book.redeem(&g.id, &secret, None, "tokyo", t0()),
             Err(Rejection::UsedUp { uses: 1 })
         );
         assert_eq!(book.grants[0].redemptions[0].site, "paris");
@@ -361,28 +648,31 @@ mod tests {
         let mut book = GrantBook::default();
         let (g, s) = book.issue(t0(), 3, Duration::from_secs(60)).unwrap();
         for site in ["a", "b", "c"] {
-            book.redeem(&g.id, &s, site, t0()).unwrap();
+            book.redeem(&g.id, &s, None, site, t0()).unwrap();
         }
-        assert_eq!(book.redeem(&g.id, &s, "d", t0()), Err(Rejection::UsedUp { uses: 3 }));
+        assert_eq!(
+            book.redeem(&g.id, &s, None, "d", t0()),
+            Err(Rejection::UsedUp { uses: 3 })
+        );
     }
 
     #[test]
     fn each_failure_names_its_cause() {
         let mut book = GrantBook::default();
         let (g, s) = book.issue(t0(), 1, Duration::from_secs(60)).unwrap();
-        assert_eq!(book.redeem("00", &s, "p", t0()), Err(Rejection::UnknownGrant));
+        assert_eq!(book.redeem("00", &s, None, "p", t0()), Err(Rejection::UnknownGrant));
         let mut wrong = s.clone();
         wrong.replace_range(0..1, if s.starts_with('0') { "1" } else { "0" });
-        assert_eq!(book.redeem(&g.id, &wrong, "p", t0()), Err(Rejection::WrongSecret));
+        assert_eq!(book.redeem(&g.id, &wrong, None, "p", t0()), Err(Rejection::WrongSecret));
         let late = t0() + Duration::from_secs(61);
         assert_eq!(
-            book.redeem(&g.id, &s, "p", late),
+            book.redeem(&g.id, &s, None, "p", late),
             Err(Rejection::Expired {
                 at: "2026-11-21T12:01:00Z".into()
             })
         );
         // A wrong secret on an expired grant reveals nothing about its state.
-        assert_eq!(book.redeem(&g.id, &wrong, "p", late), Err(Rejection::WrongSecret));
+        assert_eq!(book.redeem(&g.id, &wrong, None, "p", late), Err(Rejection::WrongSecret));
     }
 
     #[test]
@@ -401,7 +691,7 @@ mod tests {
     fn grant_book_round_trips_through_yaml() {
         let mut book = GrantBook::default();
         let (g, s) = book.issue(t0(), 2, Duration::from_secs(60)).unwrap();
-        book.redeem(&g.id, &s, "paris", t0()).unwrap();
+        book.redeem(&g.id, &s, None, "paris", t0()).unwrap();
         let text = serde_yaml::to_string(&book).unwrap();
         let back: GrantBook = serde_yaml::from_str(&text).unwrap();
         assert_eq!(back, book);
@@ -418,21 +708,21 @@ mod tests {
     fn revoked_grant_redeems_no_more_and_says_when() {
         let mut book = GrantBook::default();
         let (g, secret) = book.issue(t0(), 3, Duration::from_secs(900)).unwrap();
-        book.redeem(&g.id, &secret, "paris", t0()).unwrap();
+        book.redeem(&g.id, &secret, None, "paris", t0()).unwrap();
         assert_eq!(book.grants[0].state(t0()), GrantState::Open);
 
         let later = t0() + Duration::from_secs(60);
         let revoked = book.revoke(&g.id, later).unwrap();
         assert_eq!(revoked.state(later), GrantState::Revoked);
         assert_eq!(
-            book.redeem(&g.id, &secret, "tokyo", later),
+            book.redeem(&g.id, &secret, None, "tokyo", later),
             Err(Rejection::Revoked {
                 at: "2026-11-21T12:01:00Z".into()
             })
         );
         // The secret is still checked first: a wrong one learns nothing about the grant.
         assert_eq!(
-            book.redeem(&g.id, &"00".repeat(32), "tokyo", later),
+            book.redeem(&g.id, &"00".repeat(32), None, "tokyo", later),
             Err(Rejection::WrongSecret)
         );
         // Revoking again keeps the first time.
@@ -471,7 +761,7 @@ mod tests {
     fn states_and_pruning_of_revoked_grants() {
         let mut book = GrantBook::default();
         let (used, s) = book.issue(t0(), 1, Duration::from_secs(60)).unwrap();
-        book.redeem(&used.id, &s, "paris", t0()).unwrap();
+        book.redeem(&used.id, &s, None, "paris", t0()).unwrap();
         book.issue(t0(), 1, Duration::from_secs(60)).unwrap();
         let (revoked, _) = book.issue(t0(), 1, Duration::from_secs(30 * 24 * 3600)).unwrap();
         book.revoke(&revoked.id, t0()).unwrap();
@@ -516,21 +806,21 @@ impl GrantStore {
         })
     }
 
-    /// Creates a grant and records it durably before returning its secret.
-    pub async fn issue(&self, uses: u32, ttl: Duration) -> Result<(Grant, String), GrantStoreError> {
+    /// Creates a grant and its token, and records the grant durably before returning it.
+    pub async fn issue(&self, uses: u32, ttl: Duration, to: TokenFor) -> Result<(Grant, Token), GrantStoreError> {
         let mut book = self.book.lock().await;
         let mut next = book.clone();
-        let issued = next.issue(SystemTime::now(), uses, ttl)?;
+        let issued = next.issue_token(SystemTime::now(), uses, ttl, to)?;
         crate::state::write_yaml(&self.path, &next)?;
         *book = next;
         Ok(issued)
     }
 
     /// Decides a redemption and records it durably.
-    pub async fn redeem(&self, id: &str, secret: &str, site: &str) -> Result<(), Rejection> {
+    pub async fn redeem(&self, id: &str, secret: &str, mac: Option<&str>, site: &str) -> Result<(), Rejection> {
         let mut book = self.book.lock().await;
         let mut next = book.clone();
-        next.redeem(id, secret, site, SystemTime::now())?;
+        next.redeem(id, secret, mac, site, SystemTime::now())?;
         crate::state::write_yaml(&self.path, &next).map_err(|e| Rejection::Internal { message: e.to_string() })?;
         *book = next;
         Ok(())

@@ -1203,6 +1203,7 @@ fn token_schema_accepts_an_issued_token_and_rejects_tampered_ones() {
     };
     let secret = token["secret"].as_str().expect("secret").to_string();
     let grant = token["grant"].as_str().expect("grant").to_string();
+    let mac = token["mac"].as_str().expect("mac").to_string();
     let mut cases: Vec<(String, Json, bool)> = vec![
         (
             "secret one digit short".into(),
@@ -1230,8 +1231,18 @@ fn token_schema_accepts_an_issued_token_and_rejects_tampered_ones() {
             true,
         ),
         (
-            "version 2".into(),
-            with(&|t| drop(t.insert("version".into(), json!(2)))),
+            "version 1 (before the mac)".into(),
+            with(&|t| drop(t.insert("version".into(), json!(1)))),
+            true,
+        ),
+        (
+            "version 3".into(),
+            with(&|t| drop(t.insert("version".into(), json!(3)))),
+            true,
+        ),
+        (
+            "mac one digit short".into(),
+            with(&|t| drop(t.insert("mac".into(), json!(mac[1..])))),
             true,
         ),
         (

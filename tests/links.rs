@@ -3,6 +3,7 @@
 mod common;
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use common::{Site, wait_for};
@@ -23,6 +24,32 @@ fn field(text: &str, key: &str) -> String {
         .find_map(|l| l.strip_prefix(&prefix))
         .unwrap_or_else(|| panic!("no {key} in token"))
         .to_string()
+}
+
+/// A certificate's PEM with one byte of its DER changed at `index`, re-encoded.
+fn pem_with_der_byte_changed(pem: &str, index: usize) -> String {
+    use base64::Engine;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let mut der = base64::engine::general_purpose::STANDARD.decode(b64.trim()).unwrap();
+    der[index] ^= 0x01;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
+/// The token `text` with its mac recomputed from its secret, as someone holding the token
+/// could: it passes the redeemer's own check, whatever was changed.
+fn resigned(text: &str) -> String {
+    let mut t: causeway::token::Token = serde_yaml::from_str(text).unwrap();
+    t.mac = t.compute_mac().unwrap();
+    t.to_yaml()
 }
 
 fn replace_field(text: &str, key: &str, value: &str) -> String {
@@ -148,12 +175,18 @@ fn expired_token_is_refused_with_the_time() {
     let err = paris.fails(&["token", "redeem", token.to_str().unwrap()]);
     assert!(err.contains("token expired at 20"), "{err}");
 
-    // Moving the expiry forward in the file does not help: the issuer keeps its own.
+    // Moving the expiry forward in the file does not help: the mac no longer matches, and
+    // with the mac recomputed from the secret the issuer finds it is not what it issued (and
+    // keeps its own expiry anyway).
     let text = std::fs::read_to_string(&token).unwrap();
     let forged = dir.path().join("forged");
-    std::fs::write(&forged, replace_field(&text, "expires", "2099-01-01T00:00:00Z")).unwrap();
+    let later = replace_field(&text, "expires", "2099-01-01T00:00:00Z");
+    std::fs::write(&forged, &later).unwrap();
     let err = paris.fails(&["token", "redeem", forged.to_str().unwrap()]);
-    assert!(err.contains("london refused the token: token expired at 20"), "{err}");
+    assert!(err.contains("token tampered with"), "{err}");
+    std::fs::write(&forged, resigned(&later)).unwrap();
+    let err = paris.fails(&["token", "redeem", forged.to_str().unwrap()]);
+    assert!(err.contains("london refused the token: token tampered with"), "{err}");
     assert!(paris.links().is_empty());
 }
 
@@ -165,19 +198,69 @@ fn used_up_unknown_and_tampered_tokens_name_the_cause() {
     let tokyo = Site::started(dir.path(), "tokyo");
     let token = london.issue(&[], &dir.path().join("t"));
     let text = std::fs::read_to_string(&token).unwrap();
+    let issued = causeway::token::Token::parse(&text).unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    // Re-signed by someone holding the secret: passes the redeemer's check, not the issuer's.
+    let resigned = |change: &dyn Fn(&mut causeway::token::Token)| {
+        let mut t = issued.clone();
+        change(&mut t);
+        t.mac = t.compute_mac().unwrap();
+        t.to_yaml()
+    };
 
+    // Any field changed: the token's mac no longer matches, and the redeemer says so
+    // before dialing.
     let secret = field(&text, "secret");
     let flipped = format!("{}{}", if secret.starts_with('0') { "1" } else { "0" }, &secret[1..]);
-    let tampered = dir.path().join("tampered");
-    std::fs::write(&tampered, replace_field(&text, "secret", &flipped)).unwrap();
-    let err = tokyo.fails(&["token", "redeem", tampered.to_str().unwrap()]);
+    let tampered = write("tampered", &replace_field(&text, "secret", &flipped));
+    let err = tokyo.fails(&["token", "redeem", &tampered]);
+    assert!(
+        err.contains("token tampered with") && err.contains("ask london for a new token"),
+        "{err}"
+    );
+
+    // The CA's bytes changed outside its key (the first byte of the serial number): TLS
+    // would still pin the same key, so only the mac notices.
+    let ca_changed = |t: &mut causeway::token::Token| t.ca = pem_with_der_byte_changed(&t.ca, 15);
+    let mut changed_ca = issued.clone();
+    ca_changed(&mut changed_ca);
+    assert_ne!(changed_ca.ca, issued.ca);
+    let path = write("ca", &changed_ca.to_yaml());
+    let err = tokyo.fails(&["token", "redeem", &path]);
+    assert!(err.contains("token tampered with"), "{err}");
+    // ... and with the mac recomputed, the issuer refuses it: not what it issued.
+    let path = write("ca-resigned", &resigned(&ca_changed));
+    let err = tokyo.fails(&["token", "redeem", &path]);
+    assert!(err.contains("london refused the token: token tampered with"), "{err}");
+
+    let path = write("wrong-secret", &resigned(&|t| t.secret = flipped.clone()));
+    let err = tokyo.fails(&["token", "redeem", &path]);
     assert!(err.contains("wrong secret"), "{err}");
 
-    let unknown = dir.path().join("unknown");
-    std::fs::write(&unknown, replace_field(&text, "grant", &"ab".repeat(16))).unwrap();
-    let err = tokyo.fails(&["token", "redeem", unknown.to_str().unwrap()]);
+    let path = write("unknown", &resigned(&|t| t.grant = "ab".repeat(16)));
+    let err = tokyo.fails(&["token", "redeem", &path]);
     assert!(err.contains("unknown grant"), "{err}");
 
+    // A version 1 token (no mac) is refused, saying what to do.
+    let v1: String = text
+        .replace("version: 2", "version: 1")
+        .lines()
+        .filter(|l| !l.starts_with("mac:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = write("v1", &v1);
+    let err = tokyo.fails(&["token", "redeem", &path]);
+    assert!(
+        err.contains("token version 1") && err.contains("issue a new token"),
+        "{err}"
+    );
+
+    // None of those spent the token.
     paris.ok(&["token", "redeem", token.to_str().unwrap()]);
     let err = tokyo.fails(&["token", "redeem", token.to_str().unwrap()]);
     assert!(err.contains("used up"), "{err}");
@@ -185,6 +268,7 @@ fn used_up_unknown_and_tampered_tokens_name_the_cause() {
 
     let garbage = dir.path().join("garbage");
     std::fs::write(&garbage, "hello: world\n").unwrap();
+    std::fs::set_permissions(&garbage, std::fs::Permissions::from_mode(0o600)).unwrap();
     let err = tokyo.fails(&["token", "redeem", garbage.to_str().unwrap()]);
     assert!(err.contains("not a causeway token"), "{err}");
 
@@ -261,14 +345,15 @@ fn token_pinned_to_another_ca_is_refused() {
     let text = std::fs::read_to_string(&token).unwrap();
 
     // The token's addresses lead to another agent (an interceptor): its certificate is not
-    // signed by the CA the token pins.
+    // signed by the CA the token pins. (Changed by someone holding the secret, who recomputed
+    // the mac: otherwise the redeemer would refuse it as tampered before dialing.)
     let redirected = dir.path().join("redirected");
     std::fs::write(
         &redirected,
-        text.replace(
+        resigned(&text.replace(
             &format!("127.0.0.1:{}", london.port),
             &format!("127.0.0.1:{}", mallory.port),
-        ),
+        )),
     )
     .unwrap();
     let err = paris.fails(&["token", "redeem", redirected.to_str().unwrap()]);
@@ -282,7 +367,7 @@ fn token_pinned_to_another_ca_is_refused() {
     let indented: String = mallory_ca.trim_end().lines().map(|l| format!("  {l}\n")).collect();
     let swapped = format!("{}ca: |\n{}{}", &text[..ca_start], indented.trim_end(), &text[ca_end..]);
     let swapped_path = dir.path().join("swapped");
-    std::fs::write(&swapped_path, swapped).unwrap();
+    std::fs::write(&swapped_path, resigned(&swapped)).unwrap();
     let err = paris.fails(&["token", "redeem", swapped_path.to_str().unwrap()]);
     assert!(err.contains("issuer certificate does not match the token"), "{err}");
     assert!(paris.links().is_empty());
@@ -423,7 +508,10 @@ fn init_refuses_to_overwrite_and_config_errors_name_key_and_line() {
     let london = Site::init(dir.path(), "london");
     let err = london.fails(&["init", "--site", "london"]);
     assert!(err.contains("refusing to overwrite"), "{err}");
-    let err = london.fails(&["init", "--site", "Bad_Name"]);
+    // A bad site id is a usage error: exit 2.
+    let out = london.cli(&["init", "--site", "Bad_Name"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("not a valid site id"), "{err}");
 
     let cfg = london.state.join("causeway.yaml");

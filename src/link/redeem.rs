@@ -5,7 +5,8 @@
 //! and sends its CA and agent certificate with a signature over the connection's TLS exporter:
 //! proof that it holds the agent key, bound to this connection, without the key ever crossing
 //! the wire. The issuer checks the certificate chain and the proof, then the grant
-//! ([`GrantStore::redeem`]: secret in constant time, expiry, uses), records the redemption and
+//! ([`GrantStore::redeem`]: secret in constant time, the token's mac against the one recorded
+//! at issue, expiry, uses), records the redemption and
 //! the new acceptor link durably, trusts the redeemer's CA, and answers with its site id.
 //!
 //! One link per pair of sites: the issuer refuses ([`Rejection::AlreadyLinked`]) a redeemer
@@ -185,6 +186,7 @@ async fn exchange(
         ca: id.ca_pem.clone(),
         cert: id.cert_pem.clone(),
         proof: hex::encode(proof),
+        mac: Some(token.mac.clone()),
     };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| describe_connection_error(&e))?;
     protocol::write_frame(&mut send, &req)
@@ -307,7 +309,9 @@ impl Issuer {
                 peer: req.site.clone(),
             },
         })?;
-        self.grants.redeem(&req.grant, &req.secret, &req.site).await?;
+        self.grants
+            .redeem(&req.grant, &req.secret, req.mac.as_deref(), &req.site)
+            .await?;
         let record = LinkRecord {
             name: self.links.acceptor_name(&req.site, &req.ca),
             peer_site: req.site.clone(),
