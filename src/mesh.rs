@@ -18,7 +18,7 @@
 //! whenever it changes, before the VIPs in it are advertised, so a restart hands every
 //! endpoint the address it had; [`load_vip_table`] reads it back at start.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 use crate::catalog::{Advert, EndpointAd, Lsdb, ServiceAd, View};
 use crate::config::Export;
 use crate::metrics::Metrics;
-use crate::protocol::Control;
+use crate::protocol::{Control, close};
 use crate::vips::{VipAllocator, VipError, VipRange, VipTable};
 
 /// A link that is up, as the mesh uses it.
@@ -261,6 +261,35 @@ impl Mesh {
         match inner.members.get_mut(name) {
             Some(m) if m.exports != services => m.exports = services,
             _ => return Ok(()),
+        }
+        // A pod whose sidecar restarted connects again before its old connection times out
+        // (a killed sidecar sends no close): the newest sidecar exporting an endpoint
+        // delivers it, and the older one, which claims the same endpoints, is let go.
+        let claims = |exports: &[ServiceAd]| -> HashSet<(String, String, String)> {
+            exports
+                .iter()
+                .flat_map(|s| {
+                    s.endpoints
+                        .iter()
+                        .map(move |e| (s.service.clone(), s.namespace.clone(), e.hostname.clone()))
+                })
+                .collect()
+        };
+        let mine = inner.members.get(name).map(|m| claims(&m.exports)).unwrap_or_default();
+        let superseded: Vec<String> = inner
+            .members
+            .iter()
+            .filter(|(other, m)| *other != name && !claims(&m.exports).is_disjoint(&mine))
+            .map(|(other, _)| other.clone())
+            .collect();
+        for other in superseded {
+            if let Some(old) = inner.members.remove(&other) {
+                info!(old = %other, new = %name, "a newer sidecar exports the same endpoints; the older connection is closed");
+                old.conn.close(
+                    close::REPLACED.into(),
+                    b"replaced by a newer sidecar for the same endpoints",
+                );
+            }
         }
         self.rebuild(&mut inner)
     }
