@@ -13,7 +13,8 @@
 # measures an idle path: the output's count says how many round trips fitted). One SCHED_IDLE
 # busy loop per CPU keeps idle vCPUs from halting (as in bench/run.sh), so "alone" measures
 # the tools rather than wake-up latency. The table gives p50, p99 and mean of both runs, the
-# under-load/alone ratios and the bulk throughput alone and under the ping-pong.
+# under-load/alone ratios, the bulk throughput alone and under the ping-pong and, for causeway,
+# how full the receiving agent's UDP socket buffer ran meanwhile (sampled every 10 ms).
 #
 # Knobs (environment): TOOLS="direct socat causeway", COUNT=5000, WARMUP=500, STREAMS=4,
 # DURATION=12, LOAD_DELAY=1, ROUNDS=1 (each tool this many times, tools taking turns),
@@ -139,9 +140,24 @@ start_causeway() {
     IPERF=$vip:$IPERF_PORT ECHO=$vip:$ECHO_PORT
 }
 
+# udp_queue PID SECS: every 10 ms for SECS s, the receive queue (bytes the kernel charges,
+# headers and slack included) of the QUIC socket (port 7400) in PID's namespace, one a line.
+# Pure bash between the sleeps, so it costs the CPUs under test little.
+udp_queue() {
+    local pid=$1 end=$((SECONDS + $2)) sl local rem st q rest
+    while [ $SECONDS -lt $end ] && [ -r /proc/$pid/net/udp ]; do
+        while read -r sl local rem st q rest; do
+            [[ $local == *:1CE8 ]] && echo $((16#${q#*:}))
+        done </proc/$pid/net/udp
+        sleep 0.01
+    done
+}
+# p50 and p99 of numbers on stdin, in KiB, as "p50 / p99".
+kib_pct() { sort -n | awk '{v[NR] = $1} END {if (NR) printf "%.0f / %.0f", v[int(NR * 0.5) + 1] / 1024, v[int(NR * 0.99) + 1 > NR ? NR : int(NR * 0.99) + 1] / 1024; else printf "-"}'; }
+
 # measure TOOL ROUND: one row of the table (or a failure row).
 measure() {
-    local tool=$1 round=$2 alone loaded bulk bulk_loaded ipid
+    local tool=$1 round=$2 alone loaded bulk bulk_loaded ipid udpq qpid
     TOOL_PIDS=()
     if ! "start_$tool" || ! wait_path "$ECHO"; then
         printf '| %s | %d | failed: no path (see %s) |\n' "$tool" "$round" "$WORK" | tee -a "$WORK/table"
@@ -158,22 +174,30 @@ measure() {
         >"$WORK/iperf3-$tool-$round.json" 2>&1 &
     ipid=$!
     sleep "$LOAD_DELAY"
+    # causeway: how deep the receiving agent's (london's) UDP queue runs meanwhile.
+    qpid=
+    if [ "$tool" = causeway ]; then
+        udp_queue "${TOOL_PIDS[0]}" $((DURATION - 2 * LOAD_DELAY - 1)) >"$WORK/udpq-$round" &
+        qpid=$!
+    fi
     loaded=$(inp timeout $((DURATION + 30)) "$LOADGEN" pingpong --addr "$ECHO" --count "$COUNT" --warmup "$WARMUP" \
         --seconds $((DURATION - 2 * LOAD_DELAY - 1)) 2>&1)
     wait $ipid
     bulk_loaded=$(gbps <"$WORK/iperf3-$tool-$round.json")
+    udpq=-
+    [ -n "$qpid" ] && wait "$qpid" && udpq=$(kib_pct <"$WORK/udpq-$round")
     bench_spin_stop
     echo "$tool round $round alone: $alone" >>"$WORK/raw"
     echo "$tool round $round loaded: $loaded" >>"$WORK/raw"
     awk -v t="$tool" -v r="$round" -v s="$STREAMS" \
         -v a50="$(jget median_us <<<"$alone")" -v a99="$(jget p99_us <<<"$alone")" -v am="$(jget mean_us <<<"$alone")" \
         -v l50="$(jget median_us <<<"$loaded")" -v l99="$(jget p99_us <<<"$loaded")" -v lm="$(jget mean_us <<<"$loaded")" \
-        -v ln="$(jget count <<<"$loaded")" -v b="$bulk" -v bl="$bulk_loaded" '
+        -v ln="$(jget count <<<"$loaded")" -v b="$bulk" -v bl="$bulk_loaded" -v q="$udpq" '
         function ratio(x, y) { return (y > 0) ? sprintf("%.1f×", x / y) : "-" }
         BEGIN {
             if (a99 == "" || l99 == "") { printf "| %s | %d | failed: ping-pong gave no figures |\n", t, r; exit }
-            printf "| %s | %d | %.0f / %.0f / %.0f | %.0f / %.0f / %.0f (%d) | %s | %s | %s / %s |\n",
-                t, r, a50, a99, am, l50, l99, lm, ln, ratio(l99, a99), ratio(lm, am), b, bl
+            printf "| %s | %d | %.0f / %.0f / %.0f | %.0f / %.0f / %.0f (%d) | %s | %s | %s / %s | %s |\n",
+                t, r, a50, a99, am, l50, l99, lm, ln, ratio(l99, a99), ratio(lm, am), b, bl, q
         }' | tee -a "$WORK/table"
     # Not a bare `wait` when there are none (direct): that would wait for the servers too.
     if [ ${#TOOL_PIDS[@]} -gt 0 ]; then
@@ -193,8 +217,8 @@ done
     echo "$STREAMS iperf3 streams (round trips measured in brackets); bulk: the iperf3 streams' Gbit/s alone / under the ping-pong."
     echo "$(nproc) CPUs; COUNT=$COUNT WARMUP=$WARMUP STREAMS=$STREAMS DURATION=$DURATION CW_WORKERS=$CW_WORKERS; $("$CAUSEWAY" --version 2>/dev/null)"
     echo
-    echo "| tool | round | alone p50 / p99 / mean | under load p50 / p99 / mean (n) | p99 ratio | mean ratio | bulk Gbit/s |"
-    echo "|---|---|---|---|---|---|---|"
+    echo "| tool | round | alone p50 / p99 / mean | under load p50 / p99 / mean (n) | p99 ratio | mean ratio | bulk Gbit/s | london UDP queue KiB p50 / p99 |"
+    echo "|---|---|---|---|---|---|---|---|"
 } | tee "$WORK/table"
 for r in $(seq "$ROUNDS"); do
     for tool in $TOOLS; do
