@@ -153,7 +153,7 @@ udp_queue() {
     done
 }
 # p50 and p99 of numbers on stdin, in KiB, as "p50 / p99".
-kib_pct() { sort -n | awk '{v[NR] = $1} END {if (NR) printf "%.0f / %.0f", v[int(NR * 0.5) + 1] / 1024, v[int(NR * 0.99) + 1 > NR ? NR : int(NR * 0.99) + 1] / 1024; else printf "-"}'; }
+kib_pct() { sort -n | awk '{v[NR] = $1} END {i = int(NR * 0.99) + 1; if (i > NR) i = NR; if (NR) printf "%.0f / %.0f", v[int(NR * 0.5) + 1] / 1024, v[i] / 1024; else printf "-"}'; }
 
 # measure TOOL ROUND: one row of the table (or a failure row).
 measure() {
