@@ -324,9 +324,12 @@ impl Bbr {
         // time.
         if self.is_at_full_bandwidth {
             self.cwnd = target_window.min(self.cwnd + bytes_acked);
-        } else if (self.cwnd_gain < target_window as f32) || (self.acked_bytes < self.init_cwnd) {
+        } else if self.cwnd < target_window || self.acked_bytes < self.init_cwnd {
             // If the connection is not yet out of startup phase, do not decrease
             // the window.
+            // causeway patch: upstream compared `self.cwnd_gain` (a factor, ~2.9) with
+            // `target_window` (bytes), which is always true, so in STARTUP the window grew by
+            // every acknowledged byte whatever the target (quinn-rs/quinn#2798).
             self.cwnd += bytes_acked;
         }
 
@@ -406,7 +409,7 @@ impl Controller for Bbr {
         rtt: &RttEstimator,
     ) {
         self.max_bandwidth
-            .on_ack(now, sent, bytes, self.round_count, app_limited);
+            .on_ack(now, sent, bytes, self.round_count, app_limited, rtt.min());
         self.acked_bytes += bytes;
         if self.is_min_rtt_expired(now, app_limited) || self.min_rtt > rtt.min() {
             self.min_rtt = rtt.min();
