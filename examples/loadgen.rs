@@ -52,6 +52,11 @@ enum Cmd {
         count: usize,
         #[arg(long, default_value_t = 1_000)]
         warmup: usize,
+        /// Stop measuring after this many seconds even if fewer than `count` round trips were
+        /// made (the output's `count` says how many): bench/latency.sh measures while a bulk
+        /// transfer of fixed length runs, and slow round trips must not outlast it.
+        #[arg(long)]
+        seconds: Option<f64>,
     },
     /// New connections as fast as possible, each with a 1-byte round trip, closed by the server.
     Connrate {
@@ -89,7 +94,12 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         match cli.cmd {
             Cmd::EchoServer { listen, oneshot } => echo_server(listen, oneshot).await,
-            Cmd::Pingpong { addr, count, warmup } => pingpong(addr, count, warmup).await,
+            Cmd::Pingpong {
+                addr,
+                count,
+                warmup,
+                seconds,
+            } => pingpong(addr, count, warmup, seconds.map(Duration::from_secs_f64)).await,
             Cmd::Connrate {
                 addr,
                 seconds,
@@ -187,17 +197,22 @@ fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
     (at(0.5), at(0.99))
 }
 
-async fn pingpong(addr: SocketAddr, count: usize, warmup: usize) -> anyhow::Result<()> {
+async fn pingpong(addr: SocketAddr, count: usize, warmup: usize, limit: Option<Duration>) -> anyhow::Result<()> {
     let mut s = connect(addr).await?;
     for i in 0..warmup {
         round_trip(&mut s, i as u8).await.context("warm-up")?;
     }
     let mut samples = Vec::with_capacity(count);
+    let start = Instant::now();
     for i in 0..count {
+        if limit.is_some_and(|l| start.elapsed() >= l) {
+            break;
+        }
         let t = Instant::now();
         round_trip(&mut s, i as u8).await?;
         samples.push(t.elapsed());
     }
+    let count = samples.len();
     let mean = samples.iter().sum::<Duration>().as_secs_f64() * 1e6 / count.max(1) as f64;
     let (median, p99) = percentiles(&mut samples);
     println!(

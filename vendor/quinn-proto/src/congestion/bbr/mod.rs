@@ -263,7 +263,11 @@ impl Bbr {
 
     fn get_target_cwnd(&self, gain: f32) -> u64 {
         let bw = self.max_bandwidth.get_estimate();
-        let bdp = self.min_rtt.as_micros() as u64 * bw;
+        // causeway patch: at least MIN_TARGET_RTT's worth of data. Between two hosts a few
+        // tens of µs apart, the round trip under load is set by how the ends batch their
+        // work (GSO sends, receive batches, a busy receiver), not by the path; a window of
+        // twice a 30 µs BDP cut a single stream's throughput by a third.
+        let bdp = self.min_rtt.max(MIN_TARGET_RTT).as_micros() as u64 * bw;
         let bdpf = bdp as f64;
         let cwnd = ((gain as f64 * bdpf) / 1_000_000f64) as u64;
         // BDP estimate will be zero if no bandwidth samples are available yet.
@@ -324,9 +328,12 @@ impl Bbr {
         // time.
         if self.is_at_full_bandwidth {
             self.cwnd = target_window.min(self.cwnd + bytes_acked);
-        } else if (self.cwnd_gain < target_window as f32) || (self.acked_bytes < self.init_cwnd) {
+        } else if self.cwnd < target_window || self.acked_bytes < self.init_cwnd {
             // If the connection is not yet out of startup phase, do not decrease
             // the window.
+            // causeway patch: upstream compared `self.cwnd_gain` (a factor, ~2.9) with
+            // `target_window` (bytes), which is always true, so in STARTUP the window grew by
+            // every acknowledged byte whatever the target (quinn-rs/quinn#2798).
             self.cwnd += bytes_acked;
         }
 
@@ -406,7 +413,7 @@ impl Controller for Bbr {
         rtt: &RttEstimator,
     ) {
         self.max_bandwidth
-            .on_ack(now, sent, bytes, self.round_count, app_limited);
+            .on_ack(now, sent, bytes, self.round_count, app_limited, rtt.min());
         self.acked_bytes += bytes;
         if self.is_min_rtt_expired(now, app_limited) || self.min_rtt > rtt.min() {
             self.min_rtt = rtt.min();
@@ -635,6 +642,9 @@ fn calculate_min_window(current_mtu: u64) -> u64 {
 }
 
 // The gain used for the STARTUP, equal to 2/ln(2).
+/// causeway patch: the shortest round trip the target window is sized for (see
+/// `get_target_cwnd`).
+const MIN_TARGET_RTT: Duration = Duration::from_millis(1);
 const K_DEFAULT_HIGH_GAIN: f32 = 2.885;
 // The newly derived CWND gain for STARTUP, 2.
 const K_DERIVED_HIGH_CWNDGAIN: f32 = 2.0;
