@@ -46,13 +46,7 @@ need_pkgs=()
 for pair in iperf3:iperf3 socat:socat ip:iproute2 chrt:util-linux taskset:util-linux; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need_pkgs+=("${pair#*:}")
 done
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-    [ "${SKIP_APT:-0}" = 1 ] && die "missing packages: ${need_pkgs[*]}"
-    log "installing ${need_pkgs[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_pkgs[@]}" >/dev/null ||
-        { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_pkgs[@]}" >/dev/null; } ||
-        die "apt-get install ${need_pkgs[*]} failed"
-fi
+bench_install "${need_pkgs[@]}"
 
 bench_build
 

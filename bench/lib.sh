@@ -9,6 +9,18 @@ die() {
     exit 1
 }
 
+# bench_install PKG...: installs the Debian packages given (those found missing) with
+# apt-get, updating the lists once if the first try fails; dies if that fails, or at once when
+# SKIP_APT=1.
+bench_install() {
+    [ $# -gt 0 ] || return 0
+    [ "${SKIP_APT:-0}" = 1 ] && die "missing packages: $*"
+    log "installing $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null ||
+        { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; } ||
+        die "apt-get install $* failed"
+}
+
 # bench_build: builds causeway and examples/loadgen (release, --locked) unless SKIP_BUILD is
 # set, and sets CAUSEWAY and LOADGEN to them unless those are set already. Honours
 # CARGO_TARGET_DIR.

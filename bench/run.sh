@@ -63,13 +63,7 @@ for pair in iperf3:iperf3 socat:socat stunnel4:stunnel4 sshd:openssh-server ssh:
         need_pkgs+=("$pkg")
     fi
 done
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-    [ "${SKIP_APT:-0}" = 1 ] && die "missing packages: ${need_pkgs[*]}"
-    log "installing ${need_pkgs[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_pkgs[@]}" >/dev/null ||
-        { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_pkgs[@]}" >/dev/null; } ||
-        die "apt-get install ${need_pkgs[*]} failed"
-fi
+bench_install "${need_pkgs[@]}"
 
 bench_build
 

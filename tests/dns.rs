@@ -663,9 +663,11 @@ fn names_outside_the_zone_are_forwarded_only_for_allowed_clients() {
     let out = from_london(&["www.example.org", "A"]);
     assert!(out.contains("status: REFUSED"), "{out}");
     assert!(!out.contains("192.0.2.7"), "{out}");
-    // The zone is answered for anyone.
-    let out = from_london(&[&format!("dns-version.{ZONE}"), "TXT"]);
+    // The zone is answered for anyone, with the DO bit of a +dnssec query echoed (issue 16
+    // item 4, RFC 3225 §3).
+    let out = from_london(&[&format!("dns-version.{ZONE}"), "TXT", "+dnssec"]);
     assert!(out.contains("status: NOERROR") && out.contains("1.0.0"), "{out}");
+    assert!(out.contains("; EDNS: version: 0, flags: do;"), "{out}");
     // Loopback in paris is always allowed.
     let out = dig(&net, "paris", &["www.example.org", "A"]);
     assert!(out.contains("\tA\t192.0.2.7"), "{out}");
