@@ -327,9 +327,12 @@ impl Agent {
             reload: Mutex::new(None),
         });
         if let Some(addr) = agent.config.metrics {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the metrics address {addr} (metrics)"))?;
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!(
+                    "binding the metrics address {addr} (metrics; another agent on this host may have it: \
+                         choose another port in `metrics:`, or remove the key)"
+                )
+            })?;
             info!(metrics = %listener.local_addr().unwrap_or(addr), "serving Prometheus metrics at /metrics");
             // A weak handle: the metrics task must not keep the agent alive.
             let me = Arc::downgrade(&agent);

@@ -161,9 +161,6 @@ impl Settings {
         let authority = Authority::new(&config.zone, site, config.ttl, !upstream.is_empty())?
             .with_ns_addrs(bound.iter().map(|b| b.ip()));
         let policy = ForwardPolicy::new(config.allow.clone().unwrap_or_else(ForwardPolicy::own_networks));
-        if !upstream.is_empty() {
-            info!(allow = ?policy.allowed(), "names outside the zone are forwarded for loopback and these networks only (dns.allow)");
-        }
         Ok(Settings {
             authority,
             upstream: upstream::Upstreams::new(upstream),
@@ -451,6 +448,9 @@ impl Responder {
         }
         let settings = Settings::new(config, site, &bound)?;
         let upstream = settings.upstream.servers().to_vec();
+        if !upstream.is_empty() {
+            info!(allow = ?settings.policy.allowed(), "names outside the zone are forwarded for loopback and these networks only (dns.allow)");
+        }
         let (settings_tx, settings_rx) = watch::channel(Arc::new(settings));
         let shared = Arc::new(server::Shared {
             settings: settings_rx,

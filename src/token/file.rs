@@ -22,7 +22,8 @@ use super::MAX_TOKEN_BYTES;
 /// Errors reading a token file or standard input.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenFileError {
-    #[error("reading {what}: {source}")]
+    // The cause is the source, which error reports print after this.
+    #[error("reading {what}")]
     Io {
         what: String,
         #[source]
