@@ -18,7 +18,7 @@
 //! whenever it changes, before the VIPs in it are advertised, so a restart hands every
 //! endpoint the address it had; [`load_vip_table`] reads it back at start.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 use crate::catalog::{Advert, EndpointAd, Lsdb, ServiceAd, View};
 use crate::config::Export;
 use crate::metrics::Metrics;
-use crate::protocol::{Control, close};
+use crate::protocol::Control;
 use crate::vips::{VipAllocator, VipError, VipRange, VipTable};
 
 /// A link that is up, as the mesh uses it.
@@ -52,6 +52,12 @@ struct UpLink {
 struct Member {
     conn: quinn::Connection,
     control: mpsc::UnboundedSender<Control>,
+    /// Order of connection (higher is newer): when two sidecars export the same endpoint, the
+    /// newest delivers it. A pod whose sidecar restarted connects again before the old,
+    /// killed sidecar's connection times out (`links.idle_timeout`), and the new one must win
+    /// at once; closing the older one instead could make two live, misconfigured pods
+    /// replace each other in a loop.
+    connected: u64,
     /// Its pod's exports, without VIPs.
     exports: Vec<ServiceAd>,
 }
@@ -75,6 +81,8 @@ struct Inner {
     members: BTreeMap<String, Member>,
     /// VIPs of endpoints that a sidecar delivers, and which one.
     member_vips: HashMap<IpAddr, String>,
+    /// The last [`Member::connected`] handed out.
+    member_seq: u64,
 }
 
 /// Where a mesh's VIP allocation starts from and is kept.
@@ -156,6 +164,7 @@ impl Mesh {
                 links: BTreeMap::new(),
                 members: BTreeMap::new(),
                 member_vips: HashMap::new(),
+                member_seq: 0,
             }),
             view: watch::channel(Arc::new(View::default())).0,
             routes: RwLock::new(HashMap::new()),
@@ -262,35 +271,6 @@ impl Mesh {
             Some(m) if m.exports != services => m.exports = services,
             _ => return Ok(()),
         }
-        // A pod whose sidecar restarted connects again before its old connection times out
-        // (a killed sidecar sends no close): the newest sidecar exporting an endpoint
-        // delivers it, and the older one, which claims the same endpoints, is let go.
-        let claims = |exports: &[ServiceAd]| -> HashSet<(String, String, String)> {
-            exports
-                .iter()
-                .flat_map(|s| {
-                    s.endpoints
-                        .iter()
-                        .map(move |e| (s.service.clone(), s.namespace.clone(), e.hostname.clone()))
-                })
-                .collect()
-        };
-        let mine = inner.members.get(name).map(|m| claims(&m.exports)).unwrap_or_default();
-        let superseded: Vec<String> = inner
-            .members
-            .iter()
-            .filter(|(other, m)| *other != name && !claims(&m.exports).is_disjoint(&mine))
-            .map(|(other, _)| other.clone())
-            .collect();
-        for other in superseded {
-            if let Some(old) = inner.members.remove(&other) {
-                info!(old = %other, new = %name, "a newer sidecar exports the same endpoints; the older connection is closed");
-                old.conn.close(
-                    close::REPLACED.into(),
-                    b"replaced by a newer sidecar for the same endpoints",
-                );
-            }
-        }
         self.rebuild(&mut inner)
     }
 
@@ -300,12 +280,15 @@ impl Mesh {
         for advert in inner.lsdb.all() {
             let _ = control.send(Control::Advert(Box::new(advert.clone())));
         }
+        inner.member_seq += 1;
+        let connected = inner.member_seq;
         inner.members.insert(
             name.to_string(),
             Member {
                 conn,
                 control,
                 exports: Vec::new(),
+                connected,
             },
         );
     }
@@ -338,8 +321,11 @@ impl Mesh {
     fn rebuild(&self, inner: &mut Inner) -> Result<(), VipError> {
         let mut merged: BTreeMap<(String, String), ServiceAd> = BTreeMap::new();
         let mut owner: HashMap<(String, String, String), String> = HashMap::new();
+        // Newest sidecar first: of two claiming one endpoint, it delivers (see Member).
+        let mut members: Vec<(&String, &Member)> = inner.members.iter().collect();
+        members.sort_by_key(|(_, m)| std::cmp::Reverse(m.connected));
         let sources = std::iter::once((None, &inner.config_exports))
-            .chain(inner.members.iter().map(|(n, m)| (Some(n), &m.exports)));
+            .chain(members.into_iter().map(|(n, m)| (Some(n), &m.exports)));
         for (member, ads) in sources {
             for ad in ads {
                 let entry = merged
@@ -357,7 +343,7 @@ impl Mesh {
                 }
                 for ep in &ad.endpoints {
                     if entry.endpoints.iter().any(|e| e.hostname == ep.hostname) {
-                        warn!(service = %ad.service, hostname = %ep.hostname, "two pods export the same hostname; keeping the first");
+                        warn!(service = %ad.service, hostname = %ep.hostname, "two pods export the same hostname (or a restarted pod's old sidecar has not timed out yet); the most recently connected one delivers it");
                         continue;
                     }
                     entry.endpoints.push(ep.clone());
