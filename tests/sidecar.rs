@@ -413,3 +413,39 @@ fn udp_peers_see_each_others_vip_and_source_port_and_survive_restarts() {
     });
     assert!(back, "no UDP after the gateway restarted:\n{}", w.logs());
 }
+
+/// Issue 16 (7): a sidecar started while its gateway is unreachable is not ready (its pod's
+/// startupProbe keeps the grid member from starting with an empty catalogue), says why, and
+/// becomes ready once the gateway's catalogue arrives.
+#[test]
+fn a_sidecar_is_ready_only_with_its_gateways_catalogue() {
+    let Some(mut w) = World::new("ready", "[{name: http, port: 8080}]") else {
+        return;
+    };
+    let status = |sc: &Sidecar| -> serde_json::Value {
+        let out = std::process::Command::new(BIN)
+            .args(["--state", sc.state.to_str().unwrap(), "status", "-o", "json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    assert_eq!(status(&w.sidecars[0])["ready"], true, "{}", status(&w.sidecars[0]));
+
+    // The gateway is down when the pod (and so its sidecar) starts.
+    w.gateways[0].stop();
+    w.sidecars[0].stop();
+    w.sidecars[0].start(&w.net);
+    let st = status(&w.sidecars[0]);
+    assert_eq!(st["ready"], false, "{st}");
+    let reason = st["ready_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("gateway link is not up"), "{reason}");
+
+    w.gateways[0].start();
+    let sc = &w.sidecars[0];
+    assert!(
+        wait_for(Duration::from_secs(15), || status(sc)["ready"] == true),
+        "{}\n{}",
+        status(sc),
+        w.logs()
+    );
+}
