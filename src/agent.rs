@@ -165,6 +165,18 @@ impl Agent {
     /// Starts an agent on `state` with `config`: binds the QUIC port and the admin socket
     /// and re-establishes every recorded link.
     pub async fn start(state: StateDir, config: Config, opts: StartOptions) -> anyhow::Result<Arc<Agent>> {
+        // A second agent on one state directory would fight the first over its links and
+        // files; say so, rather than fail later on a port that happens to be taken.
+        if let Ok(socket) = state.admin_socket()
+            && std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        {
+            anyhow::bail!(
+                "an agent is already running for {} (its admin socket {} answers); stop it first, \
+                 or give this one another --state",
+                state.root.display(),
+                socket.display()
+            );
+        }
         let open_files = match crate::rlimit::raise_open_files() {
             Ok(limit) => {
                 if let Some(from) = limit.raised_from {

@@ -142,7 +142,18 @@ impl Token {
         if text.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::TooLarge(text.len()));
         }
-        let t: Token = serde_yaml::from_str(text).map_err(|e| TokenError::Parse(e.to_string()))?;
+        let t: Token = serde_yaml::from_str(text).map_err(|e| {
+            // Text that is not even a YAML mapping (garbage, an empty file, a PEM) gets a
+            // description of what a token looks like rather than serde's internals.
+            match serde_yaml::from_str::<serde_yaml::Value>(text) {
+                Ok(serde_yaml::Value::Mapping(_)) => TokenError::Parse(e.to_string()),
+                _ => TokenError::Parse(
+                    "expected the YAML file `causeway token issue` writes (version, issuer, addresses, ca, \
+                     grant, secret, expires, mac)"
+                        .into(),
+                ),
+            }
+        })?;
         if t.version == 1 {
             return Err(TokenError::Unprotected);
         }

@@ -787,3 +787,20 @@ fn refused_redemptions_do_not_flood_the_issuers_log() {
     // The real token still works afterwards.
     paris.ok(&["token", "redeem", token.to_str().unwrap()]);
 }
+
+/// A second agent on a state directory whose agent is running is refused with the reason, and
+/// garbage where a token should be is described as such.
+#[test]
+fn a_second_agent_on_one_state_and_garbage_tokens_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let london = Site::started(dir.path(), "london");
+    let err = london.fails(&["run"]);
+    assert!(err.contains("an agent is already running for"), "{err}");
+    let garbage = dir.path().join("garbage");
+    std::fs::write(&garbage, "garbage\n").unwrap();
+    let err = london.fails(&["token", "redeem", garbage.to_str().unwrap()]);
+    assert!(
+        err.contains("not a causeway token: expected the YAML file `causeway token issue` writes"),
+        "{err}"
+    );
+}
