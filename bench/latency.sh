@@ -65,14 +65,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# bg NS CMD...: CMD in the background inside namespace NS; its pid in LAST_PID.
-bg() {
-    local ns=$1
-    shift
-    ip netns exec "$ns" "$@" &
-    PIDS+=($!)
-    LAST_PID=$!
-}
 inp() { ip netns exec $NS_P "$@"; }
 
 bench_netns_down $NS_P $NS_L

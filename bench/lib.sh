@@ -21,6 +21,17 @@ bench_install() {
         die "apt-get install $* failed"
 }
 
+# bg NS CMD...: CMD in the background inside namespace NS, its pid appended to the caller's
+# PIDS array and put in LAST_PID. `ip netns exec` execs CMD, so the pid is CMD's own (and
+# `env VAR=x CMD` execs CMD too).
+bg() {
+    local ns=$1
+    shift
+    ip netns exec "$ns" "$@" &
+    PIDS+=($!)
+    LAST_PID=$!
+}
+
 # bench_build: builds causeway and examples/loadgen (release, --locked) unless SKIP_BUILD is
 # set, and sets CAUSEWAY and LOADGEN to them unless those are set already. Honours
 # CARGO_TARGET_DIR.

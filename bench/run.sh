@@ -90,15 +90,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# bg NS CMD...: CMD in the background inside namespace NS. `ip netns exec` execs CMD, so
-# the pid is CMD's own (and `env VAR=x CMD` execs CMD too).
-bg() {
-    local ns=$1
-    shift
-    ip netns exec "$ns" "$@" &
-    PIDS+=($!)
-    LAST_PID=$!
-}
 
 # Left over from an interrupted run: those namespaces are ours by name.
 for ns in $NS_P $NS_L; do
