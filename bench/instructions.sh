@@ -54,13 +54,6 @@ trap 'exit 130' INT TERM
 bench_netns_down $NS_P $NS_L
 bench_netns $NS_L $NS_P || die "cannot create the namespaces and their veth pair"
 
-bg() {
-    local ns=$1
-    shift
-    ip netns exec "$ns" "$@" &
-    PIDS+=($!)
-    LAST_PID=$!
-}
 inp() { ip netns exec $NS_P "$@"; }
 
 bg $NS_L "$LOADGEN" echo-server --listen $POD:7007 --oneshot $POD:7008 2>"$WORK/echo.log"
