@@ -269,6 +269,19 @@ impl Agent {
         let mesh = Mesh::new(&config.site, vips, sidecar, metrics.clone());
         mesh.set_exports(&config.exports, &config.namespace)
             .context("assigning VIPs to exports")?;
+        let intercept = match config.vips.mode {
+            crate::config::VipMode::Listen => None,
+            crate::config::VipMode::Intercept => Some(
+                crate::forward::Intercepting::setup(config.vips.cidr, config.vips.intercept_port)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "setting up vips.mode: intercept on port {} (vips.intercept_port)",
+                            config.vips.intercept_port
+                        )
+                    })?,
+            ),
+        };
         let forwarder = Forwarder::start(
             mesh.clone(),
             metrics.clone(),
@@ -277,6 +290,7 @@ impl Agent {
                 udp_idle: config.limits.udp_idle,
                 bind_own: !opts.skip_own_vips,
             },
+            intercept,
             shutdown.child_token(),
         );
         let handler = Arc::new(Session {
@@ -619,6 +633,7 @@ impl Agent {
         let links = self.links.list();
         let view = self.mesh.view();
         let up = links.iter().filter(|l| l.state == LinkState::Up).count();
+        let intercept = self.forwarder.intercept_status().await;
         json!({
             "site": self.identity.site,
             "listen": self.local_addr.to_string(),
@@ -632,6 +647,8 @@ impl Agent {
             "vips": {
                 "cidr": self.mesh.range().cidr().to_string(),
                 "block": self.mesh.block(),
+                "mode": if intercept.is_some() { "intercept" } else { "listen" },
+                "intercept": intercept,
             },
             "routes": view.routes.iter().map(|(site, r)| {
                 (site.clone(), json!({"next_hop": r.next_hop, "cost": r.cost, "hops": r.hops}))

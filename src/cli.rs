@@ -81,6 +81,10 @@ pub enum Command {
     /// Sidecar credentials (run on a site's gateway).
     #[command(subcommand)]
     Sidecar(SidecarCommand),
+    /// Set up or remove the nftables rule of `vips.mode: intercept` in this network
+    /// namespace (needs CAP_NET_ADMIN; in Kubernetes, an initContainer's job).
+    #[command(subcommand)]
+    Intercept(InterceptCommand),
     /// Site, links and counters in one view.
     Status {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
@@ -177,6 +181,20 @@ pub enum SidecarCommand {
         #[arg(long, default_value = "causeway-member", value_parser = parse_subdomain)]
         name: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InterceptCommand {
+    /// Install (or replace) the nftables table `causeway` that redirects TCP and UDP for
+    /// vips.cidr to the agent's intercept port. Idempotent.
+    Install {
+        /// The configuration file naming vips.cidr and vips.intercept_port (default:
+        /// <state>/causeway.yaml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Remove the nftables table `causeway`. Removing one that is not there succeeds.
+    Remove,
 }
 
 /// Forms of sidecar credentials.
@@ -408,6 +426,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sidecar(SidecarCommand::Credentials { format, output, name }) => {
             sidecar_credentials(&state, format, &output, &name)
         }
+        Command::Intercept(InterceptCommand::Install { config }) => intercept_install(&state, config),
+        Command::Intercept(InterceptCommand::Remove) => {
+            crate::intercept::remove().context("removing the nftables table causeway")?;
+            println!(
+                "removed the nftables table {} (if it was there)",
+                crate::intercept::TABLE
+            );
+            Ok(())
+        }
         Command::Status { output } => {
             let data = call(&state, Request::Status).await?;
             print_output(output, &data, || status_table(&data))
@@ -415,6 +442,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo => crate::demo::run().await,
         Command::Resolve { name, qtype, config } => resolve(&state, &name, qtype, config).await,
     }
+}
+
+/// `causeway intercept install`: the nftables rule for the configuration's VIP range and
+/// intercept port.
+fn intercept_install(state: &StateDir, config: Option<PathBuf>) -> anyhow::Result<()> {
+    let path = config.unwrap_or_else(|| state.config());
+    let cfg = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if cfg.vips.mode != crate::config::VipMode::Intercept {
+        eprintln!(
+            "note: {} sets vips.mode: {}; the agent uses the rule only with vips.mode: intercept",
+            path.display(),
+            cfg.vips.mode
+        );
+    }
+    crate::intercept::install(cfg.vips.cidr, cfg.vips.intercept_port).context("installing the nftables rule")?;
+    println!(
+        "installed nftables table {}: TCP and UDP to {} go to the agent's port {}",
+        crate::intercept::TABLE,
+        cfg.vips.cidr,
+        cfg.vips.intercept_port
+    );
+    Ok(())
 }
 
 /// `causeway resolve`: one question to the site's own responder.

@@ -207,13 +207,48 @@ pub struct VipsConfig {
     /// is stable; set it only to resolve a reported block collision.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "de_block")]
     pub block: Option<u32>,
+    /// How local clients' traffic to VIPs reaches the agent (SPEC `vips.mode`).
+    pub mode: VipMode,
+    /// `intercept` mode: the one agent port (TCP and UDP, on 127.0.0.1) the nftables rule
+    /// redirects VIP traffic to (a causeway extension). Pick a port no local program uses;
+    /// `causeway intercept install` and the agent must read the same value.
+    pub intercept_port: u16,
 }
+
+/// How clients' traffic to VIPs reaches the agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VipMode {
+    /// One listener per VIP and exported port. Needs no privilege, but a local program
+    /// bound to a wildcard address (`0.0.0.0:P`) and a VIP listener on port P exclude each
+    /// other, so members must bind their own (pod) address.
+    #[default]
+    Listen,
+    /// One agent port; an nftables table `causeway` redirects TCP and UDP for `vips.cidr` to
+    /// it (`causeway intercept install`, NET_ADMIN once), and the agent recovers each
+    /// flow's original destination. Members may bind any address. IPv4 ranges only.
+    Intercept,
+}
+
+impl std::fmt::Display for VipMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VipMode::Listen => "listen",
+            VipMode::Intercept => "intercept",
+        })
+    }
+}
+
+/// Default `vips.intercept_port`.
+pub const DEFAULT_INTERCEPT_PORT: u16 = 15001;
 
 impl Default for VipsConfig {
     fn default() -> Self {
         VipsConfig {
             cidr: parse_default(DEFAULT_VIPS),
             block: None,
+            mode: VipMode::Listen,
+            intercept_port: DEFAULT_INTERCEPT_PORT,
         }
     }
 }
@@ -471,6 +506,28 @@ impl Config {
             }
         };
         config.check_exports(text, origin)?;
+        if config.vips.mode == VipMode::Intercept {
+            let invalid = |key: &str, message: String| ConfigError::Invalid {
+                origin: origin.to_owned(),
+                key: key.to_owned(),
+                message,
+            };
+            if !config.vips.cidr.addr().is_ipv4() {
+                return Err(invalid(
+                    "vips.mode",
+                    format!(
+                        "intercept needs an IPv4 vips.cidr, not {}: use an IPv4 range (the default 127.77.0.0/16) or mode: listen",
+                        config.vips.cidr
+                    ),
+                ));
+            }
+            if config.vips.intercept_port == 0 {
+                return Err(invalid(
+                    "vips.intercept_port",
+                    "0 is not a port the nftables rule can redirect to; pick a free one, e.g. 15001".into(),
+                ));
+            }
+        }
         if config.links.idle_timeout < config.links.down_after {
             return Err(ConfigError::Invalid {
                 origin: origin.to_owned(),
@@ -590,6 +647,10 @@ dns:
   ttl: {DEFAULT_TTL}
 vips:
   cidr: {DEFAULT_VIPS}           # virtual IPs for remote endpoints (inside 127/8 needs no privilege)
+  mode: listen                  # listen: one listener per VIP and port (no privilege; members bind their own address);
+                                # intercept: one agent port, traffic to vips.cidr redirected to it by an
+                                # nftables rule (`causeway intercept install`, needs NET_ADMIN once)
+  # intercept_port: {DEFAULT_INTERCEPT_PORT}         # intercept mode: the agent port the rule redirects to
 metrics: 127.0.0.1:9400         # Prometheus text format at /metrics; omit to disable
 # gateway: causeway.grid.svc:7400 # sidecars only: the site's gateway, the one agent a sidecar links to
 links:

@@ -15,6 +15,7 @@ pub mod dns;
 pub mod forward;
 pub mod handshake;
 pub mod identity;
+pub mod intercept;
 pub mod link;
 pub mod mesh;
 pub mod metrics;

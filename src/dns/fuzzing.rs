@@ -126,6 +126,8 @@ pub fn exercise(data: &[u8]) {
             let asker = crate::dns::Asker {
                 may_forward,
                 server: Some(std::net::IpAddr::from([127, 0, 0, 1])),
+                // Local askers on UDP, others on TCP: both ways of choosing addresses.
+                local: transport == Transport::Udp,
             };
             let reply = match handle(data, transport, &f.view, authority, asker) {
                 Outcome::Reply(bytes) => bytes,
@@ -302,6 +304,7 @@ mod micro {
                     crate::dns::Asker {
                         may_forward: true,
                         server: None,
+                        local: false,
                     },
                 )))
             });

@@ -108,6 +108,7 @@ pub fn handle(packet: &[u8], transport: Transport, view: &View, authority: &Auth
         Err(wire::Rejected::Respond(r)) => return Outcome::Reply(r.encode(small)),
     };
     request.server = asker.server;
+    request.local = asker.local;
     match authority.answer(&request, view) {
         Answer::Respond(r) => Outcome::Reply(r.encode(request.max_response(transport))),
         Answer::Forward if !asker.may_forward => {
@@ -136,6 +137,9 @@ pub(crate) struct Settings {
     pub upstream: upstream::Upstreams,
     /// Who may have them forwarded.
     pub policy: ForwardPolicy,
+    /// This network namespace's addresses (read at start): an asker from one of them, or
+    /// from loopback, is local and gets this site's endpoints at their VIPs.
+    pub own: Vec<std::net::IpAddr>,
     /// `dns.ttl`, to tell whether a reload changed it.
     ttl: u32,
     /// `dns.listen` as configured at start, to tell whether a reload changed it.
@@ -165,6 +169,7 @@ impl Settings {
             authority,
             upstream: upstream::Upstreams::new(upstream),
             policy,
+            own,
             ttl: config.ttl,
             listen: config.listen.clone(),
         })
@@ -179,6 +184,19 @@ pub struct Asker {
     /// The responder's address the query was sent to, if known: what the zone's NS name
     /// resolves to for this asker.
     pub server: Option<std::net::IpAddr>,
+    /// Whether the asker is in this agent's network namespace ([`is_local`]).
+    pub local: bool,
+}
+
+/// Whether `client` is in this agent's network namespace: loopback, or one of `own`, the
+/// namespace's interface addresses (SPEC "Names": such askers get VIPs for this site's
+/// endpoints too).
+pub fn is_local(client: std::net::IpAddr, own: &[std::net::IpAddr]) -> bool {
+    let client = match client {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    client.is_loopback() || own.contains(&client)
 }
 
 /// Whether upstream `u` is this responder itself: one of the addresses it is bound to, or,
@@ -628,6 +646,7 @@ mod tests {
             let asker = Asker {
                 may_forward,
                 server: None,
+                local: false,
             };
             handle(&m.to_vec().unwrap(), Transport::Udp, &view, &authority, asker)
         };

@@ -68,6 +68,7 @@ impl Shared {
         let asker = Asker {
             may_forward: settings.policy.admits(client),
             server,
+            local: super::is_local(client, &settings.own),
         };
         let outcome = handle(packet, transport, &view, &settings.authority, asker);
         if let Outcome::Reply(bytes) = &outcome {

@@ -53,6 +53,9 @@ pub struct Request {
     /// The responder's address the query was sent to, when known (set by the server, not
     /// parsed): the address the zone's NS name resolves to for this asker.
     pub server: Option<std::net::IpAddr>,
+    /// Whether the asker is in the responder's own network namespace (set by the server, not
+    /// parsed): such an asker gets this site's endpoints at their VIPs too.
+    pub local: bool,
 }
 
 /// Why a request gets no regular answer.
@@ -108,6 +111,7 @@ impl Request {
                         query,
                         edns: Some(edns),
                         server: None,
+                        local: false,
                     });
                 }
                 Ok(_) => {}
@@ -119,6 +123,7 @@ impl Request {
             query,
             edns: None,
             server: None,
+            local: false,
         })
     }
 

@@ -153,7 +153,7 @@ impl Authority {
                 response.metadata.response_code = ResponseCode::Refused;
             } else {
                 response.metadata.authoritative = true;
-                self.in_zone(query, view, request.server, &mut response);
+                self.in_zone(query, view, request.server, request.local, &mut response);
             }
             return Answer::Respond(response);
         }
@@ -179,7 +179,7 @@ impl Authority {
     }
 
     /// Fills `response` for a name inside the zone.
-    fn in_zone(&self, query: &Query, view: &View, server: Option<IpAddr>, response: &mut Response) {
+    fn in_zone(&self, query: &Query, view: &View, server: Option<IpAddr>, local: bool, response: &mut Response) {
         // No name in the zone has more than five labels below the apex.
         let depth = query.name().iter().len().saturating_sub(self.zone_labels);
         let mut below: [&[u8]; 5] = [&[]; 5];
@@ -187,7 +187,7 @@ impl Authority {
             *slot = label;
         }
         let node = match below.get(..depth) {
-            Some(below) => self.node(below, query.name(), view, server),
+            Some(below) => self.node(below, query.name(), view, server, local),
             None => Node::Missing,
         };
         match node {
@@ -210,8 +210,9 @@ impl Authority {
         }
     }
 
-    /// The records at the name whose labels below the apex are `below` (left to right).
-    fn node(&self, below: &[&[u8]], owner: &Name, view: &View, server: Option<IpAddr>) -> Node {
+    /// The records at the name whose labels below the apex are `below` (left to right), for
+    /// an asker in this agent's network namespace (`local`) or not.
+    fn node(&self, below: &[&[u8]], owner: &Name, view: &View, server: Option<IpAddr>, local: bool) -> Node {
         let exists = |yes: bool| if yes { Node::empty() } else { Node::Missing };
         // The name server's addresses: the one this query reached, else the configured ones.
         let ns_addrs = || -> Vec<IpAddr> {
@@ -235,30 +236,30 @@ impl Authority {
                 self.ttl,
                 RData::TXT(TXT::new(vec![SCHEMA_VERSION.to_string()])),
             )]),
-            [l] if eq(l, "svc") => exists(view.services.iter().any(|s| self.answerable(s).next().is_some())),
+            [l] if eq(l, "svc") => exists(view.services.iter().any(|s| self.answerable(s, local).next().is_some())),
             [ns, l] if eq(l, "svc") => exists(
                 view.services
                     .iter()
-                    .any(|s| eq(ns, &s.namespace) && self.answerable(s).next().is_some()),
+                    .any(|s| eq(ns, &s.namespace) && self.answerable(s, local).next().is_some()),
             ),
             [svc, ns, l] if eq(l, "svc") => match find(view, svc, ns) {
-                Some(s) => Node::with(self.address_records(owner, self.answerable(s).map(|(_, a)| a))),
+                Some(s) => Node::with(self.address_records(owner, self.answerable(s, local).map(|(_, a)| a))),
                 None => Node::Missing,
             },
             [x, svc, ns, l] if eq(l, "svc") => match find(view, svc, ns) {
                 Some(s) if x.starts_with(b"_") => exists(protocol(x).is_some_and(|p| {
-                    self.answerable(s)
+                    self.answerable(s, local)
                         .any(|(e, _)| ports(view, s, e).any(|q| q.protocol == p))
                 })),
-                Some(s) => exists(self.answerable(s).any(|(e, _)| eq(x, &e.site))),
+                Some(s) => exists(self.answerable(s, local).any(|(e, _)| eq(x, &e.site))),
                 None => Node::Missing,
             },
             [y, x, svc, ns, l] if eq(l, "svc") => match find(view, svc, ns) {
-                Some(s) if x.starts_with(b"_") => self.srv(view, s, y, x, owner),
+                Some(s) if x.starts_with(b"_") => self.srv(view, s, y, x, owner, local),
                 Some(s) => Node::with(
                     self.address_records(
                         owner,
-                        self.answerable(s)
+                        self.answerable(s, local)
                             .filter(|(e, _)| eq(x, &e.site) && eq(y, &e.hostname))
                             .map(|(_, a)| a),
                     ),
@@ -270,13 +271,13 @@ impl Authority {
     }
 
     /// `_<port>._<proto>.<svc>.<ns>.svc.<zone>`.
-    fn srv(&self, view: &View, service: &ServiceView, port: &[u8], proto: &[u8], owner: &Name) -> Node {
+    fn srv(&self, view: &View, service: &ServiceView, port: &[u8], proto: &[u8], owner: &Name, local: bool) -> Node {
         let (Some(protocol), Some(port_name)) = (protocol(proto), port.strip_prefix(b"_")) else {
             return Node::Missing;
         };
         let mut records = Vec::new();
         let mut glue = Vec::new();
-        for (e, addr) in self.answerable(service) {
+        for (e, addr) in self.answerable(service, local) {
             let Some(target) = self.endpoint_name(e, service) else {
                 continue;
             };
@@ -301,17 +302,30 @@ impl Authority {
         Node::Exists { records, glue }
     }
 
-    /// The ready endpoints of `service` this site can answer with, and their addresses here.
-    fn answerable<'v>(&'v self, service: &'v ServiceView) -> impl Iterator<Item = (&'v EndpointView, IpAddr)> + 'v {
-        service.endpoints.iter().filter_map(|e| self.address(e).map(|a| (e, a)))
+    /// The ready endpoints of `service` this site can answer with, and their addresses for
+    /// a `local` asker or another.
+    fn answerable<'v>(
+        &'v self,
+        service: &'v ServiceView,
+        local: bool,
+    ) -> impl Iterator<Item = (&'v EndpointView, IpAddr)> + 'v {
+        service
+            .endpoints
+            .iter()
+            .filter_map(move |e| self.address(e, local).map(|a| (e, a)))
     }
 
-    /// The address `e` is answered with at this site, if it is answered at all.
-    fn address(&self, e: &EndpointView) -> Option<IpAddr> {
+    /// The address `e` is answered with at this site, if it is answered at all (SPEC "Names":
+    /// every address handed out is one the asker can use and hand on to its peers in other
+    /// sites). Another site's endpoint: its VIP. One of this site's: its VIP for an asker in
+    /// this agent's network namespace (`local`: a sidecar's pod, a plain Linux site's host),
+    /// which this agent serves; its real address for other clients of the site (other pods
+    /// asking a gateway), or when it has no VIP.
+    fn address(&self, e: &EndpointView, local: bool) -> Option<IpAddr> {
         if !e.ready {
             None
         } else if e.site == self.site {
-            Some(e.ip)
+            Some(e.vip.filter(|_| local).unwrap_or(e.ip))
         } else {
             e.vip
         }
@@ -618,6 +632,55 @@ mod tests {
             &ask("redis.cache.svc.clusterset.local.", RecordType::A),
             ResponseCode::NXDomain,
         );
+    }
+
+    /// SPEC "Names": an asker in the agent's own network namespace (a sidecar's pod, a plain
+    /// Linux site's host) gets this site's endpoints, its own included, at their VIPs, which
+    /// are valid in every site; other askers of the site (other pods) get real addresses.
+    #[test]
+    fn local_askers_get_this_sites_endpoints_at_their_vips() {
+        let london = auth("london", false);
+        let local = |name: &str, qtype| {
+            let mut req = request(name, qtype);
+            req.local = true;
+            match london.answer(&req, &view()) {
+                Answer::Respond(r) => r,
+                Answer::Forward => panic!("forwarded"),
+            }
+        };
+        let r = local("etcd.default.svc.clusterset.local.", RecordType::A);
+        assert_eq!(rdata(&r), ["127.77.1.10", "127.77.1.11", "127.77.2.10"]);
+        let r = local("etcd-0.london.etcd.default.svc.clusterset.local.", RecordType::A);
+        assert_eq!(rdata(&r), ["127.77.1.10"]);
+        let r = local("_client._tcp.etcd.default.svc.clusterset.local.", RecordType::SRV);
+        let glue: Vec<String> = r.additionals.iter().map(|g| g.data.to_string()).collect();
+        assert_eq!(glue, ["127.77.1.10", "127.77.1.11", "127.77.2.10"]);
+        // Not local: the real addresses, as before.
+        let r = ask_with(
+            &london,
+            &view(),
+            "etcd-0.london.etcd.default.svc.clusterset.local.",
+            RecordType::A,
+        );
+        assert_eq!(rdata(&r), ["10.1.0.1"]);
+        // An endpoint of this site without a VIP is still answered, by its real address.
+        let tokyo = auth("tokyo", false);
+        let mut req = request("redis.cache.svc.clusterset.local.", RecordType::A);
+        req.local = true;
+        let Answer::Respond(r) = tokyo.answer(&req, &view()) else {
+            panic!("forwarded")
+        };
+        assert_eq!(rdata(&r), ["10.2.0.1"]);
+        // PTR: both addresses of a local endpoint name it.
+        for addr in ["127.77.1.10", "10.1.0.1"] {
+            let name = reverse_name(addr.parse().unwrap()).to_ascii();
+            let r = ask_with(&london, &view(), &name, RecordType::PTR);
+            assert_eq!(
+                rdata(&r),
+                ["etcd-0.london.etcd.default.svc.clusterset.local."],
+                "{addr}"
+            );
+        }
     }
 
     #[test]

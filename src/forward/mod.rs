@@ -2,7 +2,11 @@
 //!
 //! For every ready endpoint in the view with a VIP, the agent listens on `VIP:port` for each
 //! exported port (TCP listener or UDP socket), in its own site too, where the listener
-//! forwards to the local endpoint. A TCP connection becomes one QUIC bidirectional stream
+//! forwards to the local endpoint; a sidecar serves its own pod's VIPs too (SPEC: every
+//! address handed out is one the asker can use and hand on), delivering to the member. In
+//! `vips.mode: intercept` there are no such listeners: one agent port takes what an
+//! nftables rule redirects to it, and each flow's original destination stands in for the
+//! listener's address ([`crate::intercept`]). A TCP connection becomes one QUIC bidirectional stream
 //! (see [`tcp`]); UDP datagrams travel as QUIC datagrams tagged with a flow id (see [`udp`]).
 //! Flows are routed hop by hop to the site that owns the endpoint ([`Mesh::next_hop`]); the
 //! terminating agent accepts only VIPs of its own exports. Listeners follow the view: an
@@ -108,6 +112,93 @@ pub struct ForwardOptions {
     pub bind_own: bool,
 }
 
+/// `vips.mode: intercept`: the sockets the redirected traffic arrives at (see
+/// [`crate::intercept`]), set up by [`Intercepting::setup`].
+pub struct Intercepting {
+    /// The range the nftables rule redirects.
+    cidr: ipnet::Ipv4Net,
+    /// The intercept port.
+    port: u16,
+    /// Redirected TCP connections; taken by the accept task.
+    tcp: Mutex<Option<tokio::net::TcpListener>>,
+    /// The transparent UDP socket and the raw socket answers leave by, when the agent may
+    /// have them (`CAP_NET_RAW`); otherwise UDP keeps per-VIP listeners.
+    udp: Option<(Arc<tokio::net::UdpSocket>, Arc<crate::intercept::RawUdp>)>,
+    /// Whether the TCP rule was seen to redirect to us (probed at start and by `status`).
+    active: std::sync::atomic::AtomicBool,
+}
+
+impl Intercepting {
+    /// Binds the intercept port for `cidr` and checks that the nftables rule sends traffic
+    /// there. Without the rule, installs it when this process may (root on a plain Linux
+    /// host), else warns how to: the agent runs anyway and says so in `status`.
+    ///
+    /// Errors: `cidr` not IPv4, or the port taken.
+    pub async fn setup(cidr: ipnet::IpNet, port: u16) -> Result<Intercepting, crate::intercept::InterceptError> {
+        use crate::intercept;
+        let cidr = intercept::ipv4_range(cidr)?;
+        let tcp = intercept::tcp_listener(port)?;
+        let udp = match (intercept::udp_socket(port), intercept::RawUdp::new()) {
+            (Ok(socket), Ok(raw)) => Some((Arc::new(socket), Arc::new(raw))),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(
+                    error = %e,
+                    "UDP to VIPs is not intercepted (needs CAP_NET_RAW, in the default set of Docker and containerd); \
+                     keeping one UDP listener per VIP and port instead, as in listen mode"
+                );
+                None
+            }
+        };
+        let me = Intercepting {
+            cidr,
+            port,
+            tcp: Mutex::new(Some(tcp)),
+            udp,
+            active: std::sync::atomic::AtomicBool::new(false),
+        };
+        if !me.probe().await {
+            match intercept::install(ipnet::IpNet::V4(cidr), port) {
+                Ok(()) if me.probe().await => {
+                    info!(table = intercept::TABLE, %cidr, port, "installed the nftables rule redirecting VIP traffic")
+                }
+                Ok(()) => warn!(%cidr, port, "installed the nftables rule, but VIP traffic still does not arrive"),
+                Err(e) => warn!(
+                    error = %e,
+                    %cidr,
+                    port,
+                    "VIP traffic is not redirected to this agent: run `causeway intercept install` in this network \
+                     namespace with CAP_NET_ADMIN (in Kubernetes, the sidecar's initContainer)"
+                ),
+            }
+        }
+        if me.active() {
+            info!(%cidr, port, udp = me.udp.is_some(), "intercepting VIP traffic");
+        }
+        Ok(me)
+    }
+
+    /// Probes whether TCP to the range arrives here, and remembers the answer.
+    pub async fn probe(&self) -> bool {
+        let ok = crate::intercept::probe(self.cidr).await;
+        self.active.store(ok, std::sync::atomic::Ordering::Relaxed);
+        ok
+    }
+
+    /// Whether the rule was last seen in place.
+    pub fn active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What `status` shows.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "port": self.port,
+            "redirected": self.active(),
+            "udp": if self.udp.is_some() { "tproxy" } else { "listeners" },
+        })
+    }
+}
+
 /// The data plane of one agent.
 pub struct Forwarder {
     site: String,
@@ -132,6 +223,8 @@ pub struct Forwarder {
     /// so that a name never resolves to a VIP that nobody listens on yet: binding thousands
     /// of listeners when a large site links takes a noticeable fraction of a second.
     served: watch::Sender<Arc<View>>,
+    /// `vips.mode: intercept`: the agent port and how it is reached; `None` in listen mode.
+    intercept: Option<Arc<Intercepting>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -141,6 +234,7 @@ impl Forwarder {
         mesh: Arc<Mesh>,
         metrics: Arc<Metrics>,
         opts: ForwardOptions,
+        intercept: Option<Intercepting>,
         shutdown: CancellationToken,
     ) -> Arc<Forwarder> {
         let fwd = Arc::new(Forwarder {
@@ -155,12 +249,47 @@ impl Forwarder {
             own: Mutex::new(HashMap::new()),
             udp_sockets: Mutex::new(HashMap::new()),
             served: watch::channel(Arc::new(View::default())).0,
+            intercept: intercept.map(Arc::new),
             shutdown,
             tasks: TaskTracker::new(),
         });
+        if let Some(i) = &fwd.intercept {
+            if let Some(listener) = lock(&i.tcp).take() {
+                fwd.tasks.spawn(fwd.clone().intercepted_tcp(listener));
+            }
+            if let Some((socket, raw)) = &i.udp {
+                fwd.tasks
+                    .spawn(fwd.clone().intercepted_udp(socket.clone(), raw.clone()));
+            }
+        }
         fwd.tasks.spawn(fwd.clone().follow_view());
         fwd.tasks.spawn(fwd.clone().sweep_udp());
         fwd
+    }
+
+    /// `vips.mode: intercept`: how it stands, for `status` (`None` in listen mode). Probes
+    /// the rule anew.
+    pub async fn intercept_status(&self) -> Option<serde_json::Value> {
+        let i = self.intercept.as_ref()?;
+        i.probe().await;
+        Some(i.status())
+    }
+
+    /// Whether flows of `proto` to VIPs arrive through the intercept port rather than
+    /// per-VIP listeners.
+    fn intercepted(&self, proto: Protocol) -> bool {
+        self.intercept.as_ref().is_some_and(|i| match proto {
+            Protocol::Tcp => true,
+            Protocol::Udp => i.udp.is_some(),
+        })
+    }
+
+    /// Whether `addr` is a VIP of the range this agent intercepts.
+    fn in_range(&self, addr: &SocketAddr) -> bool {
+        match (&self.intercept, addr) {
+            (Some(i), SocketAddr::V4(a)) => i.cidr.contains(a.ip()),
+            _ => false,
+        }
     }
 
     /// Where a flow for `target`, reached at `vip`, goes from here.
@@ -264,11 +393,10 @@ impl Forwarder {
         }
         let mut wanted: HashSet<ListenerKey> = HashSet::new();
         for (vip, target) in &view.vips {
-            let own = self.own_vip(vip).is_some();
-            if !target.ready || own || (!self.opts.bind_own && target.site == self.site) {
+            if !target.ready || (!self.opts.bind_own && target.site == self.site) {
                 continue;
             }
-            for p in &target.ports {
+            for p in target.ports.iter().filter(|p| !self.intercepted(p.protocol)) {
                 wanted.insert((*vip, p.port, p.protocol));
             }
         }
@@ -306,6 +434,12 @@ impl Forwarder {
                     debug!(%addr, proto = %key.2, "listener started");
                     errors.remove(&listener_name(&key));
                     listeners.insert(key, token);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && self.own_vip(&key.0).is_some() => {
+                    // Our own pod's member bound its VIP itself (listen mode lets it): it
+                    // serves that address directly, which is all a listener would do.
+                    errors.remove(&listener_name(&key));
+                    debug!(%addr, proto = %key.2, "own VIP held by the member itself");
                 }
                 Err(e) => {
                     let hint = if e.kind() == std::io::ErrorKind::AddrNotAvailable {
@@ -399,7 +533,7 @@ mod tests {
             bind_own: true,
         };
         let shutdown = CancellationToken::new();
-        let fwd = Forwarder::start(mesh.clone(), metrics, opts, shutdown.clone());
+        let fwd = Forwarder::start(mesh.clone(), metrics, opts, None, shutdown.clone());
         let mut served = fwd.served_views();
         mesh.set_exports(&config.exports, "default").unwrap();
         let view = loop {

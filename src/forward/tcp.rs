@@ -87,6 +87,35 @@ impl Forwarder {
         }
     }
 
+    /// `vips.mode: intercept`: connections the nftables rule redirected to the intercept
+    /// port, each taken as made to its original destination.
+    pub(super) async fn intercepted_tcp(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (client, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed on the intercept port");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = self.shutdown.cancelled() => return,
+            };
+            let dst = match crate::intercept::original_dst(&client) {
+                Ok(dst) if self.in_range(&dst) => dst,
+                other => {
+                    debug!(client = %peer, dst = ?other, "connection on the intercept port not made to a VIP");
+                    reset(client);
+                    continue;
+                }
+            };
+            let key = (dst.ip(), dst.port(), Protocol::Tcp);
+            let span = debug_span!("flow", proto = "tcp", vip = %key.0, port = key.1, client = %peer);
+            self.tasks.spawn(self.clone().tcp_origin(client, key).instrument(span));
+        }
+    }
+
     /// A client connected to a VIP here.
     async fn tcp_origin(self: Arc<Self>, client: TcpStream, (vip, port, _): ListenerKey) {
         let view = self.mesh.view();

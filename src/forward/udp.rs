@@ -21,7 +21,7 @@
 //! once per holder per [`flowbook::LOG_EVERY`].
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +35,7 @@ use super::flowbook::{self, Eviction, FlowBook};
 use super::header::{Datagram, FlowHeader, MAX_TTL};
 use super::{Forwarder, Hop, ListenerKey, lock};
 use crate::config::Protocol;
+use crate::intercept::{self, RawUdp};
 
 /// Largest datagram accepted from a stream (a UDP payload is at most 65,507 bytes).
 pub const MAX_STREAMED: usize = 70_000;
@@ -110,12 +111,36 @@ enum ReplyPath {
     /// Back over this link (we are a relay or the terminus of a remote flow).
     Link(quinn::Connection),
     /// Straight to the client (the endpoint is in our own site).
-    Local { socket: Arc<UdpSocket>, client: SocketAddr },
+    Local { socket: VipSocket, client: SocketAddr },
+}
+
+/// How datagrams reach a local client from the VIP and port it sent to.
+#[derive(Clone)]
+pub(super) enum VipSocket {
+    /// `listen` mode: the socket bound there.
+    Bound(Arc<UdpSocket>),
+    /// `intercept` mode: the raw socket, writing this source address (a local program may
+    /// hold the port on a wildcard address, so nothing of ours can be bound there).
+    Raw(Arc<RawUdp>, SocketAddrV4),
+}
+
+impl VipSocket {
+    /// Sends `payload` to `to` now, without waiting.
+    fn send_to(&self, payload: &[u8], to: SocketAddr) -> std::io::Result<usize> {
+        match (self, to) {
+            (VipSocket::Bound(socket), _) => send_to_now(socket, payload, to),
+            (VipSocket::Raw(raw, from), SocketAddr::V4(to)) => raw.send(*from, to, payload),
+            (VipSocket::Raw(..), SocketAddr::V6(_)) => Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "intercept mode answers IPv4 clients only",
+            )),
+        }
+    }
 }
 
 /// A flow whose client is here.
 struct OriginFlow {
-    socket: Arc<UdpSocket>,
+    socket: VipSocket,
     /// The listener it arrived on, so an evicted flow can be unhooked from `by_client`.
     key: ListenerKey,
     client: SocketAddr,
@@ -248,8 +273,9 @@ impl Forwarder {
         key: ListenerKey,
         stop: CancellationToken,
     ) {
+        let vip_socket = VipSocket::Bound(socket.clone());
         while recv_batch(&socket, &stop, |payload, client| {
-            self.udp_from_client(&socket, key, client, payload);
+            self.udp_from_client(&vip_socket, key, client, payload);
             ControlFlow::Continue(())
         })
         .await
@@ -257,14 +283,35 @@ impl Forwarder {
         {}
     }
 
+    /// `vips.mode: intercept`: datagrams the nftables rule hands to the intercept port,
+    /// each taken as sent to its original destination.
+    pub(super) async fn intercepted_udp(self: Arc<Self>, socket: Arc<UdpSocket>, raw: Arc<RawUdp>) {
+        let mut buf = vec![0u8; RECV_BUF];
+        loop {
+            tokio::select! {
+                r = socket.readable() => if let Err(e) = r {
+                    warn!(error = %e, "intercept UDP socket failed");
+                    return;
+                },
+                _ = self.shutdown.cancelled() => return,
+            }
+            for _ in 0..RECV_BATCH {
+                match intercept::recv_original(&socket, &mut buf) {
+                    Ok((n, client, Some(SocketAddr::V4(dst)))) if self.in_range(&SocketAddr::V4(dst)) => {
+                        let key = (IpAddr::V4(*dst.ip()), dst.port(), Protocol::Udp);
+                        let from = VipSocket::Raw(raw.clone(), dst);
+                        self.udp_from_client(&from, key, client, &buf[..n]);
+                    }
+                    Ok((_, client, dst)) => debug!(%client, ?dst, "datagram on the intercept port not sent to a VIP"),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => debug!(error = %e, "intercept UDP receive failed"),
+                }
+            }
+        }
+    }
+
     /// A datagram from a client to a VIP here.
-    fn udp_from_client(
-        self: &Arc<Self>,
-        socket: &Arc<UdpSocket>,
-        key: ListenerKey,
-        client: SocketAddr,
-        payload: &[u8],
-    ) {
+    fn udp_from_client(self: &Arc<Self>, socket: &VipSocket, key: ListenerKey, client: SocketAddr, payload: &[u8]) {
         let (vip, port, _) = key;
         let view = self.mesh.view();
         let Some(target) = view
@@ -423,7 +470,7 @@ impl Forwarder {
                         .add_bytes(&f.service, &f.namespace, "udp", "from_endpoint", payload.len() as u64);
                     st.book.touch(&(Role::Origin, flow), now);
                     drop(st);
-                    let _ = send_to_now(&socket, payload, client);
+                    let _ = socket.send_to(payload, client);
                 } else if let Some(f) = st.relay.get(&flow) {
                     let back = f.back.clone();
                     st.book.touch(&(Role::Relay, flow), now);
@@ -487,6 +534,20 @@ impl Forwarder {
             drop(st);
             let endpoint = SocketAddr::new(target.ip, header.port);
             let _ = send_to_now(&listener, payload, endpoint);
+            return;
+        }
+        if let (Some(SocketAddr::V4(src)), SocketAddr::V4(endpoint), Some((_, raw))) = (
+            from,
+            SocketAddr::new(target.ip, header.port),
+            self.intercept.as_ref().and_then(|i| i.udp.as_ref()),
+        ) {
+            // Intercept mode: the member may hold this port on a wildcard address, so send
+            // from the client's VIP and port by the raw socket; the member's answers to that
+            // address are intercepted and travel back as a flow of their own.
+            drop(st);
+            if let Err(e) = raw.send(src, endpoint, payload) {
+                debug!(%src, %endpoint, error = %e, "cannot send from the client's VIP");
+            }
             return;
         }
         let endpoint = SocketAddr::new(target.ip, header.port);
@@ -556,7 +617,7 @@ impl Forwarder {
             } => {
                 self.metrics.datagram(&svc, &ns, "from_endpoint");
                 self.metrics.add_bytes(&svc, &ns, "udp", "from_endpoint", n as u64);
-                let _ = send_to_now(&vip_socket, payload, client);
+                let _ = vip_socket.send_to(payload, client);
             }
             ReplyPath::Link(conn) => {
                 let out = Datagram::Reply { flow, payload }.encode();
