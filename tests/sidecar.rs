@@ -90,6 +90,15 @@ struct World {
 
 impl World {
     fn new(service: &str, ports: &str) -> Option<World> {
+        World::with_mode(service, ports, "listen")
+    }
+
+    /// Like [`World::new`] with `vips.mode: <mode>`; for `intercept`, each pod's nftables
+    /// rule is installed first, as a Kubernetes initContainer would.
+    fn with_mode(service: &str, ports: &str, mode: &str) -> Option<World> {
+        if mode == "intercept" && !require(&["nft"]) {
+            return None;
+        }
         let mut net = Net::new(&SITES)?;
         let dir = tempfile::tempdir().unwrap();
         let mut gateways = Vec::new();
@@ -120,7 +129,7 @@ impl World {
             std::fs::write(
                 &config,
                 format!(
-                    "site: {site}\ngateway: {LAN_GATEWAY}:7400\ndns:\n  listen: [\"127.0.0.1:53\"]\nvips:\n  cidr: 127.77.0.0/16\n\
+                    "site: {site}\ngateway: {LAN_GATEWAY}:7400\ndns:\n  listen: [\"127.0.0.1:53\"]\nvips:\n  cidr: 127.77.0.0/16\n  mode: {mode}\n\
                      exports:\n  - service: {service}\n    ports: {ports}\n    endpoints:\n      - {{hostname: \"${{POD_NAME}}\", ip: \"${{POD_IP}}\"}}\n"
                 ),
             )
@@ -136,6 +145,26 @@ impl World {
                 ],
                 proc: None,
             };
+            if mode == "intercept" {
+                // Twice: installing is idempotent.
+                for _ in 0..2 {
+                    let out = net
+                        .exec(&sc.pod)
+                        .args([
+                            BIN,
+                            "--state",
+                            sc.state.to_str().unwrap(),
+                            "intercept",
+                            "install",
+                            "--config",
+                        ])
+                        .arg(&sc.config)
+                        .envs(sc.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                }
+            }
             sc.start(&net);
             sidecars.push(sc);
         }
@@ -375,14 +404,16 @@ fn udp_peers_see_each_others_vip_and_source_port_and_survive_restarts() {
         "the answer came from where it was sent"
     );
 
-    // A member bound to its own VIP, advertising it, is reached from both other sites.
-    let listener = w.net.run_in(&london_pod, || TcpListener::bind((vip_l, 8080)).unwrap());
+    // Listen mode: a member bound to its pod address is reached at its VIP from both other
+    // sites and from its own pod (whose sidecar serves its own VIP too, SPEC "Names"), and
+    // sees every client at that client's VIP.
+    let listener = w.net.run_in(&london_pod, || TcpListener::bind((POD, 8080)).unwrap());
     std::thread::spawn(move || {
         while let Ok((mut c, peer)) = listener.accept() {
             let _ = std::io::Write::write_all(&mut c, format!("london member; you are {}", peer.ip()).as_bytes());
         }
     });
-    for (k, site) in [(1usize, "paris"), (2, "tokyo")] {
+    for (k, site) in [(1usize, "paris"), (2, "tokyo"), (0, "london")] {
         let pod = w.sidecars[k].pod.clone();
         let vip_k: std::net::IpAddr = w.vip("peer", site).parse().unwrap();
         let got = w.net.run_in(&pod, || {
@@ -392,13 +423,28 @@ fn udp_peers_see_each_others_vip_and_source_port_and_survive_restarts() {
             std::io::Read::read_to_string(&mut s, &mut out).ok()?;
             Some(out)
         });
-        assert_eq!(
-            got,
-            Some(format!("london member; you are {vip_k}")),
-            "from {site}:\n{}",
-            w.logs()
-        );
+        let got = got.unwrap_or_else(|| panic!("no answer from {site}:\n{}", w.logs()));
+        if k == 0 {
+            // The member's own pod: its sidecar connects from the pod's default address.
+            assert!(got.starts_with("london member; you are "), "{got}");
+        } else {
+            assert_eq!(
+                got,
+                format!("london member; you are {vip_k}"),
+                "from {site}:\n{}",
+                w.logs()
+            );
+        }
     }
+    // In london's pod, london's own member resolves to its VIP, valid in every site.
+    let own = stdout(
+        &w.net
+            .exec(&london_pod)
+            .args(["getent", "hosts", "peer-0.london.peer.default.svc.clusterset.local"])
+            .output()
+            .unwrap(),
+    );
+    assert!(own.starts_with(&format!("{vip_l} ")), "{own}");
 
     // The sidecar restarts: the pod's flows come back without anyone doing anything.
     w.sidecars[0].stop();
@@ -448,4 +494,105 @@ fn a_sidecar_is_ready_only_with_its_gateways_catalogue() {
         status(sc),
         w.logs()
     );
+}
+
+/// Issue 17 (2): `vips.mode: intercept`. Members bind wildcard addresses on the very ports
+/// their peers' VIPs use, which listen mode cannot share; the nftables rule sends VIP traffic
+/// to the agent's one port, and each flow still reaches the member its original destination
+/// names, from the client's VIP (TCP) and VIP and port (UDP).
+#[test]
+fn intercept_mode_lets_members_bind_wildcards_and_keeps_source_addresses() {
+    let Some(w) = World::with_mode(
+        "peer",
+        "[{name: gossip, port: 9999, protocol: UDP}, {name: http, port: 8080}]",
+        "intercept",
+    ) else {
+        return;
+    };
+    let vips: Vec<std::net::IpAddr> = SITES.iter().map(|s| w.vip("peer", s).parse().unwrap()).collect();
+    let mut sockets = Vec::new();
+    for (i, site) in SITES.iter().enumerate() {
+        let pod = w.sidecars[i].pod.clone();
+        // Every member on 0.0.0.0: a TCP server saying who it sees, a UDP socket answering
+        // each datagram to where it came from.
+        let (tcp, udp) = w.net.run_in(&pod, || {
+            (
+                TcpListener::bind(("0.0.0.0", 8080)).unwrap(),
+                UdpSocket::bind(("0.0.0.0", 9999)).unwrap(),
+            )
+        });
+        let name = site.to_string();
+        std::thread::spawn(move || {
+            while let Ok((mut c, peer)) = tcp.accept() {
+                let _ = std::io::Write::write_all(&mut c, format!("{name}; you are {}", peer.ip()).as_bytes());
+            }
+        });
+        udp.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        sockets.push(udp);
+    }
+    let status: serde_json::Value = serde_json::from_str(&stdout(
+        &std::process::Command::new(BIN)
+            .args(["--state", w.sidecars[0].state.to_str().unwrap(), "status", "-o", "json"])
+            .output()
+            .unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(status["vips"]["mode"], "intercept", "{status}");
+    assert_eq!(status["vips"]["intercept"]["redirected"], true, "{status}");
+    assert_eq!(status["vips"]["intercept"]["udp"], "tproxy", "{status}");
+    assert_eq!(status["counters"]["listeners"], 0, "{status}");
+
+    // TCP from london's pod to every member, its own included.
+    let london = w.sidecars[0].pod.clone();
+    for (j, site) in SITES.iter().enumerate() {
+        let got = w.net.run_in(&london, || {
+            let mut s = TcpStream::connect_timeout(&SocketAddr::new(vips[j], 8080), Duration::from_secs(3)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut s, &mut out).ok()?;
+            Some(out)
+        });
+        let got = got.unwrap_or_else(|| panic!("no TCP answer from {site}:\n{}", w.logs()));
+        assert!(got.starts_with(&format!("{site}; you are ")), "{got}");
+        if j != 0 {
+            assert_eq!(got, format!("{site}; you are {}", vips[0]), "{}", w.logs());
+        }
+    }
+
+    // UDP: paris's member answers from its wildcard socket; london's member, also on
+    // 0.0.0.0:9999, sends to paris's VIP and gets the answer from paris's VIP and port.
+    let paris = sockets.remove(1);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((_, from)) = paris.recv_from(&mut buf) {
+            let _ = paris.send_to(format!("saw {from}").as_bytes(), from);
+        }
+    });
+    let exchange = udp_exchange(&w.net, &london, &sockets[0], SocketAddr::new(vips[1], 9999), b"hello");
+    let (answer, from) = exchange.unwrap_or_else(|| panic!("no UDP answer:\n{}", w.logs()));
+    assert_eq!(String::from_utf8_lossy(&answer), format!("saw {}:9999", vips[0]));
+    assert_eq!(from, SocketAddr::new(vips[1], 9999));
+    // A datagram to one's own VIP is delivered to one's own member.
+    let tokyo = w.sidecars[2].pod.clone();
+    let own = w.net.run_in(&tokyo, || {
+        let s = UdpSocket::bind(("127.0.0.1", 0)).unwrap();
+        s.send_to(b"me", SocketAddr::new(vips[2], 9999)).unwrap();
+        let mut buf = [0u8; 16];
+        sockets[1].recv_from(&mut buf).ok().map(|(n, _)| buf[..n].to_vec())
+    });
+    assert_eq!(own.as_deref(), Some(&b"me"[..]), "{}", w.logs());
+
+    // The rule comes out cleanly, twice.
+    for _ in 0..2 {
+        let out = w.net.exec(&london).args([BIN, "intercept", "remove"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Without it, paris's VIP is just a local address that london's wildcard member takes.
+    let got = w.net.run_in(&london, || {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::new(vips[1], 8080), Duration::from_secs(2)).ok()?;
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut s, &mut out).ok()?;
+        Some(out)
+    });
+    assert!(got.as_deref().is_some_and(|g| g.starts_with("london;")), "{got:?}");
 }
