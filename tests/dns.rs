@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::netns::{Net, require};
+use common::netns::{LAN_GATEWAY, Net, require};
 use common::{Site, wait_for};
 
 const POD: &str = "10.1.0.1";
@@ -204,14 +204,24 @@ fn assert_negative(out: &str, status: &str) {
 
 #[test]
 fn every_record_type_across_three_sites_and_withdrawal() {
-    let Some(net) = Net::new(&["london", "paris", "tokyo"]) else {
+    let Some(mut net) = Net::new(&["london", "paris", "tokyo"]) else {
         return;
     };
     if !require(&["dig"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let s = sites(dir.path(), &net, &["london", "paris", "tokyo"], |_| {});
+    // paris also answers its LAN, where a pod asks as "another client of the site".
+    let s = sites(dir.path(), &net, &["london", "paris", "tokyo"], |s| {
+        if s.name == "paris" {
+            set_dns(s, "0.0.0.0:5353", &[]);
+        }
+    });
+    let pod = net.add_pod_ns("paris", "pod9", "10.1.0.9");
+    let from_pod = |name: &str, qtype: &str| -> Vec<String> {
+        let out = dig_server(&net, &pod, LAN_GATEWAY, 5353, &[name, qtype, "+noall", "+answer"]);
+        records(&out).into_iter().map(|r| r.2).collect()
+    };
     let (london, paris, tokyo) = (&s[0], &s[1], &s[2]);
     london.link_spoke(dir.path(), paris, 1);
     london.link_spoke(dir.path(), tokyo, 1);
@@ -235,19 +245,27 @@ fn every_record_type_across_three_sites_and_withdrawal() {
     wait_ready(tokyo, "etcd", 3);
     let svc = format!("etcd.default.svc.{ZONE}");
 
-    // A for the service: paris's own endpoint by its real address, london's by VIP.
+    // A for the service (SPEC "Names"): asked in paris's own namespace, every endpoint by its
+    // VIP, paris's own included (valid in every site); asked by another client of paris's
+    // site (a pod on its LAN), paris's own endpoint by its real address.
     assert_eq!(
         answer(&net, "paris", &svc, "A").into_iter().collect::<BTreeSet<_>>(),
+        set(&[l0.as_str(), l1.as_str(), p0.as_str()])
+    );
+    assert_eq!(
+        from_pod(&svc, "A").into_iter().collect::<BTreeSet<_>>(),
         set(&[l0.as_str(), l1.as_str(), POD])
     );
-    // tokyo (two hops from paris) sees every endpoint by VIP; london its own by address.
+    assert_eq!(from_pod(&format!("etcd-0.paris.{svc}"), "A"), [POD]);
+    assert_eq!(from_pod(&format!("etcd-1.london.{svc}"), "A"), [l1.as_str()]);
+    // tokyo (two hops from paris) sees every endpoint by VIP, and so does london, locally.
     assert_eq!(
         answer(&net, "tokyo", &svc, "A").into_iter().collect::<BTreeSet<_>>(),
         set(&[l0.as_str(), l1.as_str(), p0.as_str()])
     );
     assert_eq!(
         answer(&net, "london", &svc, "A").into_iter().collect::<BTreeSet<_>>(),
-        set(&[POD, "10.1.0.2", p0.as_str()])
+        set(&[l0.as_str(), l1.as_str(), p0.as_str()])
     );
     let out = dig(&net, "paris", &[&svc, "A"]);
     assert_eq!(flags(&out), "qr aa rd", "{out}");
@@ -263,7 +281,10 @@ fn every_record_type_across_three_sites_and_withdrawal() {
         answer(&net, "paris", &format!("etcd-0.london.{svc}"), "A"),
         [l0.as_str()]
     );
-    assert_eq!(answer(&net, "paris", &format!("etcd-0.paris.{svc}"), "A"), [POD]);
+    assert_eq!(
+        answer(&net, "paris", &format!("etcd-0.paris.{svc}"), "A"),
+        [p0.as_str()]
+    );
     assert_eq!(
         answer(&net, "tokyo", &format!("etcd-0.paris.{svc}"), "A"),
         [p0.as_str()]
@@ -385,7 +406,7 @@ fn every_record_type_across_three_sites_and_withdrawal() {
     let now = answer(&net, "paris", &svc, "A");
     assert_eq!(
         now.into_iter().collect::<BTreeSet<_>>(),
-        set(&[l0.as_str(), POD]),
+        set(&[l0.as_str(), p0.as_str()]),
         "stale after {:?}",
         t.elapsed()
     );
@@ -394,10 +415,11 @@ fn every_record_type_across_three_sites_and_withdrawal() {
     assert!(dig(&net, "paris", &["-x", &l1]).contains("status: REFUSED"));
     // And everything of london goes when its export does.
     london.set_exports("exports: []\n");
-    assert!(wait_for(Duration::from_secs(5), || answer(&net, "paris", &svc, "A") == [POD]));
+    assert!(wait_for(Duration::from_secs(5), || answer(&net, "paris", &svc, "A")
+        == [p0.as_str()]));
 
     let status: serde_json::Value = serde_json::from_str(&paris.ok(&["status", "-o", "json"])).unwrap();
-    assert_eq!(status["dns"]["listen"][0], "127.0.0.1:5353", "{status}");
+    assert_eq!(status["dns"]["listen"][0], "0.0.0.0:5353", "{status}");
     assert!(status["dns"]["queries"]["nxdomain"].as_u64().unwrap() >= 5, "{status}");
 }
 
@@ -448,7 +470,8 @@ fn two_hundred_endpoints_truncate_over_udp_and_arrive_whole_over_tcp() {
         .and_then(|n| n.trim().parse().ok())
         .expect("message size");
     assert!(size <= 512, "{size} bytes over UDP without EDNS");
-    // SRV for 200 endpoints, and from the owning site (real addresses), over TCP at once.
+    // SRV for 200 endpoints, and from the owning site's own namespace (where they are
+    // answered at their VIPs too), over TCP at once.
     let srv = dig(
         &net,
         "paris",
@@ -457,7 +480,8 @@ fn two_hundred_endpoints_truncate_over_udp_and_arrive_whole_over_tcp() {
     assert_eq!(records(&srv).len(), 200);
     let own = dig(&net, "london", &[&name, "A", "+tcp", "+noall", "+answer"]);
     let own: BTreeSet<String> = records(&own).into_iter().map(|r| r.2).collect();
-    assert_eq!(own, hosts.iter().map(|h| h.1.clone()).collect());
+    assert_eq!(own.len(), hosts.len(), "{own:?}");
+    assert!(own.iter().all(|a| a.starts_with("127.77.")), "{own:?}");
     // `causeway resolve` retries over TCP too.
     assert_eq!(resolve_ok(&net, paris, &[&name]).lines().count(), 200);
 }
@@ -603,6 +627,7 @@ fn getent_resolves_through_the_responder_as_the_only_nameserver() {
     let eps = wait_ready(paris, "etcd", 3);
     let l0 = vip_of(&eps, "london", "etcd-0");
     let l1 = vip_of(&eps, "london", "etcd-1");
+    let p0 = vip_of(&eps, "paris", "etcd-0");
     let getent = |args: &[&str]| {
         let out = net.exec("paris").arg("getent").args(args).output().unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
@@ -614,7 +639,7 @@ fn getent_resolves_through_the_responder_as_the_only_nameserver() {
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(String::from))
         .collect();
-    assert_eq!(addrs, set(&[l0.as_str(), l1.as_str(), POD]));
+    assert_eq!(addrs, set(&[l0.as_str(), l1.as_str(), p0.as_str()]));
     let (code, out) = getent(&["hosts", &format!("etcd-1.london.{svc}")]);
     assert_eq!(code, Some(0));
     assert!(out.starts_with(&format!("{l1} ")), "{out}");
