@@ -194,7 +194,12 @@ pub enum InterceptCommand {
         config: Option<PathBuf>,
     },
     /// Remove the nftables table `causeway`. Removing one that is not there succeeds.
-    Remove,
+    Remove {
+        /// Accepted for symmetry with `install` (so one argument list serves both); the
+        /// table's name does not depend on it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 /// Forms of sidecar credentials.
@@ -427,7 +432,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             sidecar_credentials(&state, format, &output, &name)
         }
         Command::Intercept(InterceptCommand::Install { config }) => intercept_install(&state, config),
-        Command::Intercept(InterceptCommand::Remove) => {
+        Command::Intercept(InterceptCommand::Remove { config: _ }) => {
             crate::intercept::remove().context("removing the nftables table causeway")?;
             println!(
                 "removed the nftables table {} (if it was there)",

@@ -297,10 +297,12 @@ pub fn probe_addr(cidr: Ipv4Net) -> SocketAddr {
 /// else listens on a VIP in this mode). The agent must be listening on `port`.
 pub async fn probe(cidr: Ipv4Net) -> bool {
     let addr = probe_addr(cidr);
-    matches!(
-        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await,
-        Ok(Ok(_))
-    )
+    match tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => true,
+        // The agent accepted and closed it before the connect returned: it arrived.
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Err(_) => false,
+    }
 }
 
 #[cfg(test)]

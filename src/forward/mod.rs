@@ -284,6 +284,13 @@ impl Forwarder {
         })
     }
 
+    /// Whether `addr` is where the agent probes its own nftables rule.
+    fn is_probe(&self, addr: &SocketAddr) -> bool {
+        self.intercept
+            .as_ref()
+            .is_some_and(|i| *addr == crate::intercept::probe_addr(i.cidr))
+    }
+
     /// Whether `addr` is a VIP of the range this agent intercepts.
     fn in_range(&self, addr: &SocketAddr) -> bool {
         match (&self.intercept, addr) {

@@ -103,6 +103,7 @@ impl Forwarder {
                 _ = self.shutdown.cancelled() => return,
             };
             let dst = match crate::intercept::original_dst(&client) {
+                Ok(dst) if self.is_probe(&dst) => continue, // closed quietly: the rule works
                 Ok(dst) if self.in_range(&dst) => dst,
                 other => {
                     debug!(client = %peer, dst = ?other, "connection on the intercept port not made to a VIP");
