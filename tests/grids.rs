@@ -55,12 +55,15 @@ struct Sidecar {
 }
 
 impl Sidecar {
-    /// `causeway intercept install`, in the pod, as its initContainer would run it.
+    /// `causeway intercept install --config …` (as the pod's initContainer would run it) or
+    /// `causeway intercept remove`, in the pod.
     fn intercept(&self, net: &Net, action: &str) -> Output {
-        net.exec(&self.pod)
-            .args([BIN, "--state", self.state.to_str().unwrap(), "intercept", action])
-            .args(["--config", self.config.to_str().unwrap()])
-            .env("RUST_LOG", "causeway=debug,info")
+        let mut cmd = net.exec(&self.pod);
+        cmd.args([BIN, "--state", self.state.to_str().unwrap(), "intercept", action]);
+        if action == "install" {
+            cmd.args(["--config", self.config.to_str().unwrap()]);
+        }
+        cmd.env("RUST_LOG", "causeway=debug,info")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .unwrap()
