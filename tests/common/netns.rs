@@ -374,6 +374,13 @@ fn debian_package(tool: &str) -> &str {
         "dig" | "nslookup" => "dnsutils",
         "ping" => "iputils-ping",
         "nc" => "netcat-openbsd",
+        "nft" => "nftables",
+        "etcd" => "etcd-server",
+        "etcdctl" => "etcd-client",
+        "redis-cli" => "redis-tools",
+        "getent" => "libc-bin",
+        "java" => "default-jre-headless",
+        "/usr/share/zookeeper/bin/zkServer.sh" => "zookeeper",
         other => other,
     }
 }
