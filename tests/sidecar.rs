@@ -282,7 +282,7 @@ fn redis_cluster_without_announce_ip_learns_vips_from_source_addresses() {
         servers.push(Background(child));
     }
     let vips: Vec<String> = SITES.iter().map(|s| w.vip("redis", s)).collect();
-    // Created over the VIPs, from london's gateway namespace, where every VIP is served.
+    // Every VIP is served in london's gateway namespace.
     for vip in &vips {
         assert!(
             wait_for(Duration::from_secs(10), || {
@@ -298,11 +298,32 @@ fn redis_cluster_without_announce_ip_learns_vips_from_source_addresses() {
             w.logs()
         );
     }
+    // Created from inside london's pod (issue 17, 1), with the addresses its resolver gives
+    // for the three members, london's own included: all VIPs, valid in every site.
+    let london_pod = &w.sidecars[0].pod;
+    let addrs: Vec<String> = SITES
+        .iter()
+        .map(|site| {
+            let out = w
+                .net
+                .exec(london_pod)
+                .args([
+                    "getent",
+                    "hosts",
+                    &format!("redis-0.{site}.redis.default.svc.clusterset.local"),
+                ])
+                .output()
+                .unwrap();
+            let ip = stdout(&out).split_whitespace().next().unwrap_or_default().to_string();
+            format!("{ip}:6379")
+        })
+        .collect();
+    let expected: Vec<String> = vips.iter().map(|v| format!("{v}:6379")).collect();
+    assert_eq!(addrs, expected, "getent in london's pod");
     let mut create = vec!["redis-cli", "--cluster", "create"];
-    let addrs: Vec<String> = vips.iter().map(|v| format!("{v}:6379")).collect();
     create.extend(addrs.iter().map(String::as_str));
     create.push("--cluster-yes");
-    let out = w.net.exec("london").args(&create).output().unwrap();
+    let out = w.net.exec(london_pod).args(&create).output().unwrap();
     assert!(out.status.success(), "create: {}\n{}", stdout(&out), w.logs());
     for (i, site) in SITES.iter().enumerate() {
         let pod = &w.sidecars[i].pod;
