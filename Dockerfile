@@ -32,8 +32,10 @@ FROM debian:${DEBIAN_RELEASE}-slim
 # given to it with `fsGroup: 10001`.
 # iproute2: with a vips.cidr outside 127.0.0.0/8 the agent adds `ip route replace local
 # <cidr> dev lo` itself (given NET_ADMIN); inside 127/8, the default, it is never used.
+# nftables: `causeway intercept install` (vips.mode: intercept) loads its table with `nft`,
+# run by an initContainer with NET_ADMIN.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iproute2 \
+ && apt-get install -y --no-install-recommends iproute2 nftables \
  && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 causeway \
  && useradd --system --uid 10001 --gid 10001 --no-create-home \
