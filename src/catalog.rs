@@ -31,12 +31,51 @@ pub struct EndpointAd {
     pub vip: Option<IpAddr>,
 }
 
+/// One port as a site advertises it: the wire form of a [`PortSpec`], kept apart from the
+/// configuration's type so that the file's strictness (unknown keys are errors) never
+/// applies to a peer's messages. Fields it does not know are ignored, and a port whose
+/// protocol it does not know is skipped ([`PortAd::spec`]) rather than failing the advert:
+/// a newer peer's additions never cut a link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortAd {
+    pub name: String,
+    pub port: u16,
+    /// `TCP` or `UDP` (as in the configuration); anything else is another version's.
+    pub protocol: String,
+}
+
+impl From<&PortSpec> for PortAd {
+    fn from(p: &PortSpec) -> Self {
+        PortAd {
+            name: p.name.clone(),
+            port: p.port,
+            protocol: p.protocol.to_string(),
+        }
+    }
+}
+
+impl PortAd {
+    /// The port, if this agent knows its protocol.
+    pub fn spec(&self) -> Option<PortSpec> {
+        let protocol = match self.protocol.as_str() {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            _ => return None,
+        };
+        Some(PortSpec {
+            name: self.name.clone(),
+            port: self.port,
+            protocol,
+        })
+    }
+}
+
 /// One exported service as a site advertises it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceAd {
     pub service: String,
     pub namespace: String,
-    pub ports: Vec<PortSpec>,
+    pub ports: Vec<PortAd>,
     pub endpoints: Vec<EndpointAd>,
 }
 
@@ -182,7 +221,8 @@ impl View {
                         ports: Vec::new(),
                         endpoints: Vec::new(),
                     });
-                for p in &s.ports {
+                let ports: Vec<PortSpec> = s.ports.iter().filter_map(PortAd::spec).collect();
+                for p in &ports {
                     if !view.ports.contains(p) {
                         view.ports.push(p.clone());
                     }
@@ -206,7 +246,7 @@ impl View {
                                 namespace: s.namespace.clone(),
                                 hostname: e.hostname.clone(),
                                 ip: e.ip,
-                                ports: s.ports.clone(),
+                                ports: ports.clone(),
                                 ready: e.ready,
                             },
                         );
@@ -248,11 +288,11 @@ mod tests {
             services: vec![ServiceAd {
                 service: "etcd".into(),
                 namespace: "default".into(),
-                ports: vec![PortSpec {
+                ports: vec![PortAd::from(&PortSpec {
                     name: "client".into(),
                     port: 2379,
                     protocol: Protocol::Tcp,
-                }],
+                })],
                 endpoints: hosts
                     .iter()
                     .map(|(h, vip)| EndpointAd {

@@ -27,7 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::catalog::{Advert, EndpointAd, Lsdb, ServiceAd, View};
+use crate::catalog::{Advert, EndpointAd, Lsdb, PortAd, ServiceAd, View};
 use crate::config::Export;
 use crate::metrics::Metrics;
 use crate::protocol::Control;
@@ -235,7 +235,7 @@ impl Mesh {
             .map(|e| ServiceAd {
                 service: e.service.clone(),
                 namespace: e.namespace.clone().unwrap_or_else(|| default_namespace.to_string()),
-                ports: e.ports.clone(),
+                ports: e.ports.iter().map(PortAd::from).collect(),
                 endpoints: e
                     .endpoints
                     .iter()

@@ -14,8 +14,32 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const ALPN_REDEEM: &[u8] = b"causeway-redeem/1";
 /// ALPN of a link connection.
 pub const ALPN_LINK: &[u8] = b"causeway-link/1";
-/// Version spoken in `Hello`; bumped on incompatible change.
+/// Newest link protocol version this agent speaks (`Hello.version`); bumped on an
+/// incompatible change. Additive changes (a new field, a new message type) need no bump:
+/// every decoder here ignores fields and message types it does not know.
 pub const PROTOCOL_VERSION: u32 = 1;
+/// Oldest link protocol version this agent still speaks (`Hello.min_version`).
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// The version two agents use: the newest both speak. `theirs` is the peer's newest and
+/// `their_min` its oldest (absent from agents older than version ranges: then the same as
+/// `theirs`). Errors say which side must be upgraded, for the `Reject` message.
+pub fn negotiate(theirs: u32, their_min: Option<u32>) -> Result<u32, String> {
+    let their_min = their_min.unwrap_or(theirs).min(theirs);
+    if theirs < MIN_PROTOCOL_VERSION {
+        Err(format!(
+            "the peer speaks link protocol versions {their_min}-{theirs}, this agent {MIN_PROTOCOL_VERSION}-{PROTOCOL_VERSION}: \
+             upgrade the peer's causeway"
+        ))
+    } else if their_min > PROTOCOL_VERSION {
+        Err(format!(
+            "the peer speaks link protocol versions {their_min}-{theirs}, this agent {MIN_PROTOCOL_VERSION}-{PROTOCOL_VERSION}: \
+             upgrade this agent's causeway"
+        ))
+    } else {
+        Ok(theirs.min(PROTOCOL_VERSION))
+    }
+}
 /// Largest control frame accepted.
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 
@@ -142,6 +166,13 @@ pub enum Rejection {
     LinkInProgress { issuer: String, peer: String },
     #[error("issuer failed: {message}")]
     Internal { message: String },
+    /// A reason this agent does not know (a newer issuer's).
+    #[error(
+        "the issuer refused the token for a reason this version of causeway does not know; its log says \
+         why (or upgrade this agent to see it here)"
+    )]
+    #[serde(other)]
+    Unrecognised,
 }
 
 /// The issuer's answer on a redeem connection.
@@ -158,7 +189,11 @@ pub enum RedeemResponse {
 pub enum Control {
     /// First frame from the dialer.
     Hello {
+        /// The newest protocol version the dialer speaks.
         version: u32,
+        /// The oldest it speaks; absent from agents that speak one version only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        min_version: Option<u32>,
         site: String,
         vips_cidr: String,
         /// The link's cost (`token redeem --cost`), which both ends advertise.
@@ -173,13 +208,23 @@ pub enum Control {
         link: Option<String>,
     },
     /// The acceptor's yes: the link is up from here on.
-    Welcome { site: String },
+    Welcome {
+        site: String,
+        /// The protocol version both use ([`negotiate`]); absent from older acceptors,
+        /// which speak version 1 only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u32>,
+    },
     /// The acceptor's no, with the reason; the connection is then closed.
     Reject { message: String },
     /// A site's advertisement (exports, VIP block, links), flooded over every link.
     Advert(Box<crate::catalog::Advert>),
     /// A sidecar's pod exports, sent to its gateway, which assigns their VIPs.
     MemberExports { services: Vec<crate::catalog::ServiceAd> },
+    /// A message type this agent does not know (a newer peer's): ignored, so an additive
+    /// change never ends a link.
+    #[serde(other)]
+    Unknown,
 }
 
 fn default_cost() -> u32 {
@@ -188,14 +233,83 @@ fn default_cost() -> u32 {
 
 /// Encodes one frame.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
-    let body = serde_json::to_vec(msg).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    let malformed = |e: serde_json::Error| ProtocolError::Malformed(e.to_string());
+    let mut out = Vec::new();
+    if newer_peer::enabled() {
+        let value = serde_json::to_value(msg).map_err(malformed)?;
+        for frame in newer_peer::frames(value) {
+            append_frame(&mut out, &serde_json::to_vec(&frame).map_err(malformed)?)?;
+        }
+        return Ok(out);
+    }
+    append_frame(&mut out, &serde_json::to_vec(msg).map_err(malformed)?)?;
+    Ok(out)
+}
+
+fn append_frame(out: &mut Vec<u8>, body: &[u8]) -> Result<(), ProtocolError> {
     if body.len() > MAX_FRAME {
         return Err(ProtocolError::TooLarge(body.len()));
     }
-    let mut out = Vec::with_capacity(4 + body.len());
+    out.reserve(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
-    Ok(out)
+    out.extend_from_slice(body);
+    Ok(())
+}
+
+/// A test hook: with `CAUSEWAY_TEST_NEWER_PEER=1` in its environment an agent writes its
+/// control frames as a *newer* version of causeway would, so an end-to-end test can check
+/// that this version links with it (tests/links.rs). Its hello offers the next protocol
+/// version (still speaking this one); every object in its frames carries a field this
+/// version does not know; its adverts add a port of an unknown protocol and are followed by
+/// a message of an unknown type. Off unless the variable is set; never set in production.
+#[doc(hidden)]
+pub mod newer_peer {
+    use serde_json::{Value, json};
+
+    /// Whether the hook is on (read once).
+    pub fn enabled() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("CAUSEWAY_TEST_NEWER_PEER").is_some_and(|v| v == "1"))
+    }
+
+    /// The frames a newer agent would send for `msg`.
+    pub fn frames(mut msg: Value) -> Vec<Value> {
+        let kind = msg.get("type").and_then(Value::as_str).unwrap_or_default().to_string();
+        if kind == "hello" {
+            msg["version"] = json!(super::PROTOCOL_VERSION + 1);
+            msg["min_version"] = json!(super::PROTOCOL_VERSION);
+        }
+        if let Some(services) = msg.get_mut("services").and_then(Value::as_array_mut) {
+            for s in services {
+                if let Some(ports) = s.get_mut("ports").and_then(Value::as_array_mut) {
+                    ports.push(json!({"name": "future", "port": 9, "protocol": "SCTP"}));
+                }
+            }
+        }
+        add_fields(&mut msg);
+        let mut out = vec![msg];
+        if kind == "advert" || kind == "member_exports" {
+            out.push(json!({"type": "future_message", "detail": {"lanes": 8}}));
+        }
+        out
+    }
+
+    /// Adds an unknown field to every object in `v`.
+    fn add_fields(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                for (key, child) in map.iter_mut() {
+                    // `links` is a map of site to cost, not a record: nothing to add there.
+                    if key != "links" {
+                        add_fields(child);
+                    }
+                }
+                map.insert("future_field".into(), json!({"from": "a newer causeway"}));
+            }
+            Value::Array(items) => items.iter_mut().for_each(add_fields),
+            _ => {}
+        }
+    }
 }
 
 /// Writes one frame.
@@ -231,6 +345,7 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(1024);
         let hello = Control::Hello {
             version: 1,
+            min_version: Some(1),
             site: "paris".into(),
             vips_cidr: "127.77.0.0/16".into(),
             cost: 3,
@@ -249,6 +364,69 @@ mod tests {
             read_frame::<_, Control>(&mut b).await,
             Err(ProtocolError::Closed)
         ));
+    }
+
+    /// Issue 18 (1): a newer peer's additions never fail a frame. Extra fields anywhere,
+    /// an unknown message type, an unknown rejection reason and a port of an unknown
+    /// protocol are all read; the advert keeps everything this version understands.
+    #[test]
+    fn frames_from_a_newer_peer_decode() {
+        let hello = br#"{"type":"hello","version":7,"min_version":1,"site":"paris","vips_cidr":"127.77.0.0/16",
+            "cost":2,"link":"paris@x","lanes":4,"future":{"a":1}}"#;
+        let Control::Hello {
+            version, min_version, ..
+        } = serde_json::from_slice(hello).unwrap()
+        else {
+            panic!("not a hello")
+        };
+        assert_eq!(negotiate(version, min_version), Ok(1));
+        let advert = br#"{"type":"advert","origin":"paris","seq":5,"block":3,"links":{"london":1},"signature":"x",
+            "services":[{"service":"etcd","namespace":"default","app":"grid",
+              "ports":[{"name":"client","port":2379,"protocol":"TCP","app_protocol":"h2"},
+                       {"name":"sig","port":9,"protocol":"SCTP"}],
+              "endpoints":[{"hostname":"etcd-0","ip":"10.1.0.1","ready":true,"vip":"127.77.3.9","zone":"a"}]}]}"#;
+        let Control::Advert(ad) = serde_json::from_slice(advert).unwrap() else {
+            panic!("not an advert")
+        };
+        let ports: Vec<_> = ad.services[0]
+            .ports
+            .iter()
+            .filter_map(crate::catalog::PortAd::spec)
+            .collect();
+        assert_eq!(ports.len(), 1, "the SCTP port is skipped, the TCP one kept");
+        assert_eq!(ports[0].port, 2379);
+        assert_eq!(ad.services[0].endpoints[0].hostname, "etcd-0");
+        let unknown: Control = serde_json::from_slice(br#"{"type":"lane_offer","lanes":8}"#).unwrap();
+        assert_eq!(unknown, Control::Unknown);
+        let welcome: Control =
+            serde_json::from_slice(br#"{"type":"welcome","site":"london","version":1,"x":2}"#).unwrap();
+        assert_eq!(
+            welcome,
+            Control::Welcome {
+                site: "london".into(),
+                version: Some(1)
+            }
+        );
+        let r: RedeemResponse =
+            serde_json::from_slice(br#"{"type":"rejected","reason":"quota_exceeded","limit":3}"#).unwrap();
+        assert_eq!(r, RedeemResponse::Rejected(Rejection::Unrecognised));
+    }
+
+    #[test]
+    fn versions_are_negotiated_to_the_newest_both_speak() {
+        assert_eq!(negotiate(1, None), Ok(1), "an agent from before version ranges");
+        assert_eq!(negotiate(1, Some(1)), Ok(1));
+        assert_eq!(
+            negotiate(9, Some(1)),
+            Ok(PROTOCOL_VERSION),
+            "a newer peer that still speaks ours"
+        );
+        let newer_only = negotiate(9, Some(PROTOCOL_VERSION + 1)).unwrap_err();
+        assert!(newer_only.contains("upgrade this agent"), "{newer_only}");
+        let older = negotiate(0, None).unwrap_err();
+        assert!(older.contains("upgrade the peer"), "{older}");
+        // A confused range (min above max) is read as the max alone.
+        assert_eq!(negotiate(1, Some(5)), Ok(1));
     }
 
     #[tokio::test]

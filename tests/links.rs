@@ -804,3 +804,57 @@ fn a_second_agent_on_one_state_and_garbage_tokens_are_refused_clearly() {
         "{err}"
     );
 }
+
+/// Issue 18 (1): a rolling upgrade never cuts sites apart. paris runs as a newer causeway
+/// would write (`CAUSEWAY_TEST_NEWER_PEER`: its hello offers the next protocol version,
+/// every object it sends has a field this version does not know, its adverts carry a port of
+/// an unknown protocol and are followed by a message of an unknown type); london, this
+/// version, links with it, keeps the link up and takes paris's exports, skipping only what
+/// it cannot use.
+#[test]
+fn a_newer_peer_with_unknown_fields_and_a_newer_version_links_and_stays_linked() {
+    let dir = tempfile::tempdir().unwrap();
+    let london = Site::started(dir.path(), "london");
+    let mut paris = Site::init(dir.path(), "paris");
+    paris.env.push(("CAUSEWAY_TEST_NEWER_PEER".into(), "1".into()));
+    paris.start();
+    let token = london.issue(&[], &dir.path().join("paris.token"));
+    let out = paris.ok(&["token", "redeem", token.to_str().unwrap()]);
+    assert!(out.starts_with("linked to london"), "{out}");
+    assert!(
+        wait_for(Duration::from_secs(5), || london.link_up("paris")),
+        "{}",
+        london.log_text()
+    );
+    paris.set_exports(
+        "exports:\n  - service: etcd\n    ports: [{name: client, port: 2379}]\n    endpoints: [{hostname: etcd-0, ip: 10.1.0.1}]\n",
+    );
+    let seen = || -> Option<serde_json::Value> {
+        let services: serde_json::Value = serde_json::from_str(&london.ok(&["service", "list", "-o", "json"])).ok()?;
+        services.as_array()?.iter().find(|s| s["service"] == "etcd").cloned()
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || seen().is_some()),
+        "{}",
+        london.log_text()
+    );
+    let etcd = seen().unwrap();
+    assert_eq!(
+        etcd["ports"],
+        serde_json::json!([{"name": "client", "port": 2379, "protocol": "TCP"}]),
+        "{etcd}"
+    );
+    assert_eq!(etcd["endpoints"][0]["hostname"], "etcd-0");
+    assert!(etcd["endpoints"][0]["vip"].is_string(), "{etcd}");
+    // The link stays up: no reconnection, no error.
+    let since = london.links()[0]["since"].clone();
+    std::thread::sleep(Duration::from_secs(2));
+    let links = london.links();
+    assert_eq!(links[0]["state"], "up", "{links:?}");
+    assert_eq!(links[0]["since"], since, "the link was re-established");
+    let log = london.log_text();
+    assert!(!log.contains("control stream:"), "{log}");
+    // The unknown message type arrived and was passed over.
+    assert!(log.contains("unexpected control frame ignored"), "{log}");
+    assert!(log.contains("Unknown"), "{log}");
+}

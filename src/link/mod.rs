@@ -791,6 +791,7 @@ impl Links {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| describe_connection_error(&e))?;
         let hello = Control::Hello {
             version: PROTOCOL_VERSION,
+            min_version: Some(protocol::MIN_PROTOCOL_VERSION),
             site: self.identity.site.clone(),
             vips_cidr: self.vips_cidr.clone(),
             cost,
@@ -800,8 +801,11 @@ impl Links {
             .await
             .map_err(|e| e.to_string())?;
         match protocol::read_frame::<_, Control>(&mut recv).await {
-            Ok(Control::Welcome { site }) if site == peer_site => Ok((conn, send, recv)),
-            Ok(Control::Welcome { site }) => {
+            Ok(Control::Welcome { site, version }) if site == peer_site => {
+                debug!(peer = %site, version = version.unwrap_or(1), "link protocol agreed");
+                Ok((conn, send, recv))
+            }
+            Ok(Control::Welcome { site, .. }) => {
                 conn.close(close::PROTOCOL.into(), b"unexpected site");
                 Err(format!("peer answered as site {site:?}, expected {peer_site:?}"))
             }
@@ -946,10 +950,14 @@ impl Links {
         let exchange = async {
             let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| describe_connection_error(&e))?;
             let msg: Control = protocol::read_frame(&mut recv).await.map_err(|e| e.to_string())?;
+            let agreed = match &msg {
+                Control::Hello {
+                    version, min_version, ..
+                } => protocol::negotiate(*version, *min_version),
+                _ => Ok(PROTOCOL_VERSION),
+            };
             let reject = match &msg {
-                Control::Hello { version, .. } if *version != PROTOCOL_VERSION => Some(format!(
-                    "protocol version {version} is not supported (this agent speaks {PROTOCOL_VERSION})"
-                )),
+                Control::Hello { .. } if agreed.is_err() => agreed.clone().err(),
                 Control::Hello { site: claimed, .. } if claimed != site => Some(format!(
                     "hello claims site {claimed:?} but the certificate is for {site:?}"
                 )),
@@ -985,6 +993,7 @@ impl Links {
                 &mut send,
                 &Control::Welcome {
                     site: self.identity.site.clone(),
+                    version: agreed.ok(),
                 },
             )
             .await

@@ -47,6 +47,8 @@ pub struct Site {
     /// Start the agent with this soft open-files limit (`prlimit --nofile=N:`), as containers
     /// start processes with 1,024; None: the test's own.
     pub soft_nofile: Option<u64>,
+    /// Extra environment for the agent (e.g. a test hook).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -100,6 +102,7 @@ impl Site {
             port,
             netns: None,
             soft_nofile: None,
+            env: Vec::new(),
             child: None,
         }
     }
@@ -196,6 +199,7 @@ impl Site {
             .arg(&self.state)
             .arg("run")
             .env("RUST_LOG", "causeway=debug,info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
