@@ -24,11 +24,14 @@ use crate::forward::{ForwardOptions, Forwarder};
 use crate::handshake::{Admission, Decision, Limits, Throttle};
 use crate::identity::{self, PeerTrust, SiteIdentity};
 use crate::link::redeem::{self, Issuer};
-use crate::link::{Established, LinkHandler, LinkRecord, LinkState, Links, Role, describe_connection_error};
+use crate::link::{
+    Established, LinkHandler, LinkRecord, LinkState, Links, Role as LinkRole, describe_connection_error,
+};
 use crate::mesh::{Mesh, VipStore};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ALPN_LINK, ALPN_REDEEM, Control, close};
 use crate::readiness::{LinkFacts, Readiness};
+use crate::role::{Peer, Role};
 use crate::state::{StateDir, rfc3339};
 use crate::token::{GrantStore, Token, TokenFor};
 use crate::vips::{VipAllocator, VipRange, VipTable};
@@ -212,14 +215,14 @@ impl Agent {
                 identity.site
             );
         }
-        let sidecar = config.gateway.is_some();
-        match (sidecar, identity.member) {
-            (true, false) => anyhow::bail!(
+        let role = Role::of_config(&config);
+        match (role, identity.role) {
+            (Role::Sidecar, Role::Gateway) => anyhow::bail!(
                 "causeway.yaml sets `gateway:`, so this agent is a sidecar, but {} holds a gateway's credentials; \
                  give the sidecar the output of `causeway sidecar credentials` run on the gateway",
                 state.root.display()
             ),
-            (false, true) => anyhow::bail!(
+            (Role::Gateway, Role::Sidecar) => anyhow::bail!(
                 "{} holds sidecar (member) credentials, which need `gateway: <host:port>` in causeway.yaml",
                 state.root.display()
             ),
@@ -227,7 +230,7 @@ impl Agent {
         }
         let trust = PeerTrust::new();
         let timing = identity::LinkTiming::from(&config.links);
-        let endpoint = if sidecar {
+        let endpoint = if role == Role::Sidecar {
             // A sidecar only dials its gateway: it exposes no port.
             let any: std::net::SocketAddr = if config.listen.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
                 .parse()
@@ -253,7 +256,7 @@ impl Agent {
             .unwrap_or_else(|| VipRange::block_of_site(&config.site));
         let allocator = VipAllocator::new(range, block, vip_quarantine(&config));
         // A sidecar assigns no VIPs (its gateway does) and may run on a read-only state.
-        let vips = if sidecar {
+        let vips = if role == Role::Sidecar {
             VipStore {
                 allocator,
                 table: VipTable::default(),
@@ -266,7 +269,7 @@ impl Agent {
                 file: Some(state.vips()),
             }
         };
-        let mesh = Mesh::new(&config.site, vips, sidecar, metrics.clone());
+        let mesh = Mesh::new(&config.site, vips, role, metrics.clone());
         mesh.set_exports(&config.exports, &config.namespace)
             .context("assigning VIPs to exports")?;
         let intercept = match config.vips.mode {
@@ -509,7 +512,7 @@ impl Agent {
                 | Request::TokenRevoke { .. }
                 | Request::LinkRemove { .. }
         );
-        if self.mesh.is_member() && sidecar_refuses {
+        if self.mesh.role() == Role::Sidecar && sidecar_refuses {
             return Err(format!(
                 "this agent is a sidecar of site {}: it links only to its gateway; issue and redeem tokens, \
                  and remove links, on the gateway",
@@ -593,7 +596,7 @@ impl Agent {
             .add(LinkRecord {
                 name: name.clone(),
                 peer_site: redeemed.site.clone(),
-                role: Role::Dialer,
+                role: LinkRole::Dialer,
                 addresses: token.addresses.clone(),
                 peer_ca: token.ca.clone(),
                 cost,
@@ -625,7 +628,7 @@ impl Agent {
                 state: l.state,
             })
             .collect();
-        crate::readiness::assess(self.mesh.is_member(), &facts)
+        crate::readiness::assess(self.mesh.role(), &facts)
     }
 
     async fn status(&self) -> serde_json::Value {
@@ -658,7 +661,7 @@ impl Agent {
             "listener_errors": self.forwarder.bind_errors(),
             "open_files": self.open_files,
             "config_reload": *self.reload.lock().unwrap_or_else(|p| p.into_inner()),
-            "mode": if self.mesh.is_member() { "sidecar" } else { "gateway" },
+            "mode": self.mesh.role().as_str(),
             "sidecars": self.links.members(),
             "dns": self.dns.status(),
             "counters": {
@@ -826,16 +829,16 @@ struct UpGuard<'a> {
     mesh: &'a Mesh,
     name: String,
     conn: quinn::Connection,
-    /// A sidecar's session on its gateway, rather than a link.
-    member: bool,
+    /// What the session is with: a sidecar's session on its gateway is no link.
+    peer: Peer,
 }
 
 impl Drop for UpGuard<'_> {
     fn drop(&mut self) {
-        if self.member {
-            self.mesh.member_down(&self.name, &self.conn);
-        } else {
+        if self.peer.is_link() {
             self.mesh.link_down(&self.name, &self.conn);
+        } else {
+            self.mesh.member_down(&self.name, &self.conn);
         }
     }
 }
@@ -851,26 +854,26 @@ impl LinkHandler for Session {
             name,
             peer_site,
             cost,
-            member,
+            peer,
             conn,
             mut send,
             mut recv,
             cancel: _,
         } = link;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        // On a gateway, a member session is one of our sidecars; on a sidecar, the one
-        // link is to the gateway and is a link like any other to the mesh.
-        let sidecar_here = member && !self.mesh.is_member();
-        if sidecar_here {
-            self.mesh.member_up(&name, conn.clone(), tx);
-        } else {
+        // On a gateway, a session with one of our sidecars is no link; on a sidecar, the
+        // one link is to the gateway and is a link like any other to the mesh.
+        let sidecar_here = peer == Peer::Sidecar;
+        if peer.is_link() {
             self.mesh.link_up(&name, &peer_site, cost, conn.clone(), tx);
+        } else {
+            self.mesh.member_up(&name, conn.clone(), tx);
         }
         let _guard = UpGuard {
             mesh: &self.mesh,
             name: name.clone(),
             conn: conn.clone(),
-            member: sidecar_here,
+            peer,
         };
         let writer = async {
             while let Some(msg) = rx.recv().await {

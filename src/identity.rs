@@ -11,6 +11,7 @@
 //! exporter ([`SiteIdentity::sign`], [`verify_signature`]); such a connection can do nothing
 //! but redeem, which the agent enforces after the handshake.
 
+use crate::role::Role;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -86,8 +87,9 @@ pub struct SiteIdentity {
     pub chain: Vec<CertificateDer<'static>>,
     /// The agent's private key (PKCS#8).
     pub key: PrivateKeyDer<'static>,
-    /// Whether this is a sidecar's member certificate rather than a gateway's.
-    pub member: bool,
+    /// What these credentials are for: a member certificate (issued by a gateway with
+    /// `causeway sidecar credentials`) makes a sidecar.
+    pub role: Role,
 }
 
 impl std::fmt::Debug for SiteIdentity {
@@ -107,7 +109,7 @@ impl Clone for SiteIdentity {
             cert_pem: self.cert_pem.clone(),
             chain: self.chain.clone(),
             key: self.key.clone_key(),
-            member: self.member,
+            role: self.role,
         }
     }
 }
@@ -182,7 +184,11 @@ pub fn load(state: &StateDir) -> Result<SiteIdentity, IdentityError> {
     let site = cert_dns_name(&agent_der).ok_or_else(|| IdentityError::Pem {
         what: format!("{} (no site name in the certificate)", state.agent_cert().display()),
     })?;
-    let member = is_member_cert(&agent_der);
+    let role = if is_member_cert(&agent_der) {
+        Role::Sidecar
+    } else {
+        Role::Gateway
+    };
     let chain = vec![agent_der, ca_der.clone()];
     Ok(SiteIdentity {
         site,
@@ -191,7 +197,7 @@ pub fn load(state: &StateDir) -> Result<SiteIdentity, IdentityError> {
         cert_pem,
         chain,
         key,
-        member,
+        role,
     })
 }
 
@@ -207,7 +213,7 @@ pub struct MemberCredentials {
 /// Issues member credentials from a gateway's state (which must hold the site CA key).
 pub fn issue_member(state: &StateDir) -> Result<MemberCredentials, IdentityError> {
     let gateway = load(state)?;
-    if gateway.member {
+    if gateway.role == Role::Sidecar {
         return Err(IdentityError::Tls(
             "this state holds member credentials: run `sidecar credentials` on the site's gateway".into(),
         ));
@@ -279,7 +285,7 @@ pub struct PeerTrust {
 
 /// Who a verified client certificate belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Peer {
+pub enum CertOwner {
     /// The gateway of a linked site.
     Site(String),
     /// A sidecar of our own site.
@@ -345,11 +351,11 @@ impl PeerTrust {
 
     /// Who `leaf` belongs to: the linked site whose CA issued it (never for a member
     /// certificate, which cannot speak for its site), or one of our own members.
-    pub fn identify(&self, leaf: &CertificateDer<'_>) -> Option<Peer> {
+    pub fn identify(&self, leaf: &CertificateDer<'_>) -> Option<CertOwner> {
         self.identify_at(leaf, UnixTime::now())
     }
 
-    fn identify_at(&self, leaf: &CertificateDer<'_>, now: UnixTime) -> Option<Peer> {
+    fn identify_at(&self, leaf: &CertificateDer<'_>, now: UnixTime) -> Option<CertOwner> {
         let member = is_member_cert(leaf);
         if member {
             let own = match self.own.read() {
@@ -359,7 +365,7 @@ impl PeerTrust {
             return own
                 .as_ref()
                 .filter(|o| o.verifier.verify_client_cert(leaf, &[], now).is_ok())
-                .map(|_| Peer::Member);
+                .map(|_| CertOwner::Member);
         }
         let peers = match self.peers.read() {
             Ok(g) => g,
@@ -368,7 +374,7 @@ impl PeerTrust {
         peers
             .iter()
             .find(|p| p.verifier.verify_client_cert(leaf, &[], now).is_ok())
-            .map(|p| Peer::Site(p.site.clone()))
+            .map(|p| CertOwner::Site(p.site.clone()))
     }
 }
 
@@ -695,7 +701,7 @@ mod tests {
         let trust = PeerTrust::new();
         assert_eq!(trust.identify(&paris.chain[0]), None);
         trust.set(&[("paris".into(), paris.ca_der.clone())]).unwrap();
-        assert_eq!(trust.identify(&paris.chain[0]), Some(Peer::Site("paris".into())));
+        assert_eq!(trust.identify(&paris.chain[0]), Some(CertOwner::Site("paris".into())));
         assert_eq!(trust.identify(&london.chain[0]), None);
 
         let v = LinkClientVerifier { trust: trust.clone() };
@@ -788,7 +794,7 @@ mod member_tests {
         let state = StateDir::new(dir.path().join("london"));
         create(&state, "london").unwrap();
         let gw = load(&state).unwrap();
-        assert!(!gw.member);
+        assert_eq!(gw.role, Role::Gateway);
         let creds = issue_member(&state).unwrap();
         let mstate = StateDir::new(dir.path().join("member"));
         mstate.create().unwrap();
@@ -796,20 +802,20 @@ mod member_tests {
         std::fs::write(mstate.agent_cert(), &creds.cert_pem).unwrap();
         std::fs::write(mstate.agent_key(), &creds.key_pem).unwrap();
         let member = load(&mstate).unwrap();
-        assert!(member.member);
+        assert_eq!(member.role, Role::Sidecar);
         assert_eq!(member.site, "london");
         assert!(issue_member(&mstate).is_err(), "a member cannot mint members");
 
         let trust = PeerTrust::new();
         assert_eq!(trust.identify(&member.chain[0]), None);
         trust.set_own("london", &gw.ca_der).unwrap();
-        assert_eq!(trust.identify(&member.chain[0]), Some(Peer::Member));
+        assert_eq!(trust.identify(&member.chain[0]), Some(CertOwner::Member));
         // The gateway's own agent certificate is not a member.
         assert_eq!(trust.identify(&gw.chain[0]), None);
         // Another site that trusts london's CA does not take a member for london.
         let other = PeerTrust::new();
         other.set(&[("london".into(), gw.ca_der.clone())]).unwrap();
         assert_eq!(other.identify(&member.chain[0]), None);
-        assert_eq!(other.identify(&gw.chain[0]), Some(Peer::Site("london".into())));
+        assert_eq!(other.identify(&gw.chain[0]), Some(CertOwner::Site("london".into())));
     }
 }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod protocol;
 pub mod readiness;
 pub mod rlimit;
+pub mod role;
 pub mod routing;
 pub mod state;
 pub mod token;

@@ -31,6 +31,7 @@ use crate::catalog::{Advert, EndpointAd, Lsdb, PortAd, ServiceAd, View};
 use crate::config::Export;
 use crate::metrics::Metrics;
 use crate::protocol::Control;
+use crate::role::Role;
 use crate::vips::{VipAllocator, VipError, VipRange, VipTable};
 
 /// A link that is up, as the mesh uses it.
@@ -134,8 +135,8 @@ pub struct Mesh {
     routes: RwLock<HashMap<String, quinn::Connection>>,
     /// VIP → connection of the sidecar that delivers it (gateways only); read per flow.
     member_routes: RwLock<HashMap<IpAddr, quinn::Connection>>,
-    /// This agent is a sidecar (member mode, see the module doc).
-    member: bool,
+    /// Gateway, or sidecar (member mode, see the module doc).
+    role: Role,
     metrics: Arc<Metrics>,
 }
 
@@ -147,9 +148,9 @@ fn now_millis() -> u64 {
 }
 
 impl Mesh {
-    /// A mesh for `site` (a sidecar's when `member`) whose VIPs come from `vips`; a gateway
-    /// originates its (empty) advertisement at once.
-    pub fn new(site: &str, vips: VipStore, member: bool, metrics: Arc<Metrics>) -> Arc<Mesh> {
+    /// A mesh for `site`, of a gateway or a sidecar (`role`), whose VIPs come from `vips`; a
+    /// gateway originates its (empty) advertisement at once.
+    pub fn new(site: &str, vips: VipStore, role: Role, metrics: Arc<Metrics>) -> Arc<Mesh> {
         let mesh = Arc::new(Mesh {
             site: site.to_string(),
             range: vips.allocator.range(),
@@ -169,10 +170,10 @@ impl Mesh {
             view: watch::channel(Arc::new(View::default())).0,
             routes: RwLock::new(HashMap::new()),
             member_routes: RwLock::new(HashMap::new()),
-            member,
+            role,
             metrics,
         });
-        if !member {
+        if role == Role::Gateway {
             let mut inner = mesh.lock();
             mesh.originate(&mut inner);
         }
@@ -217,9 +218,9 @@ impl Mesh {
         }
     }
 
-    /// Whether this agent is a sidecar.
-    pub fn is_member(&self) -> bool {
-        self.member
+    /// What this agent is.
+    pub fn role(&self) -> Role {
+        self.role
     }
 
     /// Our exports from causeway.yaml (VIPs not yet assigned).
@@ -253,7 +254,7 @@ impl Mesh {
             return Ok(());
         }
         inner.config_exports = ads;
-        if self.member {
+        if self.role == Role::Sidecar {
             for link in inner.links.values() {
                 let _ = link.control.send(Control::MemberExports {
                     services: inner.config_exports.clone(),
@@ -415,7 +416,7 @@ impl Mesh {
         control: mpsc::UnboundedSender<Control>,
     ) {
         let mut inner = self.lock();
-        if self.member {
+        if self.role == Role::Sidecar {
             // Our gateway: it wants our pod's exports; adverts come from it, not from us.
             let _ = control.send(Control::MemberExports {
                 services: inner.config_exports.clone(),
@@ -434,10 +435,9 @@ impl Mesh {
             heard: false,
         };
         inner.links.insert(name.to_string(), link);
-        if self.member {
-            self.recompute(&inner);
-        } else {
-            self.originate(&mut inner);
+        match self.role {
+            Role::Sidecar => self.recompute(&inner),
+            Role::Gateway => self.originate(&mut inner),
         }
     }
 
@@ -450,10 +450,9 @@ impl Mesh {
             .is_some_and(|l| l.conn.stable_id() == conn.stable_id())
         {
             inner.links.remove(name);
-            if self.member {
-                self.recompute(&inner);
-            } else {
-                self.originate(&mut inner);
+            match self.role {
+                Role::Sidecar => self.recompute(&inner),
+                Role::Gateway => self.originate(&mut inner),
             }
         }
     }
@@ -471,10 +470,9 @@ impl Mesh {
             return;
         }
         link.silent = silent;
-        if self.member {
-            self.recompute(&inner);
-        } else {
-            self.originate(&mut inner);
+        match self.role {
+            Role::Sidecar => self.recompute(&inner),
+            Role::Gateway => self.originate(&mut inner),
         }
     }
 
@@ -495,7 +493,7 @@ impl Mesh {
         if let Some(link) = inner.links.get_mut(from) {
             link.heard = true;
         }
-        if advert.origin == self.site && !self.member {
+        if advert.origin == self.site && self.role == Role::Gateway {
             // An old advertisement of ours from before a restart (or a clock step): make
             // sure ours is newer, so the whole clusterset forgets the old one.
             if advert.seq >= inner.seq {
@@ -512,7 +510,7 @@ impl Mesh {
         debug!(%origin, seq, from, "advert applied");
         let advert = Box::new(advert);
         for (name, link) in &inner.links {
-            if name != from && !self.member {
+            if name != from && self.role == Role::Gateway {
                 let _ = link.control.send(Control::Advert(advert.clone()));
             }
         }
@@ -551,7 +549,7 @@ impl Mesh {
     fn recompute(&self, inner: &Inner) {
         let view = View::compute(&self.site, &inner.lsdb, &self.range);
         let mut routes = HashMap::new();
-        if self.member {
+        if self.role == Role::Sidecar {
             // Everything leaves through the gateway, our own site's other pods included.
             if let Some(gw) = inner.links.values().find(|l| !l.silent) {
                 for site in view.routes.keys().chain(std::iter::once(&self.site)) {
@@ -559,7 +557,7 @@ impl Mesh {
                 }
             }
         }
-        for (site, route) in view.routes.iter().filter(|_| !self.member) {
+        for (site, route) in view.routes.iter().filter(|_| self.role == Role::Gateway) {
             let best = inner
                 .links
                 .values()

@@ -12,6 +12,7 @@
 //! [`crate::link::Links::list`] and [`crate::mesh::Mesh::links_heard`].
 
 use crate::link::LinkState;
+use crate::role::Role;
 
 /// One recorded link, as readiness sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,9 +33,10 @@ pub struct Readiness {
     pub reason: String,
 }
 
-/// Applies the readiness rule (see the module doc). `sidecar`: the agent's one link is to its
-/// gateway, so no link is never enough.
-pub fn assess(sidecar: bool, links: &[LinkFacts]) -> Readiness {
+/// Applies the readiness rule (see the module doc) for an agent of `role`: a sidecar's one
+/// link is to its gateway, so for it no link is never enough.
+pub fn assess(role: Role, links: &[LinkFacts]) -> Readiness {
+    let sidecar = role == Role::Sidecar;
     if let Some(link) = links.iter().find(|l| l.state == LinkState::Up && l.heard) {
         let reason = if sidecar {
             format!("catalogue from the gateway (link {})", link.name)
@@ -90,8 +92,8 @@ mod tests {
 
     #[test]
     fn a_site_without_links_is_ready_a_sidecar_without_one_is_not() {
-        assert!(assess(false, &[]).ready);
-        let r = assess(true, &[]);
+        assert!(assess(Role::Gateway, &[]).ready);
+        let r = assess(Role::Sidecar, &[]);
         assert!(!r.ready);
         assert!(r.reason.contains("gateway"), "{}", r.reason);
     }
@@ -99,7 +101,7 @@ mod tests {
     #[test]
     fn no_link_up_names_every_link_and_its_state() {
         let r = assess(
-            false,
+            Role::Gateway,
             &[
                 link("london", LinkState::Connecting, false),
                 link("tokyo", LinkState::Down, false),
@@ -115,7 +117,7 @@ mod tests {
             link("london", LinkState::Up, false),
             link("tokyo", LinkState::Down, false),
         ];
-        let r = assess(false, &waiting);
+        let r = assess(Role::Gateway, &waiting);
         assert!(!r.ready);
         assert_eq!(
             r.reason,
@@ -125,7 +127,7 @@ mod tests {
             link("london", LinkState::Up, true),
             link("tokyo", LinkState::Down, false),
         ];
-        let r = assess(false, &heard);
+        let r = assess(Role::Gateway, &heard);
         assert!(r.ready, "{}", r.reason);
         assert_eq!(r.reason, "catalogue from link london");
     }
@@ -133,22 +135,22 @@ mod tests {
     #[test]
     fn a_heard_link_that_went_down_no_longer_counts() {
         // `heard` belongs to a connection; a link that is not up has none that counts.
-        let r = assess(false, &[link("london", LinkState::Down, true)]);
+        let r = assess(Role::Gateway, &[link("london", LinkState::Down, true)]);
         assert!(!r.ready);
     }
 
     #[test]
     fn a_sidecar_is_ready_once_its_gateway_has_sent_an_advert() {
-        let r = assess(true, &[link("gateway", LinkState::Connecting, false)]);
+        let r = assess(Role::Sidecar, &[link("gateway", LinkState::Connecting, false)]);
         assert!(!r.ready);
         assert_eq!(r.reason, "the gateway link is not up (1 recorded: gateway connecting)");
-        let r = assess(true, &[link("gateway", LinkState::Up, false)]);
+        let r = assess(Role::Sidecar, &[link("gateway", LinkState::Up, false)]);
         assert!(!r.ready);
         assert!(
             r.reason.starts_with("the gateway has sent no advert yet"),
             "{}",
             r.reason
         );
-        assert!(assess(true, &[link("gateway", LinkState::Up, true)]).ready);
+        assert!(assess(Role::Sidecar, &[link("gateway", LinkState::Up, true)]).ready);
     }
 }

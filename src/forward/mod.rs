@@ -33,6 +33,7 @@ use crate::catalog::{View, VipTarget};
 use crate::config::Protocol;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
+use crate::role::Role;
 
 /// QUIC stream error codes of flows, carried on reset/stop so each side learns why.
 pub mod codes {
@@ -301,19 +302,35 @@ impl Forwarder {
 
     /// Where a flow for `target`, reached at `vip`, goes from here.
     fn hop(&self, vip: &IpAddr, target: &VipTarget) -> Hop {
-        if self.mesh.is_member() {
-            if target.site == self.site && self.own_vip(vip).is_some() {
-                return Hop::Local;
+        let own_site = target.site == self.site;
+        match self.mesh.role() {
+            // A sidecar delivers its own pod's endpoints; everything else, its own site's
+            // other pods included, leaves through its gateway (the route to every site).
+            Role::Sidecar if own_site && self.own_vip(vip).is_some() => return Hop::Local,
+            Role::Sidecar => {}
+            // A gateway delivers its site's endpoints, through the sidecar of a member that
+            // has one.
+            Role::Gateway if own_site => {
+                return match self.mesh.member_for(vip) {
+                    Some(conn) => Hop::Conn(conn),
+                    None => Hop::Local,
+                };
             }
-        } else if target.site == self.site {
-            return match self.mesh.member_for(vip) {
-                Some(conn) => Hop::Conn(conn),
-                None => Hop::Local,
-            };
+            Role::Gateway => {}
         }
         match self.mesh.next_hop(&target.site) {
             Some(conn) => Hop::Conn(conn),
             None => Hop::Unreachable,
+        }
+    }
+
+    /// Whether this agent itself takes a flow for `vip`, one of its own site's VIPs, at the
+    /// end of the path: a gateway takes every one (and delivers it directly or through the
+    /// member's sidecar), a sidecar only its own pod's.
+    fn delivers(&self, vip: &IpAddr) -> bool {
+        match self.mesh.role() {
+            Role::Gateway => true,
+            Role::Sidecar => self.own_vip(vip).is_some(),
         }
     }
 
@@ -325,7 +342,7 @@ impl Forwarder {
     /// On a sidecar: the client's own VIP for a flow to `target` (its pod's endpoint in the
     /// same service, else any of its pod's endpoints), so the far sidecar can connect from it.
     fn src_vip(&self, target: &VipTarget) -> Option<IpAddr> {
-        if !self.mesh.is_member() {
+        if self.mesh.role() == Role::Gateway {
             return None;
         }
         let own = lock(&self.own);
@@ -373,8 +390,8 @@ impl Forwarder {
 
     /// Starts listeners the view wants and stops the ones it no longer does.
     fn reconcile(self: &Arc<Self>, view: &View) {
-        if self.mesh.is_member() {
-            // Our pod's own endpoints: the member may bind their VIPs itself.
+        if self.mesh.role() == Role::Sidecar {
+            // Our pod's own endpoints, which this sidecar delivers itself.
             let mine: Vec<(String, String, String)> = self
                 .mesh
                 .config_exports()
@@ -533,7 +550,7 @@ mod tests {
             table: Default::default(),
             file: None,
         };
-        let mesh = Mesh::new("london", vips, false, metrics.clone());
+        let mesh = Mesh::new("london", vips, Role::Gateway, metrics.clone());
         let opts = ForwardOptions {
             max_flows: 16,
             udp_idle: Duration::from_secs(60),

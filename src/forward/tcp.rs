@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, debug_span, warn};
 use super::header::{FlowHeader, MAX_HEADER, MAX_TTL};
 use super::{Forwarder, Hop, ListenerKey, codes};
 use crate::config::Protocol;
+use crate::role::Role;
 
 /// Largest read per direction: large reads and writes matter more than anything else here.
 const BUF: usize = 256 * 1024;
@@ -204,22 +205,18 @@ impl Forwarder {
                 return refuse(&mut send, &mut recv, codes::BAD_HEADER);
             }
             // Towards another site (relay), or to the sidecar that delivers this VIP.
-            let onward = if header.site != self.site {
-                if self.mesh.is_member() {
-                    // A sidecar delivers to its own pod only; it never relays.
-                    return refuse(&mut send, &mut recv, codes::UNREACHABLE);
-                }
-                match self.mesh.next_hop(&header.site) {
+            let onward = match (self.mesh.role(), header.site == self.site) {
+                // A sidecar delivers to its own pod only; it never relays.
+                (Role::Sidecar, false) => return refuse(&mut send, &mut recv, codes::UNREACHABLE),
+                (Role::Sidecar, true) => None,
+                (Role::Gateway, false) => match self.mesh.next_hop(&header.site) {
                     Some(conn) => Some(conn),
                     None => {
                         self.metrics.flow_failed(svc, ns, "tcp", "relay", "no_route");
                         return refuse(&mut send, &mut recv, codes::UNREACHABLE);
                     }
-                }
-            } else if self.mesh.is_member() {
-                None
-            } else {
-                self.mesh.member_for(&header.vip)
+                },
+                (Role::Gateway, true) => self.mesh.member_for(&header.vip),
             };
             if let Some(conn) = onward {
                 let next = FlowHeader {
@@ -241,10 +238,7 @@ impl Forwarder {
                 return;
             }
             let target = view.vips.get(&header.vip).filter(|t| {
-                t.site == self.site
-                    && t.ready
-                    && t.exports(header.port, Protocol::Tcp)
-                    && (!self.mesh.is_member() || self.own_vip(&header.vip).is_some())
+                t.site == self.site && t.ready && t.exports(header.port, Protocol::Tcp) && self.delivers(&header.vip)
             });
             let Some(target) = target else {
                 self.metrics.flow_failed(svc, ns, "tcp", "terminus", "not_exported");
@@ -252,9 +246,10 @@ impl Forwarder {
             };
             // A sidecar connects from the client's own VIP, so the member sees its peer at an
             // address that leads back to it from every site.
-            let from = header.src.map(|s| s.ip()).filter(|_| self.mesh.is_member());
+            let sidecar = self.mesh.role() == Role::Sidecar;
+            let from = header.src.map(|s| s.ip()).filter(|_| sidecar);
             let mut result = connect_from(from, SocketAddr::new(target.ip, header.port)).await;
-            if self.mesh.is_member()
+            if sidecar
                 && result
                     .as_ref()
                     .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)

@@ -36,6 +36,7 @@ use super::header::{Datagram, FlowHeader, MAX_TTL};
 use super::{Forwarder, Hop, ListenerKey, lock};
 use crate::config::Protocol;
 use crate::intercept::{self, RawUdp};
+use crate::role::Role as AgentRole;
 
 /// Largest datagram accepted from a stream (a UDP payload is at most 65,507 bytes).
 pub const MAX_STREAMED: usize = 70_000;
@@ -497,15 +498,16 @@ impl Forwarder {
         }
         let view = self.mesh.view();
         let Some(target) = view.vips.get(&header.vip).filter(|t| {
-            t.site == self.site
-                && t.ready
-                && t.exports(header.port, Protocol::Udp)
-                && (!self.mesh.is_member() || self.own_vip(&header.vip).is_some())
+            t.site == self.site && t.ready && t.exports(header.port, Protocol::Udp) && self.delivers(&header.vip)
         }) else {
             debug!(vip = %header.vip, port = header.port, "datagram for a VIP we do not export");
             return;
         };
-        if let Some(member) = self.mesh.member_for(&header.vip).filter(|_| !self.mesh.is_member()) {
+        if let Some(member) = self
+            .mesh
+            .member_for(&header.vip)
+            .filter(|_| self.mesh.role() == AgentRole::Gateway)
+        {
             // A sidecar delivers this endpoint: pass the datagram on, and remember the way back.
             if let ReplyPath::Link(back) = &reply {
                 self.relay_flow(&mut st, flow, back);
@@ -527,7 +529,7 @@ impl Forwarder {
             self.send(&member, out, &target.service, &target.namespace, true);
             return;
         }
-        let from = header.src.filter(|_| self.mesh.is_member());
+        let from = header.src.filter(|_| self.mesh.role() == AgentRole::Sidecar);
         if let Some(listener) = from.and_then(|src| lock(&self.udp_sockets).get(&src).cloned()) {
             // We listen on the client's VIP and port already: send from that socket, and the
             // member's answers, sent back to that address, reach it as a flow of their own.

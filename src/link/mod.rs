@@ -35,8 +35,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::identity::{self, Peer, PeerTrust, SiteIdentity};
+use crate::identity::{self, CertOwner, PeerTrust, SiteIdentity};
 use crate::protocol::{self, ALPN_LINK, Control, PROTOCOL_VERSION, close};
+use crate::role::Peer;
 use crate::state::{self, StateError, rfc3339};
 use backoff::Backoff;
 
@@ -243,9 +244,9 @@ pub struct Established {
     pub peer_site: String,
     /// The link's cost, as the dialer configured it.
     pub cost: u32,
-    /// Whether this is a sidecar of our own site (on a gateway), or our gateway (on a
-    /// sidecar), rather than a link between sites.
-    pub member: bool,
+    /// What the other end is: another site, our gateway (we are its sidecar), or one of our
+    /// sidecars (we are its gateway).
+    pub peer: Peer,
     pub conn: quinn::Connection,
     /// The control stream, after the hello exchange.
     pub send: quinn::SendStream,
@@ -725,7 +726,7 @@ impl Links {
                             name: record.name.clone(),
                             peer_site: record.peer_site.clone(),
                             cost: record.cost,
-                            member: self.identity.member,
+                            peer: self.identity.role.dialed_peer(),
                             conn: conn.clone(),
                             send,
                             recv,
@@ -832,8 +833,8 @@ impl Links {
             .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
             .and_then(|chain| chain.first().cloned());
         match leaf.and_then(|l| self.trust.identify(&l)) {
-            Some(Peer::Site(site)) => self.accept_site(conn, site).await,
-            Some(Peer::Member) => self.accept_member(conn).await,
+            Some(CertOwner::Site(site)) => self.accept_site(conn, site).await,
+            Some(CertOwner::Member) => self.accept_member(conn).await,
             None => {
                 warn!(%remote, "link from an untrusted site refused");
                 conn.close(close::REJECTED.into(), b"not a trusted site");
@@ -867,7 +868,7 @@ impl Links {
                     name: name.clone(),
                     peer_site: site.clone(),
                     cost,
-                    member: false,
+                    peer: Peer::Site,
                     conn: conn.clone(),
                     send,
                     recv,
@@ -899,7 +900,7 @@ impl Links {
                     name: name.clone(),
                     peer_site: site,
                     cost: 1,
-                    member: true,
+                    peer: Peer::Sidecar,
                     conn,
                     send,
                     recv,
