@@ -146,7 +146,8 @@ check() {
   dir=$(expected "$name")
   # A target/ left by running the crate's tests in place is not part of the copy.
   if ! diff -ruN --exclude=target "$dir" "$VENDOR/$name" >"$TMP/diff-$name"; then
-    sed -e "s#$TMP/expected/$name#pristine+patches#g" -e "s#$VENDOR/#vendor/#g" "$TMP/diff-$name"
+    sed -e "s#$TMP/expected/$name#pristine+patches#g" -e "s#$VENDOR/#vendor/#g" \
+      -e '/^\(---\|+++\) /s/\t.*//' "$TMP/diff-$name"
     echo >&2
     diff -rq --exclude=target "$dir" "$VENDOR/$name" |
       sed -e "s#$TMP/expected/$name#pristine+patches#g" -e "s#$VENDOR/#vendor/#g" >&2 || true
