@@ -16,15 +16,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use causeway::cli::{Cli, Command as CliCommand};
-use causeway::config::{Config, expand_env};
+use causeway::cli::{Cli, Command as CliCommand, InterceptCommand};
+use causeway::config::{Config, VipMode, expand_env};
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PersistentVolumeClaim, Pod, PodSpec, PodTemplateSpec, Secret, Service,
-    ServiceAccount,
+    ServiceAccount, Volume,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -78,6 +78,10 @@ impl Doc {
     }
     fn is_kustomization(&self) -> bool {
         self.api_version().starts_with("kustomize.config.k8s.io/")
+    }
+    /// A JSON patch (RFC 6902, a list of operations), which kustomize applies to its target.
+    fn is_json_patch(&self) -> bool {
+        self.json.is_array()
     }
 }
 
@@ -203,6 +207,15 @@ struct Manifests {
     same_dir_config: bool,
 }
 
+/// A container that a JSON patch adds to the pod template of its target.
+struct PatchedContainer {
+    /// `deploy/sidecar/intercept/statefulset-patch.yaml#0[0]`: the document and operation.
+    origin: String,
+    dir: PathBuf,
+    init: bool,
+    container: Container,
+}
+
 impl Manifests {
     fn push_pod(&mut self, doc: &Doc, template: Option<PodTemplateSpec>) {
         let Some(PodTemplateSpec {
@@ -231,8 +244,13 @@ impl Manifests {
 /// and collects pod templates, ConfigMaps, Services and Roles.
 fn check_objects(docs: &[Doc]) -> Manifests {
     let mut m = Manifests::default();
+    let mut patched = Vec::new();
     for doc in docs {
         if doc.is_kustomization() {
+            continue;
+        }
+        if doc.is_json_patch() {
+            patched.extend(check_json_patch(doc));
             continue;
         }
         m.kinds.insert(doc.kind().to_string());
@@ -292,7 +310,113 @@ fn check_objects(docs: &[Doc]) -> Manifests {
             ),
         }
     }
+    for p in patched {
+        let pod = pod_of_patched_container(p, &m);
+        m.pods.push(pod);
+    }
     m
+}
+
+/// Checks the operations of a JSON patch and returns the containers it adds to a pod
+/// template, each checked as a Container.
+fn check_json_patch(doc: &Doc) -> Vec<PatchedContainer> {
+    let ops = doc.json.as_array().expect("a list");
+    assert!(!ops.is_empty(), "{}: an empty JSON patch", doc.origin);
+    let mut out = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        let origin = format!("{}[{i}]", doc.origin);
+        let obj = op
+            .as_object()
+            .unwrap_or_else(|| panic!("{origin}: a JSON patch operation is a mapping"));
+        for key in obj.keys() {
+            assert!(
+                ["op", "path", "value", "from"].contains(&key.as_str()),
+                "{origin}: unexpected key `{key}` in a JSON patch operation"
+            );
+        }
+        let kind = obj.get("op").and_then(Json::as_str).unwrap_or_default();
+        let path = obj
+            .get("path")
+            .and_then(Json::as_str)
+            .unwrap_or_else(|| panic!("{origin}: no path"));
+        assert!(path.starts_with('/'), "{origin}: path {path} is not a JSON pointer");
+        match kind {
+            "add" | "replace" | "test" => assert!(obj.contains_key("value"), "{origin}: {kind} without value"),
+            "move" | "copy" => assert!(obj.contains_key("from"), "{origin}: {kind} without from"),
+            "remove" => {}
+            other => panic!("{origin}: `{other}` is not a JSON patch operation"),
+        }
+        let container = path
+            .strip_prefix("/spec/template/spec/")
+            .and_then(|rest| rest.split_once('/'))
+            .filter(|(list, index)| ["initContainers", "containers"].contains(list) && !index.contains('/'));
+        if let Some((list, index)) = container {
+            if matches!(kind, "add" | "replace") {
+                assert!(
+                    index == "-" || index.parse::<usize>().is_ok(),
+                    "{origin}: {path} does not name one container"
+                );
+                let value = Doc {
+                    origin: origin.clone(),
+                    dir: doc.dir.clone(),
+                    json: obj["value"].clone(),
+                };
+                out.push(PatchedContainer {
+                    origin,
+                    dir: doc.dir.clone(),
+                    init: list == "initContainers",
+                    container: typed(&value),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A pod template holding a container a JSON patch adds, so that it is checked like the
+/// others. It mounts volumes of the pod it is added to, which the patch does not repeat: they
+/// are looked up by name in the other pod templates of deploy/ (as ConfigMaps are), and must
+/// be defined alike wherever they are.
+fn pod_of_patched_container(p: PatchedContainer, m: &Manifests) -> PodTemplate {
+    let mut volumes: Vec<Volume> = Vec::new();
+    for mount in p.container.volume_mounts.iter().flatten() {
+        let defs: Vec<&Volume> = m
+            .pods
+            .iter()
+            .flat_map(|pod| pod.spec.volumes.iter().flatten())
+            .filter(|v| v.name == mount.name)
+            .collect();
+        let first = *defs.first().unwrap_or_else(|| {
+            panic!(
+                "{}: mounts volume {}, which no pod template in deploy/ defines",
+                p.origin, mount.name
+            )
+        });
+        assert!(
+            defs.iter().all(|v| *v == first),
+            "{}: volume {} is defined differently in different manifests",
+            p.origin,
+            mount.name
+        );
+        if !volumes.iter().any(|v| v.name == first.name) {
+            volumes.push(first.clone());
+        }
+    }
+    let mut spec = PodSpec {
+        volumes: Some(volumes),
+        ..PodSpec::default()
+    };
+    if p.init {
+        spec.init_containers = Some(vec![p.container]);
+    } else {
+        spec.containers = vec![p.container];
+    }
+    PodTemplate {
+        origin: p.origin,
+        dir: p.dir,
+        labels: BTreeMap::new(),
+        spec,
+    }
 }
 
 /// Checks a kustomization file: its kind, its keys, and that everything it names exists.
@@ -365,6 +489,15 @@ fn check_kustomization(doc: &Doc) -> BTreeSet<PathBuf> {
         assert!(file.is_file(), "{origin}: patch {path} does not exist");
         let patch = parse_docs(&read(&file), &rel(&file), &doc.dir);
         assert_eq!(patch.len(), 1, "{origin}: patch {path} must be one document");
+        if patch[0].is_json_patch() {
+            // Its operations are checked with the manifests (check_json_patch).
+            assert!(
+                p.pointer("/target/kind").and_then(Json::as_str).is_some(),
+                "{origin}: JSON patch {path} needs a target kind"
+            );
+            used.insert(PathBuf::from(path));
+            continue;
+        }
         assert!(
             !patch[0].name().is_empty(),
             "{}: a patch needs metadata.name",
@@ -613,6 +746,28 @@ struct CommandReport {
     parsed: Vec<String>,
     /// Origins of the ConfigMaps whose causeway.yaml a container read and the loader accepted.
     loaded: BTreeSet<String>,
+    /// Every causeway.yaml a container read, as loaded.
+    configs: Vec<ReadConfig>,
+}
+
+/// What reads a causeway.yaml.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Reader {
+    /// `causeway run`: the agent.
+    Agent,
+    /// `causeway intercept install`: the nftables rule of vips.mode: intercept.
+    Intercept,
+}
+
+/// One causeway.yaml as one container read it.
+struct ReadConfig {
+    /// The pod template's origin.
+    pod: String,
+    container: String,
+    reader: Reader,
+    /// The ConfigMap's origin.
+    config_map: String,
+    config: Config,
 }
 
 /// Checks every causeway container: its command lines parse, and the configuration
@@ -657,11 +812,21 @@ fn check_causeway_containers(m: &Manifests) -> CommandReport {
                     continue;
                 };
                 report.parsed.push(format!("{origin}: {}", line.join(" ")));
-                if let CliCommand::Run { config } = &cli.command {
-                    let config = config.clone().unwrap_or_else(|| cli.state.join("causeway.yaml"));
-                    for loaded in load_mounted_config(pod, c, &config, &env, m, &origin) {
-                        report.loaded.insert(loaded);
-                    }
+                let (reader, config) = match &cli.command {
+                    CliCommand::Run { config } => (Reader::Agent, config),
+                    CliCommand::Intercept(InterceptCommand::Install { config }) => (Reader::Intercept, config),
+                    _ => continue,
+                };
+                let path = config.clone().unwrap_or_else(|| cli.state.join("causeway.yaml"));
+                for (config_map, config) in load_mounted_config(pod, c, &path, &env, m, &origin) {
+                    report.loaded.insert(config_map.clone());
+                    report.configs.push(ReadConfig {
+                        pod: pod.origin.clone(),
+                        container: c.name.clone(),
+                        reader,
+                        config_map,
+                        config,
+                    });
                 }
             }
         }
@@ -670,7 +835,8 @@ fn check_causeway_containers(m: &Manifests) -> CommandReport {
 }
 
 /// Finds the ConfigMap(s) mounted at `path` in container `c` and loads their causeway.yaml
-/// through the real loader, `${VAR}`-expanded with `env`. Returns the ConfigMaps' origins.
+/// through the real loader, `${VAR}`-expanded with `env`. Returns the ConfigMaps' origins
+/// and what they hold.
 fn load_mounted_config(
     pod: &PodTemplate,
     c: &Container,
@@ -678,7 +844,7 @@ fn load_mounted_config(
     env: &BTreeMap<String, String>,
     m: &Manifests,
     origin: &str,
-) -> Vec<String> {
+) -> Vec<(String, Config)> {
     let mount = c
         .volume_mounts
         .iter()
@@ -724,7 +890,7 @@ fn load_mounted_config(
         let expanded = expand_env(text, |name| env.get(name).cloned()).unwrap_or_else(|e| panic!("{what}: {e}"));
         let config = Config::parse(&expanded, &what).unwrap_or_else(|e| panic!("{e}"));
         check_config_against_container(&config, c, &what);
-        loaded.push(doc.origin.clone());
+        loaded.push((doc.origin.clone(), config));
     }
     assert!(
         !loaded.is_empty(),
@@ -804,6 +970,216 @@ fn check_config_against_container(config: &Config, c: &Container, what: &str) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Privileges
+// ---------------------------------------------------------------------------------------
+
+/// What a causeway container runs that reads a causeway.yaml, if anything.
+fn reader_of(c: &Container) -> Option<Reader> {
+    let mut argv: Vec<String> = c.command.clone().unwrap_or_else(|| vec!["causeway".into()]);
+    argv.extend(c.args.iter().flatten().cloned());
+    if argv.first().map(String::as_str) != Some("causeway") {
+        return None;
+    }
+    match Cli::try_parse_from(&argv).ok()?.command {
+        CliCommand::Run { .. } => Some(Reader::Agent),
+        CliCommand::Intercept(InterceptCommand::Install { .. }) => Some(Reader::Intercept),
+        _ => None,
+    }
+}
+
+/// The volume holding the state directory of causeway container `c` (`CAUSEWAY_STATE`).
+fn state_volume(c: &Container) -> Option<String> {
+    let env = c.env.iter().flatten().find(|e| e.name == "CAUSEWAY_STATE");
+    let state = env.and_then(|e| e.value.clone()).unwrap_or_else(|| {
+        IMAGE_ENV
+            .iter()
+            .find(|(k, _)| *k == "CAUSEWAY_STATE")
+            .map(|(_, v)| v.to_string())
+            .expect("the image sets CAUSEWAY_STATE")
+    });
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| Path::new(&state).starts_with(&m.mount_path))
+        .max_by_key(|m| m.mount_path.len())
+        .map(|m| m.name.clone())
+}
+
+/// Checks the privileges of every causeway container of `pod`; returns how many it checked.
+///
+/// Each runs with no privilege escalation, a read-only root filesystem, every capability
+/// dropped, and as the image's non-root user, adding no capability, with these exceptions.
+/// Capabilities added to a container take effect only for uid 0 (Kubernetes sets no ambient
+/// capabilities), so a container that adds one runs as root, and adds only:
+/// * NET_ADMIN, for `causeway intercept install` (the nftables rule of vips.mode: intercept),
+///   which needs it;
+/// * NET_RAW, for the agent (`causeway run`; UDP in vips.mode: intercept), optionally.
+///
+/// A container sharing the agent's state volume (which writes its 0700 state directory)
+/// runs as the agent's uid, root included.
+fn check_privileges(pod: &PodTemplate) -> usize {
+    let pod_sc = pod.spec.security_context.clone().unwrap_or_default();
+    let containers: Vec<&Container> = pod
+        .spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&pod.spec.containers)
+        .filter(|c| is_causeway_image(c))
+        .collect();
+    let uid_of = |c: &Container| {
+        c.security_context
+            .as_ref()
+            .and_then(|s| s.run_as_user)
+            .or(pod_sc.run_as_user)
+    };
+    let agent = containers.iter().find(|c| reader_of(c) == Some(Reader::Agent));
+    let agent_state = agent.and_then(|a| state_volume(a).map(|v| (a.name.clone(), v, uid_of(a))));
+    for c in &containers {
+        let origin = format!("{} container {}", pod.origin, c.name);
+        let sc = c.security_context.clone().unwrap_or_default();
+        assert_eq!(
+            sc.allow_privilege_escalation,
+            Some(false),
+            "{origin}: allowPrivilegeEscalation"
+        );
+        assert_eq!(
+            sc.read_only_root_filesystem,
+            Some(true),
+            "{origin}: readOnlyRootFilesystem"
+        );
+        assert_ne!(sc.privileged, Some(true), "{origin}: privileged");
+        let caps = sc.capabilities.clone().unwrap_or_default();
+        assert_eq!(
+            caps.drop,
+            Some(vec!["ALL".to_string()]),
+            "{origin}: drops all capabilities"
+        );
+        let added = caps.add.unwrap_or_default();
+        let reader = reader_of(c);
+        let allowed: &[&str] = match reader {
+            Some(Reader::Intercept) => &["NET_ADMIN"],
+            Some(Reader::Agent) => &["NET_RAW"],
+            None => &[],
+        };
+        for cap in &added {
+            assert!(
+                allowed.contains(&cap.as_str()),
+                "{origin}: adds {cap}; it may add only {allowed:?}"
+            );
+        }
+        if reader == Some(Reader::Intercept) {
+            assert_eq!(
+                added,
+                vec!["NET_ADMIN".to_string()],
+                "{origin}: `causeway intercept install` needs NET_ADMIN"
+            );
+        }
+        let shares_state = agent_state.as_ref().filter(|(name, volume, _)| {
+            *name != c.name
+                && c.volume_mounts
+                    .iter()
+                    .flatten()
+                    .any(|m| m.name == *volume && m.read_only != Some(true))
+        });
+        let (uid, why) = match shares_state {
+            _ if !added.is_empty() => (Some(0), "an added capability takes effect only for root"),
+            Some((_, _, uid)) => (
+                *uid,
+                "it writes the agent's state directory (0700), so it runs as the agent's uid",
+            ),
+            None => (Some(IMAGE_UID), "runs as the image's user"),
+        };
+        assert_eq!(uid_of(c), uid, "{origin}: {why}");
+        let non_root = sc.run_as_non_root.or(pod_sc.run_as_non_root);
+        if uid == Some(0) {
+            assert_eq!(non_root, Some(false), "{origin}: runs as root, so runAsNonRoot: false");
+        } else {
+            assert_eq!(non_root, Some(true), "{origin}: runAsNonRoot");
+        }
+    }
+    containers.len()
+}
+
+/// Merges `patch` into `base` as a strategic-merge patch does for the fields used here:
+/// mappings key by key, lists of named items by name, other lists replaced.
+fn strategic_merge(base: &mut Json, patch: &Json) {
+    match (base, patch) {
+        (Json::Object(b), Json::Object(p)) => {
+            for (k, v) in p {
+                match b.get_mut(k) {
+                    Some(bv) => strategic_merge(bv, v),
+                    None => drop(b.insert(k.clone(), v.clone())),
+                }
+            }
+        }
+        (Json::Array(b), Json::Array(p)) if p.iter().all(|i| i.get("name").is_some()) => {
+            for item in p {
+                match b.iter_mut().find(|x| x.get("name") == item.get("name")) {
+                    Some(bi) => strategic_merge(bi, item),
+                    None => b.push(item.clone()),
+                }
+            }
+        }
+        (b, p) => *b = p.clone(),
+    }
+}
+
+/// Pod templates of patches that change containers defined by another Component (a
+/// container with no image: the patch only changes it), with each such container merged
+/// onto the one it changes, found by name in the pod templates of the other Components.
+fn compose_container_patches(m: &Manifests) -> Vec<PodTemplate> {
+    let is_component = |dir: &Path| {
+        let k = dir.join("kustomization.yaml");
+        k.is_file() && parse_docs(&read(&k), &rel(&k), dir).first().map(Doc::kind) == Some("Component")
+    };
+    let mut out = Vec::new();
+    for pod in &m.pods {
+        let all = || pod.spec.init_containers.iter().flatten().chain(&pod.spec.containers);
+        if !all().any(|c| c.image.is_none()) {
+            continue;
+        }
+        assert!(
+            is_component(&pod.dir),
+            "{}: a container without an image outside a Component",
+            pod.origin
+        );
+        let merge = |c: &Container| -> Container {
+            if c.image.is_some() {
+                return c.clone();
+            }
+            let bases: Vec<&Container> = m
+                .pods
+                .iter()
+                .filter(|p| p.dir != pod.dir && is_component(&p.dir))
+                .flat_map(|p| p.spec.init_containers.iter().flatten().chain(&p.spec.containers))
+                .filter(|b| b.name == c.name && b.image.is_some())
+                .collect();
+            assert_eq!(
+                bases.len(),
+                1,
+                "{}: container {} changes no (or no single) container of another Component",
+                pod.origin,
+                c.name
+            );
+            let mut json = serde_json::to_value(bases[0]).expect("serialize");
+            strategic_merge(&mut json, &serde_json::to_value(c).expect("serialize"));
+            serde_json::from_value(json).expect("a container")
+        };
+        let mut spec = pod.spec.clone();
+        spec.init_containers = spec.init_containers.map(|cs| cs.iter().map(merge).collect());
+        spec.containers = spec.containers.iter().map(merge).collect();
+        out.push(PodTemplate {
+            origin: format!("{} (merged onto the containers it changes)", pod.origin),
+            dir: pod.dir.clone(),
+            labels: pod.labels.clone(),
+            spec,
+        });
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
 // Tests: manifests
 // ---------------------------------------------------------------------------------------
 
@@ -873,6 +1249,10 @@ fn every_causeway_command_line_in_the_manifests_parses_and_every_causeway_yaml_l
         seen("sidecar", "run --config"),
         "the sidecar's run command was not checked"
     );
+    assert!(
+        seen("sidecar/intercept", "intercept install --config"),
+        "the intercept Component's install command was not checked"
+    );
     // Every causeway.yaml in a ConfigMap is one some causeway container reads, and loaded.
     for (doc, cm) in &m.config_maps {
         if cm.data.as_ref().is_some_and(|d| d.contains_key("causeway.yaml")) {
@@ -929,13 +1309,14 @@ fn services_select_pods_and_name_their_ports() {
     }
 }
 
+/// Every causeway container runs unprivileged (see [`check_privileges`] for the two
+/// capabilities vips.mode: intercept may add, and why those containers run as root).
 #[test]
 fn causeway_containers_run_unprivileged_and_without_api_access() {
     let docs = deploy_docs();
     let m = check_objects(&docs);
     let mut checked = 0;
     for pod in &m.pods {
-        let pod_sc = pod.spec.security_context.clone().unwrap_or_default();
         let is_gateway = pod.origin.starts_with("deploy/gateway/");
         if is_gateway {
             assert_eq!(
@@ -951,42 +1332,21 @@ fn causeway_containers_run_unprivileged_and_without_api_access() {
                 pod.origin
             );
         }
-        for c in pod.spec.init_containers.iter().flatten().chain(&pod.spec.containers) {
-            if !is_causeway_image(c) {
-                continue;
-            }
-            checked += 1;
-            let origin = format!("{} container {}", pod.origin, c.name);
-            let sc = c.security_context.clone().unwrap_or_default();
-            let uid = sc.run_as_user.or(pod_sc.run_as_user);
-            assert_eq!(uid, Some(IMAGE_UID), "{origin}: runs as the image's user");
-            assert!(
-                sc.run_as_non_root.or(pod_sc.run_as_non_root) == Some(true),
-                "{origin}: runAsNonRoot"
-            );
-            assert_eq!(
-                sc.allow_privilege_escalation,
-                Some(false),
-                "{origin}: allowPrivilegeEscalation"
-            );
-            assert_eq!(
-                sc.read_only_root_filesystem,
-                Some(true),
-                "{origin}: readOnlyRootFilesystem"
-            );
-            assert_ne!(sc.privileged, Some(true), "{origin}: privileged");
-            let caps = sc.capabilities.clone().unwrap_or_default();
-            assert_eq!(
-                caps.drop,
-                Some(vec!["ALL".to_string()]),
-                "{origin}: drops all capabilities"
-            );
-            assert!(caps.add.is_none_or(|a| a.is_empty()), "{origin}: adds capabilities");
-        }
+    }
+    // Patches that change containers of another Component (no image of their own), merged
+    // onto them as kustomize does, and checked whole.
+    let composed = compose_container_patches(&m);
+    assert!(
+        !composed.is_empty(),
+        "deploy/sidecar/intercept-udp changes the sidecar's containers"
+    );
+    for pod in m.pods.iter().chain(&composed) {
+        checked += check_privileges(pod);
     }
     assert!(
-        checked >= 4,
-        "gateway init and agent, sidecar credentials and agent: {checked}"
+        checked >= 8,
+        "gateway init and agent, sidecar credentials and agent, the intercept rule, and the three \
+         containers of intercept-udp: {checked}"
     );
     // Least privilege: nothing cluster-wide, and a Role, if one is ever added, only reads.
     for doc in &docs {
@@ -1009,6 +1369,269 @@ fn causeway_containers_run_unprivileged_and_without_api_access() {
     }
 }
 
+/// The environment the sources' sidecar configurations are expanded with where no
+/// container's environment applies.
+fn sidecar_test_env(name: &str) -> Option<String> {
+    let value = match name {
+        "SITE" => "london",
+        "NAMESPACE" => "grid",
+        "POD_NAME" => "grid-0",
+        "POD_IP" => "10.1.0.7",
+        _ => return None,
+    };
+    Some(value.to_string())
+}
+
+/// The causeway.yaml of the ConfigMap `causeway-sidecar` in `file` (a manifest or a patch),
+/// loaded; None when the file holds no such ConfigMap.
+fn sidecar_config(file: &Path) -> Option<Config> {
+    let docs = parse_docs(&read(file), &rel(file), file.parent().expect("parent"));
+    let doc = docs
+        .iter()
+        .find(|d| d.kind() == "ConfigMap" && d.name() == "causeway-sidecar")?;
+    let text = doc
+        .json
+        .pointer("/data/causeway.yaml")
+        .and_then(Json::as_str)
+        .unwrap_or_else(|| panic!("{}: no causeway.yaml", doc.origin));
+    let expanded = expand_env(text, sidecar_test_env).unwrap_or_else(|e| panic!("{}: {e}", doc.origin));
+    Some(Config::parse(&expanded, &doc.origin).unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// Each example (its directory's name) and the vips.mode of its sidecar. Checks that the
+/// mode and the Components agree: deploy/sidecar first, deploy/sidecar/intercept after it
+/// exactly when the sidecar's causeway.yaml says `mode: intercept`, and
+/// deploy/sidecar/intercept-udp, if used, after that.
+fn example_modes() -> Vec<(String, VipMode)> {
+    let deploy = Path::new(ROOT).join("deploy");
+    let canon = |p: &Path| p.canonicalize().unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let [sidecar, intercept, udp] =
+        ["sidecar", "sidecar/intercept", "sidecar/intercept-udp"].map(|d| canon(&deploy.join(d)));
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(deploy.join("examples"))
+        .expect("deploy/examples")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.join("kustomization.yaml").is_file())
+        .collect();
+    dirs.sort();
+    let mut out = Vec::new();
+    for dir in dirs {
+        let name = dir.file_name().expect("name").to_string_lossy().into_owned();
+        let k = dir.join("kustomization.yaml");
+        let kdoc = parse_docs(&read(&k), &rel(&k), &dir).remove(0);
+        let list = |key: &str| -> Vec<String> {
+            kdoc.json
+                .get(key)
+                .and_then(Json::as_array)
+                .into_iter()
+                .flatten()
+                .map(|v| match v {
+                    Json::String(s) => s.clone(),
+                    other => other["path"].as_str().unwrap_or_default().to_string(),
+                })
+                .collect()
+        };
+        let components: Vec<PathBuf> = list("components").iter().map(|c| canon(&dir.join(c))).collect();
+        let at = |c: &Path| components.iter().position(|x| x == c);
+        let (at_sidecar, at_intercept, at_udp) = (at(&sidecar), at(&intercept), at(&udp));
+        assert!(at_sidecar.is_some(), "{}: does not use deploy/sidecar", kdoc.origin);
+        if let Some(i) = at_intercept {
+            assert!(
+                at_sidecar < Some(i),
+                "{}: deploy/sidecar/intercept goes after deploy/sidecar",
+                kdoc.origin
+            );
+        }
+        if let Some(u) = at_udp {
+            assert!(
+                at_intercept.is_some_and(|i| i < u),
+                "{}: deploy/sidecar/intercept-udp goes after deploy/sidecar/intercept",
+                kdoc.origin
+            );
+        }
+        let configs: Vec<Config> = list("patches")
+            .iter()
+            .chain(&list("resources"))
+            .filter_map(|f| sidecar_config(&dir.join(f)))
+            .collect();
+        assert_eq!(configs.len(), 1, "{}: one causeway-sidecar ConfigMap", kdoc.origin);
+        let mode = configs[0].vips.mode;
+        assert_eq!(
+            mode == VipMode::Intercept,
+            at_intercept.is_some(),
+            "{}: the sidecar's causeway.yaml says vips.mode: {mode}, so the Component deploy/sidecar/intercept \
+             must {}be used",
+            kdoc.origin,
+            if mode == VipMode::Intercept { "" } else { "not " }
+        );
+        out.push((name, mode));
+    }
+    out
+}
+
+#[test]
+fn sidecar_modes_agree_across_components_examples_and_docs() {
+    let deploy = Path::new(ROOT).join("deploy");
+    let modes = example_modes();
+    for (example, mode) in [("etcd", VipMode::Intercept), ("zookeeper", VipMode::Intercept)] {
+        assert!(
+            modes.contains(&(example.to_string(), mode)),
+            "{example} runs in {mode} mode: {modes:?}"
+        );
+    }
+    assert!(
+        modes.iter().any(|(_, m)| *m == VipMode::Listen),
+        "an example keeps listen mode: {modes:?}"
+    );
+
+    // The intercept Component's default causeway.yaml is deploy/sidecar's, in intercept mode.
+    let base = sidecar_config(&deploy.join("sidecar/configmap.yaml")).expect("deploy/sidecar's ConfigMap");
+    let mut intercept =
+        sidecar_config(&deploy.join("sidecar/intercept/configmap-patch.yaml")).expect("the intercept ConfigMap");
+    assert_eq!(base.vips.mode, VipMode::Listen);
+    assert_eq!(intercept.vips.mode, VipMode::Intercept);
+    intercept.vips.mode = base.vips.mode;
+    assert_eq!(
+        intercept, base,
+        "deploy/sidecar/intercept/configmap-patch.yaml differs from deploy/sidecar/configmap.yaml in more than vips.mode"
+    );
+
+    // The examples' table says which mode each uses.
+    let readme = read(&deploy.join("examples/README.md"));
+    let rows: Vec<Vec<String>> = readme
+        .lines()
+        .filter(|l| l.starts_with('|'))
+        .map(|l| l.split('|').map(|c| c.trim().to_string()).collect())
+        .collect();
+    for (example, mode) in &modes {
+        let row = rows
+            .iter()
+            .find(|r| r.get(1).is_some_and(|c| c.to_lowercase().starts_with(example.as_str())))
+            .unwrap_or_else(|| panic!("deploy/examples/README.md: no table row for {example}"));
+        assert!(
+            row.get(2).is_some_and(|c| c.starts_with(&format!("`{mode}`"))),
+            "deploy/examples/README.md: the row of {example} must say `{mode}` in its second column: {row:?}"
+        );
+    }
+}
+
+/// `kubectl kustomize DIR`, parsed; panics with kubectl's message when the build fails.
+fn kustomize(dir: &Path, origin: &str) -> Vec<Doc> {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {origin}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    let docs = parse_docs(&text, &format!("{origin} (built)"), dir);
+    assert!(!docs.is_empty(), "{origin}: built nothing");
+    docs
+}
+
+/// vips.mode: intercept and its nftables rule go together in every built pod: an agent in
+/// intercept mode has an init container that installs the rule before it starts, from the
+/// same causeway.yaml (so the same range and port); a pod whose agent listens has none (the
+/// rule would send the grid's traffic to a port nobody listens on); and only an agent in
+/// intercept mode adds NET_RAW. Returns the origins of the pods in intercept mode.
+fn check_intercept_pods(m: &Manifests, report: &CommandReport) -> BTreeSet<String> {
+    let mut intercepting = BTreeSet::new();
+    for pod in &m.pods {
+        let read = |reader: Reader| -> Vec<&ReadConfig> {
+            report
+                .configs
+                .iter()
+                .filter(|r| r.pod == pod.origin && r.reader == reader)
+                .collect()
+        };
+        let (agents, rules) = (read(Reader::Agent), read(Reader::Intercept));
+        let intercept = agents.iter().any(|a| a.config.vips.mode == VipMode::Intercept);
+        if !intercept {
+            if let Some(r) = rules.first() {
+                panic!(
+                    "{} container {}: installs the nftables rule of vips.mode: intercept, but no agent of the \
+                     pod runs in that mode: the rule would send the grid's traffic to a port nobody listens on",
+                    pod.origin, r.container
+                );
+            }
+            for a in &agents {
+                let c = pod
+                    .spec
+                    .init_containers
+                    .iter()
+                    .flatten()
+                    .chain(&pod.spec.containers)
+                    .find(|c| c.name == a.container)
+                    .expect("the agent container");
+                let caps = c.security_context.as_ref().and_then(|s| s.capabilities.as_ref());
+                assert!(
+                    caps.and_then(|c| c.add.as_ref()).is_none_or(|a| a.is_empty()),
+                    "{} container {}: adds a capability, which only vips.mode: intercept uses",
+                    pod.origin,
+                    a.container
+                );
+            }
+            continue;
+        }
+        intercepting.insert(pod.origin.clone());
+        assert!(
+            !rules.is_empty(),
+            "{}: the agent runs in vips.mode: intercept, but no init container runs `causeway intercept \
+             install` (add the Component deploy/sidecar/intercept)",
+            pod.origin
+        );
+        let inits: Vec<&str> = pod
+            .spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        for a in &agents {
+            assert_eq!(
+                a.config.vips.mode,
+                VipMode::Intercept,
+                "{}: agents of one pod in different modes",
+                pod.origin
+            );
+            for r in &rules {
+                assert!(
+                    inits.contains(&r.container.as_str()),
+                    "{}: {} must be an init container",
+                    pod.origin,
+                    r.container
+                );
+                let (ri, ai) = (
+                    inits.iter().position(|n| *n == r.container),
+                    inits.iter().position(|n| *n == a.container),
+                );
+                assert!(
+                    ai.is_none() || ri < ai,
+                    "{}: {} must run before the agent {} starts: init containers {inits:?}",
+                    pod.origin,
+                    r.container,
+                    a.container
+                );
+                assert_eq!(
+                    r.config_map, a.config_map,
+                    "{}: {} and the agent read different causeway.yaml",
+                    pod.origin, r.container
+                );
+                assert_eq!(
+                    (r.config.vips.cidr, r.config.vips.intercept_port),
+                    (a.config.vips.cidr, a.config.vips.intercept_port),
+                    "{}: the rule and the agent disagree on vips.cidr or vips.intercept_port",
+                    pod.origin
+                );
+            }
+        }
+    }
+    intercepting
+}
+
 /// `kubectl kustomize` each directory, and check the output like the sources. Skipped, with
 /// a note, where kubectl is not installed.
 #[test]
@@ -1027,22 +1650,38 @@ fn kustomize_output_passes_the_same_checks_when_kubectl_is_installed() {
     assert!(dirs.len() >= 7, "{dirs:?}");
     let mut all = Vec::new();
     for dir in &dirs {
-        let out = Command::new("kubectl")
-            .arg("kustomize")
-            .arg(dir)
-            .output()
-            .expect("run kubectl");
-        assert!(
-            out.status.success(),
-            "kubectl kustomize {}: {}",
-            rel(dir),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8(out.stdout).expect("utf-8");
-        let docs = parse_docs(&text, &format!("{} (built)", rel(dir)), dir);
-        assert!(!docs.is_empty(), "{}: built nothing", rel(dir));
-        all.extend(docs);
+        // A Component of patches only (sidecar/intercept …) has nothing to patch on its own:
+        // it is built with the examples that use it, and below.
+        let k = dir.join("kustomization.yaml");
+        let kdoc = parse_docs(&read(&k), &rel(&k), dir).remove(0);
+        if kdoc.kind() == "Component" && kdoc.json.get("resources").is_none() {
+            continue;
+        }
+        all.extend(kustomize(dir, &rel(dir)));
     }
+    // A grid with every sidecar Component, intercept-udp included, which no example uses.
+    // (kustomize takes relative paths only.)
+    let overlay = tempfile::tempdir().expect("tempdir");
+    let from = overlay.path().canonicalize().expect("canonical tempdir");
+    let up = "../".repeat(from.components().count() - 1);
+    let to = |d: &str| {
+        let target = root.join(d).canonicalize().expect("canonical path");
+        format!("{up}{}", target.strip_prefix("/").expect("absolute").display())
+    };
+    let kustomization = json!({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [to("examples/zookeeper")],
+        "components": [to("sidecar/intercept-udp")],
+    });
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        serde_yaml::to_string(&kustomization).expect("yaml"),
+    )
+    .expect("write the overlay");
+    let udp_origin = "zookeeper with deploy/sidecar/intercept-udp";
+    all.extend(kustomize(overlay.path(), udp_origin));
+
     // Built output of every directory together, so that references across directories
     // (the examples read the gateway's ConfigMap) resolve as they do in a namespace.
     let mut m = check_objects(&all);
@@ -1062,7 +1701,15 @@ fn kustomize_output_passes_the_same_checks_when_kubectl_is_installed() {
             );
         }
     }
-    for example in ["etcd", "coherence", "hazelcast", "infinispan"] {
+    let intercepting = check_intercept_pods(&m, &report);
+    let mut checked = 0;
+    for pod in &m.pods {
+        checked += check_privileges(pod);
+    }
+    // The gateway's two, two per grid pod, and the rule of each pod in intercept mode.
+    assert!(checked >= 17, "causeway containers checked: {checked}");
+    let modes = example_modes();
+    for (example, mode) in &modes {
         let sidecar = m
             .pods
             .iter()
@@ -1087,7 +1734,47 @@ fn kustomize_output_passes_the_same_checks_when_kubectl_is_installed() {
                 .any(|l| l.starts_with(&format!("deploy/examples/{example} (built)"))),
             "{example}: the sidecar's command was not checked"
         );
+        assert_eq!(
+            intercepting.contains(&sidecar.origin),
+            *mode == VipMode::Intercept,
+            "{example}: built in the wrong mode (expected {mode})"
+        );
     }
+    // The grid with intercept-udp: the agent as root with NET_RAW and nothing else, the
+    // credentials as root too, the rule first.
+    let udp = m
+        .pods
+        .iter()
+        .find(|p| p.origin.starts_with(udp_origin))
+        .expect("the intercept-udp build has a pod");
+    assert!(
+        intercepting.contains(&udp.origin),
+        "{udp_origin}: not in intercept mode"
+    );
+    let inits: Vec<&Container> = udp.spec.init_containers.iter().flatten().collect();
+    assert_eq!(
+        inits.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["causeway-intercept", "causeway-credentials", "causeway"],
+        "{udp_origin}: init containers"
+    );
+    let sc = |name: &str| {
+        inits
+            .iter()
+            .find(|c| c.name == name)
+            .and_then(|c| c.security_context.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(sc("causeway").run_as_user, Some(0), "{udp_origin}: the agent's uid");
+    assert_eq!(
+        sc("causeway").capabilities.and_then(|c| c.add),
+        Some(vec!["NET_RAW".to_string()]),
+        "{udp_origin}: the agent's added capabilities"
+    );
+    assert_eq!(
+        sc("causeway-credentials").run_as_user,
+        Some(0),
+        "{udp_origin}: the credentials' uid"
+    );
 }
 
 #[test]
