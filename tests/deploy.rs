@@ -1512,6 +1512,20 @@ fn sidecar_modes_agree_across_components_examples_and_docs() {
             "deploy/examples/README.md: the row of {example} must say `{mode}` in its second column: {row:?}"
         );
     }
+
+    // deploy/README.md's table names every directory with a kustomization but the examples'.
+    let docs = read(&deploy.join("README.md"));
+    for f in yaml_files(&deploy) {
+        let dir = f.parent().expect("parent");
+        let name = rel(dir);
+        let name = name.strip_prefix("deploy/").unwrap_or(&name);
+        if f.file_name().is_some_and(|n| n == "kustomization.yaml") && !name.starts_with("examples/") {
+            assert!(
+                docs.contains(&format!("| `{name}/` |")),
+                "deploy/README.md does not list {name}/"
+            );
+        }
+    }
 }
 
 /// `kubectl kustomize DIR`, parsed; panics with kubectl's message when the build fails.
