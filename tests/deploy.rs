@@ -2103,6 +2103,34 @@ fn the_dockerfile_builds_what_the_tests_build_and_runs_unprivileged() {
     );
 }
 
+/// `causeway intercept install` runs `nft`, so the image that a manifest runs it from must
+/// hold nftables.
+#[test]
+fn the_image_has_nft_where_a_manifest_installs_the_intercept_rule() {
+    let m = check_objects(&deploy_docs());
+    let report = check_causeway_containers(&m);
+    let installers: Vec<&ReadConfig> = report
+        .configs
+        .iter()
+        .filter(|r| r.reader == Reader::Intercept)
+        .collect();
+    if installers.is_empty() {
+        return;
+    }
+    let text = read(&Path::new(ROOT).join("Dockerfile"));
+    let instrs = dockerfile_instructions(&text);
+    let last_from = instrs.iter().rposition(|(i, _)| i == "FROM").expect("a FROM");
+    let installs_nftables = instrs[last_from..]
+        .iter()
+        .any(|(i, r)| i == "RUN" && r.contains("apt-get install") && r.split_whitespace().any(|w| w == "nftables"));
+    assert!(
+        installs_nftables,
+        "{} container {} runs `causeway intercept install`, which needs `nft`: the Dockerfile's runtime stage \
+         must install nftables",
+        installers[0].pod, installers[0].container
+    );
+}
+
 /// The words of a documented command line that follow `causeway`: the line itself, after
 /// `kubectl exec … --` or `cargo run … --`, or after the causeway image in `docker run`.
 fn causeway_argv(words: &[String]) -> Option<Vec<String>> {
