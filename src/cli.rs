@@ -1,7 +1,8 @@
 //! The command line: argument parsing (clap derive) and the output of every command.
 //!
-//! Commands other than `init`, `run` and `demo` talk to the running agent through the admin
-//! socket in the state directory. Every command exits 0 on success, 2 on a usage error (the
+//! `token`, `link`, `service` and `status` talk to the running agent through its admin socket;
+//! `init`, `run`, `demo`, `resolve` (which asks the DNS responder), `sidecar credentials` and
+//! `intercept` do not. Every command exits 0 on success, 2 on a usage error (the
 //! command line itself: clap's errors, and values checked by the value parsers here or
 //! raised as [`UsageError`]) and 1 on any other error, printing one line on stderr that names
 //! what was wrong and what to do; `-o json|yaml` gives machine readable output where a

@@ -39,10 +39,10 @@ const DEFAULT_VIPS: &str = "127.77.0.0/16";
 const DEFAULT_MAX_FLOWS: usize = 4096;
 /// Default idle timeout of forwarded UDP flows.
 const DEFAULT_UDP_IDLE: Duration = Duration::from_secs(60);
-/// Default silence after which a link is down for routing and DNS (SPEC `links.down_after`).
+/// Default silence after which a link is down for routing and DNS (docs/REFERENCE.md `links.down_after`).
 const DEFAULT_DOWN_AFTER: Duration = Duration::from_secs(3);
 /// Default silence after which a link's connection and flows are given up
-/// (SPEC `links.idle_timeout`).
+/// (docs/REFERENCE.md `links.idle_timeout`).
 const DEFAULT_LINK_IDLE: Duration = Duration::from_secs(30);
 /// Most parallel QUIC connections (lanes) per link.
 pub const MAX_LANES: u8 = 8;
@@ -207,7 +207,7 @@ pub struct VipsConfig {
     /// is stable; set it only to resolve a reported block collision.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "de_block")]
     pub block: Option<u32>,
-    /// How local clients' traffic to VIPs reaches the agent (SPEC `vips.mode`).
+    /// How local clients' traffic to VIPs reaches the agent (docs/REFERENCE.md `vips.mode`).
     pub mode: VipMode,
     /// `intercept` mode: the one agent port (TCP and UDP, on 127.0.0.1) the nftables rule
     /// redirects VIP traffic to (a causeway extension). Pick a port no local program uses;
@@ -261,7 +261,7 @@ fn de_block<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     }
 }
 
-/// Link timing and lanes (SPEC `links:`).
+/// Link timing and lanes (docs/REFERENCE.md `links:`).
 ///
 /// A link that hears nothing from its peer for `down_after` is taken out of routing and DNS
 /// (new flows take another path, or see NXDOMAIN), but its connection and open flows are kept

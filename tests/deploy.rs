@@ -18,8 +18,8 @@ use std::process::Command;
 
 use causeway::cli::{Cli, Command as CliCommand, InterceptCommand};
 use causeway::config::{Config, VipMode, expand_env};
+use clap::Parser;
 use clap::error::ErrorKind;
-use clap::{CommandFactory, Parser};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{
@@ -34,11 +34,6 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value as Json, json};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-/// Subcommands the external contract (SPEC.md) lists that the CLI may not have yet. A command
-/// line using one is skipped, with a note, only while the CLI lacks it; once the subcommand
-/// exists, such lines must parse like every other.
-const PLANNED_SUBCOMMANDS: &[&str] = &["sidecar", "resolve"];
 
 /// The uid the image runs as (Dockerfile `USER`), which the manifests must match.
 const IMAGE_UID: i64 = 10001;
@@ -667,8 +662,6 @@ enum Parsed {
     Ok(Box<Cli>),
     /// `--version` or `--help`: accepted, nothing to run.
     Info,
-    /// Uses a subcommand the CLI does not have yet ([`PLANNED_SUBCOMMANDS`]).
-    Planned,
 }
 
 /// Parses a causeway command line with the real CLI; panics with `origin` if it is refused.
@@ -681,18 +674,7 @@ fn parse_cli(argv: &[String], origin: &str) -> Parsed {
     match Cli::try_parse_from(argv) {
         Ok(cli) => Parsed::Ok(Box::new(cli)),
         Err(e) if matches!(e.kind(), ErrorKind::DisplayVersion | ErrorKind::DisplayHelp) => Parsed::Info,
-        Err(e) => {
-            let cli = Cli::command();
-            let planned = argv.iter().find(|a| PLANNED_SUBCOMMANDS.contains(&a.as_str()));
-            if let Some(sub) = planned.filter(|sub| cli.find_subcommand(sub.as_str()).is_none()) {
-                eprintln!(
-                    "note: {origin}: `{}` uses `{sub}`, which the CLI does not have yet",
-                    argv.join(" ")
-                );
-                return Parsed::Planned;
-            }
-            panic!("{origin}: the CLI refuses `{}`:\n{e}", argv.join(" "))
-        }
+        Err(e) => panic!("{origin}: the CLI refuses `{}`:\n{e}", argv.join(" ")),
     }
 }
 
@@ -2189,9 +2171,9 @@ fn causeway_commands_in_the_docs_parse() {
                         let var = |name: &str| format!("<{name}>");
                         for words in shell_commands(&block, &var) {
                             if let Some(argv) = causeway_argv(&words) {
-                                if let Parsed::Ok(_) | Parsed::Info = parse_cli(&argv, &origin) {
-                                    checked += 1;
-                                }
+                                // Panics unless the CLI accepts the line.
+                                parse_cli(&argv, &origin);
+                                checked += 1;
                             }
                         }
                     }

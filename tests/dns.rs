@@ -245,7 +245,7 @@ fn every_record_type_across_three_sites_and_withdrawal() {
     wait_ready(tokyo, "etcd", 3);
     let svc = format!("etcd.default.svc.{ZONE}");
 
-    // A for the service (SPEC "Names"): asked in paris's own namespace, every endpoint by its
+    // A for the service (docs/REFERENCE.md "Names"): asked in paris's own namespace, every endpoint by its
     // VIP, paris's own included (valid in every site); asked by another client of paris's
     // site (a pod on its LAN), paris's own endpoint by its real address.
     assert_eq!(

@@ -426,7 +426,7 @@ fn udp_peers_see_each_others_vip_and_source_port_and_survive_restarts() {
     );
 
     // Listen mode: a member bound to its pod address is reached at its VIP from both other
-    // sites and from its own pod (whose sidecar serves its own VIP too, SPEC "Names"), and
+    // sites and from its own pod (whose sidecar serves its own VIP too, docs/REFERENCE.md "Names"), and
     // sees every client at that client's VIP.
     let listener = w.net.run_in(&london_pod, || TcpListener::bind((POD, 8080)).unwrap());
     std::thread::spawn(move || {

@@ -6,7 +6,7 @@
 //!
 //! - [`wire`]: one request parsed from bytes, one response encoded within the client's size
 //!   limit (TC bit, EDNS, FORMERR).
-//! - [`zone`]: [`Authority::answer`], the records of SPEC.md's "Names" table computed from a
+//! - [`zone`]: [`Authority::answer`], the records of docs/REFERENCE.md's "Names" table computed from a
 //!   [`View`], or the decision to forward.
 //! - [`handle`] composes them: bytes in, an [`Outcome`] out. The fuzz target drives exactly
 //!   this function.
@@ -189,7 +189,7 @@ pub struct Asker {
 }
 
 /// Whether `client` is in this agent's network namespace: loopback, or one of `own`, the
-/// namespace's interface addresses (SPEC "Names": such askers get VIPs for this site's
+/// namespace's interface addresses (docs/REFERENCE.md "Names": such askers get VIPs for this site's
 /// endpoints too).
 pub fn is_local(client: std::net::IpAddr, own: &[std::net::IpAddr]) -> bool {
     let client = match client {

@@ -4,7 +4,7 @@
 //! Nothing is cached: every answer is computed from the view it is given, so an endpoint that
 //! is withdrawn or marked not ready is gone from the very next answer.
 //!
-//! Names in the zone (MCS-API DNS, KEP-1645; SPEC.md "Names"), labels compared without regard
+//! Names in the zone (MCS-API DNS, KEP-1645; docs/REFERENCE.md "Names"), labels compared without regard
 //! to case:
 //!
 //! | name | records |
@@ -315,7 +315,7 @@ impl Authority {
             .filter_map(move |e| self.address(e, local).map(|a| (e, a)))
     }
 
-    /// The address `e` is answered with at this site, if it is answered at all (SPEC "Names":
+    /// The address `e` is answered with at this site, if it is answered at all (docs/REFERENCE.md "Names":
     /// every address handed out is one the asker can use and hand on to its peers in other
     /// sites). Another site's endpoint: its VIP. One of this site's: its VIP for an asker in
     /// this agent's network namespace (`local`: a sidecar's pod, a plain Linux site's host),
@@ -634,7 +634,7 @@ mod tests {
         );
     }
 
-    /// SPEC "Names": an asker in the agent's own network namespace (a sidecar's pod, a plain
+    /// docs/REFERENCE.md "Names": an asker in the agent's own network namespace (a sidecar's pod, a plain
     /// Linux site's host) gets this site's endpoints, its own included, at their VIPs, which
     /// are valid in every site; other askers of the site (other pods) get real addresses.
     #[test]

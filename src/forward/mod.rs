@@ -2,7 +2,7 @@
 //!
 //! For every ready endpoint in the view with a VIP, the agent listens on `VIP:port` for each
 //! exported port (TCP listener or UDP socket), in its own site too, where the listener
-//! forwards to the local endpoint; a sidecar serves its own pod's VIPs too (SPEC: every
+//! forwards to the local endpoint; a sidecar serves its own pod's VIPs too (docs/REFERENCE.md "Names": every
 //! address handed out is one the asker can use and hand on), delivering to the member. In
 //! `vips.mode: intercept` there are no such listeners: one agent port takes what an
 //! nftables rule redirects to it, and each flow's original destination stands in for the
