@@ -456,8 +456,11 @@ fn intercept_install(state: &StateDir, config: Option<PathBuf>) -> anyhow::Resul
     let path = config.unwrap_or_else(|| state.config());
     let cfg = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
     if cfg.vips.mode != crate::config::VipMode::Intercept {
-        eprintln!(
-            "note: {} sets vips.mode: {}; the agent uses the rule only with vips.mode: intercept",
+        // The rule would send every connection to a VIP to a port the agent does not
+        // listen on in this mode: all TCP to VIPs would fail.
+        bail!(
+            "{} sets vips.mode: {}; an agent in that mode does not take redirected traffic, so the rule \
+             would break every connection to a VIP: set `vips: {{mode: intercept}}` there first",
             path.display(),
             cfg.vips.mode
         );

@@ -212,3 +212,43 @@ fn token_files_are_bounded_and_must_not_be_writable_by_others() {
         "{warn}"
     );
 }
+
+/// `intercept install` refuses a configuration in listen mode: its agent would not take the
+/// redirected traffic, and every connection to a VIP would fail (found trying the deploy
+/// Components: an overlay that replaced the sidecar's config lost `mode: intercept`).
+#[test]
+fn intercept_install_refuses_a_listen_mode_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("causeway.yaml");
+    std::fs::write(&config, "site: london\nvips: {cidr: 127.77.0.0/16, mode: listen}\n").unwrap();
+    let args = ["intercept", "install", "--config", config.to_str().unwrap()];
+    let o = causeway(dir.path(), &args);
+    assert_eq!(o.status.code(), Some(1));
+    assert_one_line_error(&args, &o);
+    assert!(stderr(&o).contains("set `vips: {mode: intercept}`"), "{}", stderr(&o));
+    // IPv6 ranges cannot be intercepted: the configuration itself says so.
+    std::fs::write(
+        &config,
+        "site: london\nvips: {cidr: \"fd00:77::/64\", mode: intercept}\n",
+    )
+    .unwrap();
+    let o = causeway(dir.path(), &args);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("intercept needs an IPv4 vips.cidr"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// docs/REFERENCE.md shows the file `causeway init` writes, word for word, so the reference
+/// cannot drift from the template.
+#[test]
+fn the_reference_shows_the_template_init_writes() {
+    let reference = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/REFERENCE.md")).unwrap();
+    let template = causeway::config::default_yaml("london");
+    assert!(
+        reference.contains(&format!("```yaml\n{template}```")),
+        "docs/REFERENCE.md's `causeway init` template differs from config::default_yaml:\n{template}"
+    );
+}
