@@ -16,7 +16,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{PortSpec, Protocol};
+use crate::names::{PortSpec, Protocol};
 use crate::routing::{self, Adjacencies, Route};
 use crate::vips::VipRange;
 
@@ -57,11 +57,7 @@ impl From<&PortSpec> for PortAd {
 impl PortAd {
     /// The port, if this agent knows its protocol.
     pub fn spec(&self) -> Option<PortSpec> {
-        let protocol = match self.protocol.as_str() {
-            "TCP" => Protocol::Tcp,
-            "UDP" => Protocol::Udp,
-            _ => return None,
-        };
+        let protocol: Protocol = self.protocol.parse().ok()?;
         Some(PortSpec {
             name: self.name.clone(),
             port: self.port,

@@ -19,9 +19,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::admin::{self, Request};
 use crate::agent::Agent;
 use crate::catalog::ServiceView;
-use crate::config::{self, Config, is_dns_label};
+use crate::config::{self, Config};
 use crate::identity;
 use crate::link::LinkStatus;
+use crate::names::is_dns_label;
 use crate::state::StateDir;
 use crate::token::GrantView;
 

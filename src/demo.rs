@@ -18,9 +18,10 @@ use anyhow::{Context, bail};
 
 use crate::admin::{self, Request};
 use crate::agent::{Agent, StartOptions};
-use crate::config::{self, Config, EndpointSpec, Export, PortSpec, Protocol};
+use crate::config::{self, Config, EndpointSpec, Export};
 use crate::identity;
 use crate::link::LinkStatus;
+use crate::names::{PortSpec, Protocol};
 use crate::state::StateDir;
 
 /// Runs the demo.

@@ -19,6 +19,7 @@ pub mod intercept;
 pub mod link;
 pub mod mesh;
 pub mod metrics;
+pub mod names;
 pub mod protocol;
 pub mod readiness;
 pub mod rlimit;

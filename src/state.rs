@@ -137,7 +137,7 @@ impl StateDir {
     /// The socket's file name outside the state directory, derived from the state path so
     /// that several agents of one user do not collide.
     fn socket_name(&self) -> String {
-        let name = crate::vips::fnv1a(self.root.to_string_lossy().as_bytes());
+        let name = crate::names::fnv1a(self.root.to_string_lossy().as_bytes());
         format!("causeway-{name:016x}.sock")
     }
 

@@ -163,7 +163,7 @@ impl Token {
                 t.version
             )));
         }
-        if !crate::config::is_dns_label(&t.issuer) {
+        if !crate::names::is_dns_label(&t.issuer) {
             return Err(TokenError::Invalid(format!("issuer {:?} is not a site id", t.issuer)));
         }
         if t.addresses.is_empty() {

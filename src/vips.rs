@@ -20,6 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::names::fnv1a;
+
 /// Blocks per range.
 pub const BLOCKS: u32 = 256;
 
@@ -70,16 +72,6 @@ fn wider(cidr: &IpNet, wanted: usize) -> String {
         }
         None => "no vips.cidr has blocks that large; split the endpoints over more sites".into(),
     }
-}
-
-/// FNV-1a, 64 bit: a hash whose value never changes between builds.
-pub fn fnv1a(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
 }
 
 /// The clusterset's VIP range and its block arithmetic.

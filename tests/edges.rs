@@ -255,7 +255,7 @@ fn a_squatted_admin_socket_is_refused_and_the_agent_starts_on_a_private_path() {
     };
     let name = format!(
         "causeway-{:016x}.sock",
-        causeway::vips::fnv1a(site.state.to_string_lossy().as_bytes())
+        causeway::names::fnv1a(site.state.to_string_lossy().as_bytes())
     );
     // Nobody binds both the old predictable path and the name in "their" runtime directory.
     let log = tmp.join("stolen.log");

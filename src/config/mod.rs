@@ -21,6 +21,9 @@ use serde::de::value::MapAccessDeserializer;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::names::LABEL_RULE;
+pub use crate::names::{PortSpec, Protocol, is_dns_label};
+
 /// Origin shown in errors from [`expand_env`] when no file path is known.
 const DEFAULT_ORIGIN: &str = "causeway.yaml";
 /// Default UDP port of the QUIC links.
@@ -48,10 +51,6 @@ const DEFAULT_LINK_IDLE: Duration = Duration::from_secs(30);
 pub const MAX_LANES: u8 = 8;
 /// Host bits a VIP block must have at least, since blocks are carved per site.
 const MIN_VIP_HOST_BITS: u8 = 16;
-
-/// What a DNS-1123 label is, for error messages.
-const LABEL_RULE: &str = "a DNS-1123 label is 1-63 characters of lowercase letters, digits and '-', \
-     starting and ending with a letter or digit (e.g. `london`, `etcd-0`)";
 
 /// Everything that can be wrong with a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -413,43 +412,6 @@ pub struct Export {
     pub endpoints: Vec<EndpointSpec>,
 }
 
-/// One port of an export.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PortSpec {
-    /// Port name, unique within the export, so SRV records and logs can
-    /// name the port; a DNS-1123 label.
-    #[serde(deserialize_with = "de_label")]
-    pub name: String,
-    /// Port number (1-65535), the same on the endpoints and on the VIPs.
-    #[serde(deserialize_with = "de_port")]
-    pub port: u16,
-    /// Transport forwarded on this port; TCP unless said otherwise.
-    #[serde(default)]
-    pub protocol: Protocol,
-}
-
-/// Transport of an exported port.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-pub enum Protocol {
-    /// Streams, forwarded flow by flow over QUIC streams.
-    #[default]
-    #[serde(rename = "TCP")]
-    Tcp,
-    /// Datagrams, forwarded over QUIC datagrams.
-    #[serde(rename = "UDP")]
-    Udp,
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-        })
-    }
-}
-
 /// One backend of an export.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -674,17 +636,6 @@ exports: []
     )
 }
 
-/// Whether `s` is a DNS-1123 label: 1 to 63 characters of `a-z`, `0-9` and
-/// `-`, starting and ending with a letter or digit.
-pub fn is_dns_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
-    (1..=63).contains(&b.len())
-        && b.iter().all(|c| alnum(c) || *c == b'-')
-        && b.first().is_some_and(alnum)
-        && b.last().is_some_and(alnum)
-}
-
 /// Replaces every `${VAR}` in `text` by `lookup(VAR)`. An unset variable is
 /// an error naming it and its line; `$${` stands for a literal `${`; a `$`
 /// not followed by `{` is kept as is. Comments are left alone: text from a
@@ -891,11 +842,7 @@ fn ser_duration<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 // so its error gets the value's key path and line.
 
 fn check_label(s: &str) -> Result<String, String> {
-    if is_dns_label(s) {
-        Ok(s.to_owned())
-    } else {
-        Err(format!("`{s}` is not a valid name: {LABEL_RULE}"))
-    }
+    crate::names::Label::new(s).map(String::from).map_err(|e| e.to_string())
 }
 
 fn check_socket_addr(s: &str) -> Result<SocketAddr, String> {
@@ -993,13 +940,6 @@ fn check_duration(s: &str) -> Result<Duration, String> {
         Ok(d) => Ok(d),
         Err(e) => Err(format!("`{s}` is not a duration ({e}): e.g. 60s, 2m, 1h30m")),
     }
-}
-
-fn check_port(n: i128) -> Result<u16, String> {
-    u16::try_from(n)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("{n} is not a port: must be 1-65535"))
 }
 
 fn check_ttl(n: i128) -> Result<u32, String> {
@@ -1311,13 +1251,6 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     d.deserialize_str(StrCheck {
         expecting: "a duration such as 60s",
         check: check_duration,
-    })
-}
-
-fn de_port<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
-    d.deserialize_u64(IntCheck {
-        expecting: "a port number 1-65535",
-        check: check_port,
     })
 }
 
@@ -1751,16 +1684,6 @@ exports:
 
         let missing = dir.path().join("missing.yaml");
         assert!(matches!(Config::load(&missing), Err(ConfigError::Io { .. })));
-    }
-
-    #[test]
-    fn dns_labels() {
-        for ok in ["a", "london", "etcd-0", "0", &"a".repeat(63)] {
-            assert!(is_dns_label(ok), "{ok}");
-        }
-        for bad in ["", "London", "a_b", "-a", "a-", "a.b", &"a".repeat(64)] {
-            assert!(!is_dns_label(bad), "{bad}");
-        }
     }
 
     #[test]

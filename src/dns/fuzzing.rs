@@ -16,7 +16,7 @@ use hickory_proto::op::{Message, MessageType};
 use super::wire::MAX_UDP_PAYLOAD;
 use super::{Authority, Outcome, Transport, handle};
 use crate::catalog::{EndpointView, ServiceView, View, VipTarget};
-use crate::config::{PortSpec, Protocol};
+use crate::names::{PortSpec, Protocol};
 
 /// A catalog with local and remote endpoints, IPv4 and IPv6, ready and not, two ports.
 pub fn sample_view() -> View {

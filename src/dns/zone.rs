@@ -44,7 +44,7 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use super::DnsError;
 use super::wire::{Request, Response};
 use crate::catalog::{EndpointView, ServiceView, View};
-use crate::config::{PortSpec, Protocol};
+use crate::names::{PortSpec, Protocol};
 
 /// The text of `dns-version.<zone>` TXT: the MCS DNS schema version implemented.
 pub const SCHEMA_VERSION: &str = "1.0.0";

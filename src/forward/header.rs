@@ -129,7 +129,7 @@ impl FlowHeader {
         if !r.0.is_empty() {
             return Err(HeaderError::Invalid("trailing bytes"));
         }
-        if !crate::config::is_dns_label(site) {
+        if !crate::names::is_dns_label(site) {
             return Err(HeaderError::Invalid("site is not a DNS label"));
         }
         Ok(FlowHeader {

@@ -30,9 +30,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::catalog::{View, VipTarget};
-use crate::config::Protocol;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
+use crate::names::Protocol;
 use crate::role::Role;
 
 /// QUIC stream error codes of flows, carried on reset/stop so each side learns why.

@@ -23,7 +23,7 @@ use tracing::{Instrument, debug, debug_span, warn};
 
 use super::header::{FlowHeader, MAX_HEADER, MAX_TTL};
 use super::{Forwarder, Hop, ListenerKey, codes};
-use crate::config::Protocol;
+use crate::names::Protocol;
 use crate::role::Role;
 
 /// Largest read per direction: large reads and writes matter more than anything else here.

@@ -34,8 +34,8 @@ use tracing::{debug, info, warn};
 use super::flowbook::{self, Eviction, FlowBook};
 use super::header::{Datagram, FlowHeader, MAX_TTL};
 use super::{Forwarder, Hop, ListenerKey, lock};
-use crate::config::Protocol;
 use crate::intercept::{self, RawUdp};
+use crate::names::Protocol;
 use crate::role::Role as AgentRole;
 
 /// Largest datagram accepted from a stream (a UDP payload is at most 65,507 bytes).
