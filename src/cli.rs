@@ -22,7 +22,7 @@ use crate::catalog::ServiceView;
 use crate::config::{self, Config};
 use crate::identity;
 use crate::link::LinkStatus;
-use crate::names::is_dns_label;
+use crate::names::{LABEL_RULE, Label, is_dns_label};
 use crate::state::StateDir;
 use crate::token::GrantView;
 
@@ -60,7 +60,7 @@ pub enum Command {
     Init {
         /// The site's cluster id (a DNS-1123 label).
         #[arg(long, value_parser = parse_site)]
-        site: String,
+        site: Label,
         /// Where to write causeway.yaml (default: <state>/causeway.yaml).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -140,7 +140,7 @@ pub enum TokenCommand {
         file: String,
         /// Local name of the link (default: the issuer's site id).
         #[arg(long, value_parser = parse_label)]
-        name: Option<String>,
+        name: Option<Label>,
         /// Routing cost of the link (at least 1); lower is preferred.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         cost: u32,
@@ -221,7 +221,7 @@ pub enum LinkCommand {
     /// Drop a link and revoke the peer's trust on this side at once.
     Remove {
         #[arg(value_parser = parse_label)]
-        name: String,
+        name: Label,
     },
 }
 
@@ -235,18 +235,13 @@ fn parse_token_ttl(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-const LABEL_RULE: &str =
-    "use a DNS-1123 label: lowercase letters, digits and '-', at most 63, e.g. london or eu-west-1";
-
-fn parse_label(s: &str) -> Result<String, String> {
-    if is_dns_label(s) {
-        Ok(s.to_string())
-    } else {
-        Err(LABEL_RULE.into())
-    }
+/// A link name or other DNS-1123 label; clap's message already quotes the value, so the
+/// error is the rule alone.
+fn parse_label(s: &str) -> Result<Label, String> {
+    Label::new(s).map_err(|_| LABEL_RULE.to_owned())
 }
 
-fn parse_site(s: &str) -> Result<String, String> {
+fn parse_site(s: &str) -> Result<Label, String> {
     parse_label(s).map_err(|rule| format!("not a valid site id: {rule}"))
 }
 
@@ -407,7 +402,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(TokenCommand::Issue { uses, expires, output }) => {
             token_issue(&state, uses, expires, output).await
         }
-        Command::Token(TokenCommand::Redeem { file, name, cost }) => token_redeem(&state, &file, name, cost).await,
+        Command::Token(TokenCommand::Redeem { file, name, cost }) => {
+            token_redeem(&state, &file, name.map(String::from), cost).await
+        }
         Command::Token(TokenCommand::List { output }) => token_list(&state, output).await,
         Command::Token(TokenCommand::Revoke { grant }) => token_revoke(&state, &grant).await,
         Command::Link(LinkCommand::List { output }) => {
@@ -416,7 +413,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_output(output, &data, || links_table(&links))
         }
         Command::Link(LinkCommand::Remove { name }) => {
-            let data = call(&state, Request::LinkRemove { name }).await?;
+            let data = call(&state, Request::LinkRemove { name: name.into() }).await?;
             println!(
                 "removed link {} to {}; its trust is revoked",
                 data["name"].as_str().unwrap_or("?"),
@@ -561,7 +558,7 @@ async fn call(state: &StateDir, req: Request) -> anyhow::Result<serde_json::Valu
     .await?)
 }
 
-fn init(state: &StateDir, site: &str, config_path: Option<&Path>) -> anyhow::Result<()> {
+fn init(state: &StateDir, site: &Label, config_path: Option<&Path>) -> anyhow::Result<()> {
     identity::create(state, site)?;
     let config_path = config_path.map(Path::to_path_buf).unwrap_or_else(|| state.config());
     let wrote_config = if config_path.exists() {

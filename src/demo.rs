@@ -21,7 +21,7 @@ use crate::agent::{Agent, StartOptions};
 use crate::config::{self, Config, EndpointSpec, Export};
 use crate::identity;
 use crate::link::LinkStatus;
-use crate::names::{PortSpec, Protocol};
+use crate::names::{Label, PortSpec, Protocol};
 use crate::state::StateDir;
 
 /// Runs the demo.
@@ -40,7 +40,7 @@ pub async fn run() -> anyhow::Result<()> {
     for site in ["london", "paris"] {
         let state = StateDir::new(dir.path().join(site));
         identity::create(&state, site)?;
-        let mut cfg = Config::parse(&config::default_yaml(site), "demo")?;
+        let mut cfg = Config::parse(&config::default_yaml(&Label::new(site)?), "demo")?;
         cfg.listen = "127.0.0.1:0".parse()?;
         cfg.metrics = None;
         // Both sites share this host: each answers DNS on a port of its own.

@@ -246,7 +246,7 @@ fn intercept_install_refuses_a_listen_mode_configuration() {
 #[test]
 fn the_reference_shows_the_template_init_writes() {
     let reference = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/REFERENCE.md")).unwrap();
-    let template = causeway::config::default_yaml("london");
+    let template = causeway::config::default_yaml(&"london".parse().unwrap());
     assert!(
         reference.contains(&format!("```yaml\n{template}```")),
         "docs/REFERENCE.md's `causeway init` template differs from config::default_yaml:\n{template}"

@@ -326,7 +326,7 @@ mod tests {
     fn load_reads_expands_and_reports_path() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("causeway.yaml");
-        std::fs::write(&path, default_yaml("berlin")).unwrap();
+        std::fs::write(&path, default_yaml(&"berlin".parse().unwrap())).unwrap();
         assert_eq!(Config::load(&path).unwrap().site, "berlin");
 
         std::fs::write(&path, "site: a\nbogus: 1\n").unwrap();

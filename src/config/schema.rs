@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::validate::{de_endpoints, de_exports, de_ports};
 use super::values::{
-    de_block, de_cidr, de_duration, de_host_ports, de_ip, de_label, de_max_flows, de_opt_host_port, de_opt_label,
+    de_block, de_cidr, de_duration, de_host_ports, de_ip, de_max_flows, de_opt_host_port, de_opt_label_string,
     de_opt_nets, de_opt_socket_addr, de_socket_addr, de_socket_addrs, de_ttl, de_upstreams, de_zone,
 };
-use crate::names::PortSpec;
+use crate::names::{Label, PortSpec, de_label_string};
 
 /// Default UDP port of the QUIC links.
 pub(super) const DEFAULT_LISTEN: &str = "0.0.0.0:7400";
@@ -46,12 +46,11 @@ pub const MAX_LANES: u8 = 8;
 pub struct Config {
     /// Cluster id of this site; names the site in tokens, link handshakes and
     /// DNS names, so it must be a DNS-1123 label. The only required key.
-    #[serde(deserialize_with = "de_label")]
-    pub site: String,
+    pub site: Label,
     /// Namespace exports fall into when they don't name one, so a
     /// single-namespace setup need not repeat it on every export.
-    #[serde(default = "default_namespace", deserialize_with = "de_label")]
-    pub namespace: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: Label,
     /// UDP address the QUIC listener binds for links from other sites and
     /// sidecars. Port 0 lets the OS pick one (useful in tests).
     #[serde(default = "default_listen", deserialize_with = "de_socket_addr")]
@@ -329,15 +328,23 @@ impl Default for Limits {
 }
 
 /// One local service offered to the other sites.
+///
+/// Its names are checked DNS-1123 labels but kept as `String`s: they go on unchanged into
+/// this site's advert ([`crate::catalog::ServiceAd`]), whose names are `String`s because
+/// peers' adverts are taken as they come.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Export {
-    /// Service name, the first label of its clusterset DNS name.
-    #[serde(deserialize_with = "de_label")]
+    /// Service name, the first label of its clusterset DNS name; a DNS-1123 label.
+    #[serde(deserialize_with = "de_label_string")]
     pub service: String,
-    /// Namespace of the service, the second label of its DNS name; `None`
-    /// means the top-level `namespace` (see [`Config::export_namespace`]).
-    #[serde(default, deserialize_with = "de_opt_label", skip_serializing_if = "Option::is_none")]
+    /// Namespace of the service, the second label of its DNS name (a DNS-1123 label);
+    /// `None` means the top-level `namespace` (see [`Config::export_namespace`]).
+    #[serde(
+        default,
+        deserialize_with = "de_opt_label_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub namespace: Option<String>,
     /// Ports remote sites may reach; at least one, since an export without
     /// ports can carry no traffic.
@@ -349,13 +356,13 @@ pub struct Export {
     pub endpoints: Vec<EndpointSpec>,
 }
 
-/// One backend of an export.
+/// One backend of an export (its hostname a `String` for the reason [`Export`]'s names are).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointSpec {
     /// Name of the backend, unique within the export, so clustered software
     /// can address one member (e.g. `etcd-0`); a DNS-1123 label.
-    #[serde(deserialize_with = "de_label")]
+    #[serde(deserialize_with = "de_label_string")]
     pub hostname: String,
     /// Address traffic for this backend is forwarded to on the local site.
     #[serde(deserialize_with = "de_ip")]
@@ -377,8 +384,8 @@ where
     s.parse().expect("built-in default is valid")
 }
 
-fn default_namespace() -> String {
-    "default".to_owned()
+fn default_namespace() -> Label {
+    parse_default("default")
 }
 
 pub(super) fn default_listen() -> SocketAddr {

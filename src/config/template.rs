@@ -7,11 +7,11 @@ use super::schema::{
     DEFAULT_DNS_LISTEN, DEFAULT_INTERCEPT_PORT, DEFAULT_LISTEN, DEFAULT_MAX_FLOWS, DEFAULT_TTL, DEFAULT_VIPS,
     DEFAULT_ZONE,
 };
+use crate::names::Label;
 
 /// The commented `causeway.yaml` that `causeway init --site SITE` writes,
-/// holding the defaults. `site` is written as given: check it with
-/// [`is_dns_label`] first, or the text won't parse back.
-pub fn default_yaml(site: &str) -> String {
+/// holding the defaults. `site` is a [`Label`], so the text always parses back.
+pub fn default_yaml(site: &Label) -> String {
     let site_line = format!("site: {site}");
     format!(
         "# causeway.yaml: configuration of the causeway agent of site {site}.
@@ -67,7 +67,8 @@ mod tests {
 
     #[test]
     fn default_yaml_round_trips() {
-        let c = parse(&default_yaml("london")).expect("default parses");
+        let london = Label::new("london").unwrap();
+        let c = parse(&default_yaml(&london)).expect("default parses");
         assert_eq!(c.site, "london");
         assert_eq!(c.namespace, "default");
         assert_eq!(c.listen, "0.0.0.0:7400".parse::<SocketAddr>().unwrap());
@@ -80,8 +81,8 @@ mod tests {
         assert!(c.exports.is_empty());
         // No variables in it, and it survives expansion untouched.
         assert_eq!(
-            expand_env(&default_yaml("london"), no_env).unwrap(),
-            default_yaml("london")
+            expand_env(&default_yaml(&london), no_env).unwrap(),
+            default_yaml(&london)
         );
         assert_eq!(parse(&c.to_yaml()).unwrap(), c);
     }

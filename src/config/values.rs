@@ -17,28 +17,16 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 
-use crate::names::{LABEL_RULE, is_dns_label};
+use crate::names::{LABEL_RULE, Label, is_dns_label};
 
 /// Largest TTL accepted: one day.
 const MAX_TTL: u64 = 86_400;
 /// Host bits a VIP block must have at least, since blocks are carved per site.
 const MIN_VIP_HOST_BITS: u8 = 16;
 
-pub(super) fn de_block<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    let v = Option::<u32>::deserialize(d)?;
-    match v {
-        Some(b) if b > 255 => Err(de::Error::custom(format!("block {b} is out of range: use 0 to 255"))),
-        other => Ok(other),
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Checks of single values. Each runs inside serde_yaml's visit of the value,
 // so its error gets the value's key path and line.
-
-fn check_label(s: &str) -> Result<String, String> {
-    crate::names::Label::new(s).map(String::from).map_err(|e| e.to_string())
-}
 
 fn check_socket_addr(s: &str) -> Result<SocketAddr, String> {
     s.trim()
@@ -255,10 +243,6 @@ impl<T> Visitor<'_> for IntCheck<T> {
 // ---------------------------------------------------------------------------
 // `deserialize_with` functions.
 
-const LABEL: StrCheck<String> = StrCheck {
-    expecting: "a DNS-1123 label",
-    check: check_label,
-};
 const SOCKET_ADDR: StrCheck<SocketAddr> = StrCheck {
     expecting: "a socket address ip:port",
     check: check_socket_addr,
@@ -268,12 +252,10 @@ const HOST_PORT: StrCheck<String> = StrCheck {
     check: check_host_port,
 };
 
-pub(super) fn de_label<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    d.deserialize_str(LABEL)
-}
-
-pub(super) fn de_opt_label<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    d.deserialize_option(OptCheck(LABEL))
+/// An optional DNS-1123 label kept as a `String` (see [`crate::names::de_label_string`]):
+/// `Option<Label>`'s own visit of the text keeps the key and line.
+pub(super) fn de_opt_label_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<Label>::deserialize(d).map(|l| l.map(String::from))
 }
 
 pub(super) fn de_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
@@ -352,6 +334,14 @@ pub(super) fn de_ttl<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
         expecting: "a TTL in seconds",
         check: check_ttl,
     })
+}
+
+pub(super) fn de_block<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let v = Option::<u32>::deserialize(d)?;
+    match v {
+        Some(b) if b > 255 => Err(de::Error::custom(format!("block {b} is out of range: use 0 to 255"))),
+        other => Ok(other),
+    }
 }
 
 pub(super) fn de_max_flows<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
