@@ -139,6 +139,14 @@ fn check_max_flows(n: i128) -> Result<usize, String> {
         .ok_or_else(|| format!("{n}: must be at least 1"))
 }
 
+/// `vips.block`: one of the range's 256 blocks ([`crate::vips::BLOCKS`]).
+fn check_block(n: i128) -> Result<u32, String> {
+    u32::try_from(n)
+        .ok()
+        .filter(|b| *b < crate::vips::BLOCKS)
+        .ok_or_else(|| format!("block {n} is out of range: use 0 to {}", crate::vips::BLOCKS - 1))
+}
+
 // ---------------------------------------------------------------------------
 // Visitors running those checks.
 
@@ -195,26 +203,28 @@ impl<'de, T> Visitor<'de> for SeqCheck<T> {
     }
 }
 
-/// Visits an optional scalar (`null` or absent: `None`) with a [`StrCheck`].
-struct OptCheck<T>(StrCheck<T>);
+/// Visits an optional value (`null` or absent: `None`) with a [`StrCheck`] or an
+/// [`IntCheck`]. (`Option<T>` checked after deserializing would lose the key and line.)
+struct OptCheck<S>(S);
 
-impl<'de, T> Visitor<'de> for OptCheck<T> {
-    type Value = Option<T>;
+impl<'de, S: DeserializeSeed<'de> + Visitor<'de>> Visitor<'de> for OptCheck<S> {
+    type Value = Option<<S as DeserializeSeed<'de>>::Value>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} or null", self.0.expecting)
+        Visitor::expecting(&self.0, f)?;
+        f.write_str(" or null")
     }
 
-    fn visit_none<E: de::Error>(self) -> Result<Option<T>, E> {
+    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
         Ok(None)
     }
 
-    fn visit_unit<E: de::Error>(self) -> Result<Option<T>, E> {
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
         Ok(None)
     }
 
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<T>, D::Error> {
-        d.deserialize_str(self.0).map(Some)
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        DeserializeSeed::deserialize(self.0, d).map(Some)
     }
 }
 
@@ -237,6 +247,14 @@ impl<T> Visitor<'_> for IntCheck<T> {
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
         (self.check)(i128::from(v)).map_err(E::custom)
+    }
+}
+
+impl<'de, T> DeserializeSeed<'de> for IntCheck<T> {
+    type Value = T;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
+        d.deserialize_u64(self)
     }
 }
 
@@ -337,11 +355,10 @@ pub(super) fn de_ttl<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 }
 
 pub(super) fn de_block<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    let v = Option::<u32>::deserialize(d)?;
-    match v {
-        Some(b) if b > 255 => Err(de::Error::custom(format!("block {b} is out of range: use 0 to 255"))),
-        other => Ok(other),
-    }
+    d.deserialize_option(OptCheck(IntCheck {
+        expecting: "a block number 0-255",
+        check: check_block,
+    }))
 }
 
 pub(super) fn de_max_flows<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
@@ -431,6 +448,15 @@ mod tests {
         assert!(e.contains("exports[0].ports[2].protocol"), "{e}");
         assert!(e.contains("SCTP") && e.contains("line 23"), "{e}");
     }
+    #[test]
+    fn block_out_of_range_names_key_and_line() {
+        let e = err("site: a\nvips:\n  cidr: 127.77.0.0/16\n  block: 300\n");
+        assert!(e.contains("vips.block: block 300 is out of range"), "{e}");
+        assert!(e.contains("line 4"), "{e}");
+        assert_eq!(parse("site: a\nvips:\n  block: 255\n").unwrap().vips.block, Some(255));
+        assert_eq!(parse("site: a\nvips:\n  block: null\n").unwrap().vips.block, None);
+    }
+
     #[test]
     fn dns_allow_takes_cidrs_and_addresses() {
         let c = parse("site: a\n").unwrap();
