@@ -16,7 +16,7 @@ const DEFAULT_ORIGIN: &str = "causeway.yaml";
 /// line by line), to the end of the line. Values are inserted verbatim, so a
 /// value with YAML syntax in it (or a newline, which shifts later line
 /// numbers) should be quoted around the reference. Errors name the origin
-/// `causeway.yaml`; [`Config::load`] names the real path.
+/// `causeway.yaml`; [`super::Config::load`] names the real path.
 pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
     expand_env_in(text, DEFAULT_ORIGIN, &lookup)
 }
