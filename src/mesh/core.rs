@@ -532,7 +532,7 @@ mod tests {
 
     use super::*;
     use crate::catalog::{EndpointAd, PortAd};
-    use crate::config::{PortSpec, Protocol};
+    use crate::names::{PortSpec, Protocol};
 
     fn core(role: Role) -> MeshCore {
         let range = VipRange::new("127.77.0.0/16".parse().unwrap()).unwrap();

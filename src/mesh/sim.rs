@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use super::core::{Action, ConnId, Event, MeshCore, Publication, To};
 use crate::catalog::{EndpointAd, PortAd, ServiceAd, View};
-use crate::config::{PortSpec, Protocol};
+use crate::names::{PortSpec, Protocol};
 use crate::protocol::Control;
 use crate::role::Role;
 use crate::vips::{VipAllocator, VipRange, VipTable};
