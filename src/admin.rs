@@ -15,6 +15,9 @@
 //! says so), and before sending anything it checks who serves the socket (`SO_PEERCRED`: root
 //! or the CLI's own user) and who owns the socket file, so a socket bound by another user is
 //! refused before a request, token text included, reaches it.
+//!
+//! The server knows nothing of the agent: it answers through a [`Handler`], which the agent
+//! implements (and a test may fake).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,7 +30,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::agent::Agent;
 use crate::conntable::ConnTable;
 
 /// Largest request line accepted (a token is a few KiB).
@@ -122,6 +124,14 @@ pub enum AdminError {
     Agent(String),
 }
 
+/// What answers admin requests: the running agent, or a stand-in in tests. The server decodes
+/// each request line, hands the request here, and encodes the answer.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request: the reply's data, or an error in one line for the user.
+    async fn handle(&self, req: Request) -> Result<serde_json::Value, String>;
+}
+
 /// Binds the admin socket, replacing a stale one but refusing to steal a live agent's.
 pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
     if path.exists() {
@@ -139,11 +149,11 @@ pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves the admin API until `shutdown`.
-pub async fn serve(
+/// Serves the admin API until `shutdown`, answering through `handler`.
+pub async fn serve<H: Handler>(
     listener: UnixListener,
     path: PathBuf,
-    agent: Arc<Agent>,
+    handler: Arc<H>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -166,11 +176,11 @@ pub async fn serve(
             debug!("admin socket: every client is being answered; refused one");
             continue;
         };
-        let agent = agent.clone();
+        let handler = handler.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
             tokio::select! {
-                r = client(stream, agent, &slot) => if let Err(e) = r { debug!(error = %e, "admin client ended") },
+                r = client(stream, &*handler, &slot) => if let Err(e) = r { debug!(error = %e, "admin client ended") },
                 _ = slot.evicted().cancelled() => debug!("idle admin client dropped to make room"),
                 _ = shutdown.cancelled() => {}
             }
@@ -179,7 +189,7 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
 }
 
-async fn client(stream: UnixStream, agent: Arc<Agent>, slot: &crate::conntable::Slot) -> std::io::Result<()> {
+async fn client<H: Handler>(stream: UnixStream, handler: &H, slot: &crate::conntable::Slot) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -197,7 +207,7 @@ async fn client(stream: UnixStream, agent: Arc<Agent>, slot: &crate::conntable::
             failure(format!("request longer than {MAX_LINE} bytes"))
         } else {
             match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => match agent.handle(req).await {
+                Ok(req) => match handler.handle(req).await {
                     Ok(data) => Response {
                         ok: true,
                         data,

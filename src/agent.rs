@@ -502,9 +502,12 @@ impl Agent {
             );
         }
     }
+}
 
+#[async_trait::async_trait]
+impl admin::Handler for Agent {
     /// Answers one admin request.
-    pub async fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
+    async fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
         let sidecar_refuses = matches!(
             req,
             Request::TokenIssue { .. }
@@ -537,7 +540,9 @@ impl Agent {
             Request::ServiceList => Ok(json!(self.forwarder.served_view().services)),
         }
     }
+}
 
+impl Agent {
     fn advertised(&self) -> Vec<String> {
         self.config.advertise_addrs(self.local_addr)
     }
