@@ -16,7 +16,7 @@ use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 pub const BASE_DESCRIPTORS: u64 = 128;
 
 /// The open-files limit the agent runs with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OpenFiles {
     /// The soft limit now in force (descriptors); `u64::MAX` for unlimited.
     pub soft: u64,

@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, BinaryHeap};
 /// One site's view of its links: neighbour site → cost (the cheapest link to it).
 pub type Adjacencies = BTreeMap<String, u32>;
 
-/// The route to one site.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The route to one site (and one entry of `routes` in `causeway status -o json`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Route {
     /// The neighbour of ours the flow goes to first.
     pub next_hop: String,

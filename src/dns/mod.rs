@@ -46,6 +46,7 @@ mod upstream;
 pub mod wire;
 pub mod zone;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,7 +57,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -346,19 +347,50 @@ impl Stats {
         ]
     }
 
-    fn to_json(&self) -> serde_json::Value {
-        let queries: serde_json::Map<String, serde_json::Value> = self
-            .by_rcode()
-            .into_iter()
-            .map(|(rcode, c)| (rcode.to_owned(), json!(load(c))))
-            .collect();
-        json!({
-            "queries": queries,
-            "truncated": load(&self.truncated),
-            "forwarded": load(&self.forwarded),
-            "dropped": load(&self.dropped),
-        })
+    /// The counters now, for `status`.
+    fn counters(&self) -> DnsCounters {
+        DnsCounters {
+            queries: self
+                .by_rcode()
+                .into_iter()
+                .map(|(rcode, c)| (rcode.to_owned(), load(c)))
+                .collect(),
+            truncated: load(&self.truncated),
+            forwarded: load(&self.forwarded),
+            dropped: load(&self.dropped),
+        }
     }
+}
+
+/// `dns` in `causeway status -o json`: the responder's zone, addresses and counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsStatus {
+    /// The zone answered (`dns.zone`).
+    pub zone: String,
+    /// The addresses bound (UDP and TCP each; port 0 resolved).
+    pub listen: Vec<SocketAddr>,
+    /// The `dns.listen` addresses that could not be bound, each with why, in words.
+    pub errors: Vec<String>,
+    /// The upstream resolvers names outside the zone are forwarded to (`dns.upstream`).
+    pub upstream: Vec<SocketAddr>,
+    /// The counters, at the same level as the fields above.
+    #[serde(flatten)]
+    pub counters: DnsCounters,
+}
+
+/// The responder's counters since start, as `status` shows them (the same counters as the
+/// `causeway_dns_*` series).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsCounters {
+    /// Answers composed, by response code: `noerror`, `nxdomain`, `refused`, `servfail`,
+    /// `formerr`, `notimp`, `other`.
+    pub queries: BTreeMap<String, u64>,
+    /// Answers that did not fit the client's UDP size (TC set).
+    pub truncated: u64,
+    /// Queries sent on to an upstream resolver (answered or not).
+    pub forwarded: u64,
+    /// Queries not answered (over the in-flight bounds).
+    pub dropped: u64,
 }
 
 fn load(counter: &AtomicU64) -> u64 {
@@ -573,17 +605,14 @@ impl Responder {
     }
 
     /// Zone, addresses, bind errors and counters, for `causeway status`.
-    pub fn status(&self) -> serde_json::Value {
-        let mut v = json!({
-            "zone": self.zone,
-            "listen": self.bound.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-            "errors": self.errors,
-            "upstream": self.settings.borrow().upstream.servers().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-        });
-        if let (Some(map), serde_json::Value::Object(counters)) = (v.as_object_mut(), self.stats.to_json()) {
-            map.extend(counters);
+    pub fn status(&self) -> DnsStatus {
+        DnsStatus {
+            zone: self.zone.clone(),
+            listen: self.bound.clone(),
+            errors: self.errors.clone(),
+            upstream: self.settings.borrow().upstream.servers().to_vec(),
+            counters: self.stats.counters(),
         }
-        v
     }
 
     /// Stops answering and waits (at most 2 s) for the socket tasks and threads.
@@ -741,12 +770,17 @@ mod tests {
         assert!(text.ends_with("# EOF\n"), "{text}");
 
         // `causeway status` reads the same counters.
-        let json = stats.to_json();
+        let counters = stats.counters();
+        assert_eq!(counters.queries.get("noerror"), Some(&4), "{counters:?}");
+        assert_eq!(counters.queries.get("other"), Some(&1), "{counters:?}");
+        assert_eq!(counters.queries.len(), 7, "{counters:?}");
+        assert_eq!(
+            (counters.truncated, counters.forwarded, counters.dropped),
+            (1, 2, 1),
+            "{counters:?}"
+        );
+        let json = serde_json::to_value(&counters).unwrap();
         assert_eq!(json["queries"]["noerror"], 4, "{json}");
-        assert_eq!(json["queries"]["other"], 1, "{json}");
-        assert_eq!(json["queries"].as_object().map(|q| q.len()), Some(7), "{json}");
         assert_eq!(json["truncated"], 1, "{json}");
-        assert_eq!(json["forwarded"], 2, "{json}");
-        assert_eq!(json["dropped"], 1, "{json}");
     }
 }

@@ -191,13 +191,39 @@ impl Intercepting {
     }
 
     /// What `status` shows.
-    pub fn status(&self) -> serde_json::Value {
-        serde_json::json!({
-            "port": self.port,
-            "redirected": self.active(),
-            "udp": if self.udp.is_some() { "tproxy" } else { "listeners" },
-        })
+    pub fn status(&self) -> InterceptStatus {
+        InterceptStatus {
+            port: self.port,
+            redirected: self.active(),
+            udp: if self.udp.is_some() {
+                UdpInterception::Tproxy
+            } else {
+                UdpInterception::Listeners
+            },
+        }
     }
+}
+
+/// `vips.intercept` in `causeway status -o json`: how VIP traffic reaches an agent in
+/// `vips.mode: intercept`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InterceptStatus {
+    /// The intercept port the nftables rule redirects to.
+    pub port: u16,
+    /// Whether TCP to the VIP range was last seen arriving here (probed by each `status`).
+    pub redirected: bool,
+    /// How UDP to VIPs arrives.
+    pub udp: UdpInterception,
+}
+
+/// How UDP to VIPs reaches an intercepting agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UdpInterception {
+    /// Through the intercept port (the nftables `tproxy` rule; needs `CAP_NET_RAW`).
+    Tproxy,
+    /// Through one listener per VIP and port, as in listen mode.
+    Listeners,
 }
 
 /// The data plane of one agent.
@@ -270,7 +296,7 @@ impl Forwarder {
 
     /// `vips.mode: intercept`: how it stands, for `status` (`None` in listen mode). Probes
     /// the rule anew.
-    pub async fn intercept_status(&self) -> Option<serde_json::Value> {
+    pub async fn intercept_status(&self) -> Option<InterceptStatus> {
         let i = self.intercept.as_ref()?;
         i.probe().await;
         Some(i.status())
