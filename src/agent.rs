@@ -13,19 +13,26 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::admin::{self, Request};
+use crate::admin::{
+    self,
+    api::{
+        AgentStatus, Counters, LinkRemove, LinkRemoved, Redeemed, ReloadStatus, TokenIssue, TokenIssued, TokenRedeem,
+        TokenRevoke, VipsStatus,
+    },
+};
+use crate::catalog::ServiceView;
+use crate::config::VipMode;
 use crate::config::{Config, is_dns_label};
 use crate::forward::{ForwardOptions, Forwarder};
 use crate::handshake::{Admission, Decision, Limits, Throttle};
 use crate::identity::{self, PeerTrust, SiteIdentity};
 use crate::link::redeem::{self, Issuer};
 use crate::link::{
-    Established, LinkHandler, LinkRecord, LinkState, Links, Role as LinkRole, describe_connection_error,
+    Established, LinkHandler, LinkRecord, LinkState, LinkStatus, Links, Role as LinkRole, describe_connection_error,
 };
 use crate::mesh::{Mesh, VipStore};
 use crate::metrics::Metrics;
@@ -33,7 +40,7 @@ use crate::protocol::{self, ALPN_LINK, ALPN_REDEEM, Control, close};
 use crate::readiness::{LinkFacts, Readiness};
 use crate::role::{Peer, Role};
 use crate::state::{StateDir, rfc3339};
-use crate::token::{GrantStore, Token, TokenFor};
+use crate::token::{GrantStore, GrantView, Token, TokenFor};
 use crate::vips::{VipAllocator, VipRange, VipTable};
 
 /// Handshakes (and redemptions) in flight, per source and in all; attempts over either are
@@ -504,50 +511,99 @@ impl Agent {
     }
 }
 
+/// Why the agent refused an admin request; the CLI prints its text.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// A sidecar issues and redeems no tokens and removes no links (its site's gateway does).
+    #[error(
+        "this agent is a sidecar of site {0}: it links only to its gateway; issue and redeem tokens, \
+         and remove links, on the gateway"
+    )]
+    Sidecar(String),
+    /// `--name` is not a DNS-1123 label.
+    #[error("link name {0:?} must be a DNS-1123 label (lowercase letters, digits, '-')")]
+    LinkName(String),
+    /// `--cost 0`.
+    #[error("--cost must be at least 1")]
+    ZeroCost,
+    /// The token text does not parse.
+    #[error(transparent)]
+    Token(#[from] crate::token::TokenError),
+    /// Issuing or revoking a grant failed.
+    #[error(transparent)]
+    Grants(#[from] crate::token::GrantStoreError),
+    /// A link to the token's issuer exists or is being made.
+    #[error(transparent)]
+    Peer(#[from] crate::link::PeerConflict),
+    /// Recording or removing a link failed.
+    #[error(transparent)]
+    Link(#[from] crate::link::LinkError),
+    /// The redemption with the issuer failed.
+    #[error(transparent)]
+    Redeem(#[from] redeem::RedeemError),
+}
+
 #[async_trait::async_trait]
 impl admin::Handler for Agent {
-    /// Answers one admin request.
-    async fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
-        let sidecar_refuses = matches!(
-            req,
-            Request::TokenIssue { .. }
-                | Request::TokenRedeem { .. }
-                | Request::TokenRevoke { .. }
-                | Request::LinkRemove { .. }
-        );
-        if self.mesh.role() == Role::Sidecar && sidecar_refuses {
-            return Err(format!(
-                "this agent is a sidecar of site {}: it links only to its gateway; issue and redeem tokens, \
-                 and remove links, on the gateway",
-                self.identity.site
-            ));
-        }
-        match req {
-            Request::TokenIssue { uses, expires_secs } => self.issue(uses, Duration::from_secs(expires_secs)).await,
-            Request::TokenRedeem { token, name, cost } => self.redeem(&token, name, cost).await,
-            Request::TokenList => Ok(json!(self.grants.list().await)),
-            Request::TokenRevoke { grant } => {
-                let view = self.grants.revoke(&grant).await.map_err(|e| e.to_string())?;
-                info!(grant = %view.grant, redeemed = view.redeemed, uses = view.uses, "token revoked");
-                Ok(json!(view))
-            }
-            Request::LinkList => Ok(json!(self.links.list())),
-            Request::LinkRemove { name } => {
-                let record = self.links.remove(&name).map_err(|e| e.to_string())?;
-                Ok(json!({"name": record.name, "peer_site": record.peer_site}))
-            }
-            Request::Status => Ok(self.status().await),
-            Request::ServiceList => Ok(json!(self.forwarder.served_view().services)),
-        }
+    type Error = Refusal;
+
+    async fn token_issue(&self, req: TokenIssue) -> Result<TokenIssued, Refusal> {
+        self.gateway_only()?;
+        self.issue(req.uses, Duration::from_secs(req.expires_secs)).await
+    }
+
+    async fn token_redeem(&self, req: TokenRedeem) -> Result<Redeemed, Refusal> {
+        self.gateway_only()?;
+        self.redeem(&req.token, req.name, req.cost).await
+    }
+
+    async fn token_list(&self) -> Result<Vec<GrantView>, Refusal> {
+        Ok(self.grants.list().await)
+    }
+
+    async fn token_revoke(&self, req: TokenRevoke) -> Result<GrantView, Refusal> {
+        self.gateway_only()?;
+        let view = self.grants.revoke(&req.grant).await?;
+        info!(grant = %view.grant, redeemed = view.redeemed, uses = view.uses, "token revoked");
+        Ok(view)
+    }
+
+    async fn link_list(&self) -> Result<Vec<LinkStatus>, Refusal> {
+        Ok(self.links.list())
+    }
+
+    async fn link_remove(&self, req: LinkRemove) -> Result<LinkRemoved, Refusal> {
+        self.gateway_only()?;
+        let record = self.links.remove(&req.name)?;
+        Ok(LinkRemoved {
+            name: record.name,
+            peer_site: record.peer_site,
+        })
+    }
+
+    async fn status(&self) -> Result<AgentStatus, Refusal> {
+        Ok(self.status().await)
+    }
+
+    async fn service_list(&self) -> Result<Vec<ServiceView>, Refusal> {
+        Ok(self.forwarder.served_view().services.clone())
     }
 }
 
 impl Agent {
+    /// Refuses what only a gateway does (tokens, removing links) on a sidecar.
+    fn gateway_only(&self) -> Result<(), Refusal> {
+        match self.mesh.role() {
+            Role::Gateway => Ok(()),
+            Role::Sidecar => Err(Refusal::Sidecar(self.identity.site.clone())),
+        }
+    }
+
     fn advertised(&self) -> Vec<String> {
         self.config.advertise_addrs(self.local_addr)
     }
 
-    async fn issue(&self, uses: u32, ttl: Duration) -> Result<serde_json::Value, String> {
+    async fn issue(&self, uses: u32, ttl: Duration) -> Result<TokenIssued, Refusal> {
         let addresses = self.advertised();
         if addresses
             .iter()
@@ -563,29 +619,30 @@ impl Agent {
             addresses,
             ca: self.identity.ca_pem.clone(),
         };
-        let (grant, token) = self.grants.issue(uses, ttl, to).await.map_err(|e| e.to_string())?;
+        let (grant, token) = self.grants.issue(uses, ttl, to).await?;
         info!(grant = %grant.id, uses, expires = %rfc3339::format(grant.expires), "token issued");
-        Ok(
-            json!({"token": token.to_yaml(), "grant": grant.id, "expires": rfc3339::format(grant.expires), "uses": uses}),
-        )
+        Ok(TokenIssued {
+            token: token.to_yaml(),
+            grant: grant.id,
+            expires: grant.expires,
+            uses,
+        })
     }
 
-    async fn redeem(&self, text: &str, name: Option<String>, cost: u32) -> Result<serde_json::Value, String> {
-        let token = Token::parse(text).map_err(|e| e.to_string())?;
+    async fn redeem(&self, text: &str, name: Option<String>, cost: u32) -> Result<Redeemed, Refusal> {
+        let token = Token::parse(text)?;
         let name = name.unwrap_or_else(|| token.issuer.clone());
         if !is_dns_label(&name) {
-            return Err(format!(
-                "link name {name:?} must be a DNS-1123 label (lowercase letters, digits, '-')"
-            ));
+            return Err(Refusal::LinkName(name));
         }
         if cost == 0 {
-            return Err("--cost must be at least 1".into());
+            return Err(Refusal::ZeroCost);
         }
         // One link per pair of sites, checked before dialing so the token is not spent (and
         // before the name, whose clash is usually this one); held until the link is recorded.
-        let _reservation = self.links.reserve_peer(&token.issuer).map_err(|e| e.to_string())?;
+        let _reservation = self.links.reserve_peer(&token.issuer)?;
         if self.links.contains(&name) {
-            return Err(crate::link::LinkError::Exists(name).to_string());
+            return Err(crate::link::LinkError::Exists(name).into());
         }
         let span = info_span!("redeem", issuer = %token.issuer, link = %name);
         let redeemed = redeem::redeem(
@@ -595,28 +652,25 @@ impl Agent {
             &self.config.vips.cidr.to_string(),
         )
         .instrument(span)
-        .await
-        .map_err(|e| e.to_string())?;
-        self.links
-            .add(LinkRecord {
-                name: name.clone(),
-                peer_site: redeemed.site.clone(),
-                role: LinkRole::Dialer,
-                addresses: token.addresses.clone(),
-                peer_ca: token.ca.clone(),
-                cost,
-                created: SystemTime::now(),
-            })
-            .map_err(|e| e.to_string())?;
+        .await?;
+        self.links.add(LinkRecord {
+            name: name.clone(),
+            peer_site: redeemed.site.clone(),
+            role: LinkRole::Dialer,
+            addresses: token.addresses.clone(),
+            peer_ca: token.ca.clone(),
+            cost,
+            created: SystemTime::now(),
+        })?;
         info!(link = %name, peer = %redeemed.site, addr = %redeemed.addr, "token redeemed");
         let status = self.links.wait_up(&name, REDEEM_WAIT_UP).await;
-        Ok(json!({
-            "name": name,
-            "peer_site": redeemed.site,
-            "addr": redeemed.addr.to_string(),
-            "state": status.as_ref().map(|s| s.state).unwrap_or(LinkState::Connecting),
-            "last_error": status.and_then(|s| s.last_error),
-        }))
+        Ok(Redeemed {
+            name,
+            peer_site: redeemed.site,
+            addr: redeemed.addr,
+            state: status.as_ref().map(|s| s.state).unwrap_or(LinkState::Connecting),
+            last_error: status.and_then(|s| s.last_error),
+        })
     }
 
     /// Whether the agent has a catalogue to answer from ([`crate::readiness`]): `/readyz`
@@ -636,48 +690,55 @@ impl Agent {
         crate::readiness::assess(self.mesh.role(), &facts)
     }
 
-    async fn status(&self) -> serde_json::Value {
+    async fn status(&self) -> AgentStatus {
         let readiness = self.readiness();
         let links = self.links.list();
         let view = self.mesh.view();
-        let up = links.iter().filter(|l| l.state == LinkState::Up).count();
         let intercept = self.forwarder.intercept_status().await;
-        json!({
-            "site": self.identity.site,
-            "listen": self.local_addr.to_string(),
-            "advertise": self.advertised(),
-            "state_dir": self.state.root.display().to_string(),
-            "started": rfc3339::format(self.started),
-            "uptime_secs": self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
-            "ready": readiness.ready,
-            "ready_reason": readiness.reason,
-            "links": links,
-            "vips": {
-                "cidr": self.mesh.range().cidr().to_string(),
-                "block": self.mesh.block(),
-                "mode": if intercept.is_some() { "intercept" } else { "listen" },
-                "intercept": intercept,
+        let counters = Counters {
+            links_total: links.len(),
+            links_up: links.iter().filter(|l| l.state == LinkState::Up).count(),
+            grants_open: self.grants.open_count().await,
+            services: view.services.len(),
+            endpoints_ready: view
+                .services
+                .iter()
+                .flat_map(|s| &s.endpoints)
+                .filter(|e| e.ready)
+                .count(),
+            listeners: self.forwarder.listener_count(),
+        };
+        AgentStatus {
+            site: self.identity.site.clone(),
+            mode: self.mesh.role(),
+            listen: self.local_addr,
+            advertise: self.advertised(),
+            state_dir: self.state.root.display().to_string(),
+            started: self.started,
+            uptime_secs: self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+            ready: readiness.ready,
+            ready_reason: readiness.reason,
+            links,
+            vips: VipsStatus {
+                cidr: self.mesh.range().cidr(),
+                block: self.mesh.block(),
+                mode: if intercept.is_some() {
+                    VipMode::Intercept
+                } else {
+                    VipMode::Listen
+                },
+                intercept,
             },
-            "routes": view.routes.iter().map(|(site, r)| {
-                (site.clone(), json!({"next_hop": r.next_hop, "cost": r.cost, "hops": r.hops}))
-            }).collect::<serde_json::Map<_, _>>(),
-            "services": view.services,
-            "conflicts": view.conflicts,
-            "listener_errors": self.forwarder.bind_errors(),
-            "open_files": self.open_files,
-            "config_reload": *self.reload.lock().unwrap_or_else(|p| p.into_inner()),
-            "mode": self.mesh.role().as_str(),
-            "sidecars": self.links.members(),
-            "dns": self.dns.status(),
-            "counters": {
-                "links_total": links.len(),
-                "links_up": up,
-                "grants_open": self.grants.open_count().await,
-                "services": view.services.len(),
-                "endpoints_ready": view.services.iter().flat_map(|s| &s.endpoints).filter(|e| e.ready).count(),
-                "listeners": self.forwarder.listener_count(),
-            },
-        })
+            routes: view.routes.clone(),
+            services: view.services.clone(),
+            conflicts: view.conflicts.clone(),
+            listener_errors: self.forwarder.bind_errors(),
+            open_files: self.open_files,
+            config_reload: self.reload.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            sidecars: self.links.members(),
+            dns: self.dns.status(),
+            counters,
+        }
     }
 
     /// Stops the agent: closes links with a reason, stops the admin API and waits (bounded)
@@ -750,7 +811,7 @@ impl Agent {
                         at: SystemTime::now(),
                         applied: true,
                         error: None,
-                        restart_needed,
+                        restart_needed: restart_needed.into_iter().map(String::from).collect(),
                     }
                 }
                 Err(error) => {
@@ -782,20 +843,6 @@ impl Agent {
         }
         Ok(restart_needed)
     }
-}
-
-/// The outcome of the last change to causeway.yaml picked up while running, for `status`.
-#[derive(Debug, Clone, serde::Serialize)]
-struct ReloadStatus {
-    /// When it was read.
-    #[serde(with = "rfc3339")]
-    at: SystemTime,
-    /// Whether it was applied (else the previous configuration stays in force).
-    applied: bool,
-    /// Why it was rejected.
-    error: Option<String>,
-    /// Changed keys the running agent keeps until restarted.
-    restart_needed: Vec<&'static str>,
 }
 
 /// An admitted handshake's slot in the [`Admission`]; given back when dropped, however the

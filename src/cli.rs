@@ -16,12 +16,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::admin::{self, Request};
+use crate::admin::{self, api};
 use crate::agent::Agent;
 use crate::catalog::ServiceView;
 use crate::config::{self, Config};
 use crate::identity;
-use crate::link::LinkStatus;
+use crate::link::{LinkState, LinkStatus};
 use crate::names::{LABEL_RULE, Label, is_dns_label};
 use crate::state::StateDir;
 use crate::token::GrantView;
@@ -408,24 +408,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(TokenCommand::List { output }) => token_list(&state, output).await,
         Command::Token(TokenCommand::Revoke { grant }) => token_revoke(&state, &grant).await,
         Command::Link(LinkCommand::List { output }) => {
-            let data = call(&state, Request::LinkList).await?;
-            let links: Vec<LinkStatus> = serde_json::from_value(data.clone()).context("reading the agent's answer")?;
-            print_output(output, &data, || links_table(&links))
+            let links = call(&state, api::LinkList {}).await?;
+            print_output(output, &links, || links_table(&links))
         }
         Command::Link(LinkCommand::Remove { name }) => {
-            let data = call(&state, Request::LinkRemove { name: name.into() }).await?;
+            let removed = call(&state, api::LinkRemove { name: name.into() }).await?;
             println!(
                 "removed link {} to {}; its trust is revoked",
-                data["name"].as_str().unwrap_or("?"),
-                data["peer_site"].as_str().unwrap_or("?")
+                removed.name, removed.peer_site
             );
             Ok(())
         }
         Command::Service(ServiceCommand::List { output }) => {
-            let data = call(&state, Request::ServiceList).await?;
-            let services: Vec<ServiceView> =
-                serde_json::from_value(data.clone()).context("reading the agent's answer")?;
-            print_output(output, &data, || services_table(&services))
+            let services = call(&state, api::ServiceList {}).await?;
+            print_output(output, &services, || services_table(&services))
         }
         Command::Sidecar(SidecarCommand::Credentials { format, output, name }) => {
             sidecar_credentials(&state, format, &output, &name)
@@ -440,8 +436,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status { output } => {
-            let data = call(&state, Request::Status).await?;
-            print_output(output, &data, || status_table(&data))
+            let status = call(&state, api::Status {}).await?;
+            print_output(output, &status, || status_table(&status))
         }
         Command::Demo => crate::demo::run().await,
         Command::Resolve { name, qtype, config } => resolve(&state, &name, qtype, config).await,
@@ -549,11 +545,12 @@ async fn resolve(
     Ok(())
 }
 
-async fn call(state: &StateDir, req: Request) -> anyhow::Result<serde_json::Value> {
+/// Sends `req` to the agent of `state` and returns its reply.
+async fn call<C: api::Call>(state: &StateDir, req: C) -> anyhow::Result<C::Reply> {
     Ok(admin::call(
         &state.root,
         &state.admin_socket().map_err(admin::AdminError::from)?,
-        &req,
+        req,
     )
     .await?)
 }
@@ -676,37 +673,35 @@ async fn token_issue(state: &StateDir, uses: u32, expires: Duration, output: Opt
     if let Some(path) = &output {
         check_output_path(path)?;
     }
-    let data = call(
+    let issued = call(
         state,
-        Request::TokenIssue {
+        api::TokenIssue {
             uses,
             expires_secs: expires.as_secs().max(1),
         },
     )
     .await?;
-    let token = data["token"].as_str().context("the agent returned no token")?;
     match output {
         Some(path) => {
-            crate::state::write_atomic(&path, token.as_bytes(), 0o600)?;
+            crate::state::write_atomic(&path, issued.token.as_bytes(), 0o600)?;
             eprintln!(
                 "wrote token to {} ({} use(s), expires {}); redeem it on the other site with: causeway token redeem {}",
                 path.display(),
                 uses,
-                data["expires"].as_str().unwrap_or("?"),
+                crate::state::rfc3339::format(issued.expires),
                 path.display()
             );
         }
         None => {
-            std::io::stdout().write_all(token.as_bytes())?;
+            std::io::stdout().write_all(issued.token.as_bytes())?;
         }
     }
     Ok(())
 }
 
 async fn token_list(state: &StateDir, output: Output) -> anyhow::Result<()> {
-    let data = call(state, Request::TokenList).await?;
-    let grants: Vec<GrantView> = serde_json::from_value(data.clone()).context("the agent's grant list")?;
-    print_output(output, &data, || grants_table(&grants))
+    let grants = call(state, api::TokenList {}).await?;
+    print_output(output, &grants, || grants_table(&grants))
 }
 
 fn grants_table(grants: &[GrantView]) -> String {
@@ -733,14 +728,13 @@ fn grants_table(grants: &[GrantView]) -> String {
 }
 
 async fn token_revoke(state: &StateDir, grant: &str) -> anyhow::Result<()> {
-    let data = call(
+    let view = call(
         state,
-        Request::TokenRevoke {
+        api::TokenRevoke {
             grant: grant.to_string(),
         },
     )
     .await?;
-    let view: GrantView = serde_json::from_value(data).context("the agent's answer")?;
     println!(
         "revoked grant {} at {} ({} of {} use(s) were redeemed{})",
         view.grant,
@@ -764,28 +758,29 @@ async fn token_redeem(state: &StateDir, file: &str, name: Option<String>, cost: 
     if let Some(w) = warning {
         eprintln!("warning: {w}");
     }
-    let data = call(state, Request::TokenRedeem { token, name, cost }).await?;
-    let peer = data["peer_site"].as_str().unwrap_or("?");
-    let addr = data["addr"].as_str().unwrap_or("?");
-    if data["state"] == "up" {
+    let link = call(state, api::TokenRedeem { token, name, cost }).await?;
+    let (peer, addr) = (&link.peer_site, link.addr);
+    if link.state == LinkState::Up {
         println!("linked to {peer} ({addr})");
     } else {
-        println!(
-            "redeemed; link to {peer} ({addr}) is still {}",
-            data["state"].as_str().unwrap_or("connecting")
-        );
-        if let Some(e) = data["last_error"].as_str() {
+        println!("redeemed; link to {peer} ({addr}) is still {}", link.state);
+        if let Some(e) = &link.last_error {
             eprintln!("warning: last attempt: {e}");
         }
     }
     Ok(())
 }
 
-fn print_output(output: Output, data: &serde_json::Value, table: impl FnOnce() -> String) -> anyhow::Result<()> {
+/// Prints a reply as `-o` asks: pretty JSON, YAML, or the table `table` renders.
+///
+/// JSON and YAML go through [`serde_json::Value`], whose objects keep their keys sorted: the
+/// output lists every object's fields in the order of their names (as it always has), not
+/// in the order the reply types declare them.
+fn print_output<T: serde::Serialize>(output: Output, reply: &T, table: impl FnOnce() -> String) -> anyhow::Result<()> {
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(data)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(data)?),
         Output::Table => print!("{}", table()),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&serde_json::to_value(reply)?)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(&serde_json::to_value(reply)?)?),
     }
     Ok(())
 }
@@ -862,32 +857,21 @@ fn services_table(services: &[ServiceView]) -> String {
     table(&["SERVICE", "SITE", "HOSTNAME", "IP", "VIP", "READY", "PORTS"], &rows)
 }
 
-fn status_table(data: &serde_json::Value) -> String {
+fn status_table(status: &api::AgentStatus) -> String {
     let mut out = format!(
         "site      {}\nlisten    {}\nadvertise {}\nstarted   {}\n",
-        data["site"].as_str().unwrap_or("?"),
-        data["listen"].as_str().unwrap_or("?"),
-        data["advertise"]
-            .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", "))
-            .unwrap_or_default(),
-        data["started"].as_str().unwrap_or("?"),
+        status.site,
+        status.listen,
+        status.advertise.join(", "),
+        crate::state::rfc3339::format(status.started),
     );
     out.push_str(&format!(
         "ready     {} ({})\n",
-        if data["ready"].as_bool() == Some(true) {
-            "yes"
-        } else {
-            "no"
-        },
-        data["ready_reason"].as_str().unwrap_or("?"),
+        if status.ready { "yes" } else { "no" },
+        status.ready_reason,
     ));
-    if let Some(c) = data["counters"].as_object() {
-        let counters: Vec<String> = c.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        out.push_str(&format!("counters  {}\n\n", counters.join(" ")));
-    }
-    let links: Vec<LinkStatus> = serde_json::from_value(data["links"].clone()).unwrap_or_default();
-    out.push_str(&links_table(&links));
+    out.push_str(&format!("counters  {}\n\n", status.counters.words()));
+    out.push_str(&links_table(&status.links));
     out
 }
 

@@ -16,13 +16,17 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::admin::{self, Request};
+use crate::admin::{self, AdminError, Call, api};
 use crate::agent::{Agent, StartOptions};
 use crate::config::{self, Config, EndpointSpec, Export};
 use crate::identity;
-use crate::link::LinkStatus;
 use crate::names::{Label, PortSpec, Protocol};
 use crate::state::StateDir;
+
+/// Asks `agent` through its admin socket, as the CLI does.
+async fn ask<C: Call>(agent: &Agent, req: C) -> Result<C::Reply, AdminError> {
+    admin::call(&agent.state.root, &agent.admin_socket, req).await
+}
 
 /// Runs the demo.
 pub async fn run() -> anyhow::Result<()> {
@@ -62,30 +66,24 @@ pub async fn run() -> anyhow::Result<()> {
     println!("    london exports service echo.default (an echo server on 127.0.0.1:{echo_port}, TCP and UDP)");
     let (london, paris) = (&agents[0], &agents[1]);
 
-    let ask = |agent: &Agent, req: Request| {
-        let root = agent.state.root.clone();
-        let sock = agent.admin_socket.clone();
-        async move { admin::call(&root, &sock, &req).await }
-    };
-
     let issued = ask(
         london,
-        Request::TokenIssue {
+        api::TokenIssue {
             uses: 1,
             expires_secs: 900,
         },
     )
     .await?;
-    let token = issued["token"].as_str().context("no token in the answer")?.to_string();
     println!(
         "[2] london issued a one-use token (grant {}, expires {})",
-        issued["grant"], issued["expires"]
+        issued.grant,
+        crate::state::rfc3339::format(issued.expires)
     );
 
     let redeemed = ask(
         paris,
-        Request::TokenRedeem {
-            token: token.clone(),
+        api::TokenRedeem {
+            token: issued.token.clone(),
             name: None,
             cost: 1,
         },
@@ -93,13 +91,13 @@ pub async fn run() -> anyhow::Result<()> {
     .await?;
     println!(
         "[3] paris redeemed it: linked to {} ({})",
-        redeemed["peer_site"], redeemed["addr"]
+        redeemed.peer_site, redeemed.addr
     );
 
     let again = ask(
         paris,
-        Request::TokenRedeem {
-            token,
+        api::TokenRedeem {
+            token: issued.token,
             name: Some("again".into()),
             cost: 1,
         },
@@ -112,7 +110,7 @@ pub async fn run() -> anyhow::Result<()> {
 
     for (agent, site) in [(paris, "paris"), (london, "london")] {
         let links = poll(50, Duration::from_millis(100), || async {
-            let links: Vec<LinkStatus> = serde_json::from_value(ask(agent, Request::LinkList).await?)?;
+            let links = ask(agent, api::LinkList {}).await?;
             let up = !links.is_empty() && links.iter().all(|l| l.state == crate::link::LinkState::Up);
             Ok((links, up))
         })
@@ -135,8 +133,7 @@ pub async fn run() -> anyhow::Result<()> {
 
     // paris learns london's export through the link and listens on its VIP.
     let vip = poll(100, Duration::from_millis(50), || async {
-        let services: Vec<crate::catalog::ServiceView> =
-            serde_json::from_value(ask(paris, Request::ServiceList).await?)?;
+        let services = ask(paris, api::ServiceList {}).await?;
         let vip = services
             .iter()
             .find(|s| s.service == "echo")

@@ -17,7 +17,8 @@
 //! refused before a request, token text included, reaches it.
 //!
 //! The server knows nothing of the agent: it answers through a [`Handler`], which the agent
-//! implements (and a test may fake).
+//! implements (and a test may fake). The messages are typed in [`api`]: each request names
+//! its reply ([`api::Call`]), the handler returns that type and [`call`] reads it back.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,6 +33,11 @@ use tracing::{debug, warn};
 
 use crate::conntable::ConnTable;
 
+pub mod api;
+
+use api::{AgentStatus, LinkRemove, LinkRemoved, Redeemed, TokenIssue, TokenIssued, TokenRedeem, TokenRevoke};
+pub use api::{CALL_TIMEOUT, Call, REDEEM_TIMEOUT, Request};
+
 /// Largest request line accepted (a token is a few KiB).
 const MAX_LINE: u64 = 1024 * 1024;
 /// Concurrent admin clients.
@@ -39,55 +45,16 @@ const MAX_CLIENTS: usize = 32;
 /// How long a client may sit idle (no complete request line) before the connection is
 /// dropped: the CLI sends its request as soon as it connects.
 const IDLE: Duration = Duration::from_secs(5);
-/// How long the CLI waits for a connection and an answer to most requests.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the CLI waits for `token redeem`: dialing the issuer (3 s), riding out its
-/// refusals (5 s), the exchange (10 s) and waiting for the link to come up (10 s).
-pub const REDEEM_TIMEOUT: Duration = Duration::from_secs(40);
-
-/// One request from the CLI.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
-    /// `token issue`.
-    TokenIssue { uses: u32, expires_secs: u64 },
-    /// `token redeem`: the token file's text.
-    TokenRedeem {
-        token: String,
-        name: Option<String>,
-        cost: u32,
-    },
-    /// `token list`: the grants this site issued.
-    TokenList,
-    /// `token revoke`: a grant id or a unique prefix of one.
-    TokenRevoke { grant: String },
-    /// `link list`.
-    LinkList,
-    /// `link remove`.
-    LinkRemove { name: String },
-    /// `status`.
-    Status,
-    /// `service list`.
-    ServiceList,
-}
-
-impl Request {
-    /// How long the CLI waits for the answer: every request is quick except a redemption,
-    /// which talks to another site.
-    pub fn timeout(&self) -> Duration {
-        match self {
-            Request::TokenRedeem { .. } => REDEEM_TIMEOUT,
-            _ => CALL_TIMEOUT,
-        }
-    }
-}
-
-/// The agent's answer: `data` on success, `error` (one line, for the user) on failure.
+/// The agent's answer as it travels: `data` on success, `error` (one line, for the user) on
+/// failure.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Response {
+    /// Whether the request succeeded.
     pub ok: bool,
+    /// The request's reply ([`Call::Reply`]) as JSON; absent on failure.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub data: serde_json::Value,
+    /// Why the request failed, in one line; absent on success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -125,11 +92,48 @@ pub enum AdminError {
 }
 
 /// What answers admin requests: the running agent, or a stand-in in tests. The server decodes
-/// each request line, hands the request here, and encodes the answer.
+/// each request line, calls the method for its request, and encodes the reply, which is the
+/// request's [`Call::Reply`].
 #[async_trait::async_trait]
 pub trait Handler: Send + Sync + 'static {
-    /// Answers one request: the reply's data, or an error in one line for the user.
-    async fn handle(&self, req: Request) -> Result<serde_json::Value, String>;
+    /// Why a request was refused; its text (one line, for the user) is what the CLI prints.
+    type Error: std::fmt::Display + Send;
+    /// `token issue`.
+    async fn token_issue(&self, req: TokenIssue) -> Result<TokenIssued, Self::Error>;
+    /// `token redeem`.
+    async fn token_redeem(&self, req: TokenRedeem) -> Result<Redeemed, Self::Error>;
+    /// `token list`.
+    async fn token_list(&self) -> Result<Vec<crate::token::GrantView>, Self::Error>;
+    /// `token revoke`.
+    async fn token_revoke(&self, req: TokenRevoke) -> Result<crate::token::GrantView, Self::Error>;
+    /// `link list`.
+    async fn link_list(&self) -> Result<Vec<crate::link::LinkStatus>, Self::Error>;
+    /// `link remove`.
+    async fn link_remove(&self, req: LinkRemove) -> Result<LinkRemoved, Self::Error>;
+    /// `status`.
+    async fn status(&self) -> Result<AgentStatus, Self::Error>;
+    /// `service list`.
+    async fn service_list(&self) -> Result<Vec<crate::catalog::ServiceView>, Self::Error>;
+}
+
+/// Answers `req` through `handler`: the reply as JSON, or the refusal in words.
+async fn answer<H: Handler>(handler: &H, req: Request) -> Result<serde_json::Value, String> {
+    /// The reply of a `C` request as JSON (the type parameter checks the handler's reply is
+    /// the one `C` promises).
+    fn data<C: Call, E: std::fmt::Display>(r: Result<C::Reply, E>) -> Result<serde_json::Value, String> {
+        let reply = r.map_err(|e| e.to_string())?;
+        serde_json::to_value(reply).map_err(|e| format!("encoding the answer: {e}"))
+    }
+    match req {
+        Request::TokenIssue(r) => data::<TokenIssue, _>(handler.token_issue(r).await),
+        Request::TokenRedeem(r) => data::<TokenRedeem, _>(handler.token_redeem(r).await),
+        Request::TokenList(_) => data::<api::TokenList, _>(handler.token_list().await),
+        Request::TokenRevoke(r) => data::<TokenRevoke, _>(handler.token_revoke(r).await),
+        Request::LinkList(_) => data::<api::LinkList, _>(handler.link_list().await),
+        Request::LinkRemove(r) => data::<LinkRemove, _>(handler.link_remove(r).await),
+        Request::Status(_) => data::<api::Status, _>(handler.status().await),
+        Request::ServiceList(_) => data::<api::ServiceList, _>(handler.service_list().await),
+    }
 }
 
 /// Binds the admin socket, replacing a stale one but refusing to steal a live agent's.
@@ -207,7 +211,7 @@ async fn client<H: Handler>(stream: UnixStream, handler: &H, slot: &crate::connt
             failure(format!("request longer than {MAX_LINE} bytes"))
         } else {
             match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => match handler.handle(req).await {
+                Ok(req) => match answer(handler, req).await {
                     Ok(data) => Response {
                         ok: true,
                         data,
@@ -235,18 +239,26 @@ fn failure(error: String) -> Response {
     }
 }
 
-/// Sends one request to the agent of `state_dir` and returns its data, within the request's
-/// [`Request::timeout`]. The socket must be served by root or by this user, and be owned by
-/// one of them, or nothing is sent ([`AdminError::Untrusted`]).
-pub async fn call(state_dir: &Path, socket: &Path, req: &Request) -> Result<serde_json::Value, AdminError> {
+/// Sends one request to the agent of `state_dir` (whose socket is `socket`) and returns its
+/// reply, within the request's [`Request::timeout`]. The socket must be served by root or by
+/// this user, and be owned by one of them, or nothing is sent ([`AdminError::Untrusted`]).
+///
+/// Errors: no agent, the socket's I/O, the timeout, an untrusted socket, an answer that is not
+/// the request's reply ([`AdminError::Malformed`]), and the agent's refusal
+/// ([`AdminError::Agent`]).
+pub async fn call<C: Call>(state_dir: &Path, socket: &Path, req: C) -> Result<C::Reply, AdminError> {
+    let req: Request = req.into();
     let limit = req.timeout();
-    match tokio::time::timeout(limit, exchange(state_dir, socket, req)).await {
-        Ok(result) => result,
-        Err(_) => Err(AdminError::Timeout {
-            socket: socket.display().to_string(),
-            after: limit,
-        }),
-    }
+    let data = match tokio::time::timeout(limit, exchange(state_dir, socket, &req)).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(AdminError::Timeout {
+                socket: socket.display().to_string(),
+                after: limit,
+            });
+        }
+    };
+    serde_json::from_value(data).map_err(|e| AdminError::Malformed(e.to_string()))
 }
 
 async fn exchange(state_dir: &Path, socket: &Path, req: &Request) -> Result<serde_json::Value, AdminError> {
@@ -324,21 +336,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_have_stable_json() {
-        let r = Request::TokenIssue {
-            uses: 2,
-            expires_secs: 900,
-        };
-        assert_eq!(
-            serde_json::to_string(&r).unwrap(),
-            r#"{"op":"token_issue","uses":2,"expires_secs":900}"#
-        );
-        let back: Request = serde_json::from_str(r#"{"op":"link_remove","name":"paris"}"#).unwrap();
-        assert_eq!(back, Request::LinkRemove { name: "paris".into() });
-        assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
-    }
-
-    #[test]
     fn only_root_or_ourselves_may_serve_and_own_the_socket() {
         assert_eq!(untrusted(1000, 1000, 1000), None);
         assert_eq!(untrusted(0, 0, 1000), None);
@@ -349,22 +346,11 @@ mod tests {
         assert!(untrusted(1001, 1000, 1000).is_some(), "another user's process");
     }
 
-    #[test]
-    fn only_a_redemption_waits_long() {
-        assert_eq!(Request::Status.timeout(), CALL_TIMEOUT);
-        let redeem = Request::TokenRedeem {
-            token: String::new(),
-            name: None,
-            cost: 1,
-        };
-        assert!(redeem.timeout() > Duration::from_secs(30));
-    }
-
     #[tokio::test]
     async fn missing_socket_says_how_to_start_an_agent() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("admin.sock");
-        let err = call(dir.path(), &sock, &Request::Status).await.unwrap_err();
+        let err = call(dir.path(), &sock, api::Status {}).await.unwrap_err();
         assert!(err.to_string().contains("causeway --state"), "{err}");
     }
 }
