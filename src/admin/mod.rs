@@ -62,31 +62,39 @@ pub struct Response {
 /// Errors on the client side of the admin API.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
+    /// Nothing listens on the socket: no agent runs for the state directory.
     #[error(
         "no agent is running for state dir {dir} ({socket} not found); start one with \
          `causeway --state {dir} run`"
     )]
     NotRunning { dir: String, socket: String },
+    /// Connecting, sending or reading failed.
     #[error("admin socket {socket}: {source}")]
     Io {
         socket: String,
         #[source]
         source: std::io::Error,
     },
+    /// No answer within the request's [`Request::timeout`].
     #[error(
         "the agent at {socket} did not answer within {}s; is it overloaded or stuck? (check its log)",
         .after.as_secs()
     )]
     Timeout { socket: String, after: Duration },
+    /// The socket is served or owned by a user other than root or this one: nothing was sent.
     #[error(
         "refusing to use the admin socket {socket}: {why}; another user may have taken its \
          place. Nothing was sent. Stop whatever serves it (or remove it) and restart the agent"
     )]
     Untrusted { socket: String, why: String },
+    /// No usable place for the socket (a read-only state directory without a private
+    /// runtime directory).
     #[error("admin socket: {0}")]
     Place(#[from] crate::state::SocketDirError),
+    /// The answer is not a response, or its data not the request's reply.
     #[error("the agent sent an unreadable answer: {0}")]
     Malformed(String),
+    /// The agent refused the request; the text is its reason, for the user.
     #[error("{0}")]
     Agent(String),
 }
@@ -344,6 +352,84 @@ mod tests {
         assert!(why.contains("uid 65534"), "{why}");
         assert!(untrusted(0, 65534, 1000).is_some(), "a file someone else owns");
         assert!(untrusted(1001, 1000, 1000).is_some(), "another user's process");
+    }
+
+    /// A handler that answers `link remove` and `link list` and refuses the rest.
+    struct Fake;
+
+    #[async_trait::async_trait]
+    impl Handler for Fake {
+        type Error = String;
+        async fn token_issue(&self, _: TokenIssue) -> Result<TokenIssued, String> {
+            Err("no grants here".into())
+        }
+        async fn token_redeem(&self, _: TokenRedeem) -> Result<Redeemed, String> {
+            Err("no".into())
+        }
+        async fn token_list(&self) -> Result<Vec<crate::token::GrantView>, String> {
+            Err("no".into())
+        }
+        async fn token_revoke(&self, _: TokenRevoke) -> Result<crate::token::GrantView, String> {
+            Err("no".into())
+        }
+        async fn link_list(&self) -> Result<Vec<crate::link::LinkStatus>, String> {
+            Ok(Vec::new())
+        }
+        async fn link_remove(&self, req: LinkRemove) -> Result<LinkRemoved, String> {
+            Ok(LinkRemoved {
+                peer_site: format!("site-of-{}", req.name),
+                name: req.name,
+            })
+        }
+        async fn status(&self) -> Result<AgentStatus, String> {
+            Err("no".into())
+        }
+        async fn service_list(&self) -> Result<Vec<crate::catalog::ServiceView>, String> {
+            Err("no".into())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_gets_its_typed_reply_or_the_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("admin.sock");
+        let listener = bind(&sock).await.unwrap();
+        let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let server = tokio::spawn(serve(
+            listener,
+            sock.clone(),
+            Arc::new(Fake),
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        let removed = call(dir.path(), &sock, LinkRemove { name: "paris".into() })
+            .await
+            .unwrap();
+        assert_eq!(
+            removed,
+            LinkRemoved {
+                name: "paris".into(),
+                peer_site: "site-of-paris".into()
+            }
+        );
+        assert!(call(dir.path(), &sock, api::LinkList {}).await.unwrap().is_empty());
+        let refused = call(
+            dir.path(),
+            &sock,
+            TokenIssue {
+                uses: 1,
+                expires_secs: 60,
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&refused, AdminError::Agent(why) if why == "no grants here"),
+            "{refused}"
+        );
+        shutdown.cancel();
+        server.await.unwrap();
+        assert!(!sock.exists(), "the socket is removed on shutdown");
     }
 
     #[tokio::test]
