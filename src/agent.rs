@@ -1,5 +1,6 @@
 //! The running agent (`causeway run`): one QUIC endpoint, the links, the grants and the
-//! admin API, started together and stopped together.
+//! admin API, started together and stopped together. This module wires the parts; admin
+//! requests are answered by [`crate::admin::handler`].
 //!
 //! Incoming QUIC connections are dispatched by ALPN: link connections to [`Links::accept`],
 //! redeem connections to [`Issuer::serve`]. Which attempts get a handshake at all is decided
@@ -17,30 +18,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::admin::{
-    self,
-    api::{
-        AgentStatus, Counters, LinkRemove, LinkRemoved, Redeemed, ReloadStatus, TokenIssue, TokenIssued, TokenRedeem,
-        TokenRevoke, VipsStatus,
-    },
-};
-use crate::catalog::ServiceView;
-use crate::config::VipMode;
-use crate::config::{Config, is_dns_label};
+use crate::admin::{self, api::ReloadStatus, handler::AgentHandler};
+use crate::config::Config;
 use crate::forward::{ForwardOptions, Forwarder};
 use crate::handshake::{Admission, Decision, Limits, Throttle};
 use crate::identity::{self, PeerTrust, SiteIdentity};
-use crate::link::redeem::{self, Issuer};
-use crate::link::{
-    Established, LinkHandler, LinkRecord, LinkState, LinkStatus, Links, Role as LinkRole, describe_connection_error,
-};
+use crate::link::redeem::Issuer;
+use crate::link::{Established, LinkHandler, Links, describe_connection_error};
 use crate::mesh::{Mesh, VipStore};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ALPN_LINK, ALPN_REDEEM, Control, close};
-use crate::readiness::{LinkFacts, Readiness};
+use crate::readiness::Readiness;
 use crate::role::{Peer, Role};
-use crate::state::{StateDir, rfc3339};
-use crate::token::{GrantStore, GrantView, Token, TokenFor};
+use crate::state::StateDir;
+use crate::token::GrantStore;
 use crate::vips::{VipAllocator, VipRange, VipTable};
 
 /// Handshakes (and redemptions) in flight, per source and in all; attempts over either are
@@ -54,8 +45,6 @@ const HANDSHAKE_LIMITS: Limits = Limits {
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The least time between two warnings of a kind a flood repeats (the others are counted).
 const QUIET_WARNINGS: Duration = Duration::from_secs(10);
-/// How long `token redeem` waits for the new link to come up before answering.
-const REDEEM_WAIT_UP: Duration = Duration::from_secs(10);
 
 /// Kernel buffer for the QUIC socket, each way: bursts of a fast link must not overflow the
 /// default (~200 KiB), which drops packets before quinn sees them.
@@ -148,27 +137,21 @@ pub struct Agent {
     pub local_addr: SocketAddr,
     /// Links to other sites.
     links: Arc<Links>,
-    /// Grants issued by this site.
-    grants: Arc<GrantStore>,
     /// The issuer side of redemption.
     issuer: Arc<Issuer>,
     /// Cancelled to stop everything.
     shutdown: CancellationToken,
     /// Tasks that are not per-link (accept loop, admin API, handshakes).
     tasks: TaskTracker,
-    /// When the agent started, for `status`.
-    started: SystemTime,
     /// The live catalog and routes.
     mesh: Arc<Mesh>,
     /// The data plane.
     forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
     /// The `clusterset.local` DNS responder.
-    dns: crate::dns::Responder,
-    /// The open-files limit after raising it (None: it could not be read), for `status`.
-    open_files: Option<crate::rlimit::OpenFiles>,
-    /// The last change to causeway.yaml picked up while running, for `status`.
-    reload: Mutex<Option<ReloadStatus>>,
+    dns: Arc<crate::dns::Responder>,
+    /// What answers the admin API ([`crate::admin::handler`]).
+    admin: Arc<AgentHandler>,
 }
 
 impl Agent {
@@ -322,26 +305,44 @@ impl Agent {
         )
         .context("loading links")?;
         let grants = Arc::new(GrantStore::load(state.grants()).context("loading grants")?);
-        let dns = crate::dns::Responder::start(
-            &config.dns,
-            &config.site,
-            forwarder.served_views(),
-            metrics.dns(),
-            shutdown.child_token(),
-        )
-        .await
-        .context("starting the DNS responder")?;
+        let dns = Arc::new(
+            crate::dns::Responder::start(
+                &config.dns,
+                &config.site,
+                forwarder.served_views(),
+                metrics.dns(),
+                shutdown.child_token(),
+            )
+            .await
+            .context("starting the DNS responder")?,
+        );
         let issuer = Arc::new(Issuer {
             identity: identity.clone(),
             grants: grants.clone(),
             links: links.clone(),
-            vips_cidr,
+            vips_cidr: vips_cidr.clone(),
             warnings: crate::handshake::Throttle::new(Duration::from_secs(10)),
         });
         let socket_path = state.bind_admin_socket().context("placing the admin socket")?;
         let listener = admin::bind(&socket_path)
             .await
             .with_context(|| format!("binding the admin socket {}", socket_path.display()))?;
+        let admin = Arc::new(AgentHandler {
+            identity: identity.clone(),
+            endpoint: endpoint.clone(),
+            local_addr,
+            advertise: config.advertise_addrs(local_addr),
+            vips_cidr,
+            state_dir: state.root.clone(),
+            started: SystemTime::now(),
+            open_files,
+            links: links.clone(),
+            grants,
+            mesh: mesh.clone(),
+            forwarder: forwarder.clone(),
+            dns: dns.clone(),
+            reload: Mutex::new(None),
+        });
         let agent = Arc::new(Agent {
             config,
             state,
@@ -350,17 +351,14 @@ impl Agent {
             endpoint,
             local_addr,
             links,
-            grants,
             issuer,
             shutdown,
             tasks: TaskTracker::new(),
-            started: SystemTime::now(),
             mesh,
             forwarder,
             metrics,
             dns,
-            open_files,
-            reload: Mutex::new(None),
+            admin,
         });
         if let Some(addr) = agent.config.metrics {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
@@ -394,7 +392,7 @@ impl Agent {
         agent.tasks.spawn(admin::serve(
             listener,
             socket_path,
-            agent.clone(),
+            agent.admin.clone(),
             agent.shutdown.clone(),
             agent.tasks.clone(),
         ));
@@ -410,6 +408,12 @@ impl Agent {
     /// The addresses the DNS responder answers on (UDP and TCP each; port 0 resolved).
     pub fn dns_addrs(&self) -> &[SocketAddr] {
         self.dns.local_addrs()
+    }
+
+    /// Whether the agent has a catalogue to answer from ([`crate::readiness`]): `/readyz`
+    /// and `causeway status`.
+    pub fn readiness(&self) -> Readiness {
+        self.admin.readiness()
     }
 
     /// Decides on every incoming connection attempt at once ([`Admission`]): a stateless
@@ -509,237 +513,6 @@ impl Agent {
             );
         }
     }
-}
-
-/// Why the agent refused an admin request; the CLI prints its text.
-#[derive(Debug, thiserror::Error)]
-pub enum Refusal {
-    /// A sidecar issues and redeems no tokens and removes no links (its site's gateway does).
-    #[error(
-        "this agent is a sidecar of site {0}: it links only to its gateway; issue and redeem tokens, \
-         and remove links, on the gateway"
-    )]
-    Sidecar(String),
-    /// `--name` is not a DNS-1123 label.
-    #[error("link name {0:?} must be a DNS-1123 label (lowercase letters, digits, '-')")]
-    LinkName(String),
-    /// `--cost 0`.
-    #[error("--cost must be at least 1")]
-    ZeroCost,
-    /// The token text does not parse.
-    #[error(transparent)]
-    Token(#[from] crate::token::TokenError),
-    /// Issuing or revoking a grant failed.
-    #[error(transparent)]
-    Grants(#[from] crate::token::GrantStoreError),
-    /// A link to the token's issuer exists or is being made.
-    #[error(transparent)]
-    Peer(#[from] crate::link::PeerConflict),
-    /// Recording or removing a link failed.
-    #[error(transparent)]
-    Link(#[from] crate::link::LinkError),
-    /// The redemption with the issuer failed.
-    #[error(transparent)]
-    Redeem(#[from] redeem::RedeemError),
-}
-
-#[async_trait::async_trait]
-impl admin::Handler for Agent {
-    type Error = Refusal;
-
-    async fn token_issue(&self, req: TokenIssue) -> Result<TokenIssued, Refusal> {
-        self.gateway_only()?;
-        self.issue(req.uses, Duration::from_secs(req.expires_secs)).await
-    }
-
-    async fn token_redeem(&self, req: TokenRedeem) -> Result<Redeemed, Refusal> {
-        self.gateway_only()?;
-        self.redeem(&req.token, req.name, req.cost).await
-    }
-
-    async fn token_list(&self) -> Result<Vec<GrantView>, Refusal> {
-        Ok(self.grants.list().await)
-    }
-
-    async fn token_revoke(&self, req: TokenRevoke) -> Result<GrantView, Refusal> {
-        self.gateway_only()?;
-        let view = self.grants.revoke(&req.grant).await?;
-        info!(grant = %view.grant, redeemed = view.redeemed, uses = view.uses, "token revoked");
-        Ok(view)
-    }
-
-    async fn link_list(&self) -> Result<Vec<LinkStatus>, Refusal> {
-        Ok(self.links.list())
-    }
-
-    async fn link_remove(&self, req: LinkRemove) -> Result<LinkRemoved, Refusal> {
-        self.gateway_only()?;
-        let record = self.links.remove(&req.name)?;
-        Ok(LinkRemoved {
-            name: record.name,
-            peer_site: record.peer_site,
-        })
-    }
-
-    async fn status(&self) -> Result<AgentStatus, Refusal> {
-        Ok(self.status().await)
-    }
-
-    async fn service_list(&self) -> Result<Vec<ServiceView>, Refusal> {
-        Ok(self.forwarder.served_view().services.clone())
-    }
-}
-
-impl Agent {
-    /// Refuses what only a gateway does (tokens, removing links) on a sidecar.
-    fn gateway_only(&self) -> Result<(), Refusal> {
-        match self.mesh.role() {
-            Role::Gateway => Ok(()),
-            Role::Sidecar => Err(Refusal::Sidecar(self.identity.site.clone())),
-        }
-    }
-
-    fn advertised(&self) -> Vec<String> {
-        self.config.advertise_addrs(self.local_addr)
-    }
-
-    async fn issue(&self, uses: u32, ttl: Duration) -> Result<TokenIssued, Refusal> {
-        let addresses = self.advertised();
-        if addresses
-            .iter()
-            .all(|a| a.starts_with("127.") || a.starts_with("[::1]") || a.starts_with("localhost"))
-        {
-            warn!(
-                ?addresses,
-                "the token advertises only loopback addresses; set `advertise:` in causeway.yaml so other machines can reach this site"
-            );
-        }
-        let to = TokenFor {
-            issuer: self.identity.site.clone(),
-            addresses,
-            ca: self.identity.ca_pem.clone(),
-        };
-        let (grant, token) = self.grants.issue(uses, ttl, to).await?;
-        info!(grant = %grant.id, uses, expires = %rfc3339::format(grant.expires), "token issued");
-        Ok(TokenIssued {
-            token: token.to_yaml(),
-            grant: grant.id,
-            expires: grant.expires,
-            uses,
-        })
-    }
-
-    async fn redeem(&self, text: &str, name: Option<String>, cost: u32) -> Result<Redeemed, Refusal> {
-        let token = Token::parse(text)?;
-        let name = name.unwrap_or_else(|| token.issuer.clone());
-        if !is_dns_label(&name) {
-            return Err(Refusal::LinkName(name));
-        }
-        if cost == 0 {
-            return Err(Refusal::ZeroCost);
-        }
-        // One link per pair of sites, checked before dialing so the token is not spent (and
-        // before the name, whose clash is usually this one); held until the link is recorded.
-        let _reservation = self.links.reserve_peer(&token.issuer)?;
-        if self.links.contains(&name) {
-            return Err(crate::link::LinkError::Exists(name).into());
-        }
-        let span = info_span!("redeem", issuer = %token.issuer, link = %name);
-        let redeemed = redeem::redeem(
-            &self.endpoint,
-            &self.identity,
-            &token,
-            &self.config.vips.cidr.to_string(),
-        )
-        .instrument(span)
-        .await?;
-        self.links.add(LinkRecord {
-            name: name.clone(),
-            peer_site: redeemed.site.clone(),
-            role: LinkRole::Dialer,
-            addresses: token.addresses.clone(),
-            peer_ca: token.ca.clone(),
-            cost,
-            created: SystemTime::now(),
-        })?;
-        info!(link = %name, peer = %redeemed.site, addr = %redeemed.addr, "token redeemed");
-        let status = self.links.wait_up(&name, REDEEM_WAIT_UP).await;
-        Ok(Redeemed {
-            name,
-            peer_site: redeemed.site,
-            addr: redeemed.addr,
-            state: status.as_ref().map(|s| s.state).unwrap_or(LinkState::Connecting),
-            last_error: status.and_then(|s| s.last_error),
-        })
-    }
-
-    /// Whether the agent has a catalogue to answer from ([`crate::readiness`]): `/readyz`
-    /// and `causeway status`.
-    pub fn readiness(&self) -> Readiness {
-        let heard = self.mesh.links_heard();
-        let facts: Vec<LinkFacts> = self
-            .links
-            .list()
-            .into_iter()
-            .map(|l| LinkFacts {
-                heard: heard.contains(&l.name),
-                name: l.name,
-                state: l.state,
-            })
-            .collect();
-        crate::readiness::assess(self.mesh.role(), &facts)
-    }
-
-    async fn status(&self) -> AgentStatus {
-        let readiness = self.readiness();
-        let links = self.links.list();
-        let view = self.mesh.view();
-        let intercept = self.forwarder.intercept_status().await;
-        let counters = Counters {
-            links_total: links.len(),
-            links_up: links.iter().filter(|l| l.state == LinkState::Up).count(),
-            grants_open: self.grants.open_count().await,
-            services: view.services.len(),
-            endpoints_ready: view
-                .services
-                .iter()
-                .flat_map(|s| &s.endpoints)
-                .filter(|e| e.ready)
-                .count(),
-            listeners: self.forwarder.listener_count(),
-        };
-        AgentStatus {
-            site: self.identity.site.clone(),
-            mode: self.mesh.role(),
-            listen: self.local_addr,
-            advertise: self.advertised(),
-            state_dir: self.state.root.display().to_string(),
-            started: self.started,
-            uptime_secs: self.started.elapsed().map(|d| d.as_secs()).unwrap_or(0),
-            ready: readiness.ready,
-            ready_reason: readiness.reason,
-            links,
-            vips: VipsStatus {
-                cidr: self.mesh.range().cidr(),
-                block: self.mesh.block(),
-                mode: if intercept.is_some() {
-                    VipMode::Intercept
-                } else {
-                    VipMode::Listen
-                },
-                intercept,
-            },
-            routes: view.routes.clone(),
-            services: view.services.clone(),
-            conflicts: view.conflicts.clone(),
-            listener_errors: self.forwarder.bind_errors(),
-            open_files: self.open_files,
-            config_reload: self.reload.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            sidecars: self.links.members(),
-            dns: self.dns.status(),
-            counters,
-        }
-    }
 
     /// Stops the agent: closes links with a reason, stops the admin API and waits (bounded)
     /// for every task.
@@ -825,7 +598,7 @@ impl Agent {
                 }
             };
             self.metrics.config_reload(status.applied);
-            *self.reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+            self.admin.reloaded(status);
         }
     }
 

@@ -34,6 +34,7 @@ use tracing::{debug, warn};
 use crate::conntable::ConnTable;
 
 pub mod api;
+pub mod handler;
 
 use api::{AgentStatus, LinkRemove, LinkRemoved, Redeemed, TokenIssue, TokenIssued, TokenRedeem, TokenRevoke};
 pub use api::{CALL_TIMEOUT, Call, REDEEM_TIMEOUT, Request};
