@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Both ends use the links' own transport settings and cipher suites
-//! (`identity::transport_config`, `identity::provider`). There are no sockets and no clock:
+//! (`quic::transport_config`, `identity::provider`). There are no sockets and no clock:
 //! every round moves all packets one way and then the other and advances a simulated clock by
 //! `--tick-us`, so the packet and ACK pattern resembles a fast LAN and the instruction count
 //! repeats from run to run. Like the agents, the sender hands quinn whole 256 KiB chunks
@@ -69,8 +69,8 @@ fn main() -> anyhow::Result<()> {
         .with_single_cert(vec![cert_der.clone()], key)?;
     tls.alpn_protocols = vec![b"bench".to_vec()];
     let mut server_config = ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    server_config.transport_config(Arc::new(causeway::identity::transport_config(
-        &causeway::identity::LinkTiming::default(),
+    server_config.transport_config(Arc::new(causeway::quic::transport_config(
+        &causeway::quic::LinkTiming::default(),
     )));
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert_der)?;
@@ -80,8 +80,8 @@ fn main() -> anyhow::Result<()> {
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"bench".to_vec()];
     let mut client_config = ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    client_config.transport_config(Arc::new(causeway::identity::transport_config(
-        &causeway::identity::LinkTiming::default(),
+    client_config.transport_config(Arc::new(causeway::quic::transport_config(
+        &causeway::quic::LinkTiming::default(),
     )));
 
     let ep_config = Arc::new(EndpointConfig::default());

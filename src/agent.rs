@@ -28,6 +28,7 @@ use crate::link::{Established, LinkHandler, Links, describe_connection_error};
 use crate::mesh::{Mesh, VipStore};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ALPN_LINK, ALPN_REDEEM, Control, close};
+use crate::quic;
 use crate::readiness::Readiness;
 use crate::role::{Peer, Role};
 use crate::state::StateDir;
@@ -46,70 +47,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The least time between two warnings of a kind a flood repeats (the others are counted).
 const QUIET_WARNINGS: Duration = Duration::from_secs(10);
 
-/// Kernel buffer for the QUIC socket, each way: bursts of a fast link must not overflow the
-/// default (~200 KiB), which drops packets before quinn sees them.
-const UDP_BUFFER: usize = 8 * 1024 * 1024;
-
 /// How long a freed VIP is kept from other endpoints: a client may hold it from a DNS answer
 /// for `dns.ttl`, and a flow through it may live on until its link's idle timeout, so no
 /// client still using the address can silently reach another endpoint.
 fn vip_quarantine(config: &Config) -> Duration {
     Duration::from_secs(u64::from(config.dns.ttl)) + config.links.idle_timeout
-}
-
-/// Opens the one QUIC endpoint on `addr` with large socket buffers.
-fn quic_endpoint(
-    addr: SocketAddr,
-    server: Option<quinn::ServerConfig>,
-    reset_key: ring::hmac::Key,
-) -> std::io::Result<quinn::Endpoint> {
-    let domain = if addr.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
-    };
-    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    // Best effort: the kernel caps these at net.core.{r,w}mem_max unless we may force them.
-    for force in [true, false] {
-        let r = if force {
-            force_buffer(&socket, libc::SO_RCVBUFFORCE).and(force_buffer(&socket, libc::SO_SNDBUFFORCE))
-        } else {
-            socket
-                .set_recv_buffer_size(UDP_BUFFER)
-                .and(socket.set_send_buffer_size(UDP_BUFFER))
-        };
-        if r.is_ok() {
-            break;
-        }
-    }
-    socket.bind(&addr.into())?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::new(Arc::new(reset_key)),
-        server,
-        socket.into(),
-        Arc::new(quinn::TokioRuntime),
-    )
-}
-
-/// `setsockopt(SOL_SOCKET, opt, UDP_BUFFER)` for the privileged *FORCE options.
-fn force_buffer(socket: &socket2::Socket, opt: libc::c_int) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let value = UDP_BUFFER as libc::c_int;
-    // SAFETY: setsockopt(2) on a socket we own, with a pointer to a live c_int and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            &value as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// How an agent is started beyond its configuration.
@@ -219,16 +161,16 @@ impl Agent {
             _ => {}
         }
         let trust = PeerTrust::new();
-        let timing = identity::LinkTiming::from(&config.links);
+        let timing = quic::LinkTiming::from(&config.links);
         let endpoint = if role == Role::Sidecar {
             // A sidecar only dials its gateway: it exposes no port.
             let any: std::net::SocketAddr = if config.listen.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
                 .parse()
                 .context("client address")?;
-            quic_endpoint(any, None, identity.stateless_reset_key()).context("opening the sidecar's QUIC socket")?
+            quic::endpoint(any, None, identity.stateless_reset_key()).context("opening the sidecar's QUIC socket")?
         } else {
-            let server = identity::server_config(&identity, trust.clone(), &[ALPN_LINK, ALPN_REDEEM], &timing)?;
-            quic_endpoint(config.listen, Some(server), identity.stateless_reset_key())
+            let server = quic::server_config(&identity, trust.clone(), &[ALPN_LINK, ALPN_REDEEM], &timing)?;
+            quic::endpoint(config.listen, Some(server), identity.stateless_reset_key())
                 .with_context(|| format!("binding the QUIC link port {} (listen)", config.listen))?
         };
         let local_addr = endpoint.local_addr().context("reading the bound QUIC address")?;

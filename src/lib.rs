@@ -21,6 +21,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod names;
 pub mod protocol;
+pub mod quic;
 pub mod readiness;
 pub mod rlimit;
 pub mod role;

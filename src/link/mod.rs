@@ -189,7 +189,7 @@ pub struct LinkOptions {
     /// links only to its gateway and persists nothing.
     pub sidecar_gateway: Option<String>,
     /// Keep-alive and idle timeout of the connections we dial (`links:`).
-    pub timing: identity::LinkTiming,
+    pub timing: crate::quic::LinkTiming,
 }
 
 /// The content of `links.yaml`.
@@ -295,7 +295,7 @@ pub struct Links {
     /// Our `vips.cidr`, sent in hellos: the clusterset shares one range.
     vips_cidr: String,
     /// Keep-alive and idle timeout of the connections we dial.
-    timing: identity::LinkTiming,
+    timing: crate::quic::LinkTiming,
     /// Where records are persisted.
     path: std::path::PathBuf,
     /// Records and live state by link name.
@@ -763,8 +763,8 @@ impl Links {
         record: &LinkRecord,
     ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
         let ca = identity::parse_cert_pem(&record.peer_ca, "peer_ca").map_err(|e| e.to_string())?;
-        let cfg =
-            identity::client_config(&self.identity, &ca, ALPN_LINK, true, &self.timing).map_err(|e| e.to_string())?;
+        let cfg = crate::quic::client_config(&self.identity, &ca, ALPN_LINK, true, &self.timing)
+            .map_err(|e| e.to_string())?;
         let mut errors = Vec::new();
         for addr in resolve_all(&record.addresses, &mut errors).await {
             match tokio::time::timeout(DIAL_TIMEOUT, self.connect_addr(&cfg, addr, record)).await {
@@ -1021,11 +1021,11 @@ impl Links {
 
     /// Runs an established link until it ends; returns why it ended. Both sides first raise
     /// the streams the peer may open from the handshake's few to one per flow
-    /// ([`identity::HANDSHAKE_BIDI_STREAMS`] → [`identity::LINK_BIDI_STREAMS`]); the peer
+    /// ([`crate::quic::HANDSHAKE_BIDI_STREAMS`] → [`crate::quic::LINK_BIDI_STREAMS`]); the peer
     /// learns it from a MAX_STREAMS frame.
     async fn session(&self, link: Established) -> String {
         let conn = link.conn.clone();
-        conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(identity::LINK_BIDI_STREAMS));
+        conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(crate::quic::LINK_BIDI_STREAMS));
         let cancel = link.cancel.clone();
         let name = link.name.clone();
         tokio::select! {

@@ -82,7 +82,7 @@ pub async fn redeem(
         ));
     }
     let ca = identity::parse_cert_pem(&token.ca, "token ca").map_err(|e| RedeemError::Local(e.to_string()))?;
-    let cfg = identity::client_config(id, &ca, ALPN_REDEEM, false, &identity::LinkTiming::default())
+    let cfg = crate::quic::client_config(id, &ca, ALPN_REDEEM, false, &crate::quic::LinkTiming::default())
         .map_err(|e| RedeemError::Local(e.to_string()))?;
     let mut tried = Vec::new();
     let mut mismatch = None;
