@@ -27,7 +27,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::netns::{Background, LAN_GATEWAY, Net, require};
-use common::{BIN, Site, stdout, tail, wait_for};
+use common::sidecar::Sidecar;
+use common::{Site, stdout, tail, wait_for};
 
 const POD: &str = "10.1.0.1";
 const SITES: [&str; 3] = ["london", "paris", "tokyo"];
@@ -41,80 +42,6 @@ enum Via {
     /// No causeway: the members run in the site namespaces, which reach each other on the WAN,
     /// and every name is in each namespace's `/etc/hosts`. The baseline.
     Hosts,
-}
-
-/// A pod's sidecar agent.
-struct Sidecar {
-    /// The pod's namespace name (for `Net::exec`/`run_in`).
-    pod: String,
-    state: PathBuf,
-    config: PathBuf,
-    log: PathBuf,
-    env: Vec<(String, String)>,
-    proc: Option<Background>,
-}
-
-impl Sidecar {
-    /// `causeway intercept install --config …` (as the pod's initContainer would run it) or
-    /// `causeway intercept remove`, in the pod.
-    fn intercept(&self, net: &Net, action: &str) -> Output {
-        let mut cmd = net.exec(&self.pod);
-        cmd.args([BIN, "--state", self.state.to_str().unwrap(), "intercept", action]);
-        if action == "install" {
-            cmd.args(["--config", self.config.to_str().unwrap()]);
-        }
-        cmd.env("RUST_LOG", "causeway=debug,info")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .output()
-            .unwrap()
-    }
-
-    fn start(&mut self, net: &Net) {
-        let log = std::fs::File::create(&self.log).unwrap();
-        let mut cmd = net.exec(&self.pod);
-        cmd.args([
-            BIN,
-            "--state",
-            self.state.to_str().unwrap(),
-            "run",
-            "--config",
-            self.config.to_str().unwrap(),
-        ])
-        .env("RUST_LOG", "causeway=debug,info")
-        .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-        self.proc = Some(Background(cmd.spawn().unwrap()));
-        let ok = wait_for(Duration::from_secs(10), || {
-            Command::new(BIN)
-                .args(["--state", self.state.to_str().unwrap(), "status"])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-        assert!(
-            ok,
-            "sidecar in {} did not start:\n{}",
-            self.pod,
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
-    }
-
-    fn services(&self) -> Vec<serde_json::Value> {
-        let out = Command::new(BIN)
-            .args(["--state", self.state.to_str().unwrap(), "service", "list", "-o", "json"])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or_default()
-    }
-
-    fn vip(&self, service: &str, site: &str) -> Option<String> {
-        self.services()
-            .iter()
-            .filter(|s| s["service"] == service)
-            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
-            .find(|e| e["site"] == site && e["ready"] == true)
-            .and_then(|e| e["vip"].as_str().map(String::from))
-    }
 }
 
 /// One member of `service` per site, ready to be started: the namespaces, and with

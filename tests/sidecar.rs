@@ -11,74 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::netns::{Background, LAN_GATEWAY, Net, require};
+use common::sidecar::Sidecar;
 use common::{BIN, Site, stdout, tail, wait_for};
 
 const POD: &str = "10.1.0.1";
 const SITES: [&str; 3] = ["london", "paris", "tokyo"];
-
-/// A pod's sidecar agent.
-struct Sidecar {
-    /// The pod's namespace name (for `Net::exec`/`run_in`).
-    pod: String,
-    state: PathBuf,
-    config: PathBuf,
-    log: PathBuf,
-    env: Vec<(String, String)>,
-    proc: Option<Background>,
-}
-
-impl Sidecar {
-    fn start(&mut self, net: &Net) {
-        let log = std::fs::File::create(&self.log).unwrap();
-        let mut cmd = net.exec(&self.pod);
-        cmd.args([
-            BIN,
-            "--state",
-            self.state.to_str().unwrap(),
-            "run",
-            "--config",
-            self.config.to_str().unwrap(),
-        ])
-        .env("RUST_LOG", "causeway=debug,info")
-        .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-        self.proc = Some(Background(cmd.spawn().unwrap()));
-        let ok = wait_for(Duration::from_secs(10), || {
-            std::process::Command::new(BIN)
-                .args(["--state", self.state.to_str().unwrap(), "status"])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-        assert!(
-            ok,
-            "sidecar in {} did not start:\n{}",
-            self.pod,
-            std::fs::read_to_string(&self.log).unwrap_or_default()
-        );
-    }
-
-    fn stop(&mut self) {
-        self.proc = None;
-    }
-
-    fn services(&self) -> Vec<serde_json::Value> {
-        let out = std::process::Command::new(BIN)
-            .args(["--state", self.state.to_str().unwrap(), "service", "list", "-o", "json"])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or_default()
-    }
-
-    fn vip(&self, service: &str, site: &str) -> Option<String> {
-        self.services()
-            .iter()
-            .filter(|s| s["service"] == service)
-            .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
-            .find(|e| e["site"] == site && e["ready"] == true)
-            .and_then(|e| e["vip"].as_str().map(String::from))
-    }
-}
 
 /// Three linked sites, each with one pod running a sidecar that exports `exports`.
 struct World {
@@ -148,20 +85,7 @@ impl World {
             if mode == "intercept" {
                 // Twice: installing is idempotent.
                 for _ in 0..2 {
-                    let out = net
-                        .exec(&sc.pod)
-                        .args([
-                            BIN,
-                            "--state",
-                            sc.state.to_str().unwrap(),
-                            "intercept",
-                            "install",
-                            "--config",
-                        ])
-                        .arg(&sc.config)
-                        .envs(sc.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                        .output()
-                        .unwrap();
+                    let out = sc.intercept(&net, "install");
                     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
                 }
             }

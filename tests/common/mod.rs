@@ -10,6 +10,7 @@
 
 pub mod netns;
 pub mod relay;
+pub mod sidecar;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
