@@ -567,32 +567,11 @@ fn baseline_etcd_cluster_without_causeway() {
 // ---------------------------------------------------------------------------------------
 // Redis Cluster
 
-/// A cluster node on the default `bind * -::*`, port 6379, keeping its node table in `dir` and
-/// persisting nothing. Protected mode is off: with no password, Redis 7.0 accepts only clients
-/// from exactly 127.0.0.1 or ::1 (not the rest of 127/8, so not the peers' VIPs), which is why
-/// every Redis Cluster deployment either sets a password or turns it off.
+/// A cluster node on the default `bind * -::*`, port 6379 ([`common::redis_cluster_node_default_bind`]).
 fn start_redis(g: &Grid, i: usize) -> Background {
     let dir = g.path(&format!("redis-{}", SITES[i]));
     std::fs::create_dir_all(&dir).unwrap();
-    let dir = dir.to_str().unwrap();
-    let args = [
-        "redis-server",
-        "--port",
-        "6379",
-        "--cluster-enabled",
-        "yes",
-        "--cluster-config-file",
-        &format!("{dir}/nodes.conf"),
-        "--dir",
-        dir,
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "no",
-    ];
-    g.spawn(i, "redis", &args.map(String::from))
+    g.spawn(i, "redis", &common::redis_cluster_node_default_bind(&dir))
 }
 
 fn redis(via: Via) {

@@ -399,11 +399,19 @@ pub fn sites_in(dir: &Path, net: &netns::Net, names: &[&str], pod: &str, configu
 /// `redis-server` and its arguments for a Redis Cluster node on `bind:6379` that keeps its
 /// node table in `dir` and persists nothing (tests add their announce options).
 pub fn redis_cluster_node(bind: &str, dir: &Path) -> Vec<String> {
+    let mut args = redis_cluster_node_default_bind(dir);
+    args.splice(1..1, ["--bind".to_string(), bind.to_string()]);
+    args
+}
+
+/// The same node on Redis's default `bind * -::*`. Protected mode is off: with no password,
+/// Redis 7.0 accepts only clients from exactly 127.0.0.1 or ::1 (not the rest of 127/8, so
+/// not the peers' VIPs), which is why every Redis Cluster deployment either sets a password
+/// or turns it off.
+pub fn redis_cluster_node_default_bind(dir: &Path) -> Vec<String> {
     let dir = dir.to_str().expect("utf-8 path");
     [
         "redis-server",
-        "--bind",
-        bind,
         "--port",
         "6379",
         "--protected-mode",
