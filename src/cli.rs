@@ -444,11 +444,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Loads the configuration a command needs; a file that cannot be read is named with the
+/// reason and what to give instead.
+fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| match &e {
+        crate::config::ConfigError::Io { source, .. } => anyhow::anyhow!(
+            "{e}: {source} (give --config FILE, or --state DIR for a state directory holding causeway.yaml)"
+        ),
+        _ => anyhow::anyhow!("{e}"),
+    })
+}
+
 /// `causeway intercept install`: the nftables rule for the configuration's VIP range and
 /// intercept port.
 fn intercept_install(state: &StateDir, config: Option<PathBuf>) -> anyhow::Result<()> {
     let path = config.unwrap_or_else(|| state.config());
-    let cfg = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = load_config(&path)?;
     if cfg.vips.mode != crate::config::VipMode::Intercept {
         // The rule would send every connection to a VIP to a port the agent does not
         // listen on in this mode: all TCP to VIPs would fail.
@@ -498,7 +509,7 @@ async fn resolve(
         }
     };
     let path = config.unwrap_or_else(|| state.config());
-    let cfg = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = load_config(&path)?;
     let Some(listen) = cfg.dns.listen.first() else {
         bail!(
             "dns.listen in {} is empty: this site runs no DNS responder",
@@ -578,7 +589,7 @@ fn init(state: &StateDir, site: &Label, config_path: Option<&Path>) -> anyhow::R
 
 async fn run_agent(state: StateDir, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let path = config_path.unwrap_or_else(|| state.config());
-    let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = load_config(&path)?;
     let opts = crate::agent::StartOptions {
         config_path: Some(path),
         skip_own_vips: false,
@@ -870,6 +881,36 @@ fn status_table(status: &api::AgentStatus) -> String {
         if status.ready { "yes" } else { "no" },
         status.ready_reason,
     ));
+    let vips = &status.vips;
+    let mode = match &vips.intercept {
+        None => "listen: a listener per VIP and port".to_string(),
+        Some(i) => format!(
+            "intercept on port {}: {}, UDP by {}",
+            i.port,
+            if i.redirected {
+                "VIP traffic redirected here"
+            } else {
+                "VIP traffic NOT redirected here (run `causeway intercept install`)"
+            },
+            match i.udp {
+                crate::forward::UdpInterception::Tproxy => "tproxy",
+                crate::forward::UdpInterception::Listeners => "listeners",
+            }
+        ),
+    };
+    out.push_str(&format!("vips      {} block {}, {mode}\n", vips.cidr, vips.block));
+    if !status.listener_errors.is_empty() {
+        out.push_str(&format!(
+            "listener errors: {} VIP listener(s) could not be bound (`status -o json`: listener_errors), e.g. {}\n",
+            status.listener_errors.len(),
+            status
+                .listener_errors
+                .iter()
+                .next()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .unwrap_or_default()
+        ));
+    }
     out.push_str(&format!("counters  {}\n\n", status.counters.words()));
     out.push_str(&links_table(&status.links));
     out

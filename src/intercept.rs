@@ -134,6 +134,33 @@ pub fn remove() -> Result<(), InterceptError> {
     nft(&format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n"))
 }
 
+/// Whether the table is in this network namespace (`nft list table`): `None` when that
+/// cannot be told (no `nft`, or not permitted to list: listing needs CAP_NET_ADMIN too).
+pub fn installed() -> Option<bool> {
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", "ip", TABLE])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .ok()?;
+    if out.status.success() {
+        return Some(true);
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    (err.contains("No such file or directory") || err.contains("does not exist")).then_some(false)
+}
+
+/// For an agent in listen mode: removes a table left from intercept mode, which would send
+/// every connection to a VIP to a port nobody listens on. `Ok(true)`: there was one and it
+/// is gone; `Ok(false)`: none, or it cannot be told; `Err`: one is there and could not be
+/// removed.
+pub fn remove_leftover() -> Result<bool, InterceptError> {
+    match installed() {
+        Some(true) => remove().map(|()| true),
+        _ => Ok(false),
+    }
+}
+
 /// The destination a redirected connection was sent to (`SO_ORIGINAL_DST`, netfilter).
 pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
     let fd = borrowed(stream);

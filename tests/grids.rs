@@ -495,7 +495,7 @@ fn etcd(via: Via) {
     if !require(&["etcd", "etcdctl"]) {
         return;
     }
-    let Some(g) = Grid::new("etcd", "[{name: peer, port: 2380}, {name: client, port: 2379}]", via) else {
+    let Some(mut g) = Grid::new("etcd", "[{name: peer, port: 2380}, {name: client, port: 2379}]", via) else {
         return;
     };
     let _members: Vec<Background> = (0..3).map(|i| start_etcd(&g, i)).collect();
@@ -534,7 +534,9 @@ fn etcd(via: Via) {
     assert!(got, "tokyo does not read london's key:\n{}", g.logs());
 
     if via == Via::Intercept {
-        // `intercept remove` takes the table away again (a pod's cleanup).
+        // `intercept remove` takes the table away again (a pod's cleanup, once its sidecar
+        // has stopped: a running sidecar as root would put it back, see tests/sidecar.rs).
+        g.sidecars[0].stop();
         let out = g.sidecars[0].intercept(&g.net, "remove");
         assert!(
             out.status.success(),

@@ -447,7 +447,7 @@ fn a_sidecar_is_ready_only_with_its_gateways_catalogue() {
 /// names, from the client's VIP (TCP) and VIP and port (UDP).
 #[test]
 fn intercept_mode_lets_members_bind_wildcards_and_keeps_source_addresses() {
-    let Some(w) = World::with_mode(
+    let Some(mut w) = World::with_mode(
         "peer",
         "[{name: gossip, port: 9999, protocol: UDP}, {name: http, port: 8080}]",
         "intercept",
@@ -527,7 +527,27 @@ fn intercept_mode_lets_members_bind_wildcards_and_keeps_source_addresses() {
     });
     assert_eq!(own.as_deref(), Some(&b"me"[..]), "{}", w.logs());
 
-    // The rule comes out cleanly, twice.
+    // Someone removes the rule under the running sidecar: it says so and, running as root
+    // here, puts it back within a few seconds.
+    let out = w.sidecars[0].intercept(&w.net, "remove");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let repaired = wait_for(Duration::from_secs(12), || {
+        std::fs::read_to_string(&w.sidecars[0].log).is_ok_and(|l| {
+            l.contains("the nftables rule redirecting VIP traffic is gone")
+                && l.matches("installed the nftables rule redirecting VIP traffic").count() >= 1
+        })
+    });
+    assert!(repaired, "{}", w.logs());
+    let got = w.net.run_in(&london, || {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::new(vips[1], 8080), Duration::from_secs(2)).ok()?;
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut s, &mut out).ok()?;
+        Some(out)
+    });
+    assert!(got.as_deref().is_some_and(|g| g.starts_with("paris;")), "{got:?}");
+
+    // With the sidecar stopped, the rule comes out cleanly, twice.
+    w.sidecars[0].stop();
     for _ in 0..2 {
         let out = w.net.exec(&london).args([BIN, "intercept", "remove"]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -540,4 +560,23 @@ fn intercept_mode_lets_members_bind_wildcards_and_keeps_source_addresses() {
         Some(out)
     });
     assert!(got.as_deref().is_some_and(|g| g.starts_with("london;")), "{got:?}");
+    // A listen-mode agent started where the table was left behind removes it (it would send
+    // every VIP connection to a port nobody listens on).
+    let out = w.sidecars[0].intercept(&w.net, "install");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config = std::fs::read_to_string(&w.sidecars[0].config).unwrap();
+    std::fs::write(&w.sidecars[0].config, config.replace("mode: intercept", "mode: listen")).unwrap();
+    w.sidecars[0].start(&w.net);
+    let gone = wait_for(Duration::from_secs(5), || {
+        let tables = stdout(&w.net.exec(&london).args(["nft", "list", "tables"]).output().unwrap());
+        !tables.contains("causeway")
+    });
+    assert!(gone, "{}", w.logs());
+    assert!(
+        std::fs::read_to_string(&w.sidecars[0].log)
+            .unwrap()
+            .contains("removed a leftover nftables table"),
+        "{}",
+        w.logs()
+    );
 }

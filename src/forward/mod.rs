@@ -113,6 +113,9 @@ pub struct ForwardOptions {
     pub bind_own: bool,
 }
 
+/// How often an intercepting agent checks that its nftables rule is still in place.
+const WATCH_EVERY: Duration = Duration::from_secs(5);
+
 /// `vips.mode: intercept`: the sockets the redirected traffic arrives at (see
 /// [`crate::intercept`]), set up by [`Intercepting::setup`].
 pub struct Intercepting {
@@ -158,24 +161,60 @@ impl Intercepting {
             active: std::sync::atomic::AtomicBool::new(false),
         };
         if !me.probe().await {
-            match intercept::install(ipnet::IpNet::V4(cidr), port) {
-                Ok(()) if me.probe().await => {
-                    info!(table = intercept::TABLE, %cidr, port, "installed the nftables rule redirecting VIP traffic")
-                }
-                Ok(()) => warn!(%cidr, port, "installed the nftables rule, but VIP traffic still does not arrive"),
-                Err(e) => warn!(
-                    error = %e,
-                    %cidr,
-                    port,
-                    "VIP traffic is not redirected to this agent: run `causeway intercept install` in this network \
-                     namespace with CAP_NET_ADMIN (in Kubernetes, the sidecar's initContainer)"
-                ),
-            }
+            me.repair().await;
         }
         if me.active() {
             info!(%cidr, port, udp = me.udp.is_some(), "intercepting VIP traffic");
         }
         Ok(me)
+    }
+
+    /// The rule is not (or no longer) in place: installs it when this process may (root on
+    /// a plain Linux host), else says what to run. Until it is back, connections to VIPs
+    /// are refused, or reach a local program bound to a wildcard address on their port.
+    async fn repair(&self) {
+        use crate::intercept;
+        let (cidr, port) = (self.cidr, self.port);
+        match intercept::install(ipnet::IpNet::V4(cidr), port) {
+            Ok(()) if self.probe().await => {
+                info!(table = intercept::TABLE, %cidr, port, "installed the nftables rule redirecting VIP traffic")
+            }
+            Ok(()) => warn!(%cidr, port, "installed the nftables rule, but VIP traffic still does not arrive"),
+            Err(e) => warn!(
+                error = %e,
+                %cidr,
+                port,
+                "VIP traffic is not redirected to this agent (connections to VIPs are refused, or reach a local \
+                 program bound to 0.0.0.0 on their port): run `causeway intercept install` in this network \
+                 namespace with CAP_NET_ADMIN (in Kubernetes, the sidecar's initContainer)"
+            ),
+        }
+    }
+
+    /// Watches the rule while the agent runs: every [`WATCH_EVERY`] a probe; when the rule
+    /// disappears (someone ran `intercept remove`, flushed nftables, or a restart of the
+    /// network namespace's firewall dropped it), says so and repairs it where it may.
+    async fn watch(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(WATCH_EVERY) => {}
+                _ = stop.cancelled() => return,
+            }
+            let was = self.active();
+            match (was, self.probe().await) {
+                (true, false) => {
+                    warn!(
+                        table = crate::intercept::TABLE,
+                        "the nftables rule redirecting VIP traffic is gone"
+                    );
+                    self.repair().await;
+                }
+                (false, true) => {
+                    info!(cidr = %self.cidr, port = self.port, "VIP traffic is redirected to this agent again")
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Probes whether TCP to the range arrives here, and remembers the answer.
@@ -288,6 +327,25 @@ impl Forwarder {
                 fwd.tasks
                     .spawn(fwd.clone().intercepted_udp(socket.clone(), raw.clone()));
             }
+            fwd.tasks.spawn(i.clone().watch(fwd.shutdown.clone()));
+        } else {
+            // Listen mode: a table left from intercept mode would send every VIP connection
+            // to a port nobody listens on. Remove it where we may, else say what to run.
+            fwd.tasks.spawn(async {
+                match tokio::task::spawn_blocking(crate::intercept::remove_leftover).await {
+                    Ok(Ok(true)) => warn!(
+                        table = crate::intercept::TABLE,
+                        "removed a leftover nftables table from vips.mode intercept: in listen mode it would send \
+                         every connection to a VIP to a port nobody listens on"
+                    ),
+                    Ok(Err(e)) => warn!(
+                        error = %e,
+                        "an nftables table from vips.mode intercept is left in this network namespace and sends every \
+                         connection to a VIP to a port nobody listens on in listen mode: run `causeway intercept remove`"
+                    ),
+                    _ => {}
+                }
+            });
         }
         fwd.tasks.spawn(fwd.clone().follow_view());
         fwd.tasks.spawn(fwd.clone().sweep_udp());
@@ -495,6 +553,10 @@ impl Forwarder {
                     let hint = if e.kind() == std::io::ErrorKind::AddrNotAvailable {
                         " (the VIP range is not local here: keep vips.cidr inside 127.0.0.0/8, or make it local with \
                          `ip route add local <cidr> dev lo`)"
+                    } else if e.kind() == std::io::ErrorKind::AddrInUse {
+                        " (a program here binds this port on a wildcard address such as 0.0.0.0, or on this VIP: \
+                         local clients of this VIP reach that program instead; bind it to its own address, or set \
+                         vips.mode: intercept)"
                     } else if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) {
                         " (out of open files: raise the hard open-files limit, e.g. `ulimit -Hn`, LimitNOFILE= or the \
                          container runtime's nofile, or lower limits.max_flows)"
