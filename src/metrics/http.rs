@@ -535,7 +535,15 @@ mod tests {
     #[tokio::test]
     async fn serves_metrics_and_probes() {
         let server = start(Limits::DEFAULT).await;
-        server.metrics.flow_opened("web", "shop", "tcp", "origin");
+        server
+            .metrics
+            .flow(
+                "web",
+                "shop",
+                crate::metrics::Protocol::Tcp,
+                crate::metrics::Role::Origin,
+            )
+            .opened();
 
         let (status, head, body) = exchange(server.addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert_eq!(status, 200);

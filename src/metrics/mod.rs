@@ -16,26 +16,172 @@ mod http;
 
 pub use http::{OPENMETRICS_CONTENT_TYPE, ReadyFn, serve};
 
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 use tracing::warn;
 
+/// Defines a label value: a closed enum whose variants encode as fixed words, so every label
+/// set built from it is bounded by its type and the exposition spells each value exactly as
+/// `as_str` does. (prometheus-client's derive writes the variant's Rust name, `Tcp`, which
+/// would change the exposition; hence this.)
+macro_rules! label_value {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident => $text:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The word the exposition carries for this value.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $text, )+
+                }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                EncodeLabelValue::encode(&self.as_str(), encoder)
+            }
+        }
+    };
+}
+
+label_value! {
+    /// The `protocol` label: the transport of the service's flow.
+    pub enum Protocol {
+        /// A TCP connection.
+        Tcp => "tcp",
+        /// A UDP flow (datagrams between one client and one endpoint).
+        Udp => "udp",
+    }
+}
+
+label_value! {
+    /// The `role` label: which part of a flow's path this site played (also which of the UDP
+    /// forwarder's tables holds a flow).
+    pub enum Role {
+        /// Accepted on a VIP listener here.
+        Origin => "origin",
+        /// Passed through this site towards another.
+        Relay => "relay",
+        /// Delivered to a local endpoint here.
+        Terminus => "terminus",
+    }
+}
+
+label_value! {
+    /// The `direction` label of the byte and datagram counters.
+    pub enum Direction {
+        /// From the client towards the service's endpoint.
+        ToEndpoint => "to_endpoint",
+        /// From the endpoint back to the client.
+        FromEndpoint => "from_endpoint",
+    }
+}
+
+label_value! {
+    /// The `reason` label of `causeway_flows_failed_total`.
+    pub enum FailReason {
+        /// The endpoint refused the connection.
+        Refused => "refused",
+        /// The endpoint or the next site could not be reached.
+        Unreachable => "unreachable",
+        /// No link leads towards the flow's destination site.
+        NoRoute => "no_route",
+        /// The agent's flow limit was reached.
+        Limit => "limit",
+        /// The VIP is not (or no longer) exported here.
+        NotExported => "not_exported",
+        /// The flow broke after it was set up.
+        Reset => "reset",
+    }
+}
+
+label_value! {
+    /// The `reason` label of `causeway_udp_datagrams_dropped_total`.
+    pub enum DropReason {
+        /// Larger than anything the path can carry.
+        TooLarge => "too_large",
+        /// No link leads towards the flow's destination site.
+        NoRoute => "no_route",
+        /// A reply for a flow this agent no longer holds.
+        NoFlow => "no_flow",
+        /// A queue on the way was full.
+        QueueFull => "queue_full",
+        /// The link refused the datagram (closed, or datagrams unsupported).
+        Link => "link",
+        /// The datagram's header could not be parsed.
+        Malformed => "malformed",
+    }
+}
+
+label_value! {
+    /// The `reason` label of `causeway_udp_flows_evicted_total`.
+    pub enum EvictReason {
+        /// Its client was at its share and opened another flow.
+        ClientShare => "client_share",
+        /// The table was full and its holder held the most flows.
+        TableFull => "table_full",
+    }
+}
+
+label_value! {
+    /// The `outcome` label of `causeway_handshakes_total` (see [`crate::handshake`]).
+    pub enum HandshakeOutcome {
+        /// Asked to validate its address first.
+        Retry => "retry",
+        /// Admitted to the handshake.
+        Admitted => "admitted",
+        /// Refused: its source had too many handshakes in flight.
+        RefusedSource => "refused_source",
+        /// Refused: too many handshakes in flight in all.
+        RefusedBusy => "refused_busy",
+        /// No answer was possible.
+        Ignored => "ignored",
+        /// An admitted handshake completed.
+        Completed => "completed",
+        /// An admitted handshake failed.
+        Failed => "failed",
+        /// An admitted handshake did not complete in time.
+        TimedOut => "timed_out",
+    }
+}
+
+label_value! {
+    /// The `result` label of `causeway_config_reloads_total`.
+    pub enum ReloadResult {
+        /// The change was applied.
+        Applied => "applied",
+        /// The change was rejected; the previous configuration stays in force.
+        Rejected => "rejected",
+    }
+}
+
 /// Labels of the flow counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FlowLabels {
     service: String,
     namespace: String,
-    /// `tcp` or `udp`.
-    protocol: String,
-    /// `origin`, `relay` or `terminus`: which part of the path this site played.
-    role: String,
+    protocol: Protocol,
+    role: Role,
 }
 
 /// Labels of the failed-flow counter: a flow's labels plus why it failed.
@@ -43,21 +189,17 @@ struct FlowLabels {
 struct FlowFailureLabels {
     service: String,
     namespace: String,
-    protocol: String,
-    role: String,
-    /// A short fixed word chosen by the caller (`refused`, `no_route`, ...), never free text,
-    /// so the number of series stays bounded.
-    reason: String,
+    protocol: Protocol,
+    role: Role,
+    reason: FailReason,
 }
 
 /// Labels of the UDP flow eviction counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EvictionLabels {
-    /// `origin`, `relay` or `terminus`: which of this site's tables gave up the flow.
-    role: String,
-    /// `client_share` (its client was at its share) or `table_full` (its holder held the
-    /// most flows of a full table).
-    reason: String,
+    /// Which of this site's tables gave up the flow.
+    role: Role,
+    reason: EvictReason,
 }
 
 /// Labels of the byte counter.
@@ -65,9 +207,8 @@ struct EvictionLabels {
 struct ByteLabels {
     service: String,
     namespace: String,
-    protocol: String,
-    /// `to_endpoint` or `from_endpoint`.
-    direction: String,
+    protocol: Protocol,
+    direction: Direction,
 }
 
 /// Labels of the forwarded-datagram counter.
@@ -75,7 +216,7 @@ struct ByteLabels {
 struct DatagramLabels {
     service: String,
     namespace: String,
-    direction: String,
+    direction: Direction,
 }
 
 /// Labels of the dropped-datagram counter.
@@ -83,7 +224,7 @@ struct DatagramLabels {
 struct DropLabels {
     service: String,
     namespace: String,
-    reason: String,
+    reason: DropReason,
 }
 
 /// Labels of per-service counters that need nothing else.
@@ -105,15 +246,13 @@ struct LinkLabels {
 /// Labels of `causeway_config_reloads_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
-    /// `applied` or `rejected` (see [`Metrics::config_reload`]).
-    result: String,
+    result: ReloadResult,
 }
 
 /// Labels of `causeway_handshakes_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandshakeLabels {
-    /// What became of the attempt (see [`Metrics::handshake`]).
-    outcome: String,
+    outcome: HandshakeOutcome,
 }
 
 /// A gauge holding an unsigned value read from elsewhere (quinn's byte totals, counts).
@@ -319,65 +458,58 @@ impl Metrics {
         self.dns.clone()
     }
 
-    /// A flow was set up. `protocol` is `tcp` or `udp`; `role` is `origin` (accepted on a VIP
-    /// listener here), `relay` (passed through this site) or `terminus` (delivered to a local
-    /// endpoint here).
-    pub fn flow_opened(&self, service: &str, namespace: &str, protocol: &str, role: &str) {
-        self.flows_opened
-            .get_or_create(&flow_labels(service, namespace, protocol, role))
-            .inc();
+    /// The counters of one flow of `service` in `namespace`, in which this site plays `role`.
+    ///
+    /// Made once when the flow starts: its label values are copied once, and each counter is
+    /// resolved on its first use and kept, so counting bytes or the close is a plain atomic add.
+    /// A series still appears only when first counted, as it would without the handle.
+    pub fn flow(&self, service: &str, namespace: &str, protocol: Protocol, role: Role) -> FlowMetrics {
+        FlowMetrics {
+            labels: FlowLabels {
+                service: service.to_owned(),
+                namespace: namespace.to_owned(),
+                protocol,
+                role,
+            },
+            opened_family: self.flows_opened.clone(),
+            closed_family: self.flows_closed.clone(),
+            failed_family: self.flows_failed.clone(),
+            bytes_family: self.bytes.clone(),
+            closed: OnceLock::new(),
+            to_endpoint: OnceLock::new(),
+            from_endpoint: OnceLock::new(),
+        }
     }
 
-    /// A flow that was opened has ended.
-    pub fn flow_closed(&self, service: &str, namespace: &str, protocol: &str, role: &str) {
-        self.flows_closed
-            .get_or_create(&flow_labels(service, namespace, protocol, role))
-            .inc();
-    }
-
-    /// A flow failed; `reason` is a short fixed word such as `refused`, `unreachable`,
-    /// `no_route`, `limit` or `reset`.
-    pub fn flow_failed(&self, service: &str, namespace: &str, protocol: &str, role: &str, reason: &str) {
-        let labels = FlowFailureLabels {
-            service: service.to_owned(),
-            namespace: namespace.to_owned(),
-            protocol: protocol.to_owned(),
-            role: role.to_owned(),
-            reason: reason.to_owned(),
-        };
-        self.flows_failed.get_or_create(&labels).inc();
-    }
-
-    /// `n` payload bytes were carried; `direction` is `to_endpoint` or `from_endpoint`.
-    /// Each call costs a few small allocations and a lock lookup, so callers on the data path
-    /// should add once per buffer, not per byte.
-    pub fn add_bytes(&self, service: &str, namespace: &str, protocol: &str, direction: &str, n: u64) {
+    /// `n` payload bytes were carried in `direction` outside any [`FlowMetrics`] (UDP datagrams,
+    /// whose flow state does not hold a handle). Each call costs a few small allocations and a
+    /// lock lookup, so callers on the data path should add once per buffer, not per byte.
+    pub fn add_bytes(&self, service: &str, namespace: &str, protocol: Protocol, direction: Direction, n: u64) {
         let labels = ByteLabels {
             service: service.to_owned(),
             namespace: namespace.to_owned(),
-            protocol: protocol.to_owned(),
-            direction: direction.to_owned(),
+            protocol,
+            direction,
         };
         self.bytes.get_or_create(&labels).inc_by(n);
     }
 
-    /// One UDP datagram was forwarded in `direction` (`to_endpoint` or `from_endpoint`).
-    pub fn datagram(&self, service: &str, namespace: &str, direction: &str) {
+    /// One UDP datagram was forwarded in `direction`.
+    pub fn datagram(&self, service: &str, namespace: &str, direction: Direction) {
         let labels = DatagramLabels {
             service: service.to_owned(),
             namespace: namespace.to_owned(),
-            direction: direction.to_owned(),
+            direction,
         };
         self.udp_datagrams.get_or_create(&labels).inc();
     }
 
-    /// One UDP datagram was dropped; `reason` is a short fixed word such as `too_large`,
-    /// `no_route`, `no_flow` or `queue_full`.
-    pub fn datagram_dropped(&self, service: &str, namespace: &str, reason: &str) {
+    /// One UDP datagram was dropped, for `reason`.
+    pub fn datagram_dropped(&self, service: &str, namespace: &str, reason: DropReason) {
         let labels = DropLabels {
             service: service.to_owned(),
             namespace: namespace.to_owned(),
-            reason: reason.to_owned(),
+            reason,
         };
         self.udp_dropped.get_or_create(&labels).inc();
     }
@@ -391,33 +523,30 @@ impl Metrics {
         self.udp_via_stream.get_or_create(&labels).inc();
     }
 
-    /// One UDP flow was evicted from this agent's table to admit a newer one. `role` is
-    /// `origin`, `relay` or `terminus`; `reason` is `client_share` or `table_full`.
-    pub fn udp_flow_evicted(&self, role: &str, reason: &str) {
-        let labels = EvictionLabels {
-            role: role.to_owned(),
-            reason: reason.to_owned(),
-        };
+    /// One UDP flow was evicted from this agent's `role` table to admit a newer one.
+    pub fn udp_flow_evicted(&self, role: Role, reason: EvictReason) {
+        let labels = EvictionLabels { role, reason };
         self.udp_evicted.get_or_create(&labels).inc();
     }
 
     /// A change to causeway.yaml was applied (`ok`) or rejected.
     pub fn config_reload(&self, ok: bool) {
         let labels = ReloadLabels {
-            result: if ok { "applied" } else { "rejected" }.to_owned(),
+            result: if ok {
+                ReloadResult::Applied
+            } else {
+                ReloadResult::Rejected
+            },
         };
         self.config_reloads.get_or_create(&labels).inc();
         self.config_reload_failed.set(u64::from(!ok));
     }
 
-    /// One incoming QUIC connection attempt reached `outcome`: `retry` (asked to validate
-    /// its address), `admitted`, `refused_source` or `refused_busy` (over the per-source or
-    /// total handshake limit), `ignored` (no answer possible); then, for admitted ones,
-    /// `completed`, `failed` or `timed_out`. See [`crate::handshake`].
-    pub fn handshake(&self, outcome: &str) {
-        let labels = HandshakeLabels {
-            outcome: outcome.to_owned(),
-        };
+    /// One incoming QUIC connection attempt reached `outcome`: first `retry`, `admitted`,
+    /// `refused_*` or `ignored`; then, for admitted ones, `completed`, `failed` or
+    /// `timed_out`. See [`crate::handshake`].
+    pub fn handshake(&self, outcome: HandshakeOutcome) {
+        let labels = HandshakeLabels { outcome };
         self.handshakes.get_or_create(&labels).inc();
     }
 
@@ -483,12 +612,75 @@ impl Metrics {
     }
 }
 
-fn flow_labels(service: &str, namespace: &str, protocol: &str, role: &str) -> FlowLabels {
-    FlowLabels {
-        service: service.to_owned(),
-        namespace: namespace.to_owned(),
-        protocol: protocol.to_owned(),
-        role: role.to_owned(),
+/// The counters of one flow, from [`Metrics::flow`]: what the data path counts through instead
+/// of rebuilding label sets per call.
+#[derive(Debug)]
+pub struct FlowMetrics {
+    /// The flow's labels, copied once.
+    labels: FlowLabels,
+    /// `causeway_flows_opened_total`, counted at most once per flow so not cached.
+    opened_family: Family<FlowLabels, Counter>,
+    /// `causeway_flows_closed_total`, resolved into `closed` on first use.
+    closed_family: Family<FlowLabels, Counter>,
+    /// `causeway_flows_failed_total`: the reason is known only at failure, so looked up then.
+    failed_family: Family<FlowFailureLabels, Counter>,
+    /// `causeway_bytes_total`, resolved into `to_endpoint` / `from_endpoint` on first use.
+    bytes_family: Family<ByteLabels, Counter>,
+    /// This flow's series of `causeway_flows_closed_total`, once resolved.
+    closed: OnceLock<Counter>,
+    /// This flow's `direction="to_endpoint"` series of `causeway_bytes_total`, once resolved.
+    to_endpoint: OnceLock<Counter>,
+    /// This flow's `direction="from_endpoint"` series of `causeway_bytes_total`, once resolved.
+    from_endpoint: OnceLock<Counter>,
+}
+
+impl FlowMetrics {
+    /// The part of the flow's path this site plays.
+    pub fn role(&self) -> Role {
+        self.labels.role
+    }
+
+    /// The flow was set up.
+    pub fn opened(&self) {
+        self.opened_family.get_or_create(&self.labels).inc();
+    }
+
+    /// The flow, once opened, has ended.
+    pub fn closed(&self) {
+        self.closed
+            .get_or_init(|| self.closed_family.get_or_create(&self.labels).clone())
+            .inc();
+    }
+
+    /// The flow failed (before or after it was set up) for `reason`.
+    pub fn failed(&self, reason: FailReason) {
+        let labels = FlowFailureLabels {
+            service: self.labels.service.clone(),
+            namespace: self.labels.namespace.clone(),
+            protocol: self.labels.protocol,
+            role: self.labels.role,
+            reason,
+        };
+        self.failed_family.get_or_create(&labels).inc();
+    }
+
+    /// `n` payload bytes were carried in `direction`. Cheap after the first call per direction,
+    /// but still best counted once per buffer, not per byte.
+    pub fn bytes(&self, direction: Direction, n: u64) {
+        let cell = match direction {
+            Direction::ToEndpoint => &self.to_endpoint,
+            Direction::FromEndpoint => &self.from_endpoint,
+        };
+        cell.get_or_init(|| {
+            let labels = ByteLabels {
+                service: self.labels.service.clone(),
+                namespace: self.labels.namespace.clone(),
+                protocol: self.labels.protocol,
+                direction,
+            };
+            self.bytes_family.get_or_create(&labels).clone()
+        })
+        .inc_by(n);
     }
 }
 
@@ -510,22 +702,24 @@ mod tests {
     #[test]
     fn counters_appear_with_labels_and_values() {
         let m = Metrics::new();
-        m.flow_opened("web", "shop", "tcp", "origin");
-        m.flow_opened("web", "shop", "tcp", "origin");
-        m.flow_opened("web", "shop", "tcp", "relay");
-        m.flow_closed("web", "shop", "tcp", "origin");
-        m.flow_failed("web", "shop", "tcp", "terminus", "refused");
-        m.add_bytes("web", "shop", "tcp", "to_endpoint", 1000);
-        m.add_bytes("web", "shop", "tcp", "to_endpoint", 24);
-        m.add_bytes("web", "shop", "tcp", "from_endpoint", 7);
-        m.datagram("dns", "kube-system", "to_endpoint");
-        m.datagram_dropped("dns", "kube-system", "too_large");
+        let origin = m.flow("web", "shop", Protocol::Tcp, Role::Origin);
+        origin.opened();
+        m.flow("web", "shop", Protocol::Tcp, Role::Origin).opened();
+        m.flow("web", "shop", Protocol::Tcp, Role::Relay).opened();
+        origin.closed();
+        m.flow("web", "shop", Protocol::Tcp, Role::Terminus)
+            .failed(FailReason::Refused);
+        origin.bytes(Direction::ToEndpoint, 1000);
+        origin.bytes(Direction::ToEndpoint, 24);
+        origin.bytes(Direction::FromEndpoint, 7);
+        m.datagram("dns", "kube-system", Direction::ToEndpoint);
+        m.datagram_dropped("dns", "kube-system", DropReason::TooLarge);
         m.datagram_via_stream("dns", "kube-system");
-        m.udp_flow_evicted("origin", "client_share");
-        m.udp_flow_evicted("origin", "client_share");
-        m.handshake("retry");
-        m.handshake("retry");
-        m.handshake("refused_source");
+        m.udp_flow_evicted(Role::Origin, EvictReason::ClientShare);
+        m.udp_flow_evicted(Role::Origin, EvictReason::ClientShare);
+        m.handshake(HandshakeOutcome::Retry);
+        m.handshake(HandshakeOutcome::Retry);
+        m.handshake(HandshakeOutcome::RefusedSource);
         m.set_services(3);
         m.set_endpoints(2);
         let text = m.encode();
@@ -603,8 +797,122 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         let m = Metrics::new();
-        m.flow_opened("we\"b\\x\ny", "shop", "tcp", "origin");
+        m.flow("we\"b\\x\ny", "shop", Protocol::Tcp, Role::Origin).opened();
         let text = m.encode();
         assert!(text.contains(r#"service="we\"b\\x\ny""#), "{text}");
+    }
+
+    /// The exposition of a fixed pattern touching every label value, as the string-labelled
+    /// code before typed label values wrote it (`exposition.golden.txt`, dumped from that code).
+    /// Series within a family come out in hash-map order, which differs between processes, so
+    /// the lines are compared as sorted sets, and the `#` lines (family order) in sequence.
+    #[test]
+    fn exposition_matches_the_string_labelled_original() {
+        let m = Metrics::new();
+        for (p, r) in [
+            (Protocol::Tcp, Role::Origin),
+            (Protocol::Tcp, Role::Relay),
+            (Protocol::Tcp, Role::Terminus),
+            (Protocol::Udp, Role::Origin),
+            (Protocol::Udp, Role::Terminus),
+        ] {
+            let flow = m.flow("web", "shop", p, r);
+            flow.opened();
+            flow.closed();
+            for &reason in FailReason::ALL {
+                flow.failed(reason);
+            }
+        }
+        m.flow("we\"b\\x\ny", "shop", Protocol::Tcp, Role::Origin).opened();
+        let tcp = m.flow("web", "shop", Protocol::Tcp, Role::Origin);
+        tcp.bytes(Direction::ToEndpoint, 1000);
+        tcp.bytes(Direction::FromEndpoint, 7);
+        m.add_bytes("dns", "kube-system", Protocol::Udp, Direction::ToEndpoint, 0);
+        m.add_bytes("dns", "kube-system", Protocol::Udp, Direction::FromEndpoint, 512);
+        for &direction in Direction::ALL {
+            m.datagram("dns", "kube-system", direction);
+        }
+        for &reason in DropReason::ALL {
+            m.datagram_dropped("unknown", "unknown", reason);
+        }
+        m.datagram_via_stream("dns", "kube-system");
+        for &role in Role::ALL {
+            for &reason in EvictReason::ALL {
+                m.udp_flow_evicted(role, reason);
+            }
+        }
+        for &outcome in HandshakeOutcome::ALL {
+            m.handshake(outcome);
+        }
+        m.config_reload(true);
+        m.config_reload(false);
+        m.set_link("to-b", "site-b", true, Some(Duration::from_millis(25)), 100, 200);
+        m.set_services(3);
+        m.set_endpoints(2);
+        m.set_open_files_limit(1024);
+        m.set_listener_errors(1);
+
+        let text = m.encode();
+        let golden = include_str!("exposition.golden.txt");
+        let sorted = |t: &str| {
+            let mut lines: Vec<String> = t.lines().map(str::to_owned).collect();
+            lines.sort();
+            lines
+        };
+        let comments = |t: &str| {
+            t.lines()
+                .filter(|l| l.starts_with('#'))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(sorted(&text), sorted(golden), "{text}");
+        assert_eq!(comments(&text), comments(golden));
+        assert_eq!(text.len(), golden.len());
+    }
+
+    #[test]
+    fn label_values_spell_their_words() {
+        let words = |all: &[&'static str]| all.join(",");
+        assert_eq!(
+            words(&Protocol::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>()),
+            "tcp,udp"
+        );
+        assert_eq!(
+            words(&Role::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>()),
+            "origin,relay,terminus"
+        );
+        assert_eq!(
+            words(&Direction::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>()),
+            "to_endpoint,from_endpoint"
+        );
+        assert_eq!(
+            words(&ReloadResult::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>()),
+            "applied,rejected"
+        );
+    }
+
+    #[test]
+    fn a_flow_handle_creates_its_series_only_when_counted() {
+        let m = Metrics::new();
+        let flow = m.flow("web", "shop", Protocol::Tcp, Role::Origin);
+        flow.failed(FailReason::Limit);
+        let text = m.encode();
+        assert!(!text.contains("causeway_flows_opened_total{"), "{text}");
+        assert!(!text.contains("causeway_flows_closed_total{"), "{text}");
+        assert!(!text.contains("causeway_bytes_total{"), "{text}");
+        flow.bytes(Direction::FromEndpoint, 5);
+        flow.bytes(Direction::FromEndpoint, 5);
+        // Another handle on the same labels counts into the same series.
+        m.flow("web", "shop", Protocol::Tcp, Role::Origin)
+            .bytes(Direction::FromEndpoint, 1);
+        let text = m.encode();
+        assert!(
+            has_line(
+                &text,
+                r#"causeway_bytes_total{service="web",namespace="shop",protocol="tcp",direction="from_endpoint"} 11"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains(r#"direction="to_endpoint""#), "{text}");
     }
 }
