@@ -26,7 +26,7 @@ use crate::identity::{self, PeerTrust, SiteIdentity};
 use crate::link::redeem::Issuer;
 use crate::link::{Established, LinkHandler, Links, describe_connection_error};
 use crate::mesh::{Mesh, VipStore};
-use crate::metrics::Metrics;
+use crate::metrics::{HandshakeOutcome, Metrics};
 use crate::protocol::{self, ALPN_LINK, ALPN_REDEEM, Control, close};
 use crate::quic;
 use crate::readiness::Readiness;
@@ -380,7 +380,7 @@ impl Agent {
                     // fail, the attempt gets no answer at all rather than state.
                     if let Err(e) = incoming.retry() {
                         e.into_incoming().ignore();
-                        self.metrics.handshake("ignored");
+                        self.metrics.handshake(HandshakeOutcome::Ignored);
                     }
                     continue;
                 }
@@ -412,16 +412,16 @@ impl Agent {
                     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, async { incoming.accept()?.await });
                     let conn = match handshake.await {
                         Ok(Ok(c)) => {
-                            me.metrics.handshake("completed");
+                            me.metrics.handshake(HandshakeOutcome::Completed);
                             c
                         }
                         Ok(Err(e)) => {
-                            me.metrics.handshake("failed");
+                            me.metrics.handshake(HandshakeOutcome::Failed);
                             debug!(error = %crate::link::describe_connection_error(&e), "handshake failed");
                             return;
                         }
                         Err(_) => {
-                            me.metrics.handshake("timed_out");
+                            me.metrics.handshake(HandshakeOutcome::TimedOut);
                             debug!("handshake timed out");
                             return;
                         }

@@ -23,6 +23,8 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::metrics::HandshakeOutcome;
+
 /// Bounds on handshakes in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -64,12 +66,12 @@ pub enum Refusal {
 
 impl Decision {
     /// The `outcome` label of `causeway_handshakes_total` for this decision.
-    pub fn outcome(self) -> &'static str {
+    pub fn outcome(self) -> HandshakeOutcome {
         match self {
-            Decision::Retry => "retry",
-            Decision::Admit => "admitted",
-            Decision::Refuse(Refusal::SourceBusy) => "refused_source",
-            Decision::Refuse(Refusal::Busy) => "refused_busy",
+            Decision::Retry => HandshakeOutcome::Retry,
+            Decision::Admit => HandshakeOutcome::Admitted,
+            Decision::Refuse(Refusal::SourceBusy) => HandshakeOutcome::RefusedSource,
+            Decision::Refuse(Refusal::Busy) => HandshakeOutcome::RefusedBusy,
         }
     }
 }
@@ -281,10 +283,13 @@ mod tests {
 
     #[test]
     fn outcomes_name_the_decision() {
-        assert_eq!(Decision::Retry.outcome(), "retry");
-        assert_eq!(Decision::Admit.outcome(), "admitted");
-        assert_eq!(Decision::Refuse(Refusal::SourceBusy).outcome(), "refused_source");
-        assert_eq!(Decision::Refuse(Refusal::Busy).outcome(), "refused_busy");
+        assert_eq!(Decision::Retry.outcome().as_str(), "retry");
+        assert_eq!(Decision::Admit.outcome().as_str(), "admitted");
+        assert_eq!(
+            Decision::Refuse(Refusal::SourceBusy).outcome().as_str(),
+            "refused_source"
+        );
+        assert_eq!(Decision::Refuse(Refusal::Busy).outcome().as_str(), "refused_busy");
     }
 
     #[test]

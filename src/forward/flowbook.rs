@@ -46,6 +46,14 @@ impl Reason {
             Reason::TableFull => "table_full",
         }
     }
+
+    /// The `reason` label of `causeway_udp_flows_evicted_total`.
+    pub fn label(self) -> crate::metrics::EvictReason {
+        match self {
+            Reason::ClientShare => crate::metrics::EvictReason::ClientShare,
+            Reason::TableFull => crate::metrics::EvictReason::TableFull,
+        }
+    }
 }
 
 /// A flow the book gave up to admit another.

@@ -23,6 +23,7 @@ use tracing::{Instrument, debug, debug_span, warn};
 
 use super::header::{FlowHeader, MAX_HEADER, MAX_TTL};
 use super::{Forwarder, Hop, ListenerKey, codes};
+use crate::metrics::{self, Direction, FailReason, FlowMetrics};
 use crate::names::Protocol;
 use crate::role::Role;
 
@@ -130,27 +131,30 @@ impl Forwarder {
             return reset(client);
         };
         let (svc, ns) = (target.service.as_str(), target.namespace.as_str());
+        let flow = self
+            .metrics
+            .flow(svc, ns, metrics::Protocol::Tcp, metrics::Role::Origin);
         let Ok(_permit) = self.flow_permits.clone().try_acquire_owned() else {
-            self.metrics.flow_failed(svc, ns, "tcp", "origin", "limit");
+            flow.failed(FailReason::Limit);
             return reset(client);
         };
         let _ = client.set_nodelay(true);
-        self.metrics.flow_opened(svc, ns, "tcp", "origin");
+        flow.opened();
         let conn = match self.hop(&vip, target) {
             Hop::Local => {
                 let server = match connect(SocketAddr::new(target.ip, port)).await {
                     Ok(s) => s,
                     Err(e) => {
                         debug!(error = %e, "local endpoint refused");
-                        self.metrics.flow_failed(svc, ns, "tcp", "origin", "refused");
+                        flow.failed(FailReason::Refused);
                         return reset(client);
                     }
                 };
-                return self.splice_tcp_tcp(client, server, svc, ns).await;
+                return self.splice_tcp_tcp(client, server, &flow).await;
             }
             Hop::Conn(conn) => conn,
             Hop::Unreachable => {
-                self.metrics.flow_failed(svc, ns, "tcp", "origin", "no_route");
+                flow.failed(FailReason::NoRoute);
                 return reset(client);
             }
         };
@@ -165,12 +169,12 @@ impl Forwarder {
             Ok(s) => s,
             Err(e) => {
                 debug!(error = %e, "opening the stream failed");
-                self.metrics.flow_failed(svc, ns, "tcp", "origin", "unreachable");
+                flow.failed(FailReason::Unreachable);
                 return reset(client);
             }
         };
         let _ = &mut send;
-        self.splice_tcp_quic(client, send, recv, svc, ns, "origin").await;
+        self.splice_tcp_quic(client, send, recv, &flow).await;
     }
 
     /// A stream arrived on a link: relay it, or deliver it to one of our endpoints.
@@ -197,8 +201,9 @@ impl Forwarder {
                 let _ = send.reset(code.into());
                 let _ = recv.stop(code.into());
             };
+            let relay = self.metrics.flow(svc, ns, metrics::Protocol::Tcp, metrics::Role::Relay);
             let Ok(_permit) = self.flow_permits.clone().try_acquire_owned() else {
-                self.metrics.flow_failed(svc, ns, "tcp", "relay", "limit");
+                relay.failed(FailReason::Limit);
                 return refuse(&mut send, &mut recv, codes::LIMIT);
             };
             if header.ttl == 0 {
@@ -212,7 +217,7 @@ impl Forwarder {
                 (Role::Gateway, false) => match self.mesh.next_hop(&header.site) {
                     Some(conn) => Some(conn),
                     None => {
-                        self.metrics.flow_failed(svc, ns, "tcp", "relay", "no_route");
+                        relay.failed(FailReason::NoRoute);
                         return refuse(&mut send, &mut recv, codes::UNREACHABLE);
                     }
                 },
@@ -226,22 +231,25 @@ impl Forwarder {
                 let (send2, recv2) = match open(&conn, &next).await {
                     Ok(s) => s,
                     Err(_) => {
-                        self.metrics.flow_failed(svc, ns, "tcp", "relay", "unreachable");
+                        relay.failed(FailReason::Unreachable);
                         return refuse(&mut send, &mut recv, codes::UNREACHABLE);
                     }
                 };
-                self.metrics.flow_opened(svc, ns, "tcp", "relay");
+                relay.opened();
                 let (a, b) = tokio::join!(pipe_quic(recv, send2), pipe_quic(recv2, send));
-                self.metrics.add_bytes(svc, ns, "tcp", "to_endpoint", a);
-                self.metrics.add_bytes(svc, ns, "tcp", "from_endpoint", b);
-                self.metrics.flow_closed(svc, ns, "tcp", "relay");
+                relay.bytes(Direction::ToEndpoint, a);
+                relay.bytes(Direction::FromEndpoint, b);
+                relay.closed();
                 return;
             }
             let target = view.vips.get(&header.vip).filter(|t| {
                 t.site == self.site && t.ready && t.exports(header.port, Protocol::Tcp) && self.delivers(&header.vip)
             });
+            let terminus = self
+                .metrics
+                .flow(svc, ns, metrics::Protocol::Tcp, metrics::Role::Terminus);
             let Some(target) = target else {
-                self.metrics.flow_failed(svc, ns, "tcp", "terminus", "not_exported");
+                terminus.failed(FailReason::NotExported);
                 return refuse(&mut send, &mut recv, codes::REFUSED);
             };
             // A sidecar connects from the client's own VIP, so the member sees its peer at an
@@ -262,16 +270,16 @@ impl Forwarder {
                 Err(e) => {
                     debug!(error = %e, "endpoint refused");
                     let (code, reason) = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                        (codes::REFUSED, "refused")
+                        (codes::REFUSED, FailReason::Refused)
                     } else {
-                        (codes::UNREACHABLE, "unreachable")
+                        (codes::UNREACHABLE, FailReason::Unreachable)
                     };
-                    self.metrics.flow_failed(svc, ns, "tcp", "terminus", reason);
+                    terminus.failed(reason);
                     return refuse(&mut send, &mut recv, code);
                 }
             };
-            self.metrics.flow_opened(svc, ns, "tcp", "terminus");
-            self.splice_tcp_quic(tcp, send, recv, svc, ns, "terminus").await;
+            terminus.opened();
+            self.splice_tcp_quic(tcp, send, recv, &terminus).await;
         }
         .instrument(span)
         .await
@@ -283,15 +291,13 @@ impl Forwarder {
         mut tcp: TcpStream,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
-        svc: &str,
-        ns: &str,
-        role: &str,
+        flow: &FlowMetrics,
     ) {
         // The TCP side's bytes go "to the endpoint" at the origin and "from" it at the terminus.
-        let (tcp_dir, quic_dir) = if role == "origin" {
-            ("to_endpoint", "from_endpoint")
+        let (tcp_dir, quic_dir) = if flow.role() == metrics::Role::Origin {
+            (Direction::ToEndpoint, Direction::FromEndpoint)
         } else {
-            ("from_endpoint", "to_endpoint")
+            (Direction::FromEndpoint, Direction::ToEndpoint)
         };
         let (mut tr, mut tw) = tcp.split();
         let mut up_bytes = 0u64;
@@ -341,13 +347,13 @@ impl Forwarder {
             }
         };
         let result = tokio::try_join!(up, down);
-        self.metrics.add_bytes(svc, ns, "tcp", tcp_dir, up_bytes);
-        self.metrics.add_bytes(svc, ns, "tcp", quic_dir, down_bytes);
+        flow.bytes(tcp_dir, up_bytes);
+        flow.bytes(quic_dir, down_bytes);
         match result {
-            Ok(_) => self.metrics.flow_closed(svc, ns, "tcp", role),
+            Ok(_) => flow.closed(),
             Err(end) => {
                 debug!(%end, "flow reset");
-                self.metrics.flow_failed(svc, ns, "tcp", role, "reset");
+                flow.failed(FailReason::Reset);
                 let _ = send.reset(codes::RESET.into());
                 let _ = recv.stop(codes::RESET.into());
                 reset(tcp);
@@ -356,15 +362,15 @@ impl Forwarder {
     }
 
     /// Copies between two TCP connections (an origin whose endpoint is in this site).
-    async fn splice_tcp_tcp(&self, mut client: TcpStream, mut server: TcpStream, svc: &str, ns: &str) {
+    async fn splice_tcp_tcp(&self, mut client: TcpStream, mut server: TcpStream, flow: &FlowMetrics) {
         match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut server, BUF, BUF).await {
             Ok((up, down)) => {
-                self.metrics.add_bytes(svc, ns, "tcp", "to_endpoint", up);
-                self.metrics.add_bytes(svc, ns, "tcp", "from_endpoint", down);
-                self.metrics.flow_closed(svc, ns, "tcp", "origin");
+                flow.bytes(Direction::ToEndpoint, up);
+                flow.bytes(Direction::FromEndpoint, down);
+                flow.closed();
             }
             Err(_) => {
-                self.metrics.flow_failed(svc, ns, "tcp", "origin", "reset");
+                flow.failed(FailReason::Reset);
                 reset(client);
                 reset(server);
             }

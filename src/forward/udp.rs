@@ -35,6 +35,7 @@ use super::flowbook::{self, Eviction, FlowBook};
 use super::header::{Datagram, FlowHeader, MAX_TTL};
 use super::{Forwarder, Hop, ListenerKey, lock};
 use crate::intercept::{self, RawUdp};
+use crate::metrics::{self, Direction, DropReason, Role};
 use crate::names::Protocol;
 use crate::role::Role as AgentRole;
 
@@ -168,24 +169,8 @@ struct TerminusFlow {
     warned: bool,
 }
 
-/// Which of an agent's tables a flow is in: a flow id can be in two (origin and terminus,
-/// when a local client reaches a local endpoint).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Role {
-    Origin,
-    Relay,
-    Terminus,
-}
-
-impl Role {
-    fn as_str(self) -> &'static str {
-        match self {
-            Role::Origin => "origin",
-            Role::Relay => "relay",
-            Role::Terminus => "terminus",
-        }
-    }
-}
+// Which of an agent's tables a flow is in is its metrics role ([`Role`]): a flow id can be in
+// two (origin and terminus, when a local client reaches a local endpoint).
 
 /// Who holds a flow, for the per-client share and the eviction order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -350,17 +335,19 @@ impl Forwarder {
                     );
                     debug!(flow = id, %client, %vip, port, "udp flow opened");
                     self.metrics
-                        .flow_opened(&target.service, &target.namespace, "udp", "origin");
+                        .flow(&target.service, &target.namespace, metrics::Protocol::Udp, Role::Origin)
+                        .opened();
                     (id, false)
                 }
             }
         };
-        self.metrics.datagram(&target.service, &target.namespace, "to_endpoint");
+        self.metrics
+            .datagram(&target.service, &target.namespace, Direction::ToEndpoint);
         self.metrics.add_bytes(
             &target.service,
             &target.namespace,
-            "udp",
-            "to_endpoint",
+            metrics::Protocol::Udp,
+            Direction::ToEndpoint,
             payload.len() as u64,
         );
         let header = FlowHeader {
@@ -388,7 +375,7 @@ impl Forwarder {
             Hop::Conn(conn) => conn,
             Hop::Unreachable => {
                 self.metrics
-                    .datagram_dropped(&target.service, &target.namespace, "no_route");
+                    .datagram_dropped(&target.service, &target.namespace, DropReason::NoRoute);
                 return;
             }
         };
@@ -407,7 +394,7 @@ impl Forwarder {
         if fits {
             if let Err(e) = conn.send_datagram(Bytes::from(dgram)) {
                 debug!(error = %e, "datagram not sent");
-                self.metrics.datagram_dropped(svc, ns, "link");
+                self.metrics.datagram_dropped(svc, ns, DropReason::Link);
             }
             return false;
         }
@@ -435,7 +422,8 @@ impl Forwarder {
             Ok(d) => d,
             Err(e) => {
                 debug!(error = %e, "malformed datagram dropped");
-                self.metrics.datagram_dropped("unknown", "unknown", "malformed");
+                self.metrics
+                    .datagram_dropped("unknown", "unknown", DropReason::Malformed);
                 return;
             }
         };
@@ -450,7 +438,7 @@ impl Forwarder {
                     return;
                 }
                 let Some(next) = self.mesh.next_hop(&header.site) else {
-                    self.metrics.datagram_dropped("unknown", "unknown", "no_route");
+                    self.metrics.datagram_dropped("unknown", "unknown", DropReason::NoRoute);
                     return;
                 };
                 self.relay_flow(&mut lock(&self.udp.inner), flow, from);
@@ -466,9 +454,14 @@ impl Forwarder {
                 let now = Instant::now();
                 if let Some(f) = st.origin.get(&flow) {
                     let (socket, client) = (f.socket.clone(), f.client);
-                    self.metrics.datagram(&f.service, &f.namespace, "from_endpoint");
-                    self.metrics
-                        .add_bytes(&f.service, &f.namespace, "udp", "from_endpoint", payload.len() as u64);
+                    self.metrics.datagram(&f.service, &f.namespace, Direction::FromEndpoint);
+                    self.metrics.add_bytes(
+                        &f.service,
+                        &f.namespace,
+                        metrics::Protocol::Udp,
+                        Direction::FromEndpoint,
+                        payload.len() as u64,
+                    );
                     st.book.touch(&(Role::Origin, flow), now);
                     drop(st);
                     let _ = socket.send_to(payload, client);
@@ -478,7 +471,7 @@ impl Forwarder {
                     drop(st);
                     self.send(&back, data.to_vec(), "relay", "relay", true);
                 } else {
-                    self.metrics.datagram_dropped("unknown", "unknown", "no_flow");
+                    self.metrics.datagram_dropped("unknown", "unknown", DropReason::NoFlow);
                 }
             }
         }
@@ -558,7 +551,13 @@ impl Forwarder {
             Err(e) => {
                 warn!(%endpoint, error = %e, "cannot open a socket to the endpoint");
                 self.metrics
-                    .flow_failed(&target.service, &target.namespace, "udp", "terminus", "unreachable");
+                    .flow(
+                        &target.service,
+                        &target.namespace,
+                        metrics::Protocol::Udp,
+                        Role::Terminus,
+                    )
+                    .failed(metrics::FailReason::Unreachable);
                 return;
             }
         };
@@ -584,7 +583,13 @@ impl Forwarder {
         );
         drop(st);
         self.metrics
-            .flow_opened(&target.service, &target.namespace, "udp", "terminus");
+            .flow(
+                &target.service,
+                &target.namespace,
+                metrics::Protocol::Udp,
+                Role::Terminus,
+            )
+            .opened();
         let sent = send_now(&socket, payload);
         debug!(flow, %endpoint, ?sent, "udp flow delivered to endpoint");
         self.tasks.spawn(self.clone().endpoint_replies(flow, socket, stop));
@@ -617,8 +622,9 @@ impl Forwarder {
                 socket: vip_socket,
                 client,
             } => {
-                self.metrics.datagram(&svc, &ns, "from_endpoint");
-                self.metrics.add_bytes(&svc, &ns, "udp", "from_endpoint", n as u64);
+                self.metrics.datagram(&svc, &ns, Direction::FromEndpoint);
+                self.metrics
+                    .add_bytes(&svc, &ns, metrics::Protocol::Udp, Direction::FromEndpoint, n as u64);
                 let _ = vip_socket.send_to(payload, client);
             }
             ReplyPath::Link(conn) => {
@@ -645,7 +651,7 @@ impl Forwarder {
             let mut st = lock(&self.udp.inner);
             for (key, _) in st.book.expire(Instant::now(), idle) {
                 if let Some((svc, ns)) = st.forget(key) {
-                    self.metrics.flow_closed(&svc, &ns, "udp", key.0.as_str());
+                    self.metrics.flow(&svc, &ns, metrics::Protocol::Udp, key.0).closed();
                 }
             }
         }
@@ -672,9 +678,9 @@ impl Forwarder {
     fn evicted(&self, st: &mut State, ev: Eviction<FlowKey, HolderKey>) {
         let (role, id) = ev.flow;
         if let Some((svc, ns)) = st.forget(ev.flow) {
-            self.metrics.flow_closed(&svc, &ns, "udp", role.as_str());
+            self.metrics.flow(&svc, &ns, metrics::Protocol::Udp, role).closed();
         }
-        self.metrics.udp_flow_evicted(role.as_str(), ev.reason.as_str());
+        self.metrics.udp_flow_evicted(role, ev.reason.label());
         if ev.log {
             let (_, holder) = ev.holder;
             warn!(
