@@ -798,9 +798,23 @@ impl Links {
             cost,
             link: Some(link_identity(record)),
         };
-        protocol::write_frame(&mut send, &hello)
-            .await
-            .map_err(|e| e.to_string())?;
+        // With TLS 1.3 a refused client certificate shows up only after connect(): on this
+        // write or on the read below, whichever meets the close first. Either way, say why
+        // the peer closed rather than "connection lost".
+        // The stream may fail a moment before the connection records why: wait for that (an
+        // error path, bounded).
+        let closed_because = |e: protocol::ProtocolError| {
+            let conn = conn.clone();
+            async move {
+                match tokio::time::timeout(Duration::from_millis(500), conn.closed()).await {
+                    Ok(reason) => describe_connection_error(&reason),
+                    Err(_) => e.to_string(),
+                }
+            }
+        };
+        if let Err(e) = protocol::write_frame(&mut send, &hello).await {
+            return Err(closed_because(e).await);
+        }
         match protocol::read_frame::<_, Control>(&mut recv).await {
             Ok(Control::Welcome { site, version }) if site == peer_site => {
                 debug!(peer = %site, version = version.unwrap_or(1), "link protocol agreed");
@@ -815,11 +829,7 @@ impl Links {
                 conn.close(close::PROTOCOL.into(), b"unexpected frame");
                 Err(format!("unexpected {other:?}"))
             }
-            // With TLS 1.3 a refused client certificate shows up here, after connect().
-            Err(e) => Err(conn
-                .close_reason()
-                .map(|r| describe_connection_error(&r))
-                .unwrap_or_else(|| e.to_string())),
+            Err(e) => Err(closed_because(e).await),
         }
     }
 
