@@ -176,7 +176,9 @@ impl Agent {
         let local_addr = endpoint.local_addr().context("reading the bound QUIC address")?;
         let shutdown = CancellationToken::new();
         let vips_cidr = config.vips.cidr.to_string();
-        let metrics = Metrics::new();
+        // The DNS responder's counters, which the registry reads at scrape time.
+        let dns_stats = Arc::new(crate::dns::Stats::default());
+        let metrics = Metrics::with_collectors(vec![Box::new(dns_stats.clone())]);
         if let Some(limit) = open_files {
             metrics.set_open_files_limit(limit.soft);
         }
@@ -252,7 +254,7 @@ impl Agent {
                 &config.dns,
                 &config.site,
                 forwarder.served_views(),
-                metrics.dns(),
+                dns_stats,
                 shutdown.child_token(),
             )
             .await

@@ -725,8 +725,8 @@ mod tests {
 
     #[test]
     fn counters_are_scraped_from_the_agents_registry() {
-        let metrics = crate::metrics::Metrics::new();
-        let stats = metrics.dns();
+        let stats = Arc::new(Stats::default());
+        let metrics = crate::metrics::Metrics::with_collectors(vec![Box::new(stats.clone())]);
         let text = metrics.encode();
         // Present, at zero, before the first query.
         for line in [

@@ -10,7 +10,8 @@
 //!
 //! The DNS responder's counters (`causeway_dns_*`) are the exception to one family per metric:
 //! at ~90k queries/s a label lookup per answer would cost too much, so they stay the plain
-//! atomics of [`crate::dns::Stats`], which a collector registered here reads at scrape time.
+//! atomics of [`crate::dns::Stats`], which the agent registers here as a collector
+//! ([`Metrics::with_collectors`]) that the registry reads at scrape time.
 
 mod http;
 
@@ -316,14 +317,19 @@ pub struct Metrics {
     /// VIP listeners the view asks for that could not be bound (their names and errors are in
     /// `causeway status`): nonzero means some VIPs do not answer here.
     listener_errors: U64Gauge,
-    /// The DNS responder's counters; the registry reads them through their collector at scrape
-    /// time, so the responder's hot path stays a relaxed atomic add.
-    dns: Arc<crate::dns::Stats>,
 }
 
 impl Metrics {
     /// Creates the registry with every family registered, all empty.
     pub fn new() -> Arc<Metrics> {
+        Metrics::with_collectors(Vec::new())
+    }
+
+    /// [`Metrics::new`] plus `collectors`: counters other modules keep themselves and the
+    /// registry reads at scrape time, such as the DNS responder's ([`crate::dns::Stats`],
+    /// whose hot path stays a relaxed atomic add). Taking them here keeps this module from
+    /// depending on theirs.
+    pub fn with_collectors(collectors: Vec<Box<dyn prometheus_client::collector::Collector>>) -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("causeway");
         let flows_opened = Family::<FlowLabels, Counter>::default();
         let flows_closed = Family::<FlowLabels, Counter>::default();
@@ -344,7 +350,6 @@ impl Metrics {
         let ready_endpoints = U64Gauge::default();
         let open_files_limit = U64Gauge::default();
         let listener_errors = U64Gauge::default();
-        let dns = Arc::new(crate::dns::Stats::default());
 
         // The registry appends `_total` to counters and the unit to names registered with one.
         registry.register(
@@ -425,8 +430,10 @@ impl Metrics {
             "VIP listeners that could not be bound (see `causeway status`)",
             listener_errors.clone(),
         );
-        // causeway_dns_responses_total{rcode}, causeway_dns_{truncated,forwarded,dropped}_total.
-        registry.register_collector(Box::new(dns.clone()));
+        // E.g. causeway_dns_responses_total{rcode}, causeway_dns_{truncated,forwarded,dropped}_total.
+        for c in collectors {
+            registry.register_collector(c);
+        }
 
         Arc::new(Metrics {
             registry,
@@ -449,13 +456,7 @@ impl Metrics {
             ready_endpoints,
             open_files_limit,
             listener_errors,
-            dns,
         })
-    }
-
-    /// The counters the DNS responder updates ([`crate::dns::Responder::start`] takes them).
-    pub fn dns(&self) -> Arc<crate::dns::Stats> {
-        self.dns.clone()
     }
 
     /// The counters of one flow of `service` in `namespace`, in which this site plays `role`.
@@ -808,7 +809,8 @@ mod tests {
     /// the lines are compared as sorted sets, and the `#` lines (family order) in sequence.
     #[test]
     fn exposition_matches_the_string_labelled_original() {
-        let m = Metrics::new();
+        // The agent's registry: with the DNS responder's counters, as the original had them.
+        let m = Metrics::with_collectors(vec![Box::new(Arc::new(crate::dns::Stats::default()))]);
         for (p, r) in [
             (Protocol::Tcp, Role::Origin),
             (Protocol::Tcp, Role::Relay),
