@@ -26,13 +26,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::netns::{Background, LAN_GATEWAY, Net, require};
+use common::netns::{Background, Net, require};
 use common::sidecar::Sidecar;
 use common::{Site, stdout, tail, wait_for};
 
 const POD: &str = "10.1.0.1";
 const SITES: [&str; 3] = ["london", "paris", "tokyo"];
-const VIPS: &str = "127.77.0.0/16";
 
 /// How the members find each other.
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -114,38 +113,17 @@ impl Grid {
             self.gateways[spoke].ok(&["token", "redeem", file.to_str().unwrap()]);
         }
         for (i, site) in SITES.iter().enumerate() {
-            let pod = self.net.add_pod_ns(site, "pod0", POD);
-            self.net.resolv_conf(&pod, "127.0.0.1");
-            let state = self.path(&format!("{site}-member"));
-            self.gateways[i].ok(&[
-                "sidecar",
-                "credentials",
-                "--format",
-                "dir",
-                "-o",
-                state.to_str().unwrap(),
-            ]);
-            let config = self.path(&format!("{site}-sidecar.yaml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "site: {site}\ngateway: {LAN_GATEWAY}:7400\ndns:\n  listen: [\"127.0.0.1:53\"]\n\
-                     vips:\n  cidr: {VIPS}\n  mode: intercept\n\
-                     exports:\n  - service: {service}\n    ports: {ports}\n    endpoints:\n      - {{hostname: \"${{POD_NAME}}\", ip: \"${{POD_IP}}\"}}\n"
-                ),
-            )
-            .unwrap();
-            let mut sc = Sidecar {
-                pod: pod.clone(),
-                state,
-                config,
-                log: self.path(&format!("{site}-sidecar.log")),
-                env: vec![
-                    ("POD_NAME".into(), format!("{service}-0")),
-                    ("POD_IP".into(), POD.into()),
-                ],
-                proc: None,
-            };
+            let mut sc = Sidecar::create(
+                &mut self.net,
+                &self.gateways[i],
+                self.dir.path(),
+                site,
+                POD,
+                &service,
+                ports,
+                "intercept",
+            );
+            let pod = sc.pod.clone();
             let out = sc.intercept(&self.net, "install");
             assert!(
                 out.status.success(),

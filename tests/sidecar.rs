@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::netns::{Background, LAN_GATEWAY, Net, require};
+use common::netns::{Background, Net, require};
 use common::sidecar::Sidecar;
 use common::{BIN, Site, stdout, tail, wait_for};
 
@@ -51,37 +51,7 @@ impl World {
         }
         let mut sidecars = Vec::new();
         for (i, site) in SITES.iter().enumerate() {
-            let pod = net.add_pod_ns(site, "pod0", POD);
-            net.resolv_conf(&pod, "127.0.0.1");
-            let state = dir.path().join(format!("{site}-member"));
-            gateways[i].ok(&[
-                "sidecar",
-                "credentials",
-                "--format",
-                "dir",
-                "-o",
-                state.to_str().unwrap(),
-            ]);
-            let config = dir.path().join(format!("{site}-sidecar.yaml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "site: {site}\ngateway: {LAN_GATEWAY}:7400\ndns:\n  listen: [\"127.0.0.1:53\"]\nvips:\n  cidr: 127.77.0.0/16\n  mode: {mode}\n\
-                     exports:\n  - service: {service}\n    ports: {ports}\n    endpoints:\n      - {{hostname: \"${{POD_NAME}}\", ip: \"${{POD_IP}}\"}}\n"
-                ),
-            )
-            .unwrap();
-            let mut sc = Sidecar {
-                pod,
-                state,
-                config,
-                log: dir.path().join(format!("{site}-sidecar.log")),
-                env: vec![
-                    ("POD_NAME".into(), format!("{service}-0")),
-                    ("POD_IP".into(), POD.into()),
-                ],
-                proc: None,
-            };
+            let mut sc = Sidecar::create(&mut net, &gateways[i], dir.path(), site, POD, service, ports, mode);
             if mode == "intercept" {
                 // Twice: installing is idempotent.
                 for _ in 0..2 {

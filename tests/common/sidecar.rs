@@ -1,12 +1,12 @@
 //! A grid pod's sidecar agent in a test: the pod's network namespace, its state and
 //! configuration, and the process (tests/sidecar.rs, tests/grids.rs).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use super::netns::{Background, Net};
-use super::{BIN, wait_for};
+use super::netns::{Background, LAN_GATEWAY, Net};
+use super::{BIN, Site, wait_for};
 
 /// A pod's sidecar agent.
 pub struct Sidecar {
@@ -21,6 +21,54 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
+    /// A pod of `site` at `pod_ip` on its LAN (resolving through its own sidecar), with member
+    /// credentials from `gateway` and a configuration in `dir` that exports `<service>-0` at the
+    /// pod address with `ports` (a YAML flow list), VIPs in 127.77.0.0/16 in `vips.mode`
+    /// `mode`. Not started.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        net: &mut Net,
+        gateway: &Site,
+        dir: &Path,
+        site: &str,
+        pod_ip: &str,
+        service: &str,
+        ports: &str,
+        mode: &str,
+    ) -> Sidecar {
+        let pod = net.add_pod_ns(site, "pod0", pod_ip);
+        net.resolv_conf(&pod, "127.0.0.1");
+        let state = dir.join(format!("{site}-member"));
+        gateway.ok(&[
+            "sidecar",
+            "credentials",
+            "--format",
+            "dir",
+            "-o",
+            state.to_str().unwrap(),
+        ]);
+        let config = dir.join(format!("{site}-sidecar.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "site: {site}\ngateway: {LAN_GATEWAY}:7400\ndns:\n  listen: [\"127.0.0.1:53\"]\nvips:\n  cidr: 127.77.0.0/16\n  mode: {mode}\n\
+                 exports:\n  - service: {service}\n    ports: {ports}\n    endpoints:\n      - {{hostname: \"${{POD_NAME}}\", ip: \"${{POD_IP}}\"}}\n"
+            ),
+        )
+        .unwrap();
+        Sidecar {
+            pod,
+            state,
+            config,
+            log: dir.join(format!("{site}-sidecar.log")),
+            env: vec![
+                ("POD_NAME".into(), format!("{service}-0")),
+                ("POD_IP".into(), pod_ip.into()),
+            ],
+            proc: None,
+        }
+    }
+
     /// `causeway intercept install --config …` (as the pod's initContainer would run it) or
     /// `causeway intercept remove`, in the pod.
     pub fn intercept(&self, net: &Net, action: &str) -> Output {
