@@ -341,12 +341,9 @@ impl Forwarder {
                 }
             }
         };
-        self.metrics
-            .datagram(&target.service, &target.namespace, Direction::ToEndpoint);
-        self.metrics.add_bytes(
+        self.metrics.udp_datagram(
             &target.service,
             &target.namespace,
-            metrics::Protocol::Udp,
             Direction::ToEndpoint,
             payload.len() as u64,
         );
@@ -454,14 +451,8 @@ impl Forwarder {
                 let now = Instant::now();
                 if let Some(f) = st.origin.get(&flow) {
                     let (socket, client) = (f.socket.clone(), f.client);
-                    self.metrics.datagram(&f.service, &f.namespace, Direction::FromEndpoint);
-                    self.metrics.add_bytes(
-                        &f.service,
-                        &f.namespace,
-                        metrics::Protocol::Udp,
-                        Direction::FromEndpoint,
-                        payload.len() as u64,
-                    );
+                    self.metrics
+                        .udp_datagram(&f.service, &f.namespace, Direction::FromEndpoint, payload.len() as u64);
                     st.book.touch(&(Role::Origin, flow), now);
                     drop(st);
                     let _ = socket.send_to(payload, client);
@@ -622,9 +613,7 @@ impl Forwarder {
                 socket: vip_socket,
                 client,
             } => {
-                self.metrics.datagram(&svc, &ns, Direction::FromEndpoint);
-                self.metrics
-                    .add_bytes(&svc, &ns, metrics::Protocol::Udp, Direction::FromEndpoint, n as u64);
+                self.metrics.udp_datagram(&svc, &ns, Direction::FromEndpoint, n as u64);
                 let _ = vip_socket.send_to(payload, client);
             }
             ReplyPath::Link(conn) => {
