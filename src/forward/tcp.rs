@@ -65,55 +65,79 @@ fn reset(tcp: TcpStream) {
     drop(tcp);
 }
 
+/// What to do with an accepted connection.
+enum Accepted {
+    /// A flow to this VIP and port.
+    Flow(ListenerKey),
+    /// Close it quietly (the agent's own probe of its nftables rule).
+    Close,
+    /// Reset it (not made to a VIP).
+    Reset,
+}
+
 impl Forwarder {
+    /// A VIP listener: every connection is a flow to its `key`.
     pub(super) async fn tcp_listener(
         self: Arc<Self>,
         listener: TcpListener,
         key: ListenerKey,
         stop: CancellationToken,
     ) {
+        self.accept_flows(listener, stop, "accept failed", |_, _, _| Accepted::Flow(key))
+            .await
+    }
+
+    /// `vips.mode: intercept`: connections the nftables rule redirected to the intercept
+    /// port, each taken as made to its original destination.
+    pub(super) async fn intercepted_tcp(self: Arc<Self>, listener: TcpListener) {
+        let stop = self.shutdown.clone();
+        self.accept_flows(
+            listener,
+            stop,
+            "accept failed on the intercept port",
+            |me, client, peer| {
+                match crate::intercept::original_dst(client) {
+                    Ok(dst) if me.is_probe(&dst) => Accepted::Close, // the rule works
+                    Ok(dst) if me.in_range(&dst) => Accepted::Flow((dst.ip(), dst.port(), Protocol::Tcp)),
+                    other => {
+                        debug!(client = %peer, dst = ?other, "connection on the intercept port not made to a VIP");
+                        Accepted::Reset
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// Accepts connections on `listener` until `stop`, and starts an origin flow for each
+    /// one `key_of` names a VIP for; a failed accept is logged as `failed` and retried.
+    async fn accept_flows(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop: CancellationToken,
+        failed: &'static str,
+        key_of: impl Fn(&Self, &TcpStream, std::net::SocketAddr) -> Accepted,
+    ) {
         loop {
             let (client, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(c) => c,
                     Err(e) => {
-                        warn!(error = %e, "accept failed");
+                        warn!(error = %e, "{failed}");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 },
                 _ = stop.cancelled() => return,
             };
-            let span = debug_span!("flow", proto = "tcp", vip = %key.0, port = key.1, client = %peer);
-            self.tasks.spawn(self.clone().tcp_origin(client, key).instrument(span));
-        }
-    }
-
-    /// `vips.mode: intercept`: connections the nftables rule redirected to the intercept
-    /// port, each taken as made to its original destination.
-    pub(super) async fn intercepted_tcp(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let (client, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(c) => c,
-                    Err(e) => {
-                        warn!(error = %e, "accept failed on the intercept port");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = self.shutdown.cancelled() => return,
-            };
-            let dst = match crate::intercept::original_dst(&client) {
-                Ok(dst) if self.is_probe(&dst) => continue, // closed quietly: the rule works
-                Ok(dst) if self.in_range(&dst) => dst,
-                other => {
-                    debug!(client = %peer, dst = ?other, "connection on the intercept port not made to a VIP");
+            let key = match key_of(&self, &client, peer) {
+                Accepted::Flow(key) => key,
+                Accepted::Close => continue,
+                Accepted::Reset => {
                     reset(client);
                     continue;
                 }
             };
-            let key = (dst.ip(), dst.port(), Protocol::Tcp);
             let span = debug_span!("flow", proto = "tcp", vip = %key.0, port = key.1, client = %peer);
             self.tasks.spawn(self.clone().tcp_origin(client, key).instrument(span));
         }
