@@ -193,10 +193,8 @@ pub struct Asker {
 /// namespace's interface addresses (docs/REFERENCE.md "Names": such askers get VIPs for this site's
 /// endpoints too).
 pub fn is_local(client: std::net::IpAddr, own: &[std::net::IpAddr]) -> bool {
-    let client = match client {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client, std::net::IpAddr::V4),
-        v4 => v4,
-    };
+    // An IPv4 client of a dual-stack socket arrives as ::ffff:a.b.c.d.
+    let client = client.to_canonical();
     client.is_loopback() || own.contains(&client)
 }
 
@@ -283,10 +281,7 @@ impl ForwardPolicy {
 
     /// Whether `client`'s names outside the zone may be forwarded.
     pub fn admits(&self, client: std::net::IpAddr) -> bool {
-        let client = match client {
-            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client, std::net::IpAddr::V4),
-            v4 => v4,
-        };
+        let client = client.to_canonical();
         client.is_loopback() || self.allow.iter().any(|n| n.contains(&client))
     }
 }
