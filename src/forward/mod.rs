@@ -175,7 +175,11 @@ impl Intercepting {
     async fn repair(&self) {
         use crate::intercept;
         let (cidr, port) = (self.cidr, self.port);
-        match intercept::install(ipnet::IpNet::V4(cidr), port) {
+        // `nft` is a child process: waited for off the runtime's threads.
+        let installed = tokio::task::spawn_blocking(move || intercept::install(ipnet::IpNet::V4(cidr), port))
+            .await
+            .unwrap_or_else(|e| Err(intercept::InterceptError::Nft { stderr: e.to_string() }));
+        match installed {
             Ok(()) if self.probe().await => {
                 info!(table = intercept::TABLE, %cidr, port, "installed the nftables rule redirecting VIP traffic")
             }
