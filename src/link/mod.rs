@@ -20,12 +20,18 @@
 //! Duplicates already in an old `links.yaml` are kept but left idle ([`duplicates`]), and an
 //! acceptor refuses a *different* link of a site while one is live (the dialer names its link
 //! in its hello), so two connections of one peer can never alternate.
+//!
+//! These rules live in [`table::LinkTable`], a plain state machine (events in, actions out,
+//! no sockets or clock). [`Links`] is its shell: it owns the QUIC endpoint, the dialer and
+//! session tasks and their cancellation tokens, feeds the table what happens to them, and
+//! carries out the table's [`table::Action`]s.
 
 pub mod backoff;
 pub mod liveness;
 pub mod redeem;
+pub mod table;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -40,6 +46,8 @@ use crate::protocol::{self, ALPN_LINK, Control, PROTOCOL_VERSION, close};
 use crate::role::Peer;
 use crate::state::{self, StateError, rfc3339};
 use backoff::Backoff;
+use table::{Action, LinkTable};
+pub use table::{PeerConflict, duplicates, peer_conflict};
 
 /// How long a dial attempt (handshake plus hello) may take before it counts as failed.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,68 +67,6 @@ pub enum LinkError {
     Conflict(#[from] PeerConflict),
 }
 
-/// Why a new link with a peer site is refused: one link per pair of sites.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PeerConflict {
-    /// A link with the site exists already (we dial it, or it dials us).
-    #[error("already linked to site {site} as link {name:?}; remove it first with: causeway link remove {name}")]
-    Linked {
-        /// The peer site.
-        site: String,
-        /// Our name for the existing link.
-        name: String,
-    },
-    /// A redemption with the site (either direction) is in flight on this agent.
-    #[error(
-        "a link with site {site} is being made at this moment (a token redemption in progress); wait for it to finish"
-    )]
-    InProgress {
-        /// The peer site.
-        site: String,
-    },
-}
-
-/// Whether a new link with `site` would be a second one: the oldest record with that peer
-/// wins the name in the answer. `pending` holds the sites with a redemption in flight. Pure.
-pub fn peer_conflict<'a>(
-    records: impl IntoIterator<Item = &'a LinkRecord>,
-    pending: &BTreeSet<String>,
-    site: &str,
-) -> Option<PeerConflict> {
-    let existing = records
-        .into_iter()
-        .filter(|r| r.peer_site == site)
-        .min_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)));
-    if let Some(r) = existing {
-        return Some(PeerConflict::Linked {
-            site: site.to_string(),
-            name: r.name.clone(),
-        });
-    }
-    pending
-        .contains(site)
-        .then(|| PeerConflict::InProgress { site: site.to_string() })
-}
-
-/// Records that duplicate an older link with the same peer site (left by versions that
-/// allowed them): duplicate name → the name of the link kept for that site (the oldest,
-/// then the first by name). Pure.
-pub fn duplicates<'a>(records: impl IntoIterator<Item = &'a LinkRecord>) -> BTreeMap<String, String> {
-    let mut by_site: BTreeMap<&str, Vec<&LinkRecord>> = BTreeMap::new();
-    for r in records {
-        by_site.entry(r.peer_site.as_str()).or_default().push(r);
-    }
-    let mut out = BTreeMap::new();
-    for mut group in by_site.into_values() {
-        group.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)));
-        let kept = group[0].name.clone();
-        for r in &group[1..] {
-            out.insert(r.name.clone(), kept.clone());
-        }
-    }
-    out
-}
-
 /// What a dialer sends as its link's identity in `Hello`: the same across reconnections
 /// and restarts, different for another link to the same site.
 fn link_identity(record: &LinkRecord) -> String {
@@ -130,19 +76,19 @@ fn link_identity(record: &LinkRecord) -> String {
 /// A peer site held for one redemption in flight ([`Links::reserve_peer`]); released when
 /// dropped.
 pub struct PeerReservation {
-    /// The set the site was added to.
-    pending: Arc<Mutex<BTreeSet<String>>>,
+    /// The table the site is reserved in.
+    table: Arc<Mutex<LinkTable<quinn::Connection>>>,
     /// The reserved site.
     site: String,
 }
 
 impl Drop for PeerReservation {
     fn drop(&mut self) {
-        lock_set(&self.pending).remove(&self.site);
+        lock_table(&self.table).release_peer(&self.site);
     }
 }
 
-fn lock_set(m: &Mutex<BTreeSet<String>>) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+fn lock_table(m: &Mutex<LinkTable<quinn::Connection>>) -> std::sync::MutexGuard<'_, LinkTable<quinn::Connection>> {
     match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
@@ -267,24 +213,7 @@ pub trait LinkHandler: Send + Sync + 'static {
     fn silent(&self, name: &str, conn: &quinn::Connection, silent: bool);
 }
 
-/// A link's record plus what is happening to it now.
-struct Entry {
-    record: LinkRecord,
-    state: LinkState,
-    since: SystemTime,
-    conn: Option<quinn::Connection>,
-    /// Stops this link's dialer task and session.
-    cancel: CancellationToken,
-    last_error: Option<String>,
-    /// For an acceptor: the dialer's link identity (from its hello) of the current
-    /// connection, so a different link of the same site cannot replace it while it lives.
-    peer_link: Option<String>,
-    /// Set when this record duplicates an older link with the same peer site (the name of
-    /// that link): it stays idle, neither dialing nor accepting.
-    duplicate_of: Option<String>,
-}
-
-/// The links of one agent.
+/// The links of one agent: the [`LinkTable`] and the tasks and connections behind it.
 pub struct Links {
     /// Our identity, presented on every connection.
     identity: Arc<SiteIdentity>,
@@ -298,8 +227,11 @@ pub struct Links {
     timing: crate::quic::LinkTiming,
     /// Where records are persisted.
     path: std::path::PathBuf,
-    /// Records and live state by link name.
-    entries: Mutex<BTreeMap<String, Entry>>,
+    /// Records and live state by link name: the pure part, which says what to do.
+    table: Arc<Mutex<LinkTable<quinn::Connection>>>,
+    /// Each link's cancellation token, which stops its dialer and session tasks; a child of
+    /// `shutdown`. Replaced when a link is re-created.
+    cancels: Mutex<BTreeMap<String, CancellationToken>>,
     /// Woken whenever any link changes state (for `token redeem`, which waits for "up").
     changed: tokio::sync::watch::Sender<u64>,
     /// Cancelled at shutdown; every link's token is a child of it.
@@ -312,12 +244,6 @@ pub struct Links {
     handler: Arc<dyn LinkHandler>,
     /// Sidecars connected to this gateway, by name.
     members: Mutex<BTreeMap<String, std::net::SocketAddr>>,
-    /// Peer sites with a redemption in flight (either direction), so two redemptions cannot
-    /// both pass the one-link-per-site check before either records its link.
-    pending: Arc<Mutex<BTreeSet<String>>>,
-    /// False for a sidecar, whose one link (to its gateway) comes from its configuration and
-    /// whose state directory may be a read-only Secret.
-    persistent: bool,
 }
 
 impl Links {
@@ -356,104 +282,93 @@ impl Links {
                 state::read_yaml_or_default(&path)?
             }
         };
-        let now = SystemTime::now();
-        let dups = duplicates(&book.links);
-        let mut entries = BTreeMap::new();
-        for record in book.links {
-            let duplicate_of = dups.get(&record.name).cloned();
-            let state = match record.role {
-                Role::Dialer if duplicate_of.is_none() => LinkState::Connecting,
-                _ => LinkState::Down,
-            };
-            let last_error = duplicate_of.as_ref().map(|kept| {
-                warn!(
-                    link = %record.name, peer = %record.peer_site, kept = %kept,
-                    "second link to the same site left idle; remove it with: causeway link remove {}",
-                    record.name
-                );
-                duplicate_message(&record, kept)
-            });
-            let cancel = shutdown.child_token();
-            entries.insert(
-                record.name.clone(),
-                Entry {
-                    record,
-                    state,
-                    since: now,
-                    conn: None,
-                    cancel,
-                    last_error,
-                    peer_link: None,
-                    duplicate_of,
-                },
-            );
-        }
+        let (table, actions) = LinkTable::new(
+            book.links,
+            sidecar_gateway.is_none(),
+            timing.down_after,
+            timing.idle_timeout,
+            SystemTime::now(),
+        );
         let links = Arc::new_cyclic(|me| Links {
             me: me.clone(),
             handler,
             members: Mutex::new(BTreeMap::new()),
-            pending: Arc::new(Mutex::new(BTreeSet::new())),
-            persistent: sidecar_gateway.is_none(),
             identity,
             trust,
             endpoint,
             vips_cidr,
             timing,
             path,
-            entries: Mutex::new(entries),
+            table: Arc::new(Mutex::new(table)),
+            cancels: Mutex::new(BTreeMap::new()),
             changed: tokio::sync::watch::channel(0).0,
             shutdown,
             tasks: TaskTracker::new(),
         });
-        links.refresh_trust()?;
-        let dialers: Vec<String> = links
-            .lock()
-            .values()
-            .filter(|e| e.record.role == Role::Dialer && e.duplicate_of.is_none())
-            .map(|e| e.record.name.clone())
-            .collect();
-        for name in dialers {
-            links.spawn_dialer(&name);
-        }
+        links.apply(actions)?;
         Ok(links)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
-        match self.entries.lock() {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LinkTable<quinn::Connection>> {
+        lock_table(&self.table)
+    }
+
+    fn lock_cancels(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, CancellationToken>> {
+        match self.cancels.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
     }
 
-    /// Writes the records and rebuilds the trust set from them.
-    fn persist(&self, entries: &BTreeMap<String, Entry>) -> Result<(), LinkError> {
-        if !self.persistent {
-            return Ok(());
-        }
-        let book = LinkBook {
-            links: entries.values().map(|e| e.record.clone()).collect(),
-        };
-        state::write_yaml(&self.path, &book)?;
-        Ok(())
+    /// Link `name`'s cancellation token, made on first use.
+    fn cancel_token(&self, name: &str) -> CancellationToken {
+        self.lock_cancels()
+            .entry(name.to_string())
+            .or_insert_with(|| self.shutdown.child_token())
+            .clone()
     }
 
-    fn refresh_trust(&self) -> Result<(), LinkError> {
-        let peers: Vec<(String, CertificateDer<'static>)> = self
-            .lock()
-            .values()
-            .filter_map(|e| {
-                identity::parse_cert_pem(&e.record.peer_ca, "peer_ca")
-                    .ok()
-                    .map(|ca| (e.record.peer_site.clone(), ca))
-            })
-            .collect();
-        self.trust.set(&peers)?;
-        Ok(())
+    /// Carries out what the table asked for, in order; the first persistence or trust error
+    /// is returned after the rest are done.
+    fn apply(&self, actions: Vec<Action<quinn::Connection>>) -> Result<(), LinkError> {
+        let mut first_error = None;
+        for action in actions {
+            let result = match action {
+                Action::Dial(name) => {
+                    self.spawn_dialer(&name);
+                    Ok(())
+                }
+                Action::Stop(name) => {
+                    if let Some(token) = self.lock_cancels().remove(&name) {
+                        token.cancel();
+                    }
+                    Ok(())
+                }
+                Action::Close { conn, code, reason } => {
+                    conn.close(code.into(), reason.as_bytes());
+                    Ok(())
+                }
+                Action::Persist(records) => {
+                    state::write_yaml(&self.path, &LinkBook { links: records }).map_err(LinkError::from)
+                }
+                Action::Trust(cas) => {
+                    let peers: Vec<(String, CertificateDer<'static>)> = cas
+                        .into_iter()
+                        .filter_map(|(site, pem)| identity::parse_cert_pem(&pem, "peer_ca").ok().map(|ca| (site, ca)))
+                        .collect();
+                    self.trust.set(&peers).map_err(LinkError::from)
+                }
+            };
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Whether a link of this name exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.lock().contains_key(name)
+        self.lock().contains(name)
     }
 
     /// Holds `site` for one redemption: refused ([`PeerConflict`]) while a link with it
@@ -461,14 +376,9 @@ impl Links {
     /// redeemer (before dialing) and the issuer (before consuming the grant) take one, and
     /// keep it until the link is recorded.
     pub fn reserve_peer(&self, site: &str) -> Result<PeerReservation, PeerConflict> {
-        let entries = self.lock();
-        let mut pending = lock_set(&self.pending);
-        if let Some(conflict) = peer_conflict(entries.values().map(|e| &e.record), &pending, site) {
-            return Err(conflict);
-        }
-        pending.insert(site.to_string());
+        self.lock().reserve_peer(site)?;
         Ok(PeerReservation {
-            pending: self.pending.clone(),
+            table: self.table.clone(),
             site: site.to_string(),
         })
     }
@@ -478,168 +388,29 @@ impl Links {
     /// for a name taken by another link, [`PeerConflict::Linked`] when another link already
     /// has this peer site (one link per pair of sites), and state-file errors.
     pub fn add(&self, record: LinkRecord) -> Result<(), LinkError> {
-        let name = record.name.clone();
-        let role = record.role;
-        {
-            let mut entries = self.lock();
-            let others = entries.values().filter(|e| e.record.name != name).map(|e| &e.record);
-            if let Some(conflict) = peer_conflict(others, &BTreeSet::new(), &record.peer_site) {
-                return Err(conflict.into());
-            }
-            if let Some(old) = entries.get(&name) {
-                if old.record.peer_ca != record.peer_ca || old.record.role != role {
-                    return Err(LinkError::Exists(name));
-                }
-                old.cancel.cancel();
-                if let Some(c) = &old.conn {
-                    c.close(close::REPLACED.into(), b"link re-created");
-                }
-            }
-            let state = if role == Role::Dialer {
-                LinkState::Connecting
-            } else {
-                LinkState::Down
-            };
-            entries.insert(
-                name.clone(),
-                Entry {
-                    record,
-                    state,
-                    since: SystemTime::now(),
-                    conn: None,
-                    cancel: self.shutdown.child_token(),
-                    last_error: None,
-                    peer_link: None,
-                    duplicate_of: None,
-                },
-            );
-            self.persist(&entries)?;
-        }
-        self.refresh_trust()?;
-        if role == Role::Dialer {
-            self.spawn_dialer(&name);
-        }
+        let actions = self.lock().add(record, SystemTime::now())?;
+        let result = self.apply(actions);
         self.notify();
-        Ok(())
+        result
     }
 
     /// Removes a link: the record and the peer's trust go at once, and its connection is
     /// closed with a reason the peer logs.
     pub fn remove(&self, name: &str) -> Result<LinkRecord, LinkError> {
-        let entry = {
-            let mut entries = self.lock();
-            let entry = entries
-                .remove(name)
-                .ok_or_else(|| LinkError::NotFound(name.to_string()))?;
-            self.persist(&entries)?;
-            entry
-        };
-        self.refresh_trust()?;
-        entry.cancel.cancel();
-        if let Some(conn) = &entry.conn {
-            conn.close(close::REMOVED.into(), b"link removed");
-        }
-        info!(link = %name, peer = %entry.record.peer_site, "link removed; peer trust revoked");
-        self.reactivate_duplicates(name);
+        let (record, actions) = self.lock().remove(name)?;
+        let result = self.apply(actions);
         self.notify();
-        Ok(entry.record)
-    }
-
-    /// After link `removed` is gone, the oldest idle duplicate of it (if any) becomes the
-    /// site's link: it starts dialing, or accepting.
-    fn reactivate_duplicates(&self, removed: &str) {
-        let dialer = {
-            let mut entries = self.lock();
-            let idle: Vec<LinkRecord> = entries
-                .values()
-                .filter(|e| e.duplicate_of.as_deref() == Some(removed))
-                .map(|e| e.record.clone())
-                .collect();
-            let Some(next) = idle
-                .iter()
-                .min_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)))
-                .map(|r| r.name.clone())
-            else {
-                return;
-            };
-            for r in &idle {
-                if let Some(e) = entries.get_mut(&r.name) {
-                    if r.name == next {
-                        e.duplicate_of = None;
-                        e.last_error = None;
-                    } else {
-                        e.duplicate_of = Some(next.clone());
-                        e.last_error = Some(duplicate_message(r, &next));
-                    }
-                }
-            }
-            info!(link = %next, "link is no longer a duplicate; it takes over");
-            entries
-                .get(&next)
-                .filter(|e| e.record.role == Role::Dialer)
-                .map(|e| e.record.name.clone())
-        };
-        if let Some(name) = dialer {
-            self.spawn_dialer(&name);
-        }
-    }
-
-    /// The name of the (non-duplicate) link whose peer is this site, preferring acceptor
-    /// records.
-    fn name_for_peer(&self, site: &str) -> Option<String> {
-        let entries = self.lock();
-        entries
-            .values()
-            .filter(|e| e.record.peer_site == site && e.duplicate_of.is_none())
-            .min_by_key(|e| e.record.role != Role::Acceptor)
-            .map(|e| e.record.name.clone())
+        result.map(|()| record)
     }
 
     /// A fresh name for an acceptor record of `site` (the site id, or `site-2`, …).
     pub fn acceptor_name(&self, site: &str, peer_ca: &str) -> String {
-        let entries = self.lock();
-        let free = |n: &str| {
-            entries
-                .get(n)
-                .is_none_or(|e| e.record.peer_ca == peer_ca && e.record.role == Role::Acceptor)
-        };
-        if free(site) {
-            return site.to_string();
-        }
-        (2..)
-            .map(|i| format!("{site}-{i}"))
-            .find(|n| free(n))
-            .unwrap_or_else(|| site.to_string())
+        self.lock().acceptor_name(site, peer_ca)
     }
 
     /// Every link with its state.
     pub fn list(&self) -> Vec<LinkStatus> {
-        self.lock()
-            .values()
-            .map(|e| LinkStatus {
-                name: e.record.name.clone(),
-                peer_site: e.record.peer_site.clone(),
-                state: e.state,
-                rtt_ms: e
-                    .conn
-                    .as_ref()
-                    .filter(|_| e.state == LinkState::Up)
-                    .map(|c| (c.rtt().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0),
-                cost: e.record.cost,
-                since: rfc3339::format(e.since),
-                role: e.record.role,
-                remote: match &e.conn {
-                    Some(c) if e.state == LinkState::Up => Some(c.remote_address().to_string()),
-                    _ if e.record.role == Role::Dialer => Some(e.record.addresses.join(",")),
-                    _ => None,
-                },
-                last_error: if e.state == LinkState::Up {
-                    None
-                } else {
-                    e.last_error.clone()
-                },
-            })
-            .collect()
+        self.lock().list()
     }
 
     /// Waits until the named link is up, or `timeout` passes; returns its status either way.
@@ -663,42 +434,18 @@ impl Links {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// Records a state change of the named link (if `conn` still matches when given).
-    fn set_state(&self, name: &str, state: LinkState, conn: Option<quinn::Connection>, error: Option<String>) {
-        {
-            let mut entries = self.lock();
-            let Some(e) = entries.get_mut(name) else { return };
-            if state != LinkState::Up {
-                // Only the connection that is current may take the link down.
-                if let (Some(cur), Some(c)) = (&e.conn, &conn)
-                    && cur.stable_id() != c.stable_id()
-                {
-                    return;
-                }
-                e.conn = None;
-            } else {
-                if let Some(old) = e.conn.take()
-                    && conn.as_ref().is_some_and(|c| c.stable_id() != old.stable_id())
-                {
-                    old.close(close::REPLACED.into(), b"replaced by a newer connection");
-                }
-                e.conn = conn;
-            }
-            if e.state != state {
-                e.since = SystemTime::now();
-            }
-            e.state = state;
-            if error.is_some() {
-                e.last_error = error;
-            }
-        }
+    /// Applies an event to the table and wakes those waiting for a change.
+    fn event<R>(&self, f: impl FnOnce(&mut LinkTable<quinn::Connection>) -> R) -> R {
+        let r = f(&mut self.lock());
         self.notify();
+        r
     }
 
     fn spawn_dialer(&self, name: &str) {
-        let Some((record, cancel)) = self.lock().get(name).map(|e| (e.record.clone(), e.cancel.clone())) else {
+        let Some(record) = self.lock().record(name).cloned() else {
             return;
         };
+        let cancel = self.cancel_token(name);
         let Some(me) = self.me.upgrade() else { return };
         let span = info_span!("link", name = %record.name, peer = %record.peer_site, role = "dialer");
         self.tasks
@@ -711,7 +458,7 @@ impl Links {
         let mut attempt: u64 = 0;
         while !cancel.is_cancelled() {
             attempt += 1;
-            self.set_state(&record.name, LinkState::Connecting, None, None);
+            self.event(|t| t.dialing(&record.name, None, SystemTime::now()));
             let result = tokio::select! {
                 r = self.connect(&record) => r,
                 _ = cancel.cancelled() => break,
@@ -720,7 +467,8 @@ impl Links {
                 Ok((conn, send, recv)) => {
                     backoff.reset();
                     info!(remote = %conn.remote_address(), rtt_ms = conn.rtt().as_millis() as u64, "link up");
-                    self.set_state(&record.name, LinkState::Up, Some(conn.clone()), None);
+                    let replaced = self.event(|t| t.up(&record.name, conn.clone(), None, SystemTime::now()));
+                    let _ = self.apply(replaced);
                     let reason = self
                         .session(Established {
                             name: record.name.clone(),
@@ -737,7 +485,7 @@ impl Links {
                         break;
                     }
                     warn!(reason = %reason, "link down; reconnecting");
-                    self.set_state(&record.name, LinkState::Connecting, Some(conn), Some(reason));
+                    self.event(|t| t.ended(&record.name, &conn, LinkState::Connecting, reason, SystemTime::now()));
                 }
                 Err(e) => {
                     if attempt == 1 || attempt % 10 == 0 {
@@ -745,7 +493,7 @@ impl Links {
                     } else {
                         debug!(attempt, error = %e, "link attempt failed");
                     }
-                    self.set_state(&record.name, LinkState::Connecting, None, Some(e));
+                    self.event(|t| t.dialing(&record.name, Some(e), SystemTime::now()));
                 }
             }
             let delay = backoff.next_delay(rand::random::<f64>());
@@ -854,7 +602,8 @@ impl Links {
 
     async fn accept_site(self: Arc<Self>, conn: quinn::Connection, site: String) {
         let remote = conn.remote_address();
-        let Some(name) = self.name_for_peer(&site) else {
+        let name_for_peer = self.lock().name_for_peer(&site);
+        let Some(name) = name_for_peer else {
             conn.close(close::REJECTED.into(), b"no link");
             return;
         };
@@ -863,16 +612,13 @@ impl Links {
             let Some((send, recv, cost, peer_link)) = self.hello(&conn, &site, Some(&name)).await else {
                 return;
             };
-            let Some(cancel) = self.lock().get(&name).map(|e| e.cancel.clone()) else {
+            if !self.contains(&name) {
                 return;
-            };
-            info!(%remote, "link up");
-            self.set_state(&name, LinkState::Up, Some(conn.clone()), None);
-            if let Some(e) = self.lock().get_mut(&name)
-                && e.conn.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id())
-            {
-                e.peer_link = peer_link;
             }
+            let cancel = self.cancel_token(&name);
+            info!(%remote, "link up");
+            let replaced = self.event(|t| t.up(&name, conn.clone(), peer_link, SystemTime::now()));
+            let _ = self.apply(replaced);
             let reason = self
                 .session(Established {
                     name: name.clone(),
@@ -886,7 +632,7 @@ impl Links {
                 })
                 .await;
             info!(reason = %reason, "link down");
-            self.set_state(&name, LinkState::Down, Some(conn), Some(reason));
+            self.event(|t| t.ended(&name, &conn, LinkState::Down, reason, SystemTime::now()));
         }
         .instrument(span)
         .await
@@ -936,17 +682,6 @@ impl Links {
         }
     }
 
-    /// Whether link `name` has a live connection from a dialer link other than `claimed`
-    /// (both known): then that other link must not replace it. Returns the live one's
-    /// identity.
-    fn live_other_link(&self, name: &str, claimed: Option<&str>) -> Option<String> {
-        let entries = self.lock();
-        let e = entries.get(name)?;
-        let live = e.state == LinkState::Up && e.conn.as_ref().is_some_and(|c| c.close_reason().is_none());
-        let current = e.peer_link.as_deref()?;
-        (live && claimed.is_some_and(|c| c != current)).then(|| current.to_string())
-    }
-
     /// The acceptor's side of the hello: checks the dialer's claims against its certificate
     /// (`site`) and our settings, and, for a site's link `link`, that no other link of that
     /// site is live on it; answers `Welcome` or `Reject`. Returns the control stream, the
@@ -977,7 +712,7 @@ impl Links {
                     self.vips_cidr
                 )),
                 Control::Hello { link: claimed, .. } => link
-                    .and_then(|name| self.live_other_link(name, claimed.as_deref()))
+                    .and_then(|name| self.lock().live_other_link(name, claimed.as_deref()))
                     .map(|live| {
                         format!(
                             "site {site} already has a live link with {} ({live}); one link per pair of sites: \
@@ -1073,52 +808,21 @@ impl Links {
             } else {
                 info!(link = name, "link heard again: back in routing and DNS");
             }
-            self.set_silent(name, conn, silent);
+            self.event(|t| t.silent(name, conn, silent, SystemTime::now()));
             self.handler.silent(name, conn, silent);
         }
-    }
-
-    /// Shows a silent link as `down` (and back as `up`), if `conn` is still its connection.
-    fn set_silent(&self, name: &str, conn: &quinn::Connection, silent: bool) {
-        {
-            let mut entries = self.lock();
-            let Some(e) = entries.get_mut(name) else {
-                return;
-            };
-            if e.conn.as_ref().map(|c| c.stable_id()) != Some(conn.stable_id()) {
-                return;
-            }
-            let (state, error) = if silent {
-                (
-                    LinkState::Down,
-                    Some(format!(
-                        "nothing heard for {}: down for routing and DNS; the connection waits up to {} (links.idle_timeout)",
-                        humantime::format_duration(self.timing.down_after),
-                        humantime::format_duration(self.timing.idle_timeout)
-                    )),
-                )
-            } else {
-                (LinkState::Up, None)
-            };
-            e.state = state;
-            e.since = SystemTime::now();
-            e.last_error = error;
-        }
-        self.notify();
     }
 
     /// Per-link numbers for metrics: (name, peer, up, rtt, bytes sent, bytes received).
     pub fn stats(&self) -> Vec<(String, String, bool, Option<Duration>, u64, u64)> {
         self.lock()
-            .values()
-            .map(|e| {
-                let up = e.state == LinkState::Up;
-                let conn = e.conn.as_ref().filter(|_| up);
+            .each()
+            .map(|(name, peer, conn)| {
                 let stats = conn.map(|c| c.stats());
                 (
-                    e.record.name.clone(),
-                    e.record.peer_site.clone(),
-                    up,
+                    name.to_string(),
+                    peer.to_string(),
+                    conn.is_some(),
                     conn.map(|c| c.rtt()),
                     stats.as_ref().map(|s| s.udp_tx.bytes).unwrap_or(0),
                     stats.as_ref().map(|s| s.udp_rx.bytes).unwrap_or(0),
@@ -1138,23 +842,12 @@ impl Links {
     /// Closes every connection with a shutdown reason and waits for the link tasks to end.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
-        for e in self.lock().values() {
-            if let Some(c) = &e.conn {
-                c.close(close::SHUTDOWN.into(), b"agent shutting down");
-            }
+        for c in self.lock().conns() {
+            c.close(close::SHUTDOWN.into(), b"agent shutting down");
         }
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(3), self.tasks.wait()).await;
     }
-}
-
-/// What `link list` shows for an idle duplicate link.
-fn duplicate_message(record: &LinkRecord, kept: &str) -> String {
-    format!(
-        "idle: a second link to site {} (link {kept:?} is the one used); one link per pair of sites: \
-         remove this one with: causeway link remove {}",
-        record.peer_site, record.name
-    )
 }
 
 /// Resolves `host:port` strings, recording the ones that fail.
@@ -1211,69 +904,6 @@ mod tests {
             cost: 1,
             created: SystemTime::UNIX_EPOCH + Duration::from_secs(created_secs),
         }
-    }
-
-    #[test]
-    fn a_second_link_to_a_site_conflicts_in_either_direction() {
-        let none = BTreeSet::new();
-        let links = [
-            record("london", "london", Role::Dialer, 10),
-            record("rome", "rome", Role::Acceptor, 20),
-        ];
-        // We dial london already: another redemption of a london token is refused.
-        let c = peer_conflict(&links, &none, "london").unwrap();
-        assert_eq!(
-            c.to_string(),
-            "already linked to site london as link \"london\"; remove it first with: causeway link remove london"
-        );
-        // rome dials us already: redeeming a rome token (the reverse direction) is refused too.
-        assert_eq!(
-            peer_conflict(&links, &none, "rome"),
-            Some(PeerConflict::Linked {
-                site: "rome".into(),
-                name: "rome".into()
-            })
-        );
-        assert_eq!(peer_conflict(&links, &none, "paris"), None);
-        // A redemption in flight holds the site.
-        let pending: BTreeSet<String> = ["paris".to_string()].into();
-        assert_eq!(
-            peer_conflict(&links, &pending, "paris"),
-            Some(PeerConflict::InProgress { site: "paris".into() })
-        );
-    }
-
-    #[test]
-    fn the_oldest_link_of_a_site_is_named_and_kept() {
-        let links = [
-            record("london-again", "london", Role::Dialer, 30),
-            record("london", "london", Role::Dialer, 10),
-            record("hub", "london", Role::Acceptor, 20),
-            record("rome", "rome", Role::Dialer, 5),
-        ];
-        let c = peer_conflict(&links, &BTreeSet::new(), "london").unwrap();
-        assert_eq!(
-            c,
-            PeerConflict::Linked {
-                site: "london".into(),
-                name: "london".into()
-            }
-        );
-        let dups = duplicates(&links);
-        assert_eq!(dups.len(), 2, "{dups:?}");
-        assert_eq!(dups["london-again"], "london");
-        assert_eq!(dups["hub"], "london");
-        assert!(!dups.contains_key("rome"));
-        // Same creation time: the first by name wins, whatever the order in the file.
-        let tie = [
-            record("b", "london", Role::Dialer, 1),
-            record("a", "london", Role::Dialer, 1),
-        ];
-        assert_eq!(
-            duplicates(&tie).into_iter().collect::<Vec<_>>(),
-            vec![("b".into(), "a".into())]
-        );
-        assert!(duplicates(&[]).is_empty());
     }
 
     #[test]
