@@ -5,6 +5,11 @@
 //! that views converge everywhere, that routes follow the cheapest paths, that a partition
 //! withdraws what it cuts off and healing brings it back, that VIPs never move across
 //! restarts, withdrawals and link churn, and member mode.
+//!
+//! Each gateway also keeps its [`LinkTable`] (the link records and which connection is
+//! current), fed the same link events its shell would feed it, so churn, silence and restarts
+//! exercise the link table and the mesh core together: routes must only ever use connections
+//! the link table holds up, and a restarted node dials exactly the links it had recorded.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
@@ -12,6 +17,8 @@ use std::time::{Duration, SystemTime};
 
 use super::core::{Action, ConnId, Event, MeshCore, Publication, To};
 use crate::catalog::{EndpointAd, PortAd, ServiceAd, View};
+use crate::link::table::{self, LinkTable};
+use crate::link::{LinkRecord, LinkState, Role as LinkRole};
 use crate::names::{PortSpec, Protocol};
 use crate::protocol::Control;
 use crate::role::Role;
@@ -21,6 +28,25 @@ use crate::vips::{VipAllocator, VipRange, VipTable};
 const CIDR: &str = "127.77.0.0/16";
 /// VIP quarantine in the simulation (dns.ttl + links.idle_timeout by default).
 const QUARANTINE: Duration = Duration::from_secs(35);
+
+/// A simulated connection for the link table: just its id.
+#[derive(Debug, Clone, PartialEq)]
+struct SimConn(ConnId);
+
+impl table::Conn for SimConn {
+    fn id(&self) -> usize {
+        self.0
+    }
+    fn rtt(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+    fn remote(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([192, 0, 2, 1], 7400))
+    }
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
 
 /// One agent: its core and what its shell would hold.
 struct Node {
@@ -37,6 +63,13 @@ struct Node {
     /// Up connections by the name this node gives them (the peer site, or the sidecar's
     /// name on its gateway), with the node at the other end.
     conns: BTreeMap<String, (ConnId, String)>,
+    /// A gateway's link table (sidecar sessions are not links on the gateway side, and a
+    /// sidecar's one link is left out).
+    links: LinkTable<SimConn>,
+    /// `links.yaml` as last written.
+    link_records: Vec<LinkRecord>,
+    /// Links the table asked to dial since the node started.
+    dialed: BTreeSet<String>,
 }
 
 /// A clusterset of nodes, by node name (a gateway is named after its site).
@@ -101,6 +134,21 @@ impl Sim {
         let allocator = VipAllocator::new(range(), VipRange::block_of_site(site), QUARANTINE);
         let now = self.tick();
         let core = MeshCore::new(site, role, allocator, table.clone(), now);
+        let records = self.nodes.get(name).map(|n| n.link_records.clone()).unwrap_or_default();
+        let (links, actions) = LinkTable::new(
+            records.clone(),
+            true,
+            Duration::from_secs(3),
+            Duration::from_secs(30),
+            now,
+        );
+        let dialed = actions
+            .into_iter()
+            .filter_map(|a| match a {
+                table::Action::Dial(n) => Some(n),
+                _ => None,
+            })
+            .collect();
         self.nodes.insert(
             name.to_string(),
             Node {
@@ -111,6 +159,9 @@ impl Sim {
                 published: None,
                 exports: Vec::new(),
                 conns: BTreeMap::new(),
+                links,
+                link_records: records,
+                dialed,
             },
         );
         self.drain(name);
@@ -154,11 +205,12 @@ impl Sim {
     fn link(&mut self, a: &str, b: &str, cost: u32) {
         let conn = self.next_conn;
         self.next_conn += 1;
-        for (here, there) in [(a, b), (b, a)] {
+        for (here, there, role) in [(a, b, LinkRole::Dialer), (b, a, LinkRole::Acceptor)] {
             self.node(here)
                 .conns
                 .insert(there.to_string(), (conn, there.to_string()));
             let peer_site = self.node(there).site.clone();
+            self.table_up(here, there, &peer_site, role, cost, conn);
             self.event(
                 here,
                 Event::LinkUp {
@@ -171,12 +223,81 @@ impl Sim {
         }
     }
 
+    /// Link `there`, as gateway `here` names it, is up on `conn`: recorded first if new (as
+    /// a redemption would), then marked up; a connection it replaces ends in the core too, as
+    /// the shell's session for it would.
+    fn table_up(&mut self, here: &str, there: &str, peer_site: &str, role: LinkRole, cost: u32, conn: ConnId) {
+        let now = self.now;
+        let node = self.node(here);
+        if node.role != Role::Gateway || node.links.contains(there) {
+            // Re-linking after a cut or restart: the record is kept, whoever dialed.
+        } else {
+            let record = LinkRecord {
+                name: there.to_string(),
+                peer_site: peer_site.to_string(),
+                role,
+                addresses: Vec::new(),
+                peer_ca: format!("ca of {peer_site}"),
+                cost,
+                created: now,
+            };
+            for action in node.links.add(record, now).expect("one link per pair of sites") {
+                match action {
+                    table::Action::Persist(records) => node.link_records = records,
+                    table::Action::Dial(n) => {
+                        node.dialed.insert(n);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let node = self.node(here);
+        if node.role != Role::Gateway {
+            return;
+        }
+        for action in node.links.up(there, SimConn(conn), None, now) {
+            if let table::Action::Close { conn: old, .. } = action {
+                self.event(
+                    here,
+                    Event::LinkDown {
+                        name: there.to_string(),
+                        conn: old.0,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Link `there` of `here` on `conn` fell silent or was heard again, as the shell's
+    /// liveness watch reports it: to the link table and to the core.
+    fn silent(&mut self, here: &str, there: &str, conn: ConnId, silent: bool) {
+        let now = self.now;
+        self.node(here).links.silent(there, &SimConn(conn), silent, now);
+        self.event(
+            here,
+            Event::LinkSilent {
+                name: there.to_string(),
+                conn,
+                silent,
+            },
+        );
+    }
+
     /// The link between `a` and `b` ends on both sides.
     fn cut(&mut self, a: &str, b: &str) {
         for (here, there) in [(a, b), (b, a)] {
             let Some((conn, _)) = self.node(here).conns.remove(there) else {
                 continue;
             };
+            let next = if self.node(here).links.record(there).map(|r| r.role) == Some(LinkRole::Dialer) {
+                LinkState::Connecting
+            } else {
+                LinkState::Down
+            };
+            let now = self.now;
+            self.node(here)
+                .links
+                .ended(there, &SimConn(conn), next, "cut".into(), now);
             let event = if self.node(here).role == Role::Gateway && self.node(there).role == Role::Sidecar {
                 Event::MemberDown {
                     name: there.to_string(),
@@ -269,6 +390,15 @@ impl Sim {
         let exports = self.node(name).exports.clone();
         self.now -= back;
         self.start(name, &site, role, table);
+        // The new process dials exactly the links it recorded as their dialer.
+        let expected: BTreeSet<String> = self
+            .node(name)
+            .link_records
+            .iter()
+            .filter(|r| r.role == LinkRole::Dialer)
+            .map(|r| r.name.clone())
+            .collect();
+        assert_eq!(self.node(name).dialed, expected, "{name} after a restart");
         self.export(name, exports);
         for p in &peers {
             match (role, self.node(p).role) {
@@ -315,9 +445,16 @@ impl Sim {
     fn assert_routes_use_live_connections(&self) {
         for (name, node) in &self.nodes {
             let live: BTreeSet<ConnId> = node.conns.values().map(|(c, _)| *c).collect();
+            let table_up: BTreeSet<ConnId> = node.links.up_links().map(|(_, _, c)| c.0).collect();
             if let Some(p) = &node.published {
                 for (site, conn) in &p.routes {
                     assert!(live.contains(conn), "{name}'s route to {site} uses a dead connection");
+                    if node.role == Role::Gateway {
+                        assert!(
+                            table_up.contains(conn),
+                            "{name}'s route to {site} uses a connection its link table does not hold up"
+                        );
+                    }
                 }
                 for (vip, conn) in &p.member_routes {
                     assert!(
@@ -422,6 +559,8 @@ fn vips_survive_restarts_withdrawals_and_a_clock_stepped_back() {
     // c restarts with its clock 10 minutes behind: its new advertisement must still win
     // over the one the others hold (which has a higher sequence number).
     sim.restart("c", Duration::from_secs(600));
+    // c dials d (it redeemed d's token) and accepts b: after the restart it dials d again.
+    assert_eq!(sim.node("c").dialed, BTreeSet::from(["d".to_string()]));
     for s in SITES {
         assert_eq!(sim.vips(s), before, "{s} after c restarted");
     }
@@ -462,14 +601,7 @@ fn link_churn_and_silence_leave_consistent_views_and_routes() {
         sim.link(x, y, 1);
         // A link falling silent and being heard again on the way.
         let conn = sim.node(x).conns[y].0;
-        sim.event(
-            x,
-            Event::LinkSilent {
-                name: y.to_string(),
-                conn,
-                silent: true,
-            },
-        );
+        sim.silent(x, y, conn, true);
         if round % 2 == 0 {
             sim.settle();
             // While silent, x reaches y the other way round the ring.
@@ -479,14 +611,7 @@ fn link_churn_and_silence_leave_consistent_views_and_routes() {
                 "round {round}"
             );
         }
-        sim.event(
-            x,
-            Event::LinkSilent {
-                name: y.to_string(),
-                conn,
-                silent: false,
-            },
-        );
+        sim.silent(x, y, conn, false);
         // A stale event about a connection that is gone changes nothing.
         sim.event(
             x,
@@ -516,26 +641,16 @@ fn a_silent_link_leaves_routing_while_its_connection_stays() {
     sim.settle();
     assert_eq!(sim.next_hop("a", "b").as_deref(), Some("b"));
     let conn = sim.node("a").conns["b"].0;
-    sim.event(
-        "a",
-        Event::LinkSilent {
-            name: "b".into(),
-            conn,
-            silent: true,
-        },
-    );
+    sim.silent("a", "b", conn, true);
     sim.settle();
-    // a no longer uses a-b (b is reached through c), but keeps the connection.
+    // a no longer uses a-b (b is reached through c), but keeps the connection; its link
+    // table shows the link down with the connection kept.
     assert_eq!(sim.next_hop("a", "b").as_deref(), Some("c"));
     assert!(sim.node("a").conns.contains_key("b"));
-    sim.event(
-        "a",
-        Event::LinkSilent {
-            name: "b".into(),
-            conn,
-            silent: false,
-        },
-    );
+    let shown = sim.node("a").links.list().into_iter().find(|l| l.name == "b").unwrap();
+    assert_eq!(shown.state, LinkState::Down);
+    assert_eq!(sim.node("a").links.conns().count(), 2);
+    sim.silent("a", "b", conn, false);
     sim.settle();
     assert_eq!(sim.next_hop("a", "b").as_deref(), Some("b"));
 }
