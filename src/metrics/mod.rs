@@ -498,13 +498,6 @@ impl Metrics {
         self.bytes.get_or_create(&labels).inc_by(n);
     }
 
-    /// One UDP datagram of `n` payload bytes was carried in `direction`: counts the datagram
-    /// ([`Metrics::datagram`]) and its bytes ([`Metrics::add_bytes`], protocol UDP).
-    pub fn udp_datagram(&self, service: &str, namespace: &str, direction: Direction, n: u64) {
-        self.datagram(service, namespace, direction);
-        self.add_bytes(service, namespace, Protocol::Udp, direction, n);
-    }
-
     /// One UDP datagram was forwarded in `direction`, outside any [`FlowMetrics`] (which the
     /// data path counts through: [`FlowMetrics::datagram`]).
     pub fn datagram(&self, service: &str, namespace: &str, direction: Direction) {
