@@ -402,9 +402,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(TokenCommand::Issue { uses, expires, output }) => {
             token_issue(&state, uses, expires, output).await
         }
-        Command::Token(TokenCommand::Redeem { file, name, cost }) => {
-            token_redeem(&state, &file, name.map(String::from), cost).await
-        }
+        Command::Token(TokenCommand::Redeem { file, name, cost }) => token_redeem(&state, &file, name, cost).await,
         Command::Token(TokenCommand::List { output }) => token_list(&state, output).await,
         Command::Token(TokenCommand::Revoke { grant }) => token_revoke(&state, &grant).await,
         Command::Link(LinkCommand::List { output }) => {
@@ -412,7 +410,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_output(output, &links, || links_table(&links))
         }
         Command::Link(LinkCommand::Remove { name }) => {
-            let removed = call(&state, api::LinkRemove { name: name.into() }).await?;
+            let removed = call(&state, api::LinkRemove { name }).await?;
             println!(
                 "removed link {} to {}; its trust is revoked",
                 removed.name, removed.peer_site
@@ -764,7 +762,7 @@ async fn token_revoke(state: &StateDir, grant: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn token_redeem(state: &StateDir, file: &str, name: Option<String>, cost: u32) -> anyhow::Result<()> {
+async fn token_redeem(state: &StateDir, file: &str, name: Option<Label>, cost: u32) -> anyhow::Result<()> {
     let (token, warning) = crate::token::file::read(file)?;
     if let Some(w) = warning {
         eprintln!("warning: {w}");

@@ -98,7 +98,7 @@ pub async fn run() -> anyhow::Result<()> {
         paris,
         api::TokenRedeem {
             token: issued.token,
-            name: Some("again".into()),
+            name: Some(Label::new("again")?),
             cost: 1,
         },
     )

@@ -20,6 +20,7 @@ use crate::config::VipMode;
 use crate::dns::DnsStatus;
 use crate::forward::InterceptStatus;
 use crate::link::{LinkState, LinkStatus};
+use crate::names::Label;
 use crate::rlimit::OpenFiles;
 use crate::role::Role;
 use crate::routing::Route;
@@ -112,8 +113,9 @@ pub struct TokenIssue {
 pub struct TokenRedeem {
     /// The token file's text.
     pub token: String,
-    /// The local link name (`None`: the issuer's site id).
-    pub name: Option<String>,
+    /// The local link name (`None`: the issuer's site id). A DNS-1123 label: a request naming
+    /// anything else is refused as malformed before it reaches the handler.
+    pub name: Option<Label>,
     /// The link's routing cost (at least 1).
     pub cost: u32,
 }
@@ -136,8 +138,9 @@ pub struct LinkList {}
 /// `link remove`: drop a link and its peer's trust.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinkRemove {
-    /// The local link name.
-    pub name: String,
+    /// The local link name (a DNS-1123 label: a request naming anything else is refused as
+    /// malformed).
+    pub name: Label,
 }
 
 /// `status`: the agent in one view.
@@ -314,7 +317,12 @@ mod tests {
             r#"{"op":"token_issue","uses":2,"expires_secs":900}"#
         );
         let back: Request = serde_json::from_str(r#"{"op":"link_remove","name":"paris"}"#).unwrap();
-        assert_eq!(back, Request::from(LinkRemove { name: "paris".into() }));
+        assert_eq!(
+            back,
+            Request::from(LinkRemove {
+                name: Label::new("paris").unwrap()
+            })
+        );
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
         // Requests without fields are the tag alone.
         for (r, json) in [
@@ -336,6 +344,30 @@ mod tests {
                 cost: 1
             })
         );
+    }
+
+    #[test]
+    fn a_link_name_that_is_no_label_is_refused_as_the_request_is_read() {
+        for json in [
+            r#"{"op":"link_remove","name":"Paris"}"#,
+            r#"{"op":"link_remove","name":"../etc"}"#,
+            r#"{"op":"token_redeem","token":"t","name":"-x","cost":1}"#,
+        ] {
+            let err = serde_json::from_str::<Request>(json).unwrap_err().to_string();
+            assert!(
+                err.contains("is not a valid name") && err.contains("DNS-1123"),
+                "{json}: {err}"
+            );
+        }
+        // A valid name travels as the same plain string.
+        let r = Request::from(TokenRedeem {
+            token: "t".into(),
+            name: Some(Label::new("paris-2").unwrap()),
+            cost: 3,
+        });
+        let json = r#"{"op":"token_redeem","token":"t","name":"paris-2","cost":3}"#;
+        assert_eq!(serde_json::to_string(&r).unwrap(), json);
+        assert_eq!(serde_json::from_str::<Request>(json).unwrap(), r);
     }
 
     #[test]

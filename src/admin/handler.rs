@@ -18,13 +18,14 @@ use super::api::{
     TokenRevoke, VipsStatus,
 };
 use crate::catalog::ServiceView;
-use crate::config::{VipMode, is_dns_label};
+use crate::config::VipMode;
 use crate::dns::Responder;
 use crate::forward::Forwarder;
 use crate::identity::SiteIdentity;
 use crate::link::redeem;
 use crate::link::{LinkRecord, LinkState, LinkStatus, Links, Role as LinkRole};
 use crate::mesh::Mesh;
+use crate::names::Label;
 use crate::readiness::{LinkFacts, Readiness};
 use crate::rlimit::OpenFiles;
 use crate::role::Role;
@@ -76,7 +77,8 @@ pub enum Refusal {
          and remove links, on the gateway"
     )]
     Sidecar(String),
-    /// `--name` is not a DNS-1123 label.
+    /// The link's name is not a DNS-1123 label: the issuer's site id, taken when no `--name`
+    /// was given (a `--name` itself is checked as the request is read, [`crate::names::Label`]).
     #[error("link name {0:?} must be a DNS-1123 label (lowercase letters, digits, '-')")]
     LinkName(String),
     /// `--cost 0`.
@@ -184,12 +186,14 @@ impl AgentHandler {
 
     /// `token redeem`: checks the request, redeems the token with its issuer, records the
     /// link and waits (bounded) for it to come up.
-    async fn redeem(&self, text: &str, name: Option<String>, cost: u32) -> Result<Redeemed, Refusal> {
+    async fn redeem(&self, text: &str, name: Option<Label>, cost: u32) -> Result<Redeemed, Refusal> {
         let token = Token::parse(text)?;
-        let name = name.unwrap_or_else(|| token.issuer.clone());
-        if !is_dns_label(&name) {
-            return Err(Refusal::LinkName(name));
-        }
+        let name = match name {
+            Some(name) => String::from(name),
+            None => Label::new(token.issuer.clone())
+                .map_err(|e| Refusal::LinkName(e.value))?
+                .into(),
+        };
         if cost == 0 {
             return Err(Refusal::ZeroCost);
         }

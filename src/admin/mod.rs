@@ -379,7 +379,7 @@ mod tests {
         async fn link_remove(&self, req: LinkRemove) -> Result<LinkRemoved, String> {
             Ok(LinkRemoved {
                 peer_site: format!("site-of-{}", req.name),
-                name: req.name,
+                name: req.name.into(),
             })
         }
         async fn status(&self) -> Result<AgentStatus, String> {
@@ -403,9 +403,15 @@ mod tests {
             shutdown.clone(),
             tasks.clone(),
         ));
-        let removed = call(dir.path(), &sock, LinkRemove { name: "paris".into() })
-            .await
-            .unwrap();
+        let removed = call(
+            dir.path(),
+            &sock,
+            LinkRemove {
+                name: crate::names::Label::new("paris").unwrap(),
+            },
+        )
+        .await
+        .unwrap();
         assert_eq!(
             removed,
             LinkRemoved {

@@ -12,12 +12,14 @@
 //! terminating agent accepts only VIPs of its own exports. Listeners follow the view: an
 //! endpoint withdrawn anywhere loses its listeners here at once (flows already open go on
 //! until they end). Concurrent TCP flows are bounded by `limits.max_flows`, and so are UDP
-//! flows, with a per-client share and eviction of the least recently used ([`flowbook`]).
+//! flows, with a per-client share and eviction of the least recently used ([`flowbook`]),
+//! kept in the sans-IO tables of [`udpflows`].
 
 pub mod flowbook;
 pub mod header;
 pub mod tcp;
 pub mod udp;
+pub mod udpflows;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -310,7 +312,7 @@ impl Forwarder {
         let fwd = Arc::new(Forwarder {
             site: mesh.site().to_string(),
             flow_permits: Arc::new(Semaphore::new(opts.max_flows)),
-            udp: udp::Tables::new(opts.max_flows),
+            udp: udp::tables(opts.max_flows, opts.udp_idle, metrics.clone()),
             mesh,
             metrics,
             opts,

@@ -13,17 +13,22 @@
 //! counted in `causeway_udp_datagrams_via_stream_total` and logged once per flow. So large
 //! DNS answers, for instance, still arrive whole.
 //!
+//! The flow tables themselves, and every decision about them, are [`UdpFlows`]'s, a state
+//! machine without sockets or clock (`udpflows.rs`); this module is its shell: it owns the
+//! sockets, reads them, looks up in the view what the tables cannot know (a VIP's service,
+//! the next hop, how an endpoint is delivered), feeds each datagram in as an event and
+//! carries out the actions that come back.
+//!
 //! Every flow this agent holds (as origin, relay or terminus) is admitted by one
-//! [`FlowBook`] of `limits.max_flows` slots: a local client may hold at most its share of them
+//! [`flowbook::FlowBook`] of `limits.max_flows` slots: a local client may hold at most its share of them
 //! ([`flowbook::share`]), and a full table evicts the least recently used flow of whoever holds
 //! the most, so one client sending from thousands of source ports cannot keep any other from
 //! its flows. Evictions are counted in `causeway_udp_flows_evicted_total` and logged at most
 //! once per holder per [`flowbook::LOG_EVERY`].
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::ops::ControlFlow;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -31,11 +36,12 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::flowbook::{self, Eviction, FlowBook};
+use super::flowbook;
 use super::header::{Datagram, FlowHeader, MAX_TTL};
+use super::udpflows::{Action, Event, FlowKey, Handles, Holder, Next, Reply, UdpFlows};
 use super::{Forwarder, Hop, ListenerKey, lock};
 use crate::intercept::{self, RawUdp};
-use crate::metrics::{self, Direction, DropReason, Role};
+use crate::metrics::{self, DropReason, Metrics, Role};
 use crate::names::Protocol;
 use crate::role::Role as AgentRole;
 
@@ -107,15 +113,6 @@ async fn recv_batch(
     flow
 }
 
-/// Where a flow's replies go from here.
-#[derive(Clone)]
-enum ReplyPath {
-    /// Back over this link (we are a relay or the terminus of a remote flow).
-    Link(quinn::Connection),
-    /// Straight to the client (the endpoint is in our own site).
-    Local { socket: VipSocket, client: SocketAddr },
-}
-
 /// How datagrams reach a local client from the VIP and port it sent to.
 #[derive(Clone)]
 pub(super) enum VipSocket {
@@ -140,116 +137,36 @@ impl VipSocket {
     }
 }
 
-/// A flow whose client is here.
-struct OriginFlow {
-    socket: VipSocket,
-    /// The listener it arrived on, so an evicted flow can be unhooked from `by_client`.
-    key: ListenerKey,
-    client: SocketAddr,
-    service: String,
-    namespace: String,
-    /// Whether "too large for a datagram" was logged already.
-    warned: bool,
-}
-
-/// A flow passing through.
-struct RelayFlow {
-    back: quinn::Connection,
-}
-
-/// A flow delivered to one of our endpoints.
-struct TerminusFlow {
+/// A terminus flow's own socket, connected to its endpoint, and what stops the task reading
+/// the endpoint's answers from it.
+#[derive(Clone)]
+pub(super) struct EndpointSocket {
     /// Connected to the endpoint.
     socket: Arc<UdpSocket>,
-    reply: ReplyPath,
-    service: String,
-    namespace: String,
-    /// Stops the task reading the endpoint's answers.
+    /// Cancelled when the flow is forgotten, which ends the reading task and so the socket.
     stop: CancellationToken,
-    warned: bool,
 }
 
-// Which of an agent's tables a flow is in is its metrics role ([`Role`]): a flow id can be in
-// two (origin and terminus, when a local client reaches a local endpoint).
+/// The agent's handles in the flow tables: quinn connections, and tokio sockets.
+pub(super) struct Quic;
 
-/// Who holds a flow, for the per-client share and the eviction order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Holder {
-    /// A client of ours, by source address (not port: one client, many ports). Bound to its
-    /// share.
-    Client(IpAddr),
-    /// The link the flow came in on (its connection's stable id): many clients of another
-    /// site, bound only by the whole table.
-    Link(usize),
-}
+impl Handles for Quic {
+    type Link = quinn::Connection;
+    type Vip = VipSocket;
+    type Endpoint = EndpointSocket;
 
-impl std::fmt::Display for Holder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Holder::Client(ip) => write!(f, "client {ip}"),
-            Holder::Link(id) => write!(f, "link connection {id}"),
-        }
+    fn link_id(link: &quinn::Connection) -> usize {
+        link.stable_id()
     }
 }
 
-/// A flow in the book: its table and id.
-type FlowKey = (Role, u64);
-/// A holder in the book: per table, so a client's origin and local terminus flows each get
-/// a share.
-type HolderKey = (Role, Holder);
+/// The UDP flow tables of one agent, shared by the tasks reading its sockets and links.
+pub(super) type Tables = Mutex<UdpFlows<Quic>>;
 
-/// The UDP flow tables of one agent.
-pub struct Tables {
-    inner: std::sync::Mutex<State>,
-}
-
-impl Tables {
-    /// Empty tables for at most `max_flows` UDP flows (`limits.max_flows`).
-    pub fn new(max_flows: usize) -> Tables {
-        Tables {
-            inner: std::sync::Mutex::new(State {
-                origin: HashMap::new(),
-                by_client: HashMap::new(),
-                relay: HashMap::new(),
-                terminus: HashMap::new(),
-                book: FlowBook::new(max_flows),
-            }),
-        }
-    }
-}
-
-struct State {
-    origin: HashMap<u64, OriginFlow>,
-    by_client: HashMap<(ListenerKey, SocketAddr), u64>,
-    relay: HashMap<u64, RelayFlow>,
-    terminus: HashMap<u64, TerminusFlow>,
-    /// Every flow above, by holder and last use: admission, eviction and idle expiry.
-    book: FlowBook<FlowKey, HolderKey>,
-}
-
-impl State {
-    /// Drops a flow the book gave up (evicted or expired) from its table; returns its
-    /// service and namespace when it was counted as opened (origin and terminus flows).
-    fn forget(&mut self, (role, id): FlowKey) -> Option<(String, String)> {
-        match role {
-            Role::Origin => {
-                let f = self.origin.remove(&id)?;
-                if self.by_client.get(&(f.key, f.client)) == Some(&id) {
-                    self.by_client.remove(&(f.key, f.client));
-                }
-                Some((f.service, f.namespace))
-            }
-            Role::Relay => {
-                self.relay.remove(&id);
-                None
-            }
-            Role::Terminus => {
-                let f = self.terminus.remove(&id)?;
-                f.stop.cancel();
-                Some((f.service, f.namespace))
-            }
-        }
-    }
+/// Empty tables for at most `max_flows` UDP flows (`limits.max_flows`), forgetting flows idle
+/// for `idle` (`limits.udp_idle`).
+pub(super) fn tables(max_flows: usize, idle: Duration, metrics: Arc<Metrics>) -> Tables {
+    Mutex::new(UdpFlows::seeded(max_flows, idle, metrics))
 }
 
 impl Forwarder {
@@ -296,6 +213,53 @@ impl Forwarder {
         }
     }
 
+    /// Feeds `event` to the flow tables, now; returns what they ask for.
+    fn udp_event(&self, event: Event<'_, Quic>) -> Vec<Action<Quic>> {
+        lock(&self.udp).handle(event, Instant::now())
+    }
+
+    /// Carries out what the flow tables asked for, outside their lock; `payload` is the
+    /// datagram the event was about.
+    fn udp_apply(self: &Arc<Self>, actions: Vec<Action<Quic>>, payload: &[u8]) {
+        for action in actions {
+            match action {
+                Action::ToLink {
+                    link,
+                    dgram,
+                    service,
+                    log_streamed,
+                } => {
+                    let streamed = self.send(&link, dgram, &service.name, &service.namespace, log_streamed.is_none());
+                    if let Some(key) = log_streamed.filter(|_| streamed) {
+                        self.udp_event(Event::Streamed(key));
+                    }
+                }
+                Action::ToClient { socket, client } => {
+                    let _ = socket.send_to(payload, client);
+                }
+                Action::ToEndpoint { flow, socket } => {
+                    let sent = send_now(&socket.socket, payload);
+                    debug!(flow, ?sent, "udp datagram to endpoint");
+                }
+                Action::OpenEndpoint { flow, header, reply } => self.open_endpoint(flow, &header, reply, payload),
+                Action::CloseEndpoint { socket, .. } => socket.stop.cancel(),
+                // Seen by the reading task ([`Forwarder::endpoint_replies`]).
+                Action::StopReading { .. } => {}
+                Action::Evicted {
+                    flow,
+                    holder,
+                    reason,
+                    held,
+                    log,
+                } => self.evicted(flow, holder, reason, held, log),
+                Action::Dropped { service, reason } => match service {
+                    Some(s) => self.metrics.datagram_dropped(&s.name, &s.namespace, reason),
+                    None => self.metrics.datagram_dropped("unknown", "unknown", reason),
+                },
+            }
+        }
+    }
+
     /// A datagram from a client to a VIP here.
     fn udp_from_client(self: &Arc<Self>, socket: &VipSocket, key: ListenerKey, client: SocketAddr, payload: &[u8]) {
         let (vip, port, _) = key;
@@ -307,46 +271,6 @@ impl Forwarder {
         else {
             return;
         };
-        let (flow, warned) = {
-            let mut st = lock(&self.udp.inner);
-            let now = Instant::now();
-            match st.by_client.get(&(key, client)).copied() {
-                Some(id) => {
-                    st.book.touch(&(Role::Origin, id), now);
-                    (id, st.origin.get(&id).is_some_and(|f| f.warned))
-                }
-                None => {
-                    let id = rand::random::<u64>();
-                    let holder = (Role::Origin, Holder::Client(client.ip()));
-                    if let Some(ev) = st.book.admit((Role::Origin, id), holder, true, now) {
-                        self.evicted(&mut st, ev);
-                    }
-                    st.by_client.insert((key, client), id);
-                    st.origin.insert(
-                        id,
-                        OriginFlow {
-                            socket: socket.clone(),
-                            key,
-                            client,
-                            service: target.service.clone(),
-                            namespace: target.namespace.clone(),
-                            warned: false,
-                        },
-                    );
-                    debug!(flow = id, %client, %vip, port, "udp flow opened");
-                    self.metrics
-                        .flow(&target.service, &target.namespace, metrics::Protocol::Udp, Role::Origin)
-                        .opened();
-                    (id, false)
-                }
-            }
-        };
-        self.metrics.udp_datagram(
-            &target.service,
-            &target.namespace,
-            Direction::ToEndpoint,
-            payload.len() as u64,
-        );
         let header = FlowHeader {
             ttl: MAX_TTL,
             site: target.site.clone(),
@@ -356,32 +280,22 @@ impl Forwarder {
             // sends from (peer protocols check both).
             src: self.src_vip(target).map(|ip| SocketAddr::new(ip, client.port())),
         };
-        let conn = match self.hop(&vip, target) {
-            Hop::Local => {
-                self.deliver(
-                    flow,
-                    &header,
-                    payload,
-                    ReplyPath::Local {
-                        socket: socket.clone(),
-                        client,
-                    },
-                );
-                return;
-            }
-            Hop::Conn(conn) => conn,
-            Hop::Unreachable => {
-                self.metrics
-                    .datagram_dropped(&target.service, &target.namespace, DropReason::NoRoute);
-                return;
-            }
+        let next = match self.hop(&vip, target) {
+            Hop::Local => Next::Local,
+            Hop::Conn(conn) => Next::Link(conn),
+            Hop::Unreachable => Next::Unreachable,
         };
-        let dgram = Datagram::Forward { flow, header, payload }.encode();
-        if self.send(&conn, dgram, &target.service, &target.namespace, warned) {
-            if let Some(f) = lock(&self.udp.inner).origin.get_mut(&flow) {
-                f.warned = true;
-            }
-        }
+        let actions = self.udp_event(Event::FromClient {
+            key,
+            client,
+            socket,
+            service: &target.service,
+            namespace: &target.namespace,
+            header,
+            next,
+            payload,
+        });
+        self.udp_apply(actions, payload);
     }
 
     /// Sends a datagram on a link, or on a stream when it is too large; returns whether it
@@ -427,59 +341,33 @@ impl Forwarder {
         match dgram {
             Datagram::Forward { flow, header, payload } => {
                 debug!(flow, len = payload.len(), "forward datagram from link");
-                if header.site == self.site {
-                    self.deliver(flow, &header, payload, ReplyPath::Link(from.clone()));
-                    return;
-                }
-                if header.ttl == 0 {
-                    return;
-                }
-                let Some(next) = self.mesh.next_hop(&header.site) else {
-                    self.metrics.datagram_dropped("unknown", "unknown", DropReason::NoRoute);
-                    return;
+                let from = from.clone();
+                let event = if header.site == self.site {
+                    Event::Deliver { flow, header, from }
+                } else {
+                    let next = self.mesh.next_hop(&header.site);
+                    Event::Relay {
+                        flow,
+                        header,
+                        from,
+                        next,
+                        payload,
+                    }
                 };
-                self.relay_flow(&mut lock(&self.udp.inner), flow, from);
-                let header = FlowHeader {
-                    ttl: header.ttl - 1,
-                    ..header
-                };
-                let out = Datagram::Forward { flow, header, payload }.encode();
-                self.send(&next, out, "relay", "relay", true);
+                let actions = self.udp_event(event);
+                self.udp_apply(actions, payload);
             }
             Datagram::Reply { flow, payload } => {
-                let mut st = lock(&self.udp.inner);
-                let now = Instant::now();
-                if let Some(f) = st.origin.get(&flow) {
-                    let (socket, client) = (f.socket.clone(), f.client);
-                    self.metrics
-                        .udp_datagram(&f.service, &f.namespace, Direction::FromEndpoint, payload.len() as u64);
-                    st.book.touch(&(Role::Origin, flow), now);
-                    drop(st);
-                    let _ = socket.send_to(payload, client);
-                } else if let Some(f) = st.relay.get(&flow) {
-                    let back = f.back.clone();
-                    st.book.touch(&(Role::Relay, flow), now);
-                    drop(st);
-                    self.send(&back, data.to_vec(), "relay", "relay", true);
-                } else {
-                    self.metrics.datagram_dropped("unknown", "unknown", DropReason::NoFlow);
-                }
+                let actions = self.udp_event(Event::Reply { flow, payload });
+                self.udp_apply(actions, payload);
             }
         }
     }
 
-    /// Delivers a datagram to one of our endpoints, opening the flow's socket on first use.
-    fn deliver(self: &Arc<Self>, flow: u64, header: &FlowHeader, payload: &[u8], reply: ReplyPath) {
-        let mut st = lock(&self.udp.inner);
-        if let Some(f) = st.terminus.get_mut(&flow) {
-            f.reply = reply;
-            let socket = f.socket.clone();
-            st.book.touch(&(Role::Terminus, flow), Instant::now());
-            drop(st);
-            let sent = send_now(&socket, payload);
-            debug!(flow, ?sent, "udp datagram to endpoint (existing flow)");
-            return;
-        }
+    /// The first datagram of a terminus flow: finds how its VIP is delivered here, and
+    /// opens the flow's socket to the endpoint (or passes it to the member's sidecar, or
+    /// sends it from the client's VIP, which needs no flow).
+    fn open_endpoint(self: &Arc<Self>, flow: u64, header: &FlowHeader, reply: Reply<Quic>, payload: &[u8]) {
         let view = self.mesh.view();
         let Some(target) = view.vips.get(&header.vip).filter(|t| {
             t.site == self.site && t.ready && t.exports(header.port, Protocol::Udp) && self.delivers(&header.vip)
@@ -492,32 +380,22 @@ impl Forwarder {
             .member_for(&header.vip)
             .filter(|_| self.mesh.role() == AgentRole::Gateway)
         {
-            // A sidecar delivers this endpoint: pass the datagram on, and remember the way back.
-            if let ReplyPath::Link(back) = &reply {
-                self.relay_flow(&mut st, flow, back);
-            }
-            drop(st);
-            if header.ttl == 0 {
-                return;
-            }
-            let next = FlowHeader {
-                ttl: header.ttl - 1,
-                ..header.clone()
-            };
-            let out = Datagram::Forward {
+            let actions = self.udp_event(Event::ViaMember {
                 flow,
-                header: next,
+                header: header.clone(),
+                reply,
+                member,
+                service: &target.service,
+                namespace: &target.namespace,
                 payload,
-            }
-            .encode();
-            self.send(&member, out, &target.service, &target.namespace, true);
+            });
+            self.udp_apply(actions, payload);
             return;
         }
         let from = header.src.filter(|_| self.mesh.role() == AgentRole::Sidecar);
         if let Some(listener) = from.and_then(|src| lock(&self.udp_sockets).get(&src).cloned()) {
             // We listen on the client's VIP and port already: send from that socket, and the
             // member's answers, sent back to that address, reach it as a flow of their own.
-            drop(st);
             let endpoint = SocketAddr::new(target.ip, header.port);
             let _ = send_to_now(&listener, payload, endpoint);
             return;
@@ -530,7 +408,6 @@ impl Forwarder {
             // Intercept mode: the member may hold this port on a wildcard address, so send
             // from the client's VIP and port by the raw socket; the member's answers to that
             // address are intercepted and travel back as a flow of their own.
-            drop(st);
             if let Err(e) = raw.send(src, endpoint, payload) {
                 debug!(%src, %endpoint, error = %e, "cannot send from the client's VIP");
             }
@@ -552,80 +429,39 @@ impl Forwarder {
                 return;
             }
         };
-        let stop = self.shutdown.child_token();
-        let holder = match &reply {
-            ReplyPath::Link(conn) => (Role::Terminus, Holder::Link(conn.stable_id())),
-            ReplyPath::Local { client, .. } => (Role::Terminus, Holder::Client(client.ip())),
+        let socket = EndpointSocket {
+            socket,
+            stop: self.shutdown.child_token(),
         };
-        let limited = matches!(holder.1, Holder::Client(_));
-        if let Some(ev) = st.book.admit((Role::Terminus, flow), holder, limited, Instant::now()) {
-            self.evicted(&mut st, ev);
-        }
-        st.terminus.insert(
+        let actions = self.udp_event(Event::EndpointOpened {
             flow,
-            TerminusFlow {
-                socket: socket.clone(),
-                reply,
-                service: target.service.clone(),
-                namespace: target.namespace.clone(),
-                stop: stop.clone(),
-                warned: false,
-            },
-        );
-        drop(st);
-        self.metrics
-            .flow(
-                &target.service,
-                &target.namespace,
-                metrics::Protocol::Udp,
-                Role::Terminus,
-            )
-            .opened();
-        let sent = send_now(&socket, payload);
-        debug!(flow, %endpoint, ?sent, "udp flow delivered to endpoint");
-        self.tasks.spawn(self.clone().endpoint_replies(flow, socket, stop));
+            reply,
+            service: &target.service,
+            namespace: &target.namespace,
+            socket: socket.clone(),
+        });
+        self.udp_apply(actions, payload);
+        debug!(flow, %endpoint, "udp flow delivered to endpoint");
+        self.tasks.spawn(self.clone().endpoint_replies(flow, socket));
     }
 
-    /// Carries an endpoint's answers back along the flow's reply path.
-    async fn endpoint_replies(self: Arc<Self>, flow: u64, socket: Arc<UdpSocket>, stop: CancellationToken) {
-        while recv_batch(&socket, &stop, |payload, _| self.endpoint_reply(flow, payload))
-            .await
-            .is_continue()
+    /// Carries an endpoint's answers back along the flow's reply path, until the flow is
+    /// forgotten.
+    async fn endpoint_replies(self: Arc<Self>, flow: u64, socket: EndpointSocket) {
+        while recv_batch(&socket.socket, &socket.stop, |payload, _| {
+            debug!(flow, bytes = payload.len(), "endpoint answered");
+            let actions = self.udp_event(Event::EndpointReply { flow, payload });
+            let gone = actions.iter().any(|a| matches!(a, Action::StopReading { .. }));
+            self.udp_apply(actions, payload);
+            if gone {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .await
+        .is_continue()
         {}
-    }
-
-    /// One answer from an endpoint, sent back along its flow's reply path; `Break` when the
-    /// flow is gone.
-    fn endpoint_reply(&self, flow: u64, payload: &[u8]) -> ControlFlow<()> {
-        let n = payload.len();
-        let (reply, svc, ns, warned) = {
-            let mut st = lock(&self.udp.inner);
-            let Some(f) = st.terminus.get(&flow) else {
-                return ControlFlow::Break(());
-            };
-            let out = (f.reply.clone(), f.service.clone(), f.namespace.clone(), f.warned);
-            st.book.touch(&(Role::Terminus, flow), Instant::now());
-            out
-        };
-        debug!(flow, bytes = n, "endpoint answered");
-        match reply {
-            ReplyPath::Local {
-                socket: vip_socket,
-                client,
-            } => {
-                self.metrics.udp_datagram(&svc, &ns, Direction::FromEndpoint, n as u64);
-                let _ = vip_socket.send_to(payload, client);
-            }
-            ReplyPath::Link(conn) => {
-                let out = Datagram::Reply { flow, payload }.encode();
-                if self.send(&conn, out, &svc, &ns, warned) {
-                    if let Some(f) = lock(&self.udp.inner).terminus.get_mut(&flow) {
-                        f.warned = true;
-                    }
-                }
-            }
-        }
-        ControlFlow::Continue(())
     }
 
     /// Forgets idle flows, periodically.
@@ -637,47 +473,29 @@ impl Forwarder {
                 _ = tokio::time::sleep(period) => {}
                 _ = self.shutdown.cancelled() => return,
             }
-            let mut st = lock(&self.udp.inner);
-            for (key, _) in st.book.expire(Instant::now(), idle) {
-                if let Some((svc, ns)) = st.forget(key) {
-                    self.metrics.flow(&svc, &ns, metrics::Protocol::Udp, key.0).closed();
-                }
-            }
+            let actions = self.udp_event(Event::Tick);
+            self.udp_apply(actions, &[]);
         }
     }
 
-    /// Records that a datagram of `flow` came over `from`, where its replies go back:
-    /// admits the relay flow (held by that link) or refreshes it.
-    fn relay_flow(&self, st: &mut State, flow: u64, from: &quinn::Connection) {
-        let now = Instant::now();
-        if let Some(f) = st.relay.get_mut(&flow) {
-            f.back = from.clone();
-            st.book.touch(&(Role::Relay, flow), now);
-            return;
-        }
-        let holder = (Role::Relay, Holder::Link(from.stable_id()));
-        if let Some(ev) = st.book.admit((Role::Relay, flow), holder, false, now) {
-            self.evicted(st, ev);
-        }
-        st.relay.insert(flow, RelayFlow { back: from.clone() });
+    /// A link's (or a sidecar's) connection ended: forgets the UDP flows whose replies went
+    /// back over it, and closes their endpoint sockets.
+    pub fn udp_link_gone(self: &Arc<Self>, conn: &quinn::Connection) {
+        let actions = self.udp_event(Event::LinkGone(conn.stable_id()));
+        self.udp_apply(actions, &[]);
     }
 
-    /// Drops a flow the book evicted to admit another; counts it, and logs it at most once
-    /// per holder per [`flowbook::LOG_EVERY`].
-    fn evicted(&self, st: &mut State, ev: Eviction<FlowKey, HolderKey>) {
-        let (role, id) = ev.flow;
-        if let Some((svc, ns)) = st.forget(ev.flow) {
-            self.metrics.flow(&svc, &ns, metrics::Protocol::Udp, role).closed();
-        }
-        self.metrics.udp_flow_evicted(role, ev.reason.label());
-        if ev.log {
-            let (_, holder) = ev.holder;
+    /// Counts a flow the tables evicted to admit another, and logs it when they say so (at
+    /// most once per holder per [`flowbook::LOG_EVERY`]).
+    fn evicted(&self, (role, flow): FlowKey, holder: Holder, reason: flowbook::Reason, held: usize, log: bool) {
+        self.metrics.udp_flow_evicted(role, reason.label());
+        if log {
             warn!(
-                flow = id,
+                flow,
                 role = role.as_str(),
                 %holder,
-                reason = ev.reason.as_str(),
-                still_held = ev.held,
+                reason = reason.as_str(),
+                still_held = held,
                 share = flowbook::share(self.opts.max_flows),
                 max_flows = self.opts.max_flows,
                 "udp flow evicted to admit a newer one (logged once per {}s per holder; see causeway_udp_flows_evicted_total)",

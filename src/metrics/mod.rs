@@ -476,15 +476,18 @@ impl Metrics {
             closed_family: self.flows_closed.clone(),
             failed_family: self.flows_failed.clone(),
             bytes_family: self.bytes.clone(),
+            datagrams_family: self.udp_datagrams.clone(),
             closed: OnceLock::new(),
             to_endpoint: OnceLock::new(),
             from_endpoint: OnceLock::new(),
+            to_endpoint_datagrams: OnceLock::new(),
+            from_endpoint_datagrams: OnceLock::new(),
         }
     }
 
-    /// `n` payload bytes were carried in `direction` outside any [`FlowMetrics`] (UDP datagrams,
-    /// whose flow state does not hold a handle). Each call costs a few small allocations and a
-    /// lock lookup, so callers on the data path should add once per buffer, not per byte.
+    /// `n` payload bytes were carried in `direction` outside any [`FlowMetrics`]. Each call
+    /// costs a few small allocations and a lock lookup; the data path counts through
+    /// [`FlowMetrics::bytes`] and [`FlowMetrics::datagram`] instead.
     pub fn add_bytes(&self, service: &str, namespace: &str, protocol: Protocol, direction: Direction, n: u64) {
         let labels = ByteLabels {
             service: service.to_owned(),
@@ -495,14 +498,8 @@ impl Metrics {
         self.bytes.get_or_create(&labels).inc_by(n);
     }
 
-    /// One UDP datagram of `n` payload bytes was carried in `direction`: counts the datagram
-    /// ([`Metrics::datagram`]) and its bytes ([`Metrics::add_bytes`], protocol UDP).
-    pub fn udp_datagram(&self, service: &str, namespace: &str, direction: Direction, n: u64) {
-        self.datagram(service, namespace, direction);
-        self.add_bytes(service, namespace, Protocol::Udp, direction, n);
-    }
-
-    /// One UDP datagram was forwarded in `direction`.
+    /// One UDP datagram was forwarded in `direction`, outside any [`FlowMetrics`] (which the
+    /// data path counts through: [`FlowMetrics::datagram`]).
     pub fn datagram(&self, service: &str, namespace: &str, direction: Direction) {
         let labels = DatagramLabels {
             service: service.to_owned(),
@@ -634,12 +631,21 @@ pub struct FlowMetrics {
     failed_family: Family<FlowFailureLabels, Counter>,
     /// `causeway_bytes_total`, resolved into `to_endpoint` / `from_endpoint` on first use.
     bytes_family: Family<ByteLabels, Counter>,
+    /// `causeway_udp_datagrams_total`, resolved into `to_endpoint_datagrams` /
+    /// `from_endpoint_datagrams` on first use (UDP flows only).
+    datagrams_family: Family<DatagramLabels, Counter>,
     /// This flow's series of `causeway_flows_closed_total`, once resolved.
     closed: OnceLock<Counter>,
     /// This flow's `direction="to_endpoint"` series of `causeway_bytes_total`, once resolved.
     to_endpoint: OnceLock<Counter>,
     /// This flow's `direction="from_endpoint"` series of `causeway_bytes_total`, once resolved.
     from_endpoint: OnceLock<Counter>,
+    /// This flow's `direction="to_endpoint"` series of `causeway_udp_datagrams_total`, once
+    /// resolved.
+    to_endpoint_datagrams: OnceLock<Counter>,
+    /// This flow's `direction="from_endpoint"` series of `causeway_udp_datagrams_total`, once
+    /// resolved.
+    from_endpoint_datagrams: OnceLock<Counter>,
 }
 
 impl FlowMetrics {
@@ -689,6 +695,27 @@ impl FlowMetrics {
             self.bytes_family.get_or_create(&labels).clone()
         })
         .inc_by(n);
+    }
+
+    /// One UDP datagram of `n` payload bytes was carried in `direction`: counts it in
+    /// `causeway_udp_datagrams_total` and its bytes in `causeway_bytes_total` (as
+    /// [`FlowMetrics::bytes`]). A plain atomic add per counter after the first datagram each
+    /// way, where building the label sets per datagram cost four small allocations.
+    pub fn datagram(&self, direction: Direction, n: u64) {
+        let cell = match direction {
+            Direction::ToEndpoint => &self.to_endpoint_datagrams,
+            Direction::FromEndpoint => &self.from_endpoint_datagrams,
+        };
+        cell.get_or_init(|| {
+            let labels = DatagramLabels {
+                service: self.labels.service.clone(),
+                namespace: self.labels.namespace.clone(),
+                direction,
+            };
+            self.datagrams_family.get_or_create(&labels).clone()
+        })
+        .inc();
+        self.bytes(direction, n);
     }
 }
 
@@ -923,5 +950,38 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains(r#"direction="to_endpoint""#), "{text}");
+    }
+
+    #[test]
+    fn a_udp_flow_handle_counts_what_per_datagram_labels_counted() {
+        // Through handles (as the UDP forwarder counts now): an origin and a terminus flow.
+        let handles = Metrics::new();
+        let origin = handles.flow("dns", "kube-system", Protocol::Udp, Role::Origin);
+        origin.datagram(Direction::ToEndpoint, 40);
+        origin.datagram(Direction::ToEndpoint, 2);
+        origin.datagram(Direction::FromEndpoint, 512);
+        let terminus = handles.flow("dns", "kube-system", Protocol::Udp, Role::Terminus);
+        terminus.datagram(Direction::FromEndpoint, 100);
+        // Per datagram, with label sets built each time (as it counted before).
+        let labels = Metrics::new();
+        for (direction, n) in [
+            (Direction::ToEndpoint, 40),
+            (Direction::ToEndpoint, 2),
+            (Direction::FromEndpoint, 512),
+            (Direction::FromEndpoint, 100),
+        ] {
+            labels.datagram("dns", "kube-system", direction);
+            labels.add_bytes("dns", "kube-system", Protocol::Udp, direction, n);
+        }
+        let sorted = |t: String| {
+            let mut lines: Vec<String> = t.lines().map(str::to_owned).collect();
+            lines.sort();
+            lines
+        };
+        assert_eq!(sorted(handles.encode()), sorted(labels.encode()));
+        assert!(has_line(
+            &handles.encode(),
+            r#"causeway_udp_datagrams_total{service="dns",namespace="kube-system",direction="from_endpoint"} 2"#
+        ));
     }
 }
