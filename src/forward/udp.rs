@@ -478,13 +478,6 @@ impl Forwarder {
         }
     }
 
-    /// A link's (or a sidecar's) connection ended: forgets the UDP flows whose replies went
-    /// back over it, and closes their endpoint sockets.
-    pub fn udp_link_gone(self: &Arc<Self>, conn: &quinn::Connection) {
-        let actions = self.udp_event(Event::LinkGone(conn.stable_id()));
-        self.udp_apply(actions, &[]);
-    }
-
     /// Counts a flow the tables evicted to admit another, and logs it when they say so (at
     /// most once per holder per [`flowbook::LOG_EVERY`]).
     fn evicted(&self, (role, flow): FlowKey, holder: Holder, reason: flowbook::Reason, held: usize, log: bool) {

@@ -200,7 +200,9 @@ pub enum Event<'a, H: Handles> {
     /// later ones are not logged again.
     Streamed(FlowKey),
     /// The link with this id ([`Handles::link_id`]) is gone: flows whose replies went back
-    /// on it are forgotten.
+    /// on it are forgotten. The agent does not send it today: a UDP flow outlives its
+    /// connection as TCP flows do (its next datagram moves the way back to the new one, and
+    /// its endpoint keeps seeing the same source port); idle flows go on `Tick`.
     LinkGone(usize),
     /// Time passed: flows idle for longer than the idle timeout are forgotten.
     Tick,
