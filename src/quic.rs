@@ -48,12 +48,55 @@ pub fn endpoint(
         }
     }
     socket.bind(&addr.into())?;
-    quinn::Endpoint::new(
+    let probe = socket.try_clone().ok().map(|s| queue_probe(s, congested_queue()));
+    let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::new(Arc::new(reset_key)),
         server,
         socket.into(),
         Arc::new(quinn::TokioRuntime),
-    )
+    )?;
+    endpoint.set_receive_congestion_probe(probe);
+    Ok(endpoint)
+}
+
+/// Bytes queued in the QUIC socket's receive buffer (as the kernel counts them, packet
+/// overhead included) above which the agent marks what it reads congestion experienced: the
+/// queue in front of a busy agent, which every flow of every link waits behind, is kept near
+/// this instead of growing to the buffer's size. `CAUSEWAY_ECN_MARK_BYTES` overrides it (0
+/// turns marking off).
+const CONGESTED_QUEUE: usize = 256 * 1024;
+
+fn congested_queue() -> usize {
+    std::env::var("CAUSEWAY_ECN_MARK_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CONGESTED_QUEUE)
+}
+
+/// A probe for [`quinn::Endpoint::set_receive_congestion_probe`]: whether `socket`'s receive
+/// queue holds more than `limit` bytes (`SO_MEMINFO`'s `SK_MEMINFO_RMEM_ALLOC`, one
+/// `getsockopt` per batch read). `None` for a `limit` of 0.
+fn queue_probe(socket: socket2::Socket, limit: usize) -> quinn::CongestionProbe {
+    Arc::new(move || limit > 0 && receive_queue(&socket).is_some_and(|queued| queued > limit))
+}
+
+/// The bytes in `socket`'s receive queue, from `SO_MEMINFO` (Linux 3.9+).
+fn receive_queue(socket: &socket2::Socket) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    // SK_MEMINFO_VARS is 9 on current kernels; room for more.
+    let mut info = [0u32; 16];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: getsockopt(2) on a socket we own, into a live buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr() as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(info[0] as usize)
 }
 
 /// `setsockopt(SOL_SOCKET, opt, UDP_BUFFER)` for the privileged *FORCE options.
@@ -248,4 +291,33 @@ pub fn client_config(
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config(timing)));
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probe reads the socket's real receive queue: nothing queued is not congested;
+    /// datagrams nobody reads fill it past a small limit; a limit of 0 never marks.
+    #[test]
+    fn the_queue_probe_sees_unread_datagrams() {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        let probe = queue_probe(socket.try_clone().unwrap(), 16 * 1024);
+        let off = queue_probe(socket.try_clone().unwrap(), 0);
+        assert_eq!(receive_queue(&socket), Some(0));
+        assert!(!probe());
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..32 {
+            sender.send_to(&[7u8; 1200], addr).unwrap();
+        }
+        assert!(
+            receive_queue(&socket).unwrap() > 32 * 1200,
+            "{:?}",
+            receive_queue(&socket)
+        );
+        assert!(probe());
+        assert!(!off());
+    }
 }

@@ -288,6 +288,14 @@ impl Endpoint {
             .set_server_config(server_config.map(Arc::new))
     }
 
+    /// causeway patch: `probe` is asked once per batch of datagrams read from the socket
+    /// whether its receive queue is long; while it says so, the batch's ECN-capable packets
+    /// are taken as marked congestion experienced (CE), so their senders' congestion
+    /// controllers answer as to a router's AQM. `None` stops marking.
+    pub fn set_receive_congestion_probe(&self, probe: Option<CongestionProbe>) {
+        self.inner.state.lock().unwrap().recv_state.congested = probe;
+    }
+
     /// Get the local `SocketAddr` the underlying socket is bound to
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.state.lock().unwrap().socket.local_addr()
@@ -750,7 +758,16 @@ struct RecvState {
     connections: ConnectionSet,
     recv_buf: Box<[u8]>,
     recv_limiter: WorkLimiter,
+    /// causeway patch: asked once per batch read from the socket whether the socket's receive
+    /// queue is long; if so, the batch's ECN-capable packets are taken as congestion
+    /// experienced (CE), as a router's AQM would mark them, so senders shrink their windows
+    /// before the queue delays every connection behind it.
+    congested: Option<CongestionProbe>,
 }
+
+/// causeway patch: says whether the endpoint's receive queue is congested (see
+/// [`Endpoint::set_receive_congestion_probe`]).
+pub type CongestionProbe = Arc<dyn Fn() -> bool + Send + Sync>;
 
 impl RecvState {
     fn new(
@@ -773,6 +790,7 @@ impl RecvState {
             incoming: VecDeque::new(),
             recv_buf: recv_buf.into(),
             recv_limiter: WorkLimiter::new(RECV_TIME_BOUND),
+            congested: None,
         }
     }
 
@@ -801,7 +819,14 @@ impl RecvState {
             match socket.poll_recv(cx, &mut iovs, &mut metas) {
                 Poll::Ready(Ok(msgs)) => {
                     self.recv_limiter.record_work(msgs);
+                    let congested = self.congested.as_ref().is_some_and(|probe| probe());
                     for (meta, buf) in metas.iter().zip(iovs.iter()).take(msgs) {
+                        let ecn = match meta.ecn {
+                            Some(udp::EcnCodepoint::Ect0 | udp::EcnCodepoint::Ect1) if congested => {
+                                Some(proto::EcnCodepoint::Ce)
+                            }
+                            other => other.map(proto_ecn),
+                        };
                         // causeway patch: each GRO segment (one QUIC packet) is copied into an
                         // allocation of its own, instead of all of them sharing one. Stream data
                         // is kept as slices of these buffers until the application reads it, so
@@ -817,7 +842,7 @@ impl RecvState {
                                 now,
                                 meta.addr,
                                 meta.dst_ip,
-                                meta.ecn.map(proto_ecn),
+                                ecn,
                                 buf,
                                 &mut response_buffer,
                             ) {

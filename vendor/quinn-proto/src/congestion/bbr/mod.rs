@@ -58,6 +58,13 @@ pub struct Bbr {
     round_wo_bw_gain: u64,
     ack_aggregation: AckAggregationState,
     random_number_generator: Pcg32,
+    /// causeway patch: a bound on the window set by ECN congestion-experienced marks (the
+    /// receiver's queue is long), cut to 70% of what was in flight on each mark, at most once
+    /// per window of packets, and grown back by about one packet per round trip (as DCTCP and
+    /// BBRv2's `inflight_hi`). `None` once it has grown past the window.
+    ecn_cap: Option<u64>,
+    /// When the cap was last cut: a mark on a packet sent before this was already answered.
+    ecn_cut_at: Option<Instant>,
 }
 
 impl Bbr {
@@ -99,6 +106,8 @@ impl Bbr {
             round_wo_bw_gain: 0,
             ack_aggregation: AckAggregationState::default(),
             random_number_generator: Pcg32::from_rng(&mut rand::rng()),
+            ecn_cap: None,
+            ecn_cut_at: None,
         }
     }
 
@@ -470,16 +479,31 @@ impl Controller for Bbr {
 
         self.prev_in_flight_count = in_flight;
         self.loss_state.reset();
+
+        if let Some(cap) = self.ecn_cap {
+            if bytes_acked > 0 {
+                let grown = cap + (bytes_acked * self.current_mtu / cap).max(1);
+                self.ecn_cap = (grown < self.cwnd).then_some(grown);
+            }
+        }
     }
 
     fn on_congestion_event(
         &mut self,
-        _now: Instant,
-        _sent: Instant,
-        _is_persistent_congestion: bool,
+        now: Instant,
+        sent: Instant,
+        is_persistent_congestion: bool,
         lost_bytes: u64,
     ) {
         self.loss_state.lost_bytes += lost_bytes;
+        // causeway patch: an ECN congestion-experienced mark (a congestion event without
+        // loss) cuts the window's cap, once per window of packets.
+        if lost_bytes == 0 && !is_persistent_congestion && self.ecn_cut_at.is_none_or(|t| sent > t) {
+            let base = self.prev_in_flight_count.min(self.window()).max(self.min_cwnd);
+            let cut = (base * 7 / 10).max(self.min_cwnd);
+            self.ecn_cap = Some(self.ecn_cap.map_or(cut, |c| c.min(cut)));
+            self.ecn_cut_at = Some(now);
+        }
     }
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
@@ -490,12 +514,14 @@ impl Controller for Bbr {
     }
 
     fn window(&self) -> u64 {
-        if self.mode == Mode::ProbeRtt {
-            return self.get_probe_rtt_cwnd();
+        let window = if self.mode == Mode::ProbeRtt {
+            self.get_probe_rtt_cwnd()
         } else if self.recovery_state.in_recovery() && self.mode != Mode::Startup {
-            return self.cwnd.min(self.recovery_window);
-        }
-        self.cwnd
+            self.cwnd.min(self.recovery_window)
+        } else {
+            self.cwnd
+        };
+        self.ecn_cap.map_or(window, |cap| window.min(cap))
     }
 
     fn metrics(&self) -> ControllerMetrics {
@@ -659,3 +685,42 @@ const K_MAX_INITIAL_CONGESTION_WINDOW: u64 = 200;
 
 const PROBE_RTT_BASED_ON_BDP: bool = true;
 const DRAIN_TO_TARGET: bool = true;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// causeway patch: an ECN congestion-experienced mark caps the window at 70% of what was
+    /// in flight, a second mark on a packet sent before the cut is not answered again, and
+    /// the cap grows back by about a packet per window acknowledged until it is gone.
+    #[test]
+    fn ecn_marks_cap_the_window_once_per_window_and_it_grows_back() {
+        let mut bbr = Bbr::new(Arc::new(BbrConfig::default()), 1200);
+        let start = Instant::now();
+        let before = bbr.window();
+        bbr.prev_in_flight_count = before;
+        bbr.on_congestion_event(start, start, false, 0);
+        let capped = bbr.window();
+        assert_eq!(capped, (before * 7 / 10).max(bbr.min_cwnd));
+        // A mark on a packet sent before the cut: already answered.
+        let later = start + Duration::from_millis(1);
+        bbr.on_congestion_event(later, start, false, 0);
+        assert_eq!(bbr.window(), capped);
+        // A loss is not an ECN mark.
+        bbr.on_congestion_event(later, later, false, 1200);
+        assert_eq!(bbr.window(), capped);
+        // Acknowledgements grow the cap back until the window is the limit again.
+        let mut now = later;
+        for _ in 0..10_000 {
+            now += Duration::from_micros(100);
+            bbr.on_sent(now, 12_000, bbr.max_sent_packet_number + 10);
+            bbr.on_ack(now, now, 12_000, false, &RttEstimator::new(Duration::from_millis(1)));
+            bbr.on_end_acks(now, capped / 2, false, Some(bbr.max_sent_packet_number));
+            if bbr.ecn_cap.is_none() {
+                break;
+            }
+        }
+        assert!(bbr.ecn_cap.is_none(), "the cap never grew back");
+        assert!(bbr.window() > capped);
+    }
+}
