@@ -17,6 +17,7 @@
 
 pub mod flowbook;
 pub mod header;
+pub mod priority;
 pub mod tcp;
 pub mod udp;
 pub mod udpflows;
