@@ -206,8 +206,9 @@ impl Forwarder {
                 flow.bytes(tcp_dir, read);
                 debug!(%outcome, "flow reset");
                 flow.failed(FailReason::Reset);
+                // A TCP RST, not a FIN: the client must not take a broken flow for a complete one.
                 let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-                let _ = tcp.shutdown().await;
+                drop(tcp);
             }
         }
         refused
@@ -539,6 +540,13 @@ async fn write_side(
             let new_pos = pos.max(data_end);
             let fin_now = s.out.finished() && new_pos == data_end;
             frames.clear();
+            if greet {
+                // The terminus's first frame on every stream says what it has received.
+                frames.push(resume::ack_frame(s.received));
+                s.ack_sent = s.received;
+                s.ack_pending_since = None;
+                greet = false;
+            }
             for mut b in batch.drain(..) {
                 while !b.is_empty() {
                     let part = b.split_to(b.len().min(MAX_FRAME as usize));
@@ -554,12 +562,10 @@ async fn write_side(
                 && (s.peer_fin
                     || s.received - s.ack_sent >= ACK_EVERY
                     || s.ack_pending_since.is_some_and(|t| t.elapsed() >= ACK_DELAY));
-            if greet || due {
-                // The terminus's first frame on every stream says what it has received.
+            if due {
                 frames.push(resume::ack_frame(s.received));
                 s.ack_sent = s.received;
                 s.ack_pending_since = None;
-                greet = false;
             }
             let ack_at = (s.received > s.ack_sent)
                 .then(|| s.ack_pending_since.map(|t| t + ACK_DELAY))
