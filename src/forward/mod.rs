@@ -306,7 +306,7 @@ pub struct Forwarder {
     intercept: Option<Arc<Intercepting>>,
     /// Resumable TCP flows ending here, by token: where a stream that resumes one is handed,
     /// and the VIP and port it was opened for (a resume must name the same).
-    resumes: Mutex<HashMap<resume::Token, (IpAddr, u16, tokio::sync::mpsc::Sender<session::Attach>)>>,
+    resumes: Mutex<HashMap<resume::Token, session::Resumable>>,
     /// Sites whose terminus answered (`true`) or refused (`false`) a resumable flow, and when:
     /// flows to a site not known to resume wait for the first answer before sending.
     resume_peers: Mutex<HashMap<String, (bool, std::time::Instant)>>,

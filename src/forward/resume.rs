@@ -308,10 +308,7 @@ impl Replay {
     /// everything read ([`FrameError::AckBeyondSent`]).
     pub fn chunks_from(&self, from: u64, out: &mut Vec<Bytes>) -> Result<(), FrameError> {
         if from < self.base {
-            return Err(FrameError::ResumeBeforeAcked {
-                from,
-                acked: self.base,
-            });
+            return Err(FrameError::ResumeBeforeAcked { from, acked: self.base });
         }
         if from > self.limit() {
             return Err(FrameError::AckBeyondSent {
@@ -457,10 +454,7 @@ mod tests {
         assert_eq!((r.acked(), r.held()), (5, 3));
         assert_eq!(joined(&r, 5).unwrap(), b"fgh");
         assert_eq!(joined(&r, 7).unwrap(), b"h");
-        assert_eq!(
-            joined(&r, 4),
-            Err(FrameError::ResumeBeforeAcked { from: 4, acked: 5 })
-        );
+        assert_eq!(joined(&r, 4), Err(FrameError::ResumeBeforeAcked { from: 4, acked: 5 }));
         // A stale ack changes nothing; an ack beyond what was read is refused.
         r.ack(2).unwrap();
         assert_eq!(r.acked(), 5);

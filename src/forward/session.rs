@@ -64,6 +64,10 @@ pub(super) struct Attach {
     pub via: Option<quinn::Connection>,
 }
 
+/// A resumable flow ending at this agent, as listed for streams that resume it: the VIP and
+/// port it was opened for (a resume must name the same), and where to hand the stream.
+pub(super) type Resumable = (std::net::IpAddr, u16, mpsc::Sender<Attach>);
+
 /// Which end of the flow this is.
 pub(super) enum Side {
     /// Where the client connected: reopens the flow when its path fails or moves.
@@ -152,7 +156,13 @@ impl Forwarder {
     /// Carries a resumable flow between `tcp` and the stream in `first` until it ends,
     /// moving it to new streams as its path changes (see the module doc). Returns whether the
     /// far end refused the flow's header (`BAD_HEADER`: it, or a relay, cannot resume).
-    pub(super) async fn resumable(&self, mut tcp: TcpStream, first: Attach, mut side: Side, flow: &FlowMetrics) -> bool {
+    pub(super) async fn resumable(
+        &self,
+        mut tcp: TcpStream,
+        first: Attach,
+        mut side: Side,
+        flow: &FlowMetrics,
+    ) -> bool {
         let (tcp_dir, quic_dir) = if flow.role() == metrics::Role::Origin {
             (Direction::ToEndpoint, Direction::FromEndpoint)
         } else {
@@ -285,7 +295,11 @@ impl Forwarder {
                     let from = via.map(|c| c.remote_address().to_string()).unwrap_or_default();
                     match self.reopen(end, header, *token, abort).await {
                         Ok(a) => {
-                            let to = a.via.as_ref().map(|c| c.remote_address().to_string()).unwrap_or_default();
+                            let to = a
+                                .via
+                                .as_ref()
+                                .map(|c| c.remote_address().to_string())
+                                .unwrap_or_default();
                             info!(%from, %to, %why, "flow moved to another path");
                             flow.resumed();
                             a

@@ -228,7 +228,11 @@ impl Forwarder {
                     Ok(Err(e)) => {
                         debug!(error = %e, "opening the stream failed");
                         let refused = matches!(e, OpenError::Refused(c) if c == codes::REFUSED.into());
-                        flow.failed(if refused { FailReason::Refused } else { FailReason::Unreachable });
+                        flow.failed(if refused {
+                            FailReason::Refused
+                        } else {
+                            FailReason::Unreachable
+                        });
                         return reset(client);
                     }
                     Err(_) => {
