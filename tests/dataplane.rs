@@ -1210,3 +1210,78 @@ fn an_open_flow_moves_when_its_relay_goes_silent() {
 fn an_open_flow_moves_when_its_relay_stops() {
     a_flow_moves_when(|_net, tokyo| tokyo.stop());
 }
+
+/// A resumable flow under full load both ways: the server writes 48 MiB before it reads
+/// anything (then echoes), while the client writes as fast as it can and reads. Plain TCP
+/// carries this; a resumable flow must too, so each end's acknowledgements must get through
+/// while its own data waits on the other's flow control, or the ends wait on each other.
+#[test]
+fn a_resumable_flow_carries_full_load_both_ways() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = sites(dir.path(), &net, &["london", "paris"]);
+    s[0].link_spoke(dir.path(), &s[1], 1);
+    export(&s[0], "echo", "[{name: echo, port: 9300}]", true);
+    let vip: std::net::IpAddr = wait_vip(&s[1], "echo", "london", "echo-0").parse().unwrap();
+    const FIRST: usize = 48 * 1024 * 1024;
+    const TOTAL: u64 = 256 * 1024 * 1024;
+    let listener = net.run_in("london", || TcpListener::bind((POD, 9300)).unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut first = vec![0u8; FIRST];
+        Sequence(11).fill(&mut first);
+        c.write_all(&first).unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = c.shutdown(Shutdown::Write);
+    });
+    let client = net.run_in("paris", || {
+        TcpStream::connect_timeout(&SocketAddr::new(vip, 9300), Duration::from_secs(3)).unwrap()
+    });
+    client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut tx = client.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut seq = Sequence(7);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut sent = 0u64;
+        while sent < TOTAL {
+            seq.fill(&mut buf);
+            tx.write_all(&buf).unwrap();
+            sent += buf.len() as u64;
+        }
+        tx.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut rx = client;
+    let mut read_exactly = |seq: &mut Sequence, mut left: u64| {
+        let (mut buf, mut want) = (vec![0u8; 256 * 1024], vec![0u8; 256 * 1024]);
+        while left > 0 {
+            let take = left.min(buf.len() as u64) as usize;
+            let n = rx
+                .read(&mut buf[..take])
+                .unwrap_or_else(|e| panic!("stuck with {left} bytes to go: {e}\n{}", tail(&s[1].log_text(), 20)));
+            assert!(n > 0, "early end with {left} bytes to go");
+            seq.fill(&mut want[..n]);
+            assert!(buf[..n] == want[..n], "bytes differ with {left} to go");
+            left -= n as u64;
+        }
+    };
+    let t = Instant::now();
+    read_exactly(&mut Sequence(11), FIRST as u64);
+    read_exactly(&mut Sequence(7), TOTAL);
+    assert_eq!(rx.read(&mut [0u8; 1]).unwrap(), 0, "then the end");
+    eprintln!("{} MiB both ways in {:?}", TOTAL / (1 << 20), t.elapsed());
+    writer.join().unwrap();
+    server.join().unwrap();
+}

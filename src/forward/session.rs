@@ -1,23 +1,30 @@
 //! Resumable TCP flows, the driving part: one end (origin or terminus) of a flow whose QUIC
 //! stream may be replaced without the TCP connection noticing.
 //!
-//! An end runs two things side by side: a *pump* that reads its TCP socket into the replay
+//! An end runs three things side by side: a *pump* that reads its TCP socket into the replay
 //! buffer ([`Replay`], bounded: at the bound it stops reading, so a stalled path holds at most
-//! [`super::resume::MAX_REPLAY`] bytes per direction), and a sequence of *attempts*, each one
-//! QUIC stream on which a writer sends what the peer has not received (data, FIN, acks of what
-//! this end has written to its socket) and a reader writes the peer's data to the socket. An
+//! [`super::resume::MAX_REPLAY`] bytes per direction), a *sink* that writes what the peer
+//! sent to the socket, and a sequence of *attempts*, each one QUIC stream on which a writer
+//! sends what the peer has not received (data, FIN, acks of what the sink has written) and a
+//! reader hands the peer's data to the sink and applies its acks. The reader never waits for
+//! the socket: the peer's acks must get through while this end's socket is blocked, or two
+//! ends whose applications each wait to write (an echo) would wait on each other for ever.
+//! Its queue needs no bound of its own: a peer never has more than `MAX_REPLAY` bytes
+//! unacknowledged, and the sink acknowledges only what it wrote (a peer that sends more is
+//! cut off). An
 //! attempt ends when the flow is done, when its stream fails (reset, connection lost), or when
 //! it is superseded: at the origin when the mesh's next hop for the flow changes (the link went
 //! silent and routing moved), at the terminus when the origin resumes on a new stream. Then
 //! the origin reopens the flow on the current next hop (retrying until `links.idle_timeout`)
-//! and the terminus waits for that (as long), each side says how much it has received, and
-//! the writers resend from there: nothing is skipped or delivered twice. Writes to the TCP
-//! socket are never cancelled half-way: an attempt stops only between reads of its stream.
+//! and the terminus waits for that (as long), each side says how much it has received (taken
+//! into its sink's queue), and the writers resend from there: nothing is skipped or
+//! delivered twice.
 //!
 //! What does not survive: an agent restart at either end (the state is in memory), an outage
 //! longer than `links.idle_timeout`, and a peer whose TCP connection was reset (that reset
 //! reaches the other side as a stream reset with [`codes::GONE`]).
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -119,28 +126,40 @@ impl Outcome {
     }
 }
 
-/// What both halves of an end share.
+/// What the pump, the sink and the attempts of an end share.
 struct Shared {
     /// What this end read from its socket and the peer has not acknowledged.
     out: Replay,
-    /// Peer bytes written to the socket, +1 once its FIN is: what this end acknowledges and
-    /// what a resume resends from.
+    /// Peer bytes taken into `queue` (+1 once its FIN is): what a resume resends from.
     received: u64,
-    /// The peer's FIN was delivered (the socket's write side is shut down).
+    /// The peer's FIN was received (and queued behind its data).
     peer_fin: bool,
+    /// Peer data received, not yet written to the socket (in order).
+    queue: VecDeque<Bytes>,
+    /// Bytes in `queue`: bounded by the peer's replay bound, checked ([`MAX_QUEUE`]).
+    queued: u64,
+    /// Peer bytes written to the socket (+1 once its FIN is, i.e. the write side is shut
+    /// down): what this end acknowledges, so the peer holds what is not yet written.
+    delivered: u64,
     /// The last acknowledgement sent.
     ack_sent: u64,
-    /// When `received` first went past `ack_sent`, so an ack goes within [`ACK_DELAY`].
+    /// When `delivered` first went past `ack_sent`, so an ack goes within [`ACK_DELAY`].
     ack_pending_since: Option<Instant>,
 }
 
-/// One end's state, shared by its pump and its attempts.
+/// Most bytes the sink's queue may hold before the peer counts as broken: its replay bound
+/// plus a few reads' worth of slack (a pump may overshoot the bound by one read).
+const MAX_QUEUE: u64 = MAX_REPLAY + 4 * BUF as u64;
+
+/// One end's state, shared by its pump, its sink and its attempts.
 struct EndState {
     shared: Mutex<Shared>,
     /// Wakes the attempt's writer: new data, an ack due, the flow done.
     writer: Notify,
     /// Wakes the pump: an ack freed room in the replay buffer.
     room: Notify,
+    /// Wakes the sink: peer data (or its FIN) queued.
+    sink: Notify,
 }
 
 impl EndState {
@@ -173,15 +192,18 @@ impl Forwarder {
                 out: Replay::new(MAX_REPLAY),
                 received: 0,
                 peer_fin: false,
+                queue: VecDeque::new(),
+                queued: 0,
+                delivered: 0,
                 ack_sent: 0,
                 ack_pending_since: None,
             }),
             writer: Notify::new(),
             room: Notify::new(),
+            sink: Notify::new(),
         };
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
-        let mut delivered = 0u64;
         let (mut tr, mut tw) = tcp.split();
         let pump = async {
             let r = pump(&end, &mut tr, &stop).await;
@@ -190,15 +212,26 @@ impl Forwarder {
             }
             r
         };
+        let sink = async {
+            let r = sink(&end, &mut tw, &stop).await;
+            if r.is_err() {
+                abort.cancel();
+            }
+            r
+        };
         let drive = async {
-            let r = self
-                .drive(&end, &mut tw, first, &mut side, &abort, flow, &mut delivered)
-                .await;
+            let r = self.drive(&end, first, &mut side, &abort, flow).await;
             stop.cancel();
             r
         };
-        let (pumped, driven) = tokio::join!(pump, drive);
-        flow.bytes(quic_dir, delivered);
+        let (pumped, sunk, driven) = tokio::join!(pump, sink, drive);
+        let driven = match sunk {
+            Ok(n) => {
+                flow.bytes(quic_dir, n);
+                driven
+            }
+            Err(e) => Outcome::Fatal(format!("tcp: {e}")),
+        };
         let refused = matches!(driven, Outcome::Refused(c) if c == codes::BAD_HEADER.into());
         match (pumped, driven) {
             (Ok(n), Outcome::Done) => {
@@ -225,22 +258,19 @@ impl Forwarder {
     }
 
     /// Runs attempts until the flow ends; returns how.
-    #[allow(clippy::too_many_arguments)]
     async fn drive(
         &self,
         end: &EndState,
-        tw: &mut WriteHalf<'_>,
         mut attach: Attach,
         side: &mut Side,
         abort: &CancellationToken,
         flow: &FlowMetrics,
-        delivered: &mut u64,
     ) -> Outcome {
         let greet = matches!(side, Side::Terminus { .. });
         loop {
             let cancel = abort.child_token();
             let via = attach.via.clone();
-            let run = attempt(end, tw, attach, greet, &cancel, abort, delivered);
+            let run = attempt(end, attach, greet, &cancel, abort);
             tokio::pin!(run);
             let outcome = match side {
                 Side::Origin { header, .. } => {
@@ -485,12 +515,10 @@ async fn pump(end: &EndState, tr: &mut ReadHalf<'_>, stop: &CancellationToken) -
 /// flow is over, else [`codes::RESET`] (the peer waits for a resume).
 async fn attempt(
     end: &EndState,
-    tw: &mut WriteHalf<'_>,
     attach: Attach,
     greet: bool,
     cancel: &CancellationToken,
     abort: &CancellationToken,
-    delivered: &mut u64,
 ) -> Outcome {
     let Attach {
         mut send,
@@ -498,11 +526,12 @@ async fn attempt(
         peer_received,
         ..
     } = attach;
-    let checked = end.lock().out.ack(peer_received);
+    // The peer has queued everything before `peer_received` (and will write it), but only
+    // acknowledges it once written: keep it until then, resend from there.
+    let checked = end.lock().out.chunks_from(peer_received, &mut Vec::new());
     let outcome = match checked {
         Err(e) => Outcome::Fatal(e.to_string()),
         Ok(()) => {
-            end.room.notify_one();
             let local = cancel.child_token();
             let w = async {
                 let o = write_side(end, &mut send, peer_received, greet, &local).await;
@@ -512,7 +541,7 @@ async fn attempt(
                 o
             };
             let r = async {
-                let o = read_side(end, tw, &mut recv, &local, delivered).await;
+                let o = read_side(end, &mut recv, &local).await;
                 if !matches!(o, Outcome::Done) {
                     local.cancel();
                 }
@@ -555,10 +584,9 @@ async fn write_side(
             let fin_now = s.out.finished() && new_pos == data_end;
             frames.clear();
             if greet {
-                // The terminus's first frame on every stream says what it has received.
+                // The terminus's first frame on every stream says what it has received
+                // (queued to its socket): where the origin resends from.
                 frames.push(resume::ack_frame(s.received));
-                s.ack_sent = s.received;
-                s.ack_pending_since = None;
                 greet = false;
             }
             for mut b in batch.drain(..) {
@@ -572,19 +600,20 @@ async fn write_side(
                 frames.push(resume::fin_frame());
             }
             pos = new_pos + u64::from(fin_now);
-            let due = s.received > s.ack_sent
-                && (s.peer_fin
-                    || s.received - s.ack_sent >= ACK_EVERY
+            let fin_written = s.peer_fin && s.queued == 0 && s.delivered == s.received;
+            let due = s.delivered > s.ack_sent
+                && (fin_written
+                    || s.delivered - s.ack_sent >= ACK_EVERY
                     || s.ack_pending_since.is_some_and(|t| t.elapsed() >= ACK_DELAY));
             if due {
-                frames.push(resume::ack_frame(s.received));
-                s.ack_sent = s.received;
+                frames.push(resume::ack_frame(s.delivered));
+                s.ack_sent = s.delivered;
                 s.ack_pending_since = None;
             }
-            let ack_at = (s.received > s.ack_sent)
+            let ack_at = (s.delivered > s.ack_sent)
                 .then(|| s.ack_pending_since.map(|t| t + ACK_DELAY))
                 .flatten();
-            (ack_at, s.out.done() && s.peer_fin && s.ack_sent == s.received)
+            (ack_at, s.out.done() && fin_written && s.ack_sent == s.delivered)
         };
         if !frames.is_empty() {
             let written = tokio::select! {
@@ -615,18 +644,12 @@ async fn write_side(
     }
 }
 
-/// The reader of an attempt: decodes the peer's frames, writes its data to the socket (never
-/// cancelled half-way), applies its acks; returns when the stream ends, fails, or `cancel`.
-async fn read_side(
-    end: &EndState,
-    tw: &mut WriteHalf<'_>,
-    recv: &mut quinn::RecvStream,
-    cancel: &CancellationToken,
-    delivered: &mut u64,
-) -> Outcome {
+/// The reader of an attempt: decodes the peer's frames, queues its data for the sink,
+/// applies its acks; never waits for the socket. Returns when the stream ends, fails, or
+/// `cancel` (at any point: everything decoded is queued at once).
+async fn read_side(end: &EndState, recv: &mut quinn::RecvStream, cancel: &CancellationToken) -> Outcome {
     let mut dec = Decoder::resuming(end.lock().peer_fin);
     let mut chunks: [Bytes; CHUNKS] = std::array::from_fn(|_| Bytes::new());
-    let mut data: Vec<Bytes> = Vec::with_capacity(CHUNKS);
     loop {
         let r = tokio::select! {
             biased;
@@ -635,12 +658,16 @@ async fn read_side(
         };
         match r {
             Ok(Some(n)) => {
-                data.clear();
-                let mut fin = false;
-                let mut ack: Option<u64> = None;
+                let mut s = end.lock();
+                let (mut queued, mut fin, mut ack) = (false, false, None::<u64>);
                 for c in &mut chunks[..n] {
                     let fed = dec.feed(std::mem::take(c), &mut |e| match e {
-                        Event::Data(b) => data.push(b),
+                        Event::Data(b) => {
+                            s.received += b.len() as u64;
+                            s.queued += b.len() as u64;
+                            s.queue.push_back(b);
+                            queued = true;
+                        }
                         Event::Ack(a) => ack = Some(ack.map_or(a, |x| x.max(a))),
                         Event::Fin => fin = true,
                     });
@@ -648,34 +675,25 @@ async fn read_side(
                         return Outcome::Fatal(e.to_string());
                     }
                 }
-                if let Some(a) = ack {
-                    if let Err(e) = end.lock().out.ack(a) {
-                        return Outcome::Fatal(e.to_string());
-                    }
+                if fin {
+                    s.received += 1;
+                    s.peer_fin = true;
+                }
+                if s.queued > MAX_QUEUE {
+                    return Outcome::Fatal(format!("the peer sent {} bytes beyond its bound", s.queued));
+                }
+                if let Some(a) = ack
+                    && let Err(e) = s.out.ack(a)
+                {
+                    return Outcome::Fatal(e.to_string());
+                }
+                drop(s);
+                if queued || fin {
+                    end.sink.notify_one();
+                }
+                if ack.is_some() {
                     end.room.notify_one();
                     end.writer.notify_one();
-                }
-                let n = match write_all_chunks(tw, &mut data).await {
-                    Ok(n) => n,
-                    Err(e) => return Outcome::Fatal(format!("tcp: {e}")),
-                };
-                if fin {
-                    let _ = tw.shutdown().await;
-                }
-                if n > 0 || fin {
-                    *delivered += n;
-                    let mut s = end.lock();
-                    let was_pending = s.received > s.ack_sent;
-                    s.received += n + u64::from(fin);
-                    s.peer_fin |= fin;
-                    if !was_pending {
-                        s.ack_pending_since = Some(Instant::now());
-                    }
-                    let wake = !was_pending || fin || s.received - s.ack_sent >= ACK_EVERY;
-                    drop(s);
-                    if wake {
-                        end.writer.notify_one();
-                    }
                 }
             }
             Ok(None) => {
@@ -688,6 +706,52 @@ async fn read_side(
             }
             Err(quinn::ReadError::Reset(code)) if is_final(code) => return Outcome::Refused(code),
             Err(e) => return Outcome::Broken(e.to_string()),
+        }
+    }
+}
+
+/// Writes the peer's data, as the readers queue it, to the socket, then shuts its write side
+/// down after the peer's FIN; returns the bytes written. Lives as long as the flow, across
+/// streams. Stops at `stop` (the flow is over), even in the middle of a write.
+async fn sink(end: &EndState, tw: &mut WriteHalf<'_>, stop: &CancellationToken) -> std::io::Result<u64> {
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut total = 0u64;
+    loop {
+        let fin = {
+            let mut s = end.lock();
+            batch.extend(s.queue.drain(..));
+            // The FIN is behind all data: it goes once the queue is empty.
+            s.peer_fin && s.delivered + s.queued + 1 == s.received
+        };
+        if batch.is_empty() && !fin {
+            tokio::select! {
+                _ = end.sink.notified() => continue,
+                _ = stop.cancelled() => return Ok(total),
+            }
+        }
+        let written = tokio::select! {
+            r = write_all_chunks(tw, &mut batch) => r?,
+            _ = stop.cancelled() => return Ok(total),
+        };
+        batch.clear();
+        if fin {
+            let _ = tw.shutdown().await;
+        }
+        total += written;
+        let mut s = end.lock();
+        let was_pending = s.delivered > s.ack_sent;
+        s.queued -= written;
+        s.delivered += written + u64::from(fin);
+        if !was_pending {
+            s.ack_pending_since = Some(Instant::now());
+        }
+        let wake = !was_pending || fin || s.delivered - s.ack_sent >= ACK_EVERY;
+        drop(s);
+        if wake {
+            end.writer.notify_one();
+        }
+        if fin {
+            return Ok(total);
         }
     }
 }
