@@ -66,6 +66,11 @@ pub(super) struct Attach {
     pub recv: quinn::RecvStream,
     /// Bytes (+1 for a FIN) the other end has received from this one: where to resend from.
     pub peer_received: u64,
+    /// Whether `peer_received` is the terminus's answer, already read off the stream; `false`
+    /// for an origin's new flow that sends at once: the answer (a resume point, which is not
+    /// an acknowledgement: the terminus may not have written those bytes yet) is still to
+    /// come and the reader skips it.
+    pub answered: bool,
     /// The connection it runs on, at the origin (which watches whether it is still the next
     /// hop); `None` at the terminus.
     pub via: Option<quinn::Connection>,
@@ -421,6 +426,7 @@ impl Forwarder {
                             send,
                             recv,
                             peer_received,
+                            answered: true,
                             via: Some(conn),
                         });
                     }
@@ -524,6 +530,7 @@ async fn attempt(
         mut send,
         mut recv,
         peer_received,
+        answered,
         ..
     } = attach;
     // The peer has queued everything before `peer_received` (and will write it), but only
@@ -541,7 +548,7 @@ async fn attempt(
                 o
             };
             let r = async {
-                let o = read_side(end, &mut recv, &local).await;
+                let o = read_side(end, &mut recv, !answered, &local).await;
                 if !matches!(o, Outcome::Done) {
                     local.cancel();
                 }
@@ -601,8 +608,11 @@ async fn write_side(
             }
             pos = new_pos + u64::from(fin_now);
             let fin_written = s.peer_fin && s.queued == 0 && s.delivered == s.received;
+            // An ack rides along with anything sent anyway (no packet of its own for a
+            // request and its answer), else goes on its own every ACK_EVERY or ACK_DELAY.
             let due = s.delivered > s.ack_sent
                 && (fin_written
+                    || !frames.is_empty()
                     || s.delivered - s.ack_sent >= ACK_EVERY
                     || s.ack_pending_since.is_some_and(|t| t.elapsed() >= ACK_DELAY));
             if due {
@@ -647,7 +657,12 @@ async fn write_side(
 /// The reader of an attempt: decodes the peer's frames, queues its data for the sink,
 /// applies its acks; never waits for the socket. Returns when the stream ends, fails, or
 /// `cancel` (at any point: everything decoded is queued at once).
-async fn read_side(end: &EndState, recv: &mut quinn::RecvStream, cancel: &CancellationToken) -> Outcome {
+async fn read_side(
+    end: &EndState,
+    recv: &mut quinn::RecvStream,
+    mut skip_answer: bool,
+    cancel: &CancellationToken,
+) -> Outcome {
     let mut dec = Decoder::resuming(end.lock().peer_fin);
     let mut chunks: [Bytes; CHUNKS] = std::array::from_fn(|_| Bytes::new());
     loop {
@@ -668,6 +683,8 @@ async fn read_side(end: &EndState, recv: &mut quinn::RecvStream, cancel: &Cancel
                             s.queue.push_back(b);
                             queued = true;
                         }
+                        // The terminus's answer is where to resend from, not an ack.
+                        Event::Ack(_) if skip_answer => skip_answer = false,
                         Event::Ack(a) => ack = Some(ack.map_or(a, |x| x.max(a))),
                         Event::Fin => fin = true,
                     });

@@ -217,6 +217,7 @@ impl Forwarder {
                             send,
                             recv,
                             peer_received,
+                            answered: true,
                             via: Some(conn.clone()),
                         })
                     }
@@ -247,6 +248,7 @@ impl Forwarder {
                         send,
                         recv,
                         peer_received: 0,
+                        answered: false,
                         via: Some(conn.clone()),
                     }),
                     Err(e) => {
@@ -310,6 +312,7 @@ impl Forwarder {
             send,
             recv,
             peer_received: ext.received,
+            answered: true,
             via: None,
         };
         tx.try_send(attach).map_err(|e| {
@@ -448,6 +451,7 @@ impl Forwarder {
                 send,
                 recv,
                 peer_received: 0,
+                answered: true,
                 via: None,
             };
             self.resumable(tcp, first, Side::Terminus { resumes: rx }, &terminus)
