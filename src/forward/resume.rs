@@ -1,6 +1,6 @@
 //! Resumable TCP flows, the pure part: the framing two end agents speak on a flow's QUIC
 //! stream, and the replay buffer that lets a flow move to another stream without losing or
-//! repeating a byte. No sockets, no clock: [`super::session`] drives it.
+//! repeating a byte. No sockets, no clock: `super::session` drives it.
 //!
 //! Only the origin and the terminus parse this; relays splice the bytes as they are. Each
 //! direction of a stream is a sequence of frames:
@@ -103,8 +103,11 @@ pub fn parse_ack(frame: &[u8; ACK_LEN]) -> Result<u64, FrameError> {
 /// One decoded frame (data as a slice of the received chunk: no copy).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
+    /// Payload bytes, next in order (a slice of the chunk fed).
     Data(Bytes),
+    /// The peer has written this many of our bytes to its socket (+1 for our FIN).
     Ack(u64),
+    /// The peer's socket ended its direction: no data follows.
     Fin,
 }
 

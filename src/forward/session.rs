@@ -62,7 +62,9 @@ pub(super) fn is_final(code: quinn::VarInt) -> bool {
 
 /// A stream that carries (or takes over) a flow.
 pub(super) struct Attach {
+    /// Where this end's frames go.
     pub send: quinn::SendStream,
+    /// Where the other end's frames come from.
     pub recv: quinn::RecvStream,
     /// Bytes (+1 for a FIN) the other end has received from this one: where to resend from.
     pub peer_received: u64,
@@ -90,7 +92,10 @@ pub(super) enum Side {
         header: FlowHeader,
     },
     /// Where the endpoint is: waits for the origin to reopen. Resumes arrive here.
-    Terminus { resumes: mpsc::Receiver<Attach> },
+    Terminus {
+        /// Streams that resume this flow, handed over by [`Forwarder::serve_stream`].
+        resumes: mpsc::Receiver<Attach>,
+    },
 }
 
 /// How an attempt (or the whole flow) ended.

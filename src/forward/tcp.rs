@@ -10,7 +10,7 @@
 //! reset (with a [`codes`] reason) and a reset becomes a TCP RST (`SO_LINGER` 0), so a refused
 //! endpoint at the far side resets the client's connection at once instead of hanging it.
 //!
-//! Toward an agent that can, a flow is **resumable** (see [`super::session`]): its header
+//! Toward an agent that can, a flow is **resumable** (see `forward::session`): its header
 //! carries a random token, the two end agents frame the stream ([`super::resume`]) and keep
 //! what the other has not acknowledged, and the flow moves to another stream, over another
 //! path, when its path fails; relays stay plain splices. An origin learns whether a site's
