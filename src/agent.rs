@@ -226,6 +226,7 @@ impl Agent {
                 max_flows: config.limits.max_flows,
                 udp_idle: config.limits.udp_idle,
                 bind_own: !opts.skip_own_vips,
+                resume_window: config.links.idle_timeout,
             },
             intercept,
             shutdown.child_token(),

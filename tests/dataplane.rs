@@ -1077,3 +1077,211 @@ fn one_client_flooding_udp_source_ports_does_not_deny_another() {
     let logged = paris.log_text().matches("udp flow evicted").count();
     assert!((1..=5).contains(&logged), "paris logged {logged} evictions");
 }
+
+/// A deterministic byte sequence (xorshift64), so both ends of a flow can check every byte.
+struct Sequence(u64);
+
+impl Sequence {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            *b = self.0 as u8;
+        }
+    }
+}
+
+/// Issue 15 (4): an open TCP flow whose path fails moves to the other path, byte-exact in
+/// both directions. paris reaches london via tokyo (cheap) or directly (expensive); a client
+/// in paris streams a known sequence to an echo server in london and checks every byte that
+/// comes back, while `break_path` takes tokyo away mid-flow. The same TCP connection goes
+/// on over the direct link.
+fn a_flow_moves_when(break_path: impl FnOnce(&Net, &mut Site)) {
+    let Some(net) = Net::new(&["london", "paris", "tokyo"]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = sites(dir.path(), &net, &["london", "paris", "tokyo"]);
+    s[0].link_spoke(dir.path(), &s[1], 10); // direct but expensive
+    s[2].link_spoke(dir.path(), &s[1], 1);
+    s[0].link_spoke(dir.path(), &s[2], 1);
+    export(&s[0], "stream", "[{name: stream, port: 9200}]", true);
+    let vip: std::net::IpAddr = wait_vip(&s[1], "stream", "london", "stream-0").parse().unwrap();
+    let next_hop = |site: &Site| -> serde_json::Value {
+        let st: serde_json::Value = serde_json::from_str(&site.ok(&["status", "-o", "json"])).unwrap();
+        st["routes"]["london"]["next_hop"].clone()
+    };
+    assert!(wait_for(Duration::from_secs(5), || next_hop(&s[1]) == "tokyo"));
+
+    let listener = net.run_in("london", || TcpListener::bind((POD, 9200)).unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = c.shutdown(Shutdown::Write);
+    });
+    let client = net.run_in("paris", || {
+        TcpStream::connect_timeout(&SocketAddr::new(vip, 9200), Duration::from_secs(3)).unwrap()
+    });
+    client.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    // The writer streams about 2 MB/s until told to stop, then half-closes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tx = client.try_clone().unwrap();
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seq = Sequence(0x9e37_79b9_7f4a_7c15);
+            let mut buf = vec![0u8; 8 * 1024];
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                seq.fill(&mut buf);
+                tx.write_all(&buf).unwrap();
+                sent += buf.len() as u64;
+                std::thread::sleep(Duration::from_millis(4));
+            }
+            tx.shutdown(Shutdown::Write).unwrap();
+            sent
+        })
+    };
+    let mut rx = client;
+    let mut seq = Sequence(0x9e37_79b9_7f4a_7c15);
+    let (mut buf, mut want) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    let mut got = 0u64;
+    let mut longest_gap = Duration::ZERO;
+    let mut last = Instant::now();
+    let start = Instant::now();
+    let mut cut: Option<Instant> = None;
+    let mut break_path = Some(break_path);
+    loop {
+        if cut.is_none() && start.elapsed() > Duration::from_secs(2) {
+            (break_path.take().unwrap())(&net, &mut s[2]);
+            cut = Some(Instant::now());
+        }
+        if cut.is_some_and(|t| t.elapsed() > Duration::from_secs(10)) {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let n = rx.read(&mut buf).unwrap_or_else(|e| {
+            panic!(
+                "flow broke after {got} bytes ({:?} after the cut): {e}\n{}",
+                cut.map(|t| t.elapsed()),
+                tail(&s[1].log_text(), 30)
+            )
+        });
+        if n == 0 {
+            break;
+        }
+        seq.fill(&mut want[..n]);
+        assert!(buf[..n] == want[..n], "byte {got}..{} differs", got + n as u64);
+        got += n as u64;
+        longest_gap = longest_gap.max(last.elapsed());
+        last = Instant::now();
+    }
+    let sent = writer.join().unwrap();
+    server.join().unwrap();
+    eprintln!("{got} bytes echoed byte-exact; longest stall {longest_gap:?}");
+    assert_eq!(got, sent, "every byte came back once");
+    assert!(got > 10_000_000, "too little went through: {got}");
+    assert_eq!(next_hop(&s[1]), "london");
+    let log = s[1].log_text();
+    assert!(log.contains("flow moved to another path"), "{}", tail(&log, 30));
+    assert!(
+        longest_gap < Duration::from_secs(8),
+        "the flow stalled {longest_gap:?} (down_after is 3 s)"
+    );
+}
+
+#[test]
+fn an_open_flow_moves_when_its_relay_goes_silent() {
+    a_flow_moves_when(|net, _tokyo| net.set_wan("tokyo", false));
+}
+
+#[test]
+fn an_open_flow_moves_when_its_relay_stops() {
+    a_flow_moves_when(|_net, tokyo| tokyo.stop());
+}
+
+/// A resumable flow under full load both ways: the server writes 48 MiB before it reads
+/// anything (then echoes), while the client writes as fast as it can and reads. Plain TCP
+/// carries this; a resumable flow must too, so each end's acknowledgements must get through
+/// while its own data waits on the other's flow control, or the ends wait on each other.
+#[test]
+fn a_resumable_flow_carries_full_load_both_ways() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s = sites(dir.path(), &net, &["london", "paris"]);
+    s[0].link_spoke(dir.path(), &s[1], 1);
+    export(&s[0], "echo", "[{name: echo, port: 9300}]", true);
+    let vip: std::net::IpAddr = wait_vip(&s[1], "echo", "london", "echo-0").parse().unwrap();
+    const FIRST: usize = 48 * 1024 * 1024;
+    const TOTAL: u64 = 256 * 1024 * 1024;
+    let listener = net.run_in("london", || TcpListener::bind((POD, 9300)).unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut first = vec![0u8; FIRST];
+        Sequence(11).fill(&mut first);
+        c.write_all(&first).unwrap();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = c.shutdown(Shutdown::Write);
+    });
+    let client = net.run_in("paris", || {
+        TcpStream::connect_timeout(&SocketAddr::new(vip, 9300), Duration::from_secs(3)).unwrap()
+    });
+    client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut tx = client.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut seq = Sequence(7);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut sent = 0u64;
+        while sent < TOTAL {
+            seq.fill(&mut buf);
+            tx.write_all(&buf).unwrap();
+            sent += buf.len() as u64;
+        }
+        tx.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut rx = client;
+    let mut read_exactly = |seq: &mut Sequence, mut left: u64| {
+        let (mut buf, mut want) = (vec![0u8; 256 * 1024], vec![0u8; 256 * 1024]);
+        while left > 0 {
+            let take = left.min(buf.len() as u64) as usize;
+            let n = rx
+                .read(&mut buf[..take])
+                .unwrap_or_else(|e| panic!("stuck with {left} bytes to go: {e}\n{}", tail(&s[1].log_text(), 20)));
+            assert!(n > 0, "early end with {left} bytes to go");
+            seq.fill(&mut want[..n]);
+            assert!(buf[..n] == want[..n], "bytes differ with {left} to go");
+            left -= n as u64;
+        }
+    };
+    let t = Instant::now();
+    read_exactly(&mut Sequence(11), FIRST as u64);
+    read_exactly(&mut Sequence(7), TOTAL);
+    assert_eq!(rx.read(&mut [0u8; 1]).unwrap(), 0, "then the end");
+    eprintln!("{} MiB both ways in {:?}", TOTAL / (1 << 20), t.elapsed());
+    writer.join().unwrap();
+    server.join().unwrap();
+}

@@ -8,6 +8,8 @@
 //! ```text
 //! flow header:  u16 length | u8 version | u8 ttl | u8 family (4|6) | vip (4|16) | u16 port | u8 len | site
 //!               [ u8 family | src vip | u16 src port ]   (optional: the client's own VIP)
+//!               [ u8 'R' | u8 flags | token (16) | u64 received ]   (optional, TCP only:
+//!                 a resumable flow, see [`super::resume`]; flags bit 0: resuming)
 //! datagram:     u8 kind=1 (forward) | u64 flow | flow header | payload
 //!               u8 kind=2 (reply)   | u64 flow | payload
 //! ```
@@ -20,6 +22,21 @@ pub const VERSION: u8 = 1;
 pub const MAX_TTL: u8 = 16;
 /// Largest encoded header body (site ids are at most 63 bytes).
 pub const MAX_HEADER: usize = 128;
+/// Tag of the resumable-flow extension. Not an address family, so an agent that predates it
+/// refuses such a header (`BAD_HEADER`) instead of misreading it: the origin learns the
+/// terminus (or a relay) cannot resume and falls back to a plain flow.
+const TAG_RESUME: u8 = b'R';
+
+/// The resumable-flow extension of a TCP flow's header (see [`super::resume`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeExt {
+    /// The flow's secret name.
+    pub token: super::resume::Token,
+    /// `false`: a new flow; `true`: this stream takes over the flow named by `token`.
+    pub resuming: bool,
+    /// Bytes (+1 for a FIN) the origin has received from the terminus: where it resends from.
+    pub received: u64,
+}
 
 /// Errors decoding data-plane frames.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,6 +94,12 @@ fn get_addr(r: &mut Reader<'_>) -> Result<IpAddr, HeaderError> {
 impl FlowHeader {
     /// Appends the header, length-prefixed.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_with(None, out)
+    }
+
+    /// Appends the header with the resumable-flow extension `ext` (TCP streams only),
+    /// length-prefixed.
+    pub fn encode_with(&self, ext: Option<&ResumeExt>, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0, 0, VERSION, self.ttl]);
         put_addr(out, self.vip);
@@ -87,6 +110,12 @@ impl FlowHeader {
         if let Some(src) = self.src {
             put_addr(out, src.ip());
             out.extend_from_slice(&src.port().to_be_bytes());
+        }
+        if let Some(ext) = ext {
+            out.push(TAG_RESUME);
+            out.push(u8::from(ext.resuming));
+            out.extend_from_slice(&ext.token);
+            out.extend_from_slice(&ext.received.to_be_bytes());
         }
         let len = (out.len() - start - 2) as u16;
         out[start..start + 2].copy_from_slice(&len.to_be_bytes());
@@ -107,8 +136,18 @@ impl FlowHeader {
         Ok((Self::decode_body(body)?, 2 + len))
     }
 
-    /// Decodes a header body (without its length prefix).
+    /// Decodes a header body (without its length prefix). A resumable-flow extension is an
+    /// error here (datagrams never carry one); TCP streams use [`FlowHeader::decode_stream`].
     pub fn decode_body(body: &[u8]) -> Result<FlowHeader, HeaderError> {
+        match Self::decode_stream(body)? {
+            (h, None) => Ok(h),
+            (_, Some(_)) => Err(HeaderError::Invalid("trailing bytes")),
+        }
+    }
+
+    /// Decodes a TCP stream's header body (without its length prefix), with its
+    /// resumable-flow extension if it has one.
+    pub fn decode_stream(body: &[u8]) -> Result<(FlowHeader, Option<ResumeExt>), HeaderError> {
         let mut r = Reader(body);
         let version = r.u8()?;
         if version != VERSION {
@@ -119,12 +158,29 @@ impl FlowHeader {
         let port = u16::from_be_bytes(r.take(2)?.try_into().map_err(|_| HeaderError::Truncated)?);
         let site_len = r.u8()? as usize;
         let site = std::str::from_utf8(r.take(site_len)?).map_err(|_| HeaderError::Invalid("site is not UTF-8"))?;
-        let src = if r.0.is_empty() {
+        let src = if r.0.is_empty() || r.0[0] == TAG_RESUME {
             None
         } else {
             let ip = get_addr(&mut r)?;
             let port = u16::from_be_bytes(r.take(2)?.try_into().map_err(|_| HeaderError::Truncated)?);
             Some(std::net::SocketAddr::new(ip, port))
+        };
+        let ext = if r.0.first() == Some(&TAG_RESUME) {
+            r.take(1)?;
+            let resuming = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(HeaderError::Invalid("resume flags")),
+            };
+            let token = r.take(16)?.try_into().map_err(|_| HeaderError::Truncated)?;
+            let received = u64::from_be_bytes(r.take(8)?.try_into().map_err(|_| HeaderError::Truncated)?);
+            Some(ResumeExt {
+                token,
+                resuming,
+                received,
+            })
+        } else {
+            None
         };
         if !r.0.is_empty() {
             return Err(HeaderError::Invalid("trailing bytes"));
@@ -132,13 +188,16 @@ impl FlowHeader {
         if !crate::names::is_dns_label(site) {
             return Err(HeaderError::Invalid("site is not a DNS label"));
         }
-        Ok(FlowHeader {
-            ttl,
-            site: site.to_string(),
-            vip,
-            port,
-            src,
-        })
+        Ok((
+            FlowHeader {
+                ttl,
+                site: site.to_string(),
+                vip,
+                port,
+                src,
+            },
+            ext,
+        ))
     }
 }
 
@@ -261,6 +320,40 @@ mod tests {
             for n in 0..buf.len() {
                 assert!(FlowHeader::decode(&buf[..n]).is_err());
             }
+        }
+    }
+
+    #[test]
+    fn the_resume_extension_rides_along_and_old_decoders_would_refuse_it() {
+        for src in [None, Some("127.77.9.9:7575".parse().unwrap())] {
+            let h = FlowHeader {
+                src,
+                ..header("127.77.1.10")
+            };
+            let ext = ResumeExt {
+                token: [0xab; 16],
+                resuming: true,
+                received: 1 << 40,
+            };
+            let mut buf = Vec::new();
+            h.encode_with(Some(&ext), &mut buf);
+            assert!(buf.len() - 2 <= MAX_HEADER);
+            assert_eq!(FlowHeader::decode_stream(&buf[2..]).unwrap(), (h.clone(), Some(ext)));
+            // Datagrams (and agents that predate resuming) refuse it: a clean error.
+            assert!(FlowHeader::decode(&buf).is_err());
+            for n in 2..buf.len() {
+                let _ = FlowHeader::decode_stream(&buf[2..n]);
+            }
+            let mut bad = buf.clone();
+            let flags = bad.len() - 25;
+            bad[flags] = 7;
+            assert_eq!(
+                FlowHeader::decode_stream(&bad[2..]),
+                Err(HeaderError::Invalid("resume flags"))
+            );
+            let mut plain = Vec::new();
+            h.encode(&mut plain);
+            assert_eq!(FlowHeader::decode_stream(&plain[2..]).unwrap(), (h, None));
         }
     }
 

@@ -18,6 +18,8 @@
 pub mod flowbook;
 pub mod header;
 pub mod priority;
+pub mod resume;
+mod session;
 pub mod tcp;
 pub mod udp;
 pub mod udpflows;
@@ -48,8 +50,12 @@ pub mod codes {
     pub const RESET: u32 = 3;
     /// The agent is at its flow limit.
     pub const LIMIT: u32 = 4;
-    /// The flow header was malformed or its TTL ran out.
+    /// The flow header was malformed or its TTL ran out (also what an agent that cannot
+    /// resume flows answers a resumable flow's header with).
     pub const BAD_HEADER: u32 = 5;
+    /// A resumable flow is over for good: its other end's TCP connection failed, or the end
+    /// does not know the flow a stream tried to resume. Not to be resumed.
+    pub const GONE: u32 = 6;
 }
 
 /// Makes sure the addresses of `cidr` are local here, so VIP listeners can bind them. Inside
@@ -114,6 +120,9 @@ pub struct ForwardOptions {
     /// Whether to listen on the VIPs of our own endpoints too. Always true in production;
     /// `causeway demo` turns it off because its two sites share one host's loopback.
     pub bind_own: bool,
+    /// How long a resumable TCP flow whose path failed may take to move (`links.idle_timeout`):
+    /// the origin retries reopening it that long, the terminus holds it detached that long.
+    pub resume_window: Duration,
 }
 
 /// How often an intercepting agent checks that its nftables rule is still in place.
@@ -298,6 +307,12 @@ pub struct Forwarder {
     served: watch::Sender<Arc<View>>,
     /// `vips.mode: intercept`: the agent port and how it is reached; `None` in listen mode.
     intercept: Option<Arc<Intercepting>>,
+    /// Resumable TCP flows ending here, by token: where a stream that resumes one is handed,
+    /// and the VIP and port it was opened for (a resume must name the same).
+    resumes: Mutex<HashMap<resume::Token, session::Resumable>>,
+    /// Sites whose terminus answered (`true`) or refused (`false`) a resumable flow, and when:
+    /// flows to a site not known to resume wait for the first answer before sending.
+    resume_peers: Mutex<HashMap<String, (bool, std::time::Instant)>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -323,6 +338,8 @@ impl Forwarder {
             udp_sockets: Mutex::new(HashMap::new()),
             served: watch::channel(Arc::new(View::default())).0,
             intercept: intercept.map(Arc::new),
+            resumes: Mutex::new(HashMap::new()),
+            resume_peers: Mutex::new(HashMap::new()),
             shutdown,
             tasks: TaskTracker::new(),
         });
@@ -650,6 +667,7 @@ mod tests {
             max_flows: 16,
             udp_idle: Duration::from_secs(60),
             bind_own: true,
+            resume_window: Duration::from_secs(30),
         };
         let shutdown = CancellationToken::new();
         let fwd = Forwarder::start(mesh.clone(), metrics, opts, None, shutdown.clone());

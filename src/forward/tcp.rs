@@ -9,6 +9,13 @@
 //! (`shutdown(Write)`), so half-closed connections work. A reset anywhere becomes a stream
 //! reset (with a [`codes`] reason) and a reset becomes a TCP RST (`SO_LINGER` 0), so a refused
 //! endpoint at the far side resets the client's connection at once instead of hanging it.
+//!
+//! Toward an agent that can, a flow is **resumable** (see `forward::session`): its header
+//! carries a random token, the two end agents frame the stream ([`super::resume`]) and keep
+//! what the other has not acknowledged, and the flow moves to another stream, over another
+//! path, when its path fails; relays stay plain splices. An origin learns whether a site's
+//! terminus resumes from the answer to its first flow there (an agent that cannot refuses
+//! the header with `BAD_HEADER`, and flows to it stay plain).
 
 use std::io::IoSlice;
 use std::net::SocketAddr;
@@ -21,18 +28,21 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
 
-use super::header::{FlowHeader, MAX_HEADER, MAX_TTL};
-use super::{Forwarder, Hop, ListenerKey, codes};
+use super::header::{FlowHeader, MAX_HEADER, MAX_TTL, ResumeExt};
+use super::session::{ANSWER_TIMEOUT, Attach, OpenError, Side, open_answered};
+use super::{Forwarder, Hop, ListenerKey, codes, lock, resume};
 use crate::metrics::{self, Direction, FailReason, FlowMetrics};
 use crate::names::Protocol;
 use crate::role::Role;
 
 /// Largest read per direction: large reads and writes matter more than anything else here.
-const BUF: usize = 256 * 1024;
+pub(super) const BUF: usize = 256 * 1024;
 /// Chunks taken from a QUIC stream at once (one `writev` to TCP, one write to a relay's stream).
-const CHUNKS: usize = 64;
+pub(super) const CHUNKS: usize = 64;
 /// First read of a flow; reads double up to [`BUF`] while they fill the buffer.
-const FIRST_BUF: usize = 16 * 1024;
+pub(super) const FIRST_BUF: usize = 16 * 1024;
+/// How long an origin remembers whether a site's terminus resumes flows before asking again.
+const RESUME_SUPPORT_TTL: Duration = Duration::from_secs(600);
 /// How long the terminating agent waits for its endpoint to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -189,7 +199,77 @@ impl Forwarder {
             port,
             src: self.src_vip(target).map(|ip| SocketAddr::new(ip, 0)),
         };
-        let (mut send, recv) = match open(&conn, &header).await {
+        let support = self.resume_support(&target.site);
+        if support != Some(false) {
+            let token = resume::new_token();
+            let ext = ResumeExt {
+                token,
+                resuming: false,
+                received: 0,
+            };
+            let attach = if support.is_none() {
+                // Not known whether this site resumes: its answer (an ack, or BAD_HEADER
+                // from an agent that predates resuming) comes before anything is sent.
+                match tokio::time::timeout(ANSWER_TIMEOUT, open_answered(&conn, &header, &ext)).await {
+                    Ok(Ok((send, recv, peer_received))) => {
+                        self.set_resume_support(&target.site, true);
+                        Some(Attach {
+                            send,
+                            recv,
+                            peer_received,
+                            answered: true,
+                            via: Some(conn.clone()),
+                        })
+                    }
+                    Ok(Err(OpenError::Refused(code))) if code == codes::BAD_HEADER.into() => {
+                        debug!(site = %target.site, "the terminus cannot resume flows; plain flows to it");
+                        self.set_resume_support(&target.site, false);
+                        None
+                    }
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "opening the stream failed");
+                        let refused = matches!(e, OpenError::Refused(c) if c == codes::REFUSED.into());
+                        flow.failed(if refused {
+                            FailReason::Refused
+                        } else {
+                            FailReason::Unreachable
+                        });
+                        return reset(client);
+                    }
+                    Err(_) => {
+                        debug!("no answer to the flow's header");
+                        flow.failed(FailReason::Unreachable);
+                        return reset(client);
+                    }
+                }
+            } else {
+                match open(&conn, &header, Some(&ext)).await {
+                    Ok((send, recv)) => Some(Attach {
+                        send,
+                        recv,
+                        peer_received: 0,
+                        answered: false,
+                        via: Some(conn.clone()),
+                    }),
+                    Err(e) => {
+                        debug!(error = %e, "opening the stream failed");
+                        flow.failed(FailReason::Unreachable);
+                        return reset(client);
+                    }
+                }
+            };
+            if let Some(attach) = attach {
+                let refused = self
+                    .resumable(client, attach, Side::Origin { token, header }, &flow)
+                    .await;
+                if refused {
+                    // A terminus (or relay) on the path cannot resume: later flows go plain.
+                    self.set_resume_support(&target.site, false);
+                }
+                return;
+            }
+        }
+        let (send, recv) = match open(&conn, &header, None).await {
             Ok(s) => s,
             Err(e) => {
                 debug!(error = %e, "opening the stream failed");
@@ -197,13 +277,53 @@ impl Forwarder {
                 return reset(client);
             }
         };
-        let _ = &mut send;
         self.splice_tcp_quic(client, send, recv, &flow).await;
+    }
+
+    /// Whether `site`'s terminus resumes flows, if known (and not too long ago).
+    fn resume_support(&self, site: &str) -> Option<bool> {
+        lock(&self.resume_peers)
+            .get(site)
+            .filter(|(_, at)| at.elapsed() < RESUME_SUPPORT_TTL)
+            .map(|(yes, _)| *yes)
+    }
+
+    fn set_resume_support(&self, site: &str, yes: bool) {
+        let mut peers = lock(&self.resume_peers);
+        peers.retain(|_, (_, at)| at.elapsed() < RESUME_SUPPORT_TTL);
+        peers.insert(site.to_string(), (yes, std::time::Instant::now()));
+    }
+
+    /// Hands a stream that resumes flow `ext.token` to that flow, if it ends here and was
+    /// opened for the same VIP and port; gives the stream back otherwise.
+    fn hand_over(
+        &self,
+        header: &FlowHeader,
+        ext: &ResumeExt,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> Result<(), (quinn::SendStream, quinn::RecvStream)> {
+        let tx = lock(&self.resumes)
+            .get(&ext.token)
+            .filter(|(vip, port, _)| *vip == header.vip && *port == header.port)
+            .map(|(_, _, tx)| tx.clone());
+        let Some(tx) = tx else { return Err((send, recv)) };
+        let attach = Attach {
+            send,
+            recv,
+            peer_received: ext.received,
+            answered: true,
+            via: None,
+        };
+        tx.try_send(attach).map_err(|e| {
+            let a = e.into_inner();
+            (a.send, a.recv)
+        })
     }
 
     /// A stream arrived on a link: relay it, or deliver it to one of our endpoints.
     pub async fn serve_stream(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-        let header = match read_header(&mut recv).await {
+        let (header, ext) = match read_header(&mut recv).await {
             Ok(h) => h,
             Err(e) => {
                 debug!(error = %e, "bad flow header");
@@ -214,6 +334,14 @@ impl Forwarder {
         };
         let span = debug_span!("flow", proto = "tcp", vip = %header.vip, port = header.port, dst = %header.site);
         async move {
+            // A stream that resumes a flow ending here goes to that flow (which holds its
+            // permit), before anything else.
+            if let Some(e) = ext.as_ref().filter(|e| e.resuming) {
+                match self.hand_over(&header, e, send, recv) {
+                    Ok(()) => return,
+                    Err(streams) => (send, recv) = streams,
+                }
+            }
             let view = self.mesh.view();
             let labels = view
                 .vips
@@ -252,7 +380,7 @@ impl Forwarder {
                     ttl: header.ttl - 1,
                     ..header.clone()
                 };
-                let (send2, recv2) = match open(&conn, &next).await {
+                let (send2, recv2) = match open(&conn, &next, ext.as_ref()).await {
                     Ok(s) => s,
                     Err(_) => {
                         relay.failed(FailReason::Unreachable);
@@ -276,6 +404,12 @@ impl Forwarder {
                 terminus.failed(FailReason::NotExported);
                 return refuse(&mut send, &mut recv, codes::REFUSED);
             };
+            if ext.as_ref().is_some_and(|e| e.resuming || e.received != 0) {
+                // A resume of a flow this agent does not hold (it ended, timed out, or the
+                // agent restarted), or a new flow claiming to have received bytes.
+                debug!("resume of an unknown flow refused");
+                return refuse(&mut send, &mut recv, codes::GONE);
+            }
             // A sidecar connects from the client's own VIP, so the member sees its peer at an
             // address that leads back to it from every site.
             let sidecar = self.mesh.role() == Role::Sidecar;
@@ -303,7 +437,25 @@ impl Forwarder {
                 }
             };
             terminus.opened();
-            self.splice_tcp_quic(tcp, send, recv, &terminus).await;
+            let Some(ext) = ext else {
+                return self.splice_tcp_quic(tcp, send, recv, &terminus).await;
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            let Some(_registered) = Registered::new(&self, ext.token, &header, tx) else {
+                debug!("a new flow reused a live token; refused");
+                terminus.failed(FailReason::Reset);
+                refuse(&mut send, &mut recv, codes::GONE);
+                return reset(tcp);
+            };
+            let first = Attach {
+                send,
+                recv,
+                peer_received: 0,
+                answered: true,
+                via: None,
+            };
+            self.resumable(tcp, first, Side::Terminus { resumes: rx }, &terminus)
+                .await;
         }
         .instrument(span)
         .await
@@ -404,7 +556,7 @@ impl Forwarder {
 
 /// Writes every chunk to `w`, as few `writev` calls as the socket allows; returns the bytes
 /// written. Chunks are consumed (left empty) as they go out.
-async fn write_all_chunks<W: AsyncWrite + Unpin>(w: &mut W, chunks: &mut [Bytes]) -> std::io::Result<u64> {
+pub(super) async fn write_all_chunks<W: AsyncWrite + Unpin>(w: &mut W, chunks: &mut [Bytes]) -> std::io::Result<u64> {
     let total = chunks.iter().map(|c| c.len() as u64).sum();
     let mut first = 0;
     loop {
@@ -463,17 +615,51 @@ async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-/// Opens a stream on `conn` and writes the flow header.
-async fn open(conn: &quinn::Connection, header: &FlowHeader) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+/// A resumable flow ending here, listed in [`Forwarder`]'s `resumes` while it lives.
+struct Registered<'a> {
+    fwd: &'a Forwarder,
+    token: resume::Token,
+}
+
+impl<'a> Registered<'a> {
+    /// Lists the flow `token`; `None` if a live flow already has that token.
+    fn new(
+        fwd: &'a Forwarder,
+        token: resume::Token,
+        header: &FlowHeader,
+        tx: tokio::sync::mpsc::Sender<Attach>,
+    ) -> Option<Registered<'a>> {
+        let mut flows = lock(&fwd.resumes);
+        if flows.contains_key(&token) {
+            return None;
+        }
+        flows.insert(token, (header.vip, header.port, tx));
+        Some(Registered { fwd, token })
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        lock(&self.fwd.resumes).remove(&self.token);
+    }
+}
+
+/// Opens a stream on `conn` and writes the flow header (with the resumable-flow extension
+/// `ext`, if given).
+pub(super) async fn open(
+    conn: &quinn::Connection,
+    header: &FlowHeader,
+    ext: Option<&ResumeExt>,
+) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
     let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let mut buf = Vec::with_capacity(64);
-    header.encode(&mut buf);
+    let mut buf = Vec::with_capacity(96);
+    header.encode_with(ext, &mut buf);
     send.write_all(&buf).await.map_err(|e| e.to_string())?;
     Ok((send, recv))
 }
 
-/// Reads the flow header that starts a stream.
-async fn read_header(recv: &mut quinn::RecvStream) -> Result<FlowHeader, String> {
+/// Reads the flow header that starts a stream, with its resumable-flow extension if any.
+async fn read_header(recv: &mut quinn::RecvStream) -> Result<(FlowHeader, Option<ResumeExt>), String> {
     let mut len = [0u8; 2];
     recv.read_exact(&mut len).await.map_err(|e| e.to_string())?;
     let len = u16::from_be_bytes(len) as usize;
@@ -482,7 +668,7 @@ async fn read_header(recv: &mut quinn::RecvStream) -> Result<FlowHeader, String>
     }
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body).await.map_err(|e| e.to_string())?;
-    FlowHeader::decode_body(&body).map_err(|e| e.to_string())
+    FlowHeader::decode_stream(&body).map_err(|e| e.to_string())
 }
 
 /// Relays one direction between two QUIC streams, carrying finish and reset across.

@@ -277,6 +277,8 @@ pub struct Metrics {
     flows_closed: Family<FlowLabels, Counter>,
     /// Flows that could not be set up or broke, by reason.
     flows_failed: Family<FlowFailureLabels, Counter>,
+    /// Resumable TCP flows moved to a new stream (a new path, or the same after a failure).
+    flows_resumed: Family<FlowLabels, Counter>,
     /// Payload bytes carried for services, counted where they enter or leave an endpoint.
     bytes: Family<ByteLabels, Counter>,
     /// UDP datagrams forwarded.
@@ -334,6 +336,7 @@ impl Metrics {
         let flows_opened = Family::<FlowLabels, Counter>::default();
         let flows_closed = Family::<FlowLabels, Counter>::default();
         let flows_failed = Family::<FlowFailureLabels, Counter>::default();
+        let flows_resumed = Family::<FlowLabels, Counter>::default();
         let bytes = Family::<ByteLabels, Counter>::default();
         let udp_datagrams = Family::<DatagramLabels, Counter>::default();
         let udp_dropped = Family::<DropLabels, Counter>::default();
@@ -363,6 +366,11 @@ impl Metrics {
             flows_closed.clone(),
         );
         registry.register("flows_failed", "Flows that failed, by reason", flows_failed.clone());
+        registry.register(
+            "flows_resumed",
+            "TCP flows moved to a new stream after their path failed or moved",
+            flows_resumed.clone(),
+        );
         registry.register("bytes", "Payload bytes carried for services", bytes.clone());
         registry.register("udp_datagrams", "UDP datagrams forwarded", udp_datagrams.clone());
         registry.register(
@@ -440,6 +448,7 @@ impl Metrics {
             flows_opened,
             flows_closed,
             flows_failed,
+            flows_resumed,
             bytes,
             udp_datagrams,
             udp_dropped,
@@ -475,6 +484,7 @@ impl Metrics {
             opened_family: self.flows_opened.clone(),
             closed_family: self.flows_closed.clone(),
             failed_family: self.flows_failed.clone(),
+            resumed_family: self.flows_resumed.clone(),
             bytes_family: self.bytes.clone(),
             datagrams_family: self.udp_datagrams.clone(),
             closed: OnceLock::new(),
@@ -629,6 +639,8 @@ pub struct FlowMetrics {
     closed_family: Family<FlowLabels, Counter>,
     /// `causeway_flows_failed_total`: the reason is known only at failure, so looked up then.
     failed_family: Family<FlowFailureLabels, Counter>,
+    /// `causeway_flows_resumed_total`: rare, so looked up when it happens.
+    resumed_family: Family<FlowLabels, Counter>,
     /// `causeway_bytes_total`, resolved into `to_endpoint` / `from_endpoint` on first use.
     bytes_family: Family<ByteLabels, Counter>,
     /// `causeway_udp_datagrams_total`, resolved into `to_endpoint_datagrams` /
@@ -676,6 +688,11 @@ impl FlowMetrics {
             reason,
         };
         self.failed_family.get_or_create(&labels).inc();
+    }
+
+    /// The flow moved to a new stream (resumable TCP flows).
+    pub fn resumed(&self) {
+        self.resumed_family.get_or_create(&self.labels).inc();
     }
 
     /// `n` payload bytes were carried in `direction`. Cheap after the first call per direction,
