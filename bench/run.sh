@@ -24,7 +24,8 @@
 # tool is measured again if other processes took more than FOREIGN_MAX% of the machine
 # meanwhile), ROUNDS=1 (measure every tool this many times, the tools taking turns; the report
 # shows each figure's median over the rounds and the per-round values of the headline ones),
-# CARGO_TARGET_DIR (honoured), SKIP_BUILD=1, SKIP_APT=1.
+# CARGO_TARGET_DIR (honoured), SKIP_BUILD=1, SKIP_APT=1, KEEP_WORK=1 (keep the work directory, with
+# every agent's log, in /tmp/cwb.*).
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -77,7 +78,7 @@ teardown() {
     bench_spin_stop
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
     bench_netns_down $NS_P $NS_L
-    rm -rf "$WORK"
+    [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
 }
 
 cleanup() {

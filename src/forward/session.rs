@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::header::{FlowHeader, ResumeExt};
+use super::priority::SmallFirst;
 use super::resume::{self, ACK_EVERY, Decoder, Event, FrameError, MAX_FRAME, MAX_REPLAY, Replay, Token};
 use super::tcp::{BUF, CHUNKS, FIRST_BUF, write_all_chunks};
 use super::{Forwarder, Hop, codes};
@@ -584,6 +585,9 @@ async fn write_side(
     let mut batch: Vec<Bytes> = Vec::new();
     let mut frames: Vec<Bytes> = Vec::new();
     let mut greet = greet;
+    // Interactive flows go before bulk ones on the link ([`super::priority`]).
+    let mut pace = SmallFirst::new(std::time::Instant::now());
+    let _ = send.set_priority(pace.priority());
     loop {
         let (ack_at, done) = {
             let mut s = end.lock();
@@ -631,6 +635,10 @@ async fn write_side(
             (ack_at, s.out.done() && fin_written && s.ack_sent == s.delivered)
         };
         if !frames.is_empty() {
+            let bytes = frames.iter().map(Bytes::len).sum();
+            if let Some(p) = pace.on_send(bytes, std::time::Instant::now()) {
+                let _ = send.set_priority(p);
+            }
             let written = tokio::select! {
                 r = send.write_all_chunks(&mut frames) => r,
                 _ = cancel.cancelled() => return Outcome::Broken("superseded".into()),

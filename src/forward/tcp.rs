@@ -484,6 +484,8 @@ impl Forwarder {
             // while reads keep filling the buffer.
             let mut want = FIRST_BUF;
             let mut buf = bytes::BytesMut::new();
+            let mut pace = super::priority::SmallFirst::new(std::time::Instant::now());
+            let _ = send.set_priority(pace.priority());
             loop {
                 buf.reserve(want);
                 match tr.read_buf(&mut buf).await {
@@ -494,6 +496,9 @@ impl Forwarder {
                     Ok(n) => {
                         if n >= want {
                             want = (want * 2).min(BUF);
+                        }
+                        if let Some(p) = pace.on_send(n, std::time::Instant::now()) {
+                            let _ = send.set_priority(p);
                         }
                         send.write_chunk(buf.split().freeze())
                             .await
@@ -675,10 +680,16 @@ async fn read_header(recv: &mut quinn::RecvStream) -> Result<(FlowHeader, Option
 async fn pipe_quic(mut from: quinn::RecvStream, mut to: quinn::SendStream) -> u64 {
     let mut total = 0u64;
     let mut chunks: [Bytes; CHUNKS] = std::array::from_fn(|_| Bytes::new());
+    let mut pace = super::priority::SmallFirst::new(std::time::Instant::now());
+    let _ = to.set_priority(pace.priority());
     loop {
         match from.read_chunks(&mut chunks).await {
             Ok(Some(n)) => {
-                total += chunks[..n].iter().map(|c| c.len() as u64).sum::<u64>();
+                let bytes = chunks[..n].iter().map(|c| c.len()).sum::<usize>();
+                total += bytes as u64;
+                if let Some(p) = pace.on_send(bytes, std::time::Instant::now()) {
+                    let _ = to.set_priority(p);
+                }
                 if let Err(e) = to.write_all_chunks(&mut chunks[..n]).await {
                     let code = match e {
                         quinn::WriteError::Stopped(code) => code,
