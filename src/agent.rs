@@ -227,6 +227,7 @@ impl Agent {
                 udp_idle: config.limits.udp_idle,
                 bind_own: !opts.skip_own_vips,
                 resume_window: config.links.idle_timeout,
+                resume: config.links.resume,
             },
             intercept,
             shutdown.child_token(),

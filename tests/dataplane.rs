@@ -877,14 +877,20 @@ fn agents_raise_the_open_files_limit_and_carry_many_flows() {
 
 /// Issue 15 (4): an outage longer than `links.down_after` (3 s) but shorter than
 /// `links.idle_timeout` (30 s) takes the peer out of routing and DNS while it lasts, and costs
-/// no flow: an open TCP flow carries on, byte for byte, when the network is back.
+/// no flow: an open TCP flow carries on, byte for byte, when the network is back. Even a
+/// plain (not resumable) flow: here `links.resume: false`, so both kinds stay covered (the
+/// resumable ones by the tests of moving flows below).
 #[test]
 fn a_short_outage_costs_no_flow() {
     let Some(net) = Net::new(&["london", "paris"]) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let s = sites(dir.path(), &net, &["london", "paris"]);
+    let s = sites_with(dir.path(), &net, &["london", "paris"], |cfg| {
+        let plain = cfg.replace("  resume: true", "  resume: false");
+        assert_ne!(plain, cfg, "the configuration template has links.resume");
+        plain
+    });
     let (london, paris) = (&s[0], &s[1]);
     london.link_spoke(dir.path(), paris, 1);
     export(london, "hold", "[{name: hold, port: 9100}]", true);

@@ -217,6 +217,13 @@ pub struct LinksConfig {
     /// idle timeout, RFC 9000 §10.1). At least `down_after`.
     #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
     pub idle_timeout: Duration,
+    /// Whether the TCP flows this agent originates are resumable: framed end to end with a
+    /// bounded replay buffer, so an open flow moves to another path when its own fails
+    /// (docs/REFERENCE.md, *What survives a path change*). It costs CPU and memory per flow
+    /// (docs/BENCHMARKS.md); `false` gives plain streams, which an outage shorter than
+    /// `idle_timeout` on their own path still survives. Flows from other agents are resumable
+    /// as they ask, whatever this says.
+    pub resume: bool,
 }
 
 impl Default for LinksConfig {
@@ -225,6 +232,7 @@ impl Default for LinksConfig {
             lanes: Lanes::Auto,
             down_after: DEFAULT_DOWN_AFTER,
             idle_timeout: DEFAULT_LINK_IDLE,
+            resume: true,
         }
     }
 }

@@ -123,6 +123,8 @@ pub struct ForwardOptions {
     /// How long a resumable TCP flow whose path failed may take to move (`links.idle_timeout`):
     /// the origin retries reopening it that long, the terminus holds it detached that long.
     pub resume_window: Duration,
+    /// Whether TCP flows started here are resumable (`links.resume`).
+    pub resume: bool,
 }
 
 /// How often an intercepting agent checks that its nftables rule is still in place.
@@ -668,6 +670,7 @@ mod tests {
             udp_idle: Duration::from_secs(60),
             bind_own: true,
             resume_window: Duration::from_secs(30),
+            resume: true,
         };
         let shutdown = CancellationToken::new();
         let fwd = Forwarder::start(mesh.clone(), metrics, opts, None, shutdown.clone());

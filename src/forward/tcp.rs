@@ -200,7 +200,7 @@ impl Forwarder {
             src: self.src_vip(target).map(|ip| SocketAddr::new(ip, 0)),
         };
         let support = self.resume_support(&target.site);
-        if support != Some(false) {
+        if self.opts.resume && support != Some(false) {
             let token = resume::new_token();
             let ext = ResumeExt {
                 token,
