@@ -86,11 +86,12 @@ bench_first_vip() {
 # bench_site_config STATE_DIR SITE ADVERTISE: rewrites the causeway.yaml that `causeway init`
 # wrote for the bench: links on 0.0.0.0:7400, DNS on 127.0.0.1:5353, no metrics listener; in
 # london, ADVERTISE as its link address and the `bench` service exported (the three servers'
-# ports on POD).
+# ports on POD); links.resume as CW_RESUME says (default true).
 bench_site_config() {
     local dir=$1 site=$2 adv=$3
-    awk -v site="$site" -v adv="$adv" -v pod="$POD" -v ports="$IPERF_PORT $ECHO_PORT $ONESHOT_PORT" '
+    awk -v site="$site" -v adv="$adv" -v pod="$POD" -v ports="$IPERF_PORT $ECHO_PORT $ONESHOT_PORT" -v resume="${CW_RESUME:-true}" '
         /^[a-z]/ { section = $1 }
+        section == "links:" && /^  resume:/ { print "  resume: " resume; next }
         /^listen:/ { print "listen: 0.0.0.0:7400"; next }
         /^advertise:/ { if (site == "london") { print "advertise: [\"" adv "\"]"; next } }
         /^metrics:/ { next }

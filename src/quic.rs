@@ -62,9 +62,11 @@ pub fn endpoint(
 /// Bytes queued in the QUIC socket's receive buffer (as the kernel counts them, packet
 /// overhead included) above which the agent marks what it reads congestion experienced: the
 /// queue in front of a busy agent, which every flow of every link waits behind, is kept near
-/// this instead of growing to the buffer's size. `CAUSEWAY_ECN_MARK_BYTES` overrides it (0
-/// turns marking off).
-const CONGESTED_QUEUE: usize = 256 * 1024;
+/// this instead of growing to the buffer's size (16 MiB as the kernel counts it). 1 MiB keeps
+/// a single stream's throughput (256 KiB, below the window one stream needs here, cost it
+/// about 15%) and the p99 of interactive flows under bulk load at or below socat's
+/// (docs/BENCHMARKS.md). `CAUSEWAY_ECN_MARK_BYTES` overrides it (0 turns marking off).
+const CONGESTED_QUEUE: usize = 1024 * 1024;
 
 fn congested_queue() -> usize {
     std::env::var("CAUSEWAY_ECN_MARK_BYTES")
