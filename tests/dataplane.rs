@@ -70,6 +70,29 @@ fn link_timing(cfg: &str, down_after: &str, idle_timeout: &str) -> String {
         + "\n"
 }
 
+/// Accepts one connection on `listener` in a thread: writes `first`, then echoes everything
+/// it reads (in reads of up to `buf` bytes, waiting up to `timeout` for each) until the
+/// client half-closes or fails, then half-closes too.
+fn echo_once(listener: TcpListener, timeout: Duration, buf: usize, first: Vec<u8>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        c.set_read_timeout(Some(timeout)).unwrap();
+        c.write_all(&first).unwrap();
+        let mut buf = vec![0u8; buf];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = c.shutdown(Shutdown::Write);
+    })
+}
+
 /// A TCP round trip from inside `site`: send `msg`, half-close, read everything back.
 fn round_trip(net: &Net, site: &str, addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
     net.run_in(site, || {
@@ -896,22 +919,8 @@ fn a_short_outage_costs_no_flow() {
     export(london, "hold", "[{name: hold, port: 9100}]", true);
     let vip: std::net::IpAddr = wait_vip(paris, "hold", "london", "hold-0").parse().unwrap();
     let listener = net.run_in("london", || TcpListener::bind((POD, 9100)).unwrap());
-    let server = std::thread::spawn(move || {
-        let (mut c, _) = listener.accept().unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        // Echo until the client finishes.
-        let mut buf = [0u8; 4096];
-        loop {
-            match c.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
+    // Echo until the client finishes.
+    let server = echo_once(listener, Duration::from_secs(30), 4096, Vec::new());
     let mut client = net.run_in("paris", || TcpStream::connect((vip, 9100)).unwrap());
     client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut back = [0u8; 6];
@@ -1121,22 +1130,7 @@ fn a_flow_moves_when(break_path: impl FnOnce(&Net, &mut Site)) {
     assert!(wait_for(Duration::from_secs(5), || next_hop(&s[1]) == "tokyo"));
 
     let listener = net.run_in("london", || TcpListener::bind((POD, 9200)).unwrap());
-    let server = std::thread::spawn(move || {
-        let (mut c, _) = listener.accept().unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match c.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        let _ = c.shutdown(Shutdown::Write);
-    });
+    let server = echo_once(listener, Duration::from_secs(60), 64 * 1024, Vec::new());
     let client = net.run_in("paris", || {
         TcpStream::connect_timeout(&SocketAddr::new(vip, 9200), Duration::from_secs(3)).unwrap()
     });
@@ -1234,25 +1228,9 @@ fn a_resumable_flow_carries_full_load_both_ways() {
     const FIRST: usize = 48 * 1024 * 1024;
     const TOTAL: u64 = 256 * 1024 * 1024;
     let listener = net.run_in("london", || TcpListener::bind((POD, 9300)).unwrap());
-    let server = std::thread::spawn(move || {
-        let (mut c, _) = listener.accept().unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut first = vec![0u8; FIRST];
-        Sequence(11).fill(&mut first);
-        c.write_all(&first).unwrap();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            match c.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        let _ = c.shutdown(Shutdown::Write);
-    });
+    let mut first = vec![0u8; FIRST];
+    Sequence(11).fill(&mut first);
+    let server = echo_once(listener, Duration::from_secs(30), 256 * 1024, first);
     let client = net.run_in("paris", || {
         TcpStream::connect_timeout(&SocketAddr::new(vip, 9300), Duration::from_secs(3)).unwrap()
     });
