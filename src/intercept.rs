@@ -153,12 +153,20 @@ pub fn installed() -> Option<bool> {
 /// For an agent in listen mode: removes a table left from intercept mode, which would send
 /// every connection to a VIP to a port nobody listens on. `Ok(true)`: there was one and it
 /// is gone; `Ok(false)`: none, or it cannot be told; `Err`: one is there and could not be
-/// removed.
+/// removed. When `nft` cannot tell, it is asked twice more half a second apart (a busy
+/// machine's netlink may fail a listing once, a likely reason a test once saw the table survive
+/// a start).
+/// Blocks: run it off the runtime's threads.
 pub fn remove_leftover() -> Result<bool, InterceptError> {
-    match installed() {
-        Some(true) => remove().map(|()| true),
-        _ => Ok(false),
+    for attempt in 0..3 {
+        match installed() {
+            Some(true) => return remove().map(|()| true),
+            Some(false) => return Ok(false),
+            None if attempt < 2 => std::thread::sleep(std::time::Duration::from_millis(500)),
+            None => {}
+        }
     }
+    Ok(false)
 }
 
 /// The destination a redirected connection was sent to (`SO_ORIGINAL_DST`, netfilter).
