@@ -2,6 +2,10 @@
 //! link shares (keep-alives, idle timeout, per-stream flow control, BBR, the MTU bound), the
 //! server's limits on waiting attempts, and the TLS 1.3 configurations of acceptor and dialer
 //! built over the site's certificates and verifiers ([`crate::identity`], which owns trust).
+//! The endpoint also gets a receive-queue probe (`CONGESTED_QUEUE`, `SO_MEMINFO`): while its
+//! socket holds more than 1 MiB, the packets it reads count as ECN congestion experienced, so
+//! senders shrink their windows before that queue delays every flow (vendored quinn patch 5,
+//! quinn-proto patch 6).
 //!
 //! Every connection of an agent (links and redemptions, in and out) uses these; nothing else
 //! in the agent sets a QUIC or TLS option.
