@@ -757,8 +757,7 @@ struct ReadConfig {
 fn check_causeway_containers(m: &Manifests) -> CommandReport {
     let mut report = CommandReport::default();
     for pod in &m.pods {
-        let containers = pod.spec.init_containers.iter().flatten().chain(&pod.spec.containers);
-        for c in containers {
+        for c in all_containers(&pod.spec) {
             if !is_causeway_image(c) {
                 continue;
             }
@@ -997,18 +996,21 @@ fn state_volume(c: &Container) -> Option<String> {
 ///   which needs it;
 /// * NET_RAW, for the agent (`causeway run`; UDP in vips.mode: intercept), optionally.
 ///
+/// Every container of a pod, init containers first.
+fn all_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {
+    spec.init_containers.iter().flatten().chain(&spec.containers)
+}
+
+/// The names of a pod's init containers, in order.
+fn init_names(spec: &PodSpec) -> Vec<&str> {
+    spec.init_containers.iter().flatten().map(|c| c.name.as_str()).collect()
+}
+
 /// A container sharing the agent's state volume (which writes its 0700 state directory)
 /// runs as the agent's uid, root included.
 fn check_privileges(pod: &PodTemplate) -> usize {
     let pod_sc = pod.spec.security_context.clone().unwrap_or_default();
-    let containers: Vec<&Container> = pod
-        .spec
-        .init_containers
-        .iter()
-        .flatten()
-        .chain(&pod.spec.containers)
-        .filter(|c| is_causeway_image(c))
-        .collect();
+    let containers: Vec<&Container> = all_containers(&pod.spec).filter(|c| is_causeway_image(c)).collect();
     let uid_of = |c: &Container| {
         c.security_context
             .as_ref()
@@ -1117,8 +1119,7 @@ fn compose_container_patches(m: &Manifests) -> Vec<PodTemplate> {
     };
     let mut out = Vec::new();
     for pod in &m.pods {
-        let all = || pod.spec.init_containers.iter().flatten().chain(&pod.spec.containers);
-        if !all().any(|c| c.image.is_none()) {
+        if !all_containers(&pod.spec).any(|c| c.image.is_none()) {
             continue;
         }
         assert!(
@@ -1134,7 +1135,7 @@ fn compose_container_patches(m: &Manifests) -> Vec<PodTemplate> {
                 .pods
                 .iter()
                 .filter(|p| p.dir != pod.dir && is_component(&p.dir))
-                .flat_map(|p| p.spec.init_containers.iter().flatten().chain(&p.spec.containers))
+                .flat_map(|p| all_containers(&p.spec))
                 .filter(|b| b.name == c.name && b.image.is_some())
                 .collect();
             assert_eq!(
@@ -1554,12 +1555,7 @@ fn check_intercept_pods(m: &Manifests, report: &CommandReport) -> BTreeSet<Strin
                 );
             }
             for a in &agents {
-                let c = pod
-                    .spec
-                    .init_containers
-                    .iter()
-                    .flatten()
-                    .chain(&pod.spec.containers)
+                let c = all_containers(&pod.spec)
                     .find(|c| c.name == a.container)
                     .expect("the agent container");
                 let caps = c.security_context.as_ref().and_then(|s| s.capabilities.as_ref());
@@ -1579,13 +1575,7 @@ fn check_intercept_pods(m: &Manifests, report: &CommandReport) -> BTreeSet<Strin
              install` (add the Component deploy/sidecar/intercept)",
             pod.origin
         );
-        let inits: Vec<&str> = pod
-            .spec
-            .init_containers
-            .iter()
-            .flatten()
-            .map(|c| c.name.as_str())
-            .collect();
+        let inits = init_names(&pod.spec);
         for a in &agents {
             assert_eq!(
                 a.config.vips.mode,
@@ -1711,13 +1701,7 @@ fn kustomize_output_passes_the_same_checks_when_kubectl_is_installed() {
             .iter()
             .find(|p| p.origin.starts_with(&format!("deploy/examples/{example} (built)")))
             .unwrap_or_else(|| panic!("{example}: no pod template built"));
-        let inits: Vec<&str> = sidecar
-            .spec
-            .init_containers
-            .iter()
-            .flatten()
-            .map(|c| c.name.as_str())
-            .collect();
+        let inits = init_names(&sidecar.spec);
         assert!(
             inits.contains(&"causeway"),
             "{example}: the sidecar was not added: {inits:?}"
