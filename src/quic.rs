@@ -52,7 +52,7 @@ pub fn endpoint(
         }
     }
     socket.bind(&addr.into())?;
-    let probe = socket.try_clone().ok().map(|s| queue_probe(s, congested_queue()));
+    let probe = socket.try_clone().ok().and_then(|s| queue_probe(s, congested_queue()));
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::new(Arc::new(reset_key)),
         server,
@@ -69,7 +69,9 @@ pub fn endpoint(
 /// this instead of growing to the buffer's size (16 MiB as the kernel counts it). 1 MiB keeps
 /// a single stream's throughput (256 KiB, below the window one stream needs here, cost it
 /// about 15%) and the p99 of interactive flows under bulk load at or below socat's
-/// (docs/BENCHMARKS.md). `CAUSEWAY_ECN_MARK_BYTES` overrides it (0 turns marking off).
+/// (docs/BENCHMARKS.md). `CAUSEWAY_ECN_MARK_BYTES` overrides it (0 turns marking off). The
+/// queue is read only after a full receive batch (8 messages of up to 64 KiB each), so a
+/// threshold much below 512 KiB is seen late.
 const CONGESTED_QUEUE: usize = 1024 * 1024;
 
 fn congested_queue() -> usize {
@@ -81,9 +83,11 @@ fn congested_queue() -> usize {
 
 /// A probe for [`quinn::Endpoint::set_receive_congestion_probe`]: whether `socket`'s receive
 /// queue holds more than `limit` bytes (`SO_MEMINFO`'s `SK_MEMINFO_RMEM_ALLOC`, one
-/// `getsockopt` per batch read). `None` for a `limit` of 0.
-fn queue_probe(socket: socket2::Socket, limit: usize) -> quinn::CongestionProbe {
-    Arc::new(move || limit > 0 && receive_queue(&socket).is_some_and(|queued| queued > limit))
+/// `getsockopt` per full batch read). `None` for a `limit` of 0: no probe, no marking.
+fn queue_probe(socket: socket2::Socket, limit: usize) -> Option<quinn::CongestionProbe> {
+    (limit > 0).then(|| -> quinn::CongestionProbe {
+        Arc::new(move || receive_queue(&socket).is_some_and(|queued| queued > limit))
+    })
 }
 
 /// The bytes in `socket`'s receive queue, from `SO_MEMINFO` (Linux 3.9+).
@@ -304,14 +308,17 @@ mod tests {
     use super::*;
 
     /// The probe reads the socket's real receive queue: nothing queued is not congested;
-    /// datagrams nobody reads fill it past a small limit; a limit of 0 never marks.
+    /// datagrams nobody reads fill it past a small limit; a limit of 0 installs no probe.
     #[test]
     fn the_queue_probe_sees_unread_datagrams() {
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
         socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
         let addr = socket.local_addr().unwrap().as_socket().unwrap();
-        let probe = queue_probe(socket.try_clone().unwrap(), 16 * 1024);
-        let off = queue_probe(socket.try_clone().unwrap(), 0);
+        let probe = queue_probe(socket.try_clone().unwrap(), 16 * 1024).unwrap();
+        assert!(
+            queue_probe(socket.try_clone().unwrap(), 0).is_none(),
+            "a limit of 0 marks nothing"
+        );
         assert_eq!(receive_queue(&socket), Some(0));
         assert!(!probe());
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -324,6 +331,5 @@ mod tests {
             receive_queue(&socket)
         );
         assert!(probe());
-        assert!(!off());
     }
 }

@@ -288,7 +288,7 @@ impl Endpoint {
             .set_server_config(server_config.map(Arc::new))
     }
 
-    /// causeway patch: `probe` is asked once per batch of datagrams read from the socket
+    /// causeway patch: `probe` is asked once per full batch of datagrams read from the socket
     /// whether its receive queue is long; while it says so, the batch's ECN-capable packets
     /// are taken as marked congestion experienced (CE), so their senders' congestion
     /// controllers answer as to a router's AQM. `None` stops marking.
@@ -758,7 +758,7 @@ struct RecvState {
     connections: ConnectionSet,
     recv_buf: Box<[u8]>,
     recv_limiter: WorkLimiter,
-    /// causeway patch: asked once per batch read from the socket whether the socket's receive
+    /// causeway patch: asked once per full batch read from the socket whether the socket's receive
     /// queue is long; if so, the batch's ECN-capable packets are taken as congestion
     /// experienced (CE), as a router's AQM would mark them, so senders shrink their windows
     /// before the queue delays every connection behind it.
@@ -819,7 +819,11 @@ impl RecvState {
             match socket.poll_recv(cx, &mut iovs, &mut metas) {
                 Poll::Ready(Ok(msgs)) => {
                     self.recv_limiter.record_work(msgs);
-                    let congested = self.congested.as_ref().is_some_and(|probe| probe());
+                    // Only a full batch can leave a long queue behind: a short one means the
+                    // socket had no more, so the probe's system call is spared on the
+                    // request/response path.
+                    let congested = msgs == metas.len()
+                        && self.congested.as_ref().is_some_and(|probe| probe());
                     for (meta, buf) in metas.iter().zip(iovs.iter()).take(msgs) {
                         let ecn = match meta.ecn {
                             Some(udp::EcnCodepoint::Ect0 | udp::EcnCodepoint::Ect1) if congested => {
