@@ -441,6 +441,13 @@ impl Links {
         r
     }
 
+    /// Link `name` is up on `conn`: recorded, and a connection it replaces closed.
+    fn up(&self, name: &str, conn: &quinn::Connection, peer_link: Option<String>) {
+        let replaced = self.event(|t| t.up(name, conn.clone(), peer_link, SystemTime::now()));
+        // Only Close actions come back, which cannot fail.
+        let _ = self.apply(replaced);
+    }
+
     fn spawn_dialer(&self, name: &str) {
         let Some(record) = self.lock().record(name).cloned() else {
             return;
@@ -467,8 +474,7 @@ impl Links {
                 Ok((conn, send, recv)) => {
                     backoff.reset();
                     info!(remote = %conn.remote_address(), rtt_ms = conn.rtt().as_millis() as u64, "link up");
-                    let replaced = self.event(|t| t.up(&record.name, conn.clone(), None, SystemTime::now()));
-                    let _ = self.apply(replaced);
+                    self.up(&record.name, &conn, None);
                     let reason = self
                         .session(Established {
                             name: record.name.clone(),
@@ -617,8 +623,7 @@ impl Links {
             }
             let cancel = self.cancel_token(&name);
             info!(%remote, "link up");
-            let replaced = self.event(|t| t.up(&name, conn.clone(), peer_link, SystemTime::now()));
-            let _ = self.apply(replaced);
+            self.up(&name, &conn, peer_link);
             let reason = self
                 .session(Established {
                     name: name.clone(),

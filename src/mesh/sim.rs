@@ -229,9 +229,11 @@ impl Sim {
     fn table_up(&mut self, here: &str, there: &str, peer_site: &str, role: LinkRole, cost: u32, conn: ConnId) {
         let now = self.now;
         let node = self.node(here);
-        if node.role != Role::Gateway || node.links.contains(there) {
-            // Re-linking after a cut or restart: the record is kept, whoever dialed.
-        } else {
+        if node.role != Role::Gateway {
+            return;
+        }
+        // Re-linking after a cut or restart keeps the record, whoever dialed.
+        if !node.links.contains(there) {
             let record = LinkRecord {
                 name: there.to_string(),
                 peer_site: peer_site.to_string(),
@@ -250,10 +252,6 @@ impl Sim {
                     _ => {}
                 }
             }
-        }
-        let node = self.node(here);
-        if node.role != Role::Gateway {
-            return;
         }
         for action in node.links.up(there, SimConn(conn), None, now) {
             if let table::Action::Close { conn: old, .. } = action {
