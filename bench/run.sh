@@ -18,7 +18,7 @@
 # Knobs (environment): TOOLS="direct socat stunnel ssh rathole causeway", IPERF_SECONDS=10,
 # PINGPONG_COUNT=20000, PINGPONG_WARMUP=1000, CONNRATE_SECONDS=5, CONNRATE_CONCURRENCY=32, IDLE_FLOWS=1000,
 # IDLE_HOLD=3, CW_WORKERS=1 (tokio worker threads per causeway agent), CW_RESUME=true (links.resume), RATHOLE=/path/to/rathole (default: found on PATH or in /tmp/rathole/bin),
-# PROFILE=1 (perf record and per-thread CPU of the causeway agents during ping-pong, iperf3
+# PROFILE=1 (perf record, at PERF_FREQ=499 Hz, and per-thread CPU of the causeway agents during ping-pong, iperf3
 # and the connection test, kept in bench/results/), QUIET_WAIT=60 (seconds to wait, at most, before
 # each tool for other work on the machine to calm down), FOREIGN_MAX=10 and ATTEMPTS=2 (a
 # tool is measured again if other processes took more than FOREIGN_MAX% of the machine
@@ -181,7 +181,7 @@ profile_start() {
         >"$RESULTS_DIR/causeway-$phase-threads.txt" 2>&1 &
     PROF+=($!)
     if command -v perf >/dev/null; then
-        perf record -F 499 -g -p "$CW_LONDON_PID,$CW_PARIS_PID" -o "$RESULTS_DIR/causeway-$phase-perf.data" \
+        perf record -F "${PERF_FREQ:-499}" -g -p "$CW_LONDON_PID,$CW_PARIS_PID" -o "$RESULTS_DIR/causeway-$phase-perf.data" \
             -- sleep $((secs > 2 ? secs - 1 : 1)) >/dev/null 2>"$RESULTS_DIR/causeway-$phase-perf.log" &
         PROF+=($!)
     fi
@@ -236,7 +236,12 @@ measure() {
     R[$tool,idle_p99]=$(jget p99_us <<<"$out")
 
     log "$tool: connections per second (${CONNRATE_SECONDS}s, concurrency $CONNRATE_CONCURRENCY)"
-    [ "$tool" = causeway ] && profile_start connrate "$CONNRATE_SECONDS"
+    local udp0_l udp0_p
+    if [ "$tool" = causeway ]; then
+        udp0_l=$(udp_counters $NS_L)
+        udp0_p=$(udp_counters $NS_P)
+        profile_start connrate "$CONNRATE_SECONDS"
+    fi
     c0=$(cpu_ticks "${pids[@]}")
     out=$(inp timeout $((CONNRATE_SECONDS + 60)) "$LOADGEN" connrate --addr "$oneshot_addr" \
         --seconds "$CONNRATE_SECONDS" --concurrency "$CONNRATE_CONCURRENCY" 2>&1)
@@ -248,10 +253,15 @@ measure() {
     # itself, whatever the client and servers leave it of the two CPUs.
     R[$tool,cps_cpu_us]=$(awk -v c="$((c1 - c0))" -v hz="$CLK_TCK" -v n="$(jget connections <<<"$out")" \
         'BEGIN {if (n > 0 && c > 0) printf "%.0f", 1e6 * c / hz / n}')
-    [ "$tool" = causeway ] && profile_wait
+    if [ "$tool" = causeway ]; then
+        # Datagrams per connection, both ways: what each flow's opening and closing costs in
+        # packets (every one encrypted, sent and received by an agent).
+        echo "causeway connrate: UDP counters in london $(udp_delta "$udp0_l" "$(udp_counters $NS_L)")," \
+            "in paris $(udp_delta "$udp0_p" "$(udp_counters $NS_P)"), $(jget connections <<<"$out") connections" >>"$RAW"
+        profile_wait
+    fi
 
     log "$tool: iperf3 single stream, ${IPERF_SECONDS}s"
-    local udp0_l udp0_p
     if [ "$tool" = causeway ]; then
         udp0_l=$(udp_counters $NS_L)
         udp0_p=$(udp_counters $NS_P)

@@ -9,7 +9,8 @@
 //! flow header:  u16 length | u8 version | u8 ttl | u8 family (4|6) | vip (4|16) | u16 port | u8 len | site
 //!               [ u8 family | src vip | u16 src port ]   (optional: the client's own VIP)
 //!               [ u8 'R' | u8 flags | token (16) | u64 received ]   (optional, TCP only:
-//!                 a resumable flow, see [`super::resume`]; flags bit 0: resuming)
+//!                 a resumable flow, see [`super::resume`]; flags bit 0: resuming,
+//!                 bit 1: the origin waits for the terminus's answer before sending)
 //! datagram:     u8 kind=1 (forward) | u64 flow | flow header | payload
 //!               u8 kind=2 (reply)   | u64 flow | payload
 //! ```
@@ -34,6 +35,10 @@ pub struct ResumeExt {
     pub token: super::resume::Token,
     /// `false`: a new flow; `true`: this stream takes over the flow named by `token`.
     pub resuming: bool,
+    /// The origin waits for the terminus's answer (what it has received) before sending:
+    /// always when resuming, and for a new flow toward a site not yet known to resume. When
+    /// `false` the terminus sends its answer with its first frame, sparing a packet.
+    pub waits: bool,
     /// Bytes (+1 for a FIN) the origin has received from the terminus: where it resends from.
     pub received: u64,
 }
@@ -113,7 +118,7 @@ impl FlowHeader {
         }
         if let Some(ext) = ext {
             out.push(TAG_RESUME);
-            out.push(u8::from(ext.resuming));
+            out.push(u8::from(ext.resuming) | (u8::from(ext.waits) << 1));
             out.extend_from_slice(&ext.token);
             out.extend_from_slice(&ext.received.to_be_bytes());
         }
@@ -167,16 +172,17 @@ impl FlowHeader {
         };
         let ext = if r.0.first() == Some(&TAG_RESUME) {
             r.take(1)?;
-            let resuming = match r.u8()? {
-                0 => false,
-                1 => true,
-                _ => return Err(HeaderError::Invalid("resume flags")),
-            };
+            let flags = r.u8()?;
+            if flags > 3 {
+                return Err(HeaderError::Invalid("resume flags"));
+            }
+            let (resuming, waits) = (flags & 1 != 0, flags & 2 != 0);
             let token = r.take(16)?.try_into().map_err(|_| HeaderError::Truncated)?;
             let received = u64::from_be_bytes(r.take(8)?.try_into().map_err(|_| HeaderError::Truncated)?);
             Some(ResumeExt {
                 token,
                 resuming,
+                waits,
                 received,
             })
         } else {
@@ -333,6 +339,7 @@ mod tests {
             let ext = ResumeExt {
                 token: [0xab; 16],
                 resuming: true,
+                waits: true,
                 received: 1 << 40,
             };
             let mut buf = Vec::new();

@@ -40,7 +40,7 @@ use tracing::{debug, info};
 use super::header::{FlowHeader, ResumeExt};
 use super::priority::SmallFirst;
 use super::resume::{self, ACK_EVERY, Decoder, Event, FrameError, MAX_FRAME, MAX_REPLAY, Replay, Token};
-use super::tcp::{BUF, CHUNKS, FIRST_BUF, write_all_chunks};
+use super::tcp::{BUF, FIRST_BUF, write_all_chunks};
 use super::{Forwarder, Hop, codes};
 use crate::metrics::{self, Direction, FailReason, FlowMetrics};
 use crate::names::Protocol;
@@ -48,6 +48,8 @@ use crate::names::Protocol;
 /// A receiver acknowledges what it delivered at most this long after delivering it, when it
 /// has not reached [`ACK_EVERY`] bytes before.
 const ACK_DELAY: Duration = Duration::from_millis(100);
+/// Chunks a reader takes from its stream at once.
+const READ_CHUNKS: usize = 16;
 /// Pause between attempts to reopen a flow whose path failed.
 const RETRY: Duration = Duration::from_millis(200);
 /// Longest wait for the terminus's answer when opening or reopening a stream (it answers a
@@ -74,6 +76,10 @@ pub(super) struct Attach {
     /// an acknowledgement: the terminus may not have written those bytes yet) is still to
     /// come and the reader skips it.
     pub answered: bool,
+    /// At the terminus, whether the origin waits for the answer ([`super::header::ResumeExt::waits`]):
+    /// then it goes at once, else with the first frame this end sends anyway (one packet
+    /// fewer per flow). Always `false` at the origin.
+    pub answer_now: bool,
     /// The connection it runs on, at the origin (which watches whether it is still the next
     /// hop); `None` at the terminus.
     pub via: Option<quinn::Connection>,
@@ -81,7 +87,7 @@ pub(super) struct Attach {
 
 /// A resumable flow ending at this agent, as listed for streams that resume it: the VIP and
 /// port it was opened for (a resume must name the same), and where to hand the stream.
-pub(super) type Resumable = (std::net::IpAddr, u16, mpsc::Sender<Attach>);
+pub(super) type Resumable = (std::net::IpAddr, u16, mpsc::Sender<Box<Attach>>);
 
 /// Which end of the flow this is.
 pub(super) enum Side {
@@ -95,7 +101,8 @@ pub(super) enum Side {
     /// Where the endpoint is: waits for the origin to reopen. Resumes arrive here.
     Terminus {
         /// Streams that resume this flow, handed over by [`Forwarder::serve_stream`].
-        resumes: mpsc::Receiver<Attach>,
+        /// (Boxed: a channel allocates room for 32 items up front, and a flow rarely sees one.)
+        resumes: mpsc::Receiver<Box<Attach>>,
     },
 }
 
@@ -281,8 +288,9 @@ impl Forwarder {
         loop {
             let cancel = abort.child_token();
             let via = attach.via.clone();
-            let run = attempt(end, attach, greet, &cancel, abort);
-            tokio::pin!(run);
+            // Boxed: inline, its state would be laid out again beside each await of this
+            // loop (measured: the whole flow's future twice as large).
+            let mut run = Box::pin(attempt(end, attach, greet, &cancel, abort));
             let outcome = match side {
                 Side::Origin { header, .. } => {
                     let current = via.as_ref().map(|c| c.stable_id());
@@ -319,7 +327,7 @@ impl Forwarder {
                             }
                             info!("flow resumed on a new stream (the old one was still open)");
                             flow.resumed();
-                            attach = a;
+                            attach = *a;
                             continue;
                         }
                     }
@@ -355,7 +363,7 @@ impl Forwarder {
                             Some(a) => {
                                 info!(%why, "flow resumed on a new stream");
                                 flow.resumed();
-                                a
+                                *a
                             }
                             None => return Outcome::Gone("no longer resumable".into()),
                         },
@@ -423,6 +431,7 @@ impl Forwarder {
                 let ext = ResumeExt {
                     token,
                     resuming: true,
+                    waits: true,
                     received: end.lock().received,
                 };
                 let wait = (deadline - now).min(ANSWER_TIMEOUT);
@@ -433,6 +442,7 @@ impl Forwarder {
                             recv,
                             peer_received,
                             answered: true,
+                            answer_now: false,
                             via: Some(conn),
                         });
                     }
@@ -537,6 +547,7 @@ async fn attempt(
         mut recv,
         peer_received,
         answered,
+        answer_now,
         ..
     } = attach;
     // The peer has queued everything before `peer_received` (and will write it), but only
@@ -547,7 +558,7 @@ async fn attempt(
         Ok(()) => {
             let local = cancel.child_token();
             let w = async {
-                let o = write_side(end, &mut send, peer_received, greet, &local).await;
+                let o = write_side(end, &mut send, peer_received, greet.then_some(answer_now), &local).await;
                 if !matches!(o, Outcome::Done) {
                     local.cancel();
                 }
@@ -573,17 +584,21 @@ async fn attempt(
     outcome
 }
 
-/// The writer of an attempt: data from `pos` on, the FIN, acks; finishes the stream once
-/// everything both ways is acknowledged.
+/// The writer of an attempt: data from `pos` on, the FIN, acks. At the terminus `greet` is
+/// `Some(now)`: the stream's first frame is the answer (what this end has received), sent at
+/// once when `now` (the origin waits for it), else with the first frame sent anyway. Finishes
+/// the stream as soon as it has nothing more to say: its FIN is sent and the peer's FIN is
+/// written and acknowledged (the reader still waits for the peer's last acks).
 async fn write_side(
     end: &EndState,
     send: &mut quinn::SendStream,
     mut pos: u64,
-    greet: bool,
+    greet: Option<bool>,
     cancel: &CancellationToken,
 ) -> Outcome {
     let mut batch: Vec<Bytes> = Vec::new();
     let mut frames: Vec<Bytes> = Vec::new();
+    let mut headers = resume::HeaderPool::default();
     let mut greet = greet;
     // Interactive flows go before bulk ones on the link ([`super::priority`]).
     let mut pace = SmallFirst::new(std::time::Instant::now());
@@ -599,16 +614,10 @@ async fn write_side(
             let new_pos = pos.max(data_end);
             let fin_now = s.out.finished() && new_pos == data_end;
             frames.clear();
-            if greet {
-                // The terminus's first frame on every stream says what it has received
-                // (queued to its socket): where the origin resends from.
-                frames.push(resume::ack_frame(s.received));
-                greet = false;
-            }
             for mut b in batch.drain(..) {
                 while !b.is_empty() {
                     let part = b.split_to(b.len().min(MAX_FRAME as usize));
-                    frames.push(resume::data_header(part.len() as u32));
+                    frames.push(headers.data(part.len() as u32));
                     frames.push(part);
                 }
             }
@@ -617,22 +626,35 @@ async fn write_side(
             }
             pos = new_pos + u64::from(fin_now);
             let fin_written = s.peer_fin && s.queued == 0 && s.delivered == s.received;
+            // Everything of ours, FIN included, is on its way (or acknowledged).
+            let all_sent = s.out.finished() && pos > data_end;
             // An ack rides along with anything sent anyway (no packet of its own for a
-            // request and its answer), else goes on its own every ACK_EVERY or ACK_DELAY.
+            // request and its answer, nor for the peer's FIN while ours is still to come),
+            // else goes on its own every ACK_EVERY or ACK_DELAY; the ack of the peer's FIN
+            // goes at once when this end has nothing more to send (the peer waits for it
+            // to finish).
             let due = s.delivered > s.ack_sent
-                && (fin_written
+                && ((fin_written && all_sent)
                     || !frames.is_empty()
                     || s.delivered - s.ack_sent >= ACK_EVERY
                     || s.ack_pending_since.is_some_and(|t| t.elapsed() >= ACK_DELAY));
             if due {
-                frames.push(resume::ack_frame(s.delivered));
+                frames.push(headers.ack(s.delivered));
                 s.ack_sent = s.delivered;
                 s.ack_pending_since = None;
+            }
+            if let Some(now) = greet
+                && (now || !frames.is_empty())
+            {
+                // The terminus's first frame on every stream says what it has received
+                // (queued to its socket): where the origin resends from.
+                frames.insert(0, headers.ack(s.received));
+                greet = None;
             }
             let ack_at = (s.delivered > s.ack_sent)
                 .then(|| s.ack_pending_since.map(|t| t + ACK_DELAY))
                 .flatten();
-            (ack_at, s.out.done() && fin_written && s.ack_sent == s.delivered)
+            (ack_at, all_sent && fin_written && s.ack_sent == s.delivered)
         };
         if !frames.is_empty() {
             let bytes = frames.iter().map(Bytes::len).sum();
@@ -677,7 +699,9 @@ async fn read_side(
     cancel: &CancellationToken,
 ) -> Outcome {
     let mut dec = Decoder::resuming(end.lock().peer_fin);
-    let mut chunks: [Bytes; CHUNKS] = std::array::from_fn(|_| Bytes::new());
+    // Fewer slots than a plain flow's reader: chunks only move to the sink's queue here (the
+    // sink writes the whole queue with one `writev`), and an idle flow holds this array.
+    let mut chunks: [Bytes; READ_CHUNKS] = std::array::from_fn(|_| Bytes::new());
     loop {
         let r = tokio::select! {
             biased;

@@ -205,6 +205,7 @@ impl Forwarder {
             let ext = ResumeExt {
                 token,
                 resuming: false,
+                waits: support.is_none(),
                 received: 0,
             };
             let attach = if support.is_none() {
@@ -218,6 +219,7 @@ impl Forwarder {
                             recv,
                             peer_received,
                             answered: true,
+                            answer_now: false,
                             via: Some(conn.clone()),
                         })
                     }
@@ -249,6 +251,7 @@ impl Forwarder {
                         recv,
                         peer_received: 0,
                         answered: false,
+                        answer_now: false,
                         via: Some(conn.clone()),
                     }),
                     Err(e) => {
@@ -313,9 +316,10 @@ impl Forwarder {
             recv,
             peer_received: ext.received,
             answered: true,
+            answer_now: true,
             via: None,
         };
-        tx.try_send(attach).map_err(|e| {
+        tx.try_send(Box::new(attach)).map_err(|e| {
             let a = e.into_inner();
             (a.send, a.recv)
         })
@@ -452,6 +456,7 @@ impl Forwarder {
                 recv,
                 peer_received: 0,
                 answered: true,
+                answer_now: ext.waits,
                 via: None,
             };
             Box::pin(self.resumable(tcp, first, Side::Terminus { resumes: rx }, &terminus)).await;
@@ -631,7 +636,7 @@ impl<'a> Registered<'a> {
         fwd: &'a Forwarder,
         token: resume::Token,
         header: &FlowHeader,
-        tx: tokio::sync::mpsc::Sender<Attach>,
+        tx: tokio::sync::mpsc::Sender<Box<Attach>>,
     ) -> Option<Registered<'a>> {
         let mut flows = lock(&fwd.resumes);
         if flows.contains_key(&token) {
