@@ -7,9 +7,11 @@
 //! sent to the socket, and a sequence of *attempts*, each one QUIC stream on which a writer
 //! sends what the peer has not received (data, FIN, acks of what the sink has written) and a
 //! reader hands the peer's data to the sink and applies its acks. The reader never waits for
-//! the socket: the peer's acks must get through while this end's socket is blocked, or two
-//! ends whose applications each wait to write (an echo) would wait on each other for ever.
-//! Its queue needs no bound of its own: a peer never has more than `MAX_REPLAY` bytes
+//! the socket while this end needs the peer's acks (its replay buffer full, or its socket
+//! ended): those acks must get through while this end's socket is blocked, or two ends whose
+//! applications each wait to write (an echo) would wait on each other for ever. Otherwise it
+//! pauses once the sink has `QUEUE_SOFT` (1 MiB) queued, leaving the rest to QUIC flow
+//! control. The queue is bounded in any case: a peer never has more than `MAX_REPLAY` bytes
 //! unacknowledged, and the sink acknowledges only what it wrote (a peer that sends more is
 //! cut off). An
 //! attempt ends when the flow is done, when its stream fails (reset, connection lost), or when
@@ -168,6 +170,11 @@ struct Shared {
 /// Most bytes the sink's queue may hold before the peer counts as broken: its replay bound
 /// plus a few reads' worth of slack (a pump may overshoot the bound by one read).
 const MAX_QUEUE: u64 = MAX_REPLAY + 4 * BUF as u64;
+/// A reader stops taking data from its stream while the sink's queue holds this much (bytes)
+/// and this end needs no ack from the peer, leaving the rest to QUIC flow control as a plain
+/// flow does. Without it a bulk flow into a slower socket kept up to [`MAX_QUEUE`] queued in
+/// the agent. (Throughput with and without it was within this machine's noise.)
+const QUEUE_SOFT: u64 = 1024 * 1024;
 
 /// One end's state, shared by its pump, its sink and its attempts.
 struct EndState {
@@ -178,6 +185,9 @@ struct EndState {
     room: Notify,
     /// Wakes the sink: peer data (or its FIN) queued.
     sink: Notify,
+    /// Wakes a reader paused on a long queue: the sink drained it, or this end now needs the
+    /// peer's acks (its replay buffer is full, or its socket ended).
+    reader: Notify,
 }
 
 impl EndState {
@@ -219,6 +229,7 @@ impl Forwarder {
             writer: Notify::new(),
             room: Notify::new(),
             sink: Notify::new(),
+            reader: Notify::new(),
         };
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
@@ -504,6 +515,8 @@ async fn pump(end: &EndState, tr: &mut ReadHalf<'_>, stop: &CancellationToken) -
     let mut total = 0u64;
     loop {
         while end.lock().out.full() {
+            // This end now needs the peer's acks: a paused reader must go on.
+            end.reader.notify_one();
             tokio::select! {
                 _ = end.room.notified() => {}
                 _ = stop.cancelled() => return Ok(total),
@@ -518,6 +531,7 @@ async fn pump(end: &EndState, tr: &mut ReadHalf<'_>, stop: &CancellationToken) -
             0 => {
                 end.lock().out.finish();
                 end.writer.notify_one();
+                end.reader.notify_one();
                 return Ok(total);
             }
             n => {
@@ -703,6 +717,23 @@ async fn read_side(
     // sink writes the whole queue with one `writev`), and an idle flow holds this array.
     let mut chunks: [Bytes; READ_CHUNKS] = std::array::from_fn(|_| Bytes::new());
     loop {
+        // Paused while the sink has plenty queued and this end waits for no ack (see
+        // QUEUE_SOFT); never while it does, or two ends whose applications each wait to write
+        // would wait on each other for ever.
+        loop {
+            let paused = {
+                let s = end.lock();
+                s.queued >= QUEUE_SOFT && !s.out.full() && !s.out.finished()
+            };
+            if !paused {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Outcome::Broken("superseded".into()),
+                _ = end.reader.notified() => {}
+            }
+        }
         let r = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Outcome::Broken("superseded".into()),
@@ -794,6 +825,9 @@ async fn sink(end: &EndState, tw: &mut WriteHalf<'_>, stop: &CancellationToken) 
         total += written;
         let mut s = end.lock();
         let was_pending = s.delivered > s.ack_sent;
+        if s.queued >= QUEUE_SOFT && s.queued - written < QUEUE_SOFT {
+            end.reader.notify_one();
+        }
         s.queued -= written;
         s.delivered += written + u64::from(fin);
         if !was_pending {
