@@ -1,48 +1,55 @@
 //! Resumable TCP flows, the driving part: one end (origin or terminus) of a flow whose QUIC
 //! stream may be replaced without the TCP connection noticing.
 //!
-//! An end runs three things side by side: a *pump* that reads its TCP socket into the replay
-//! buffer ([`Replay`], bounded: at the bound it stops reading, so a stalled path holds at most
-//! [`super::resume::MAX_REPLAY`] bytes per direction), a *sink* that writes what the peer
-//! sent to the socket, and a sequence of *attempts*, each one QUIC stream on which a writer
-//! sends what the peer has not received (data, FIN, acks of what the sink has written) and a
-//! reader hands the peer's data to the sink and applies its acks. The reader never waits for
-//! the socket while this end needs the peer's acks (its replay buffer full, or its socket
-//! ended): those acks must get through while this end's socket is blocked, or two ends whose
-//! applications each wait to write (an echo) would wait on each other for ever. Otherwise it
-//! pauses once the sink has `QUEUE_SOFT` (1 MiB) queued, leaving the rest to QUIC flow
-//! control. The queue is bounded in any case: a peer never has more than `MAX_REPLAY` bytes
-//! unacknowledged, and the sink acknowledges only what it wrote (a peer that sends more is
-//! cut off). An
-//! attempt ends when the flow is done, when its stream fails (reset, connection lost), or when
-//! it is superseded: at the origin when the mesh's next hop for the flow changes (the link went
-//! silent and routing moved), at the terminus when the origin resumes on a new stream. Then
-//! the origin reopens the flow on the current next hop (retrying until `links.idle_timeout`)
-//! and the terminus waits for that (as long), each side says how much it has received (taken
-//! into its sink's queue), and the writers resend from there: nothing is skipped or
-//! delivered twice.
+//! An end ([`End`]) keeps what it read from its TCP socket and the peer has not acknowledged
+//! (the replay buffer, [`Replay`], bounded: at the bound it stops reading, so a stalled path
+//! holds at most [`super::resume::MAX_REPLAY`] bytes per direction) and the peer's data not
+//! yet written to its socket (the sink's queue). It runs a sequence of *attempts*, each one
+//! QUIC stream, driven by one hand-written poll function ([`poll_attempt`]) that does four
+//! things in turn until none makes progress: read the stream (queue the peer's data, apply
+//! its acks), write the queue to the socket (the sink), read the socket into the replay buffer
+//! (the pump), and send what the peer has not received (data, FIN, acks of what the sink
+//! wrote). One function instead of a future per activity: the joined futures, their `Notify`s
+//! and cancellation tokens cost more than the flow's own work (about 40,000 instructions per
+//! short connection per agent, `bench/instructions.sh`).
+//!
+//! The reader never waits for the socket while this end needs the peer's acks (its replay
+//! buffer full, or its socket ended): those acks must get through while this end's socket is
+//! blocked, or two ends whose applications each wait to write (an echo) would wait on each
+//! other for ever. Otherwise it pauses once the sink has `QUEUE_SOFT` (1 MiB) queued, leaving
+//! the rest to QUIC flow control. The queue is bounded in any case: a peer never has more than
+//! `MAX_REPLAY` bytes unacknowledged, and the sink acknowledges only what it wrote (a peer that
+//! sends more is cut off).
+//!
+//! An attempt ends when the flow is done, when its stream fails (reset, connection lost), or
+//! when it is superseded: at the origin when the mesh's next hop for the flow changes (the
+//! link went silent and routing moved), at the terminus when the origin resumes on a new
+//! stream. Then the origin reopens the flow on the current next hop (retrying until
+//! `links.idle_timeout`) and the terminus waits for that (as long), each side says how much it
+//! has received (taken into its sink's queue), and the writers resend from there: nothing is
+//! skipped or delivered twice. Between attempts neither socket is read or written (TCP flow
+//! control holds the applications).
 //!
 //! What does not survive: an agent restart at either end (the state is in memory), an outage
 //! longer than `links.idle_timeout`, and a peer whose TCP connection was reset (that reset
 //! reaches the other side as a stream reset with [`codes::GONE`]).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::sync::{Notify, mpsc};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
 use tracing::{debug, info};
 
 use super::header::{FlowHeader, ResumeExt};
 use super::priority::SmallFirst;
-use super::resume::{self, ACK_EVERY, Decoder, Event, FrameError, MAX_FRAME, MAX_REPLAY, Replay, Token};
-use super::tcp::{BUF, FIRST_BUF, write_all_chunks};
+use super::resume::{self, ACK_EVERY, Decoder, Event, FrameError, HeaderPool, MAX_FRAME, MAX_REPLAY, Replay, Token};
+use super::tcp::{BUF, CHUNKS, FIRST_BUF};
 use super::{Forwarder, Hop, codes};
 use crate::metrics::{self, Direction, FailReason, FlowMetrics};
 use crate::names::Protocol;
@@ -50,8 +57,9 @@ use crate::names::Protocol;
 /// A receiver acknowledges what it delivered at most this long after delivering it, when it
 /// has not reached [`ACK_EVERY`] bytes before.
 const ACK_DELAY: Duration = Duration::from_millis(100);
-/// Chunks a reader takes from its stream at once.
-const READ_CHUNKS: usize = 16;
+/// Passes of [`poll_attempt`] in one poll before it yields to other tasks (a busy flow
+/// would otherwise keep its worker thread).
+const MAX_PASSES: usize = 32;
 /// Pause between attempts to reopen a flow whose path failed.
 const RETRY: Duration = Duration::from_millis(200);
 /// Longest wait for the terminus's answer when opening or reopening a stream (it answers a
@@ -146,56 +154,193 @@ impl Outcome {
     }
 }
 
-/// What the pump, the sink and the attempts of an end share.
-struct Shared {
-    /// What this end read from its socket and the peer has not acknowledged.
-    out: Replay,
-    /// Peer bytes taken into `queue` (+1 once its FIN is): what a resume resends from.
-    received: u64,
-    /// The peer's FIN was received (and queued behind its data).
-    peer_fin: bool,
-    /// Peer data received, not yet written to the socket (in order).
-    queue: VecDeque<Bytes>,
-    /// Bytes in `queue`: bounded by the peer's replay bound, checked ([`MAX_QUEUE`]).
-    queued: u64,
-    /// Peer bytes written to the socket (+1 once its FIN is, i.e. the write side is shut
-    /// down): what this end acknowledges, so the peer holds what is not yet written.
-    delivered: u64,
-    /// The last acknowledgement sent.
-    ack_sent: u64,
-    /// When `delivered` first went past `ack_sent`, so an ack goes within [`ACK_DELAY`].
-    ack_pending_since: Option<Instant>,
-}
-
 /// Most bytes the sink's queue may hold before the peer counts as broken: its replay bound
 /// plus a few reads' worth of slack (a pump may overshoot the bound by one read).
 const MAX_QUEUE: u64 = MAX_REPLAY + 4 * BUF as u64;
 /// A reader stops taking data from its stream while the sink's queue holds this much (bytes)
 /// and this end needs no ack from the peer, leaving the rest to QUIC flow control as a plain
 /// flow does. Without it a bulk flow into a slower socket kept up to [`MAX_QUEUE`] queued in
-/// the agent. (Throughput with and without it was within this machine's noise.)
+/// the agent.
 const QUEUE_SOFT: u64 = 1024 * 1024;
 
-/// One end's state, shared by its pump, its sink and its attempts.
-struct EndState {
-    shared: Mutex<Shared>,
-    /// Wakes the attempt's writer: new data, an ack due, the flow done.
-    writer: Notify,
-    /// Wakes the pump: an ack freed room in the replay buffer.
-    room: Notify,
-    /// Wakes the sink: peer data (or its FIN) queued.
-    sink: Notify,
-    /// Wakes a reader paused on a long queue: the sink drained it, or this end now needs the
-    /// peer's acks (its replay buffer is full, or its socket ended).
-    reader: Notify,
+/// One end of a resumable flow: its socket and everything that outlives a stream.
+struct End<'t> {
+    /// The flow's TCP connection (read by the pump, written by the sink).
+    tcp: &'t TcpStream,
+    /// What this end read from its socket and the peer has not acknowledged.
+    out: Replay,
+    /// The pump's read buffer (spare capacity, never zeroed; each read is split off).
+    buf: BytesMut,
+    /// The pump's next read size: starts small (idle and chatty flows stay cheap), doubles up
+    /// to [`BUF`] while reads fill it.
+    want: usize,
+    /// Bytes read from the socket (metrics).
+    read: u64,
+    /// Peer bytes taken into `queue` (+1 once its FIN is): what a resume resends from.
+    received: u64,
+    /// The peer's FIN was received (and queued behind its data).
+    peer_fin: bool,
+    /// Peer data received, not yet written to the socket (in order; the front one may be
+    /// partly written).
+    queue: VecDeque<Bytes>,
+    /// Bytes in `queue`: bounded by the peer's replay bound, checked ([`MAX_QUEUE`]).
+    queued: u64,
+    /// Peer bytes written to the socket (+1 once its FIN is, i.e. the write side is shut
+    /// down): what this end acknowledges, so the peer holds what is not yet written.
+    delivered: u64,
+    /// Peer data bytes written to the socket (metrics).
+    written: u64,
+    /// The last acknowledgement sent.
+    ack_sent: u64,
+    /// When `delivered` first went past `ack_sent`, so an ack goes within [`ACK_DELAY`].
+    ack_pending_since: Option<Instant>,
 }
 
-impl EndState {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
-        match self.shared.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
+impl<'t> End<'t> {
+    fn new(tcp: &'t TcpStream) -> End<'t> {
+        End {
+            tcp,
+            out: Replay::new(MAX_REPLAY),
+            buf: BytesMut::new(),
+            want: FIRST_BUF,
+            read: 0,
+            received: 0,
+            peer_fin: false,
+            queue: VecDeque::new(),
+            queued: 0,
+            delivered: 0,
+            written: 0,
+            ack_sent: 0,
+            ack_pending_since: None,
         }
+    }
+
+    /// The peer's FIN is written (the socket's write side shut down).
+    fn fin_written(&self) -> bool {
+        self.peer_fin && self.delivered == self.received
+    }
+
+    /// Counts `n` peer bytes (+1 for its FIN when `fin`) as written to the socket.
+    fn wrote(&mut self, n: u64, fin: bool) {
+        if self.delivered == self.ack_sent {
+            self.ack_pending_since = Some(Instant::now());
+        }
+        self.written += n;
+        self.delivered += n + u64::from(fin);
+    }
+
+    /// Whether a reader must not take more from its stream now (see [`QUEUE_SOFT`]).
+    fn reader_paused(&self) -> bool {
+        self.queued >= QUEUE_SOFT && !self.out.full() && !self.out.finished()
+    }
+
+    /// Reads the socket once into the replay buffer, unless it is full or ended. Returns
+    /// whether anything happened (data or the end of the socket's read side).
+    fn pump(&mut self, cx: &mut Context<'_>) -> std::io::Result<bool> {
+        while !self.out.full() && !self.out.finished() {
+            match self.tcp.poll_read_ready(cx) {
+                Poll::Pending => return Ok(false),
+                Poll::Ready(r) => r?,
+            }
+            self.buf.reserve(self.want);
+            match self.tcp.try_read_buf(&mut self.buf) {
+                Ok(0) => {
+                    self.out.finish();
+                    return Ok(true);
+                }
+                Ok(n) => {
+                    if n >= self.want {
+                        self.want = (self.want * 2).min(BUF);
+                    }
+                    self.read += n as u64;
+                    self.out.push(self.buf.split().freeze());
+                    return Ok(true);
+                }
+                // Readiness was stale: polling again registers for the next.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Writes the queue to the socket as far as it takes it (one `writev` per up to
+    /// [`CHUNKS`] chunks), then, once the peer's FIN is next, shuts the write side down.
+    /// Returns whether anything was written.
+    fn sink(&mut self, cx: &mut Context<'_>) -> std::io::Result<bool> {
+        let mut progress = false;
+        while !self.queue.is_empty() {
+            match self.tcp.poll_write_ready(cx) {
+                Poll::Pending => return Ok(progress),
+                Poll::Ready(r) => r?,
+            }
+            let written = {
+                let slices: [std::io::IoSlice<'_>; CHUNKS] =
+                    std::array::from_fn(|i| std::io::IoSlice::new(self.queue.get(i).map_or(&[], |c| c)));
+                self.tcp.try_write_vectored(&slices[..self.queue.len().min(CHUNKS)])
+            };
+            let mut n = match written {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            };
+            self.queued -= n as u64;
+            self.wrote(n as u64, false);
+            progress = true;
+            while n > 0 {
+                let Some(front) = self.queue.front_mut() else { break };
+                if front.len() <= n {
+                    n -= front.len();
+                    self.queue.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
+            }
+        }
+        // The FIN is behind all data: it goes once the queue is empty.
+        if self.peer_fin && self.delivered + 1 == self.received {
+            let _ = socket2::SockRef::from(self.tcp).shutdown(std::net::Shutdown::Write);
+            self.wrote(0, true);
+            progress = true;
+        }
+        Ok(progress)
+    }
+
+    /// Takes the frames in `chunks` (as read from the stream): queues the peer's data, applies
+    /// its acks. Errors (the outcome): a broken or hostile peer.
+    fn take(&mut self, dec: &mut Decoder, chunks: &mut [Bytes], skip_answer: &mut bool) -> Result<(), Outcome> {
+        let (mut fin, mut ack) = (false, None::<u64>);
+        for c in chunks {
+            let (queue, queued, received) = (&mut self.queue, &mut self.queued, &mut self.received);
+            dec.feed(std::mem::take(c), &mut |e| match e {
+                Event::Data(b) => {
+                    *received += b.len() as u64;
+                    *queued += b.len() as u64;
+                    queue.push_back(b);
+                }
+                // The terminus's answer is where to resend from, not an ack.
+                Event::Ack(_) if *skip_answer => *skip_answer = false,
+                Event::Ack(a) => ack = Some(ack.map_or(a, |x| x.max(a))),
+                Event::Fin => fin = true,
+            })
+            .map_err(|e| Outcome::Fatal(e.to_string()))?;
+        }
+        if fin {
+            self.received += 1;
+            self.peer_fin = true;
+        }
+        if self.queued > MAX_QUEUE {
+            return Err(Outcome::Fatal(format!(
+                "the peer sent {} bytes beyond its bound",
+                self.queued
+            )));
+        }
+        if let Some(a) = ack {
+            self.out.ack(a).map_err(|e| Outcome::Fatal(e.to_string()))?;
+        }
+        Ok(())
     }
 }
 
@@ -203,157 +348,91 @@ impl Forwarder {
     /// Carries a resumable flow between `tcp` and the stream in `first` until it ends,
     /// moving it to new streams as its path changes (see the module doc). Returns whether the
     /// far end refused the flow's header (`BAD_HEADER`: it, or a relay, cannot resume).
-    pub(super) async fn resumable(
-        &self,
-        mut tcp: TcpStream,
-        first: Attach,
-        mut side: Side,
-        flow: &FlowMetrics,
-    ) -> bool {
+    pub(super) async fn resumable(&self, tcp: TcpStream, first: Attach, mut side: Side, flow: &FlowMetrics) -> bool {
         let (tcp_dir, quic_dir) = if flow.role() == metrics::Role::Origin {
             (Direction::ToEndpoint, Direction::FromEndpoint)
         } else {
             (Direction::FromEndpoint, Direction::ToEndpoint)
         };
-        let end = EndState {
-            shared: Mutex::new(Shared {
-                out: Replay::new(MAX_REPLAY),
-                received: 0,
-                peer_fin: false,
-                queue: VecDeque::new(),
-                queued: 0,
-                delivered: 0,
-                ack_sent: 0,
-                ack_pending_since: None,
-            }),
-            writer: Notify::new(),
-            room: Notify::new(),
-            sink: Notify::new(),
-            reader: Notify::new(),
-        };
-        let stop = CancellationToken::new();
-        let abort = CancellationToken::new();
-        let (mut tr, mut tw) = tcp.split();
-        let pump = async {
-            let r = pump(&end, &mut tr, &stop).await;
-            if r.is_err() {
-                abort.cancel();
-            }
-            r
-        };
-        let sink = async {
-            let r = sink(&end, &mut tw, &stop).await;
-            if r.is_err() {
-                abort.cancel();
-            }
-            r
-        };
-        let drive = async {
-            let r = self.drive(&end, first, &mut side, &abort, flow).await;
-            stop.cancel();
-            r
-        };
-        let (pumped, sunk, driven) = tokio::join!(pump, sink, drive);
-        let driven = match sunk {
-            Ok(n) => {
-                flow.bytes(quic_dir, n);
-                driven
-            }
-            Err(e) => Outcome::Fatal(format!("tcp: {e}")),
-        };
+        let mut end = End::new(&tcp);
+        let driven = self.drive(&mut end, first, &mut side, flow).await;
+        flow.bytes(tcp_dir, end.read);
+        flow.bytes(quic_dir, end.written);
         let refused = matches!(driven, Outcome::Refused(c) if c == codes::BAD_HEADER.into());
-        match (pumped, driven) {
-            (Ok(n), Outcome::Done) => {
-                flow.bytes(tcp_dir, n);
-                flow.closed();
-            }
-            (pumped, outcome) => {
-                let read = match pumped {
-                    Ok(n) => n,
-                    Err(e) => {
-                        debug!(error = %e, "flow's TCP connection failed");
-                        0
-                    }
-                };
-                flow.bytes(tcp_dir, read);
-                debug!(%outcome, "flow reset");
-                flow.failed(FailReason::Reset);
-                // A TCP RST, not a FIN: the client must not take a broken flow for a complete one.
-                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-                drop(tcp);
-            }
+        if matches!(driven, Outcome::Done) {
+            flow.closed();
+        } else {
+            debug!(outcome = %driven, "flow reset");
+            flow.failed(FailReason::Reset);
+            // A TCP RST, not a FIN: the client must not take a broken flow for a complete one.
+            let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            drop(tcp);
         }
         refused
     }
 
     /// Runs attempts until the flow ends; returns how.
-    async fn drive(
-        &self,
-        end: &EndState,
-        mut attach: Attach,
-        side: &mut Side,
-        abort: &CancellationToken,
-        flow: &FlowMetrics,
-    ) -> Outcome {
+    async fn drive(&self, end: &mut End<'_>, mut attach: Attach, side: &mut Side, flow: &FlowMetrics) -> Outcome {
         let greet = matches!(side, Side::Terminus { .. });
         loop {
-            let cancel = abort.child_token();
+            let cancel = AtomicBool::new(false);
             let via = attach.via.clone();
-            // Boxed: inline, its state would be laid out again beside each await of this
-            // loop (measured: the whole flow's future twice as large).
-            let mut run = Box::pin(attempt(end, attach, greet, &cancel, abort));
-            let outcome = match side {
-                Side::Origin { header, .. } => {
-                    let current = via.as_ref().map(|c| c.stable_id());
-                    let moved = tokio::select! {
-                        o = &mut run => Err(o),
-                        to = self.next_hop_moves(header, current) => Ok(to),
-                    };
-                    match moved {
-                        Err(o) => o,
-                        Ok(to) => {
-                            cancel.cancel();
-                            match run.await {
-                                Outcome::Broken(_) => Outcome::Broken(format!("next hop moved to {to}")),
-                                other => other,
+            // How this attempt ended, or (at the terminus) the stream that superseded it.
+            let (outcome, resumed) = {
+                // Boxed: inline, its state would be laid out again beside each await of this
+                // loop (measured: the whole flow's future twice as large).
+                let mut run = Box::pin(attempt(end, attach, greet, &cancel));
+                match side {
+                    Side::Origin { header, .. } => {
+                        let current = via.as_ref().map(|c| c.stable_id());
+                        let moved = tokio::select! {
+                            o = &mut run => Err(o),
+                            to = self.next_hop_moves(header, current) => Ok(to),
+                        };
+                        match moved {
+                            Err(o) => (o, None),
+                            Ok(to) => {
+                                cancel.store(true, Ordering::Relaxed);
+                                match run.await {
+                                    Outcome::Broken(_) => (Outcome::Broken(format!("next hop moved to {to}")), None),
+                                    other => (other, None),
+                                }
                             }
                         }
                     }
-                }
-                Side::Terminus { resumes } => {
-                    let next = tokio::select! {
-                        o = &mut run => Err(o),
-                        a = resumes.recv() => Ok(a),
-                    };
-                    match next {
-                        Err(o) => o,
-                        Ok(None) => run.await,
-                        Ok(Some(a)) => {
-                            // The origin moved the flow while the old stream looked alive
-                            // (a silent path): drop the old one, carry on on the new one.
-                            cancel.cancel();
-                            match run.await {
-                                Outcome::Broken(_) => {}
-                                other => return other,
+                    Side::Terminus { resumes } => {
+                        let next = tokio::select! {
+                            o = &mut run => Err(o),
+                            a = resumes.recv() => Ok(a),
+                        };
+                        match next {
+                            Err(o) => (o, None),
+                            Ok(None) => (run.await, None),
+                            Ok(Some(a)) => {
+                                // The origin moved the flow while the old stream looked alive
+                                // (a silent path): drop the old one, carry on on the new one.
+                                cancel.store(true, Ordering::Relaxed);
+                                (run.await, Some(a))
                             }
-                            info!("flow resumed on a new stream (the old one was still open)");
-                            flow.resumed();
-                            attach = *a;
-                            continue;
                         }
                     }
                 }
             };
             let why = match outcome {
-                Outcome::Broken(why) if !abort.is_cancelled() => why,
-                Outcome::Broken(_) => return Outcome::Fatal("the TCP connection failed".into()),
+                Outcome::Broken(why) => why,
                 other => return other,
             };
+            if let Some(a) = resumed {
+                info!("flow resumed on a new stream (the old one was still open)");
+                flow.resumed();
+                attach = *a;
+                continue;
+            }
             attach = match side {
                 Side::Origin { token, header } => {
                     debug!(%why, "flow's stream broke; reopening it");
                     let from = via.map(|c| c.remote_address().to_string()).unwrap_or_default();
-                    match self.reopen(end, header, *token, abort).await {
+                    match self.reopen(end, header, *token).await {
                         Ok(a) => {
                             let to = a
                                 .via
@@ -381,7 +460,6 @@ impl Forwarder {
                         _ = tokio::time::sleep(self.opts.resume_window) => {
                             return Outcome::Gone(format!("not resumed within {:?}", self.opts.resume_window))
                         }
-                        _ = abort.cancelled() => return Outcome::Fatal("the TCP connection failed".into()),
                     }
                 }
             };
@@ -419,18 +497,9 @@ impl Forwarder {
 
     /// Reopens the origin's flow on the current next hop, retrying until
     /// `links.idle_timeout`; returns the new stream, or how the flow ended.
-    async fn reopen(
-        &self,
-        end: &EndState,
-        header: &FlowHeader,
-        token: Token,
-        abort: &CancellationToken,
-    ) -> Result<Attach, Outcome> {
+    async fn reopen(&self, end: &End<'_>, header: &FlowHeader, token: Token) -> Result<Attach, Outcome> {
         let deadline = Instant::now() + self.opts.resume_window;
         loop {
-            if abort.is_cancelled() {
-                return Err(Outcome::Fatal("the TCP connection failed".into()));
-            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(Outcome::Gone(format!(
@@ -443,7 +512,7 @@ impl Forwarder {
                     token,
                     resuming: true,
                     waits: true,
-                    received: end.lock().received,
+                    received: end.received,
                 };
                 let wait = (deadline - now).min(ANSWER_TIMEOUT);
                 match tokio::time::timeout(wait, open_answered(&conn, header, &ext)).await {
@@ -462,10 +531,7 @@ impl Forwarder {
                     Err(_) => debug!("no answer to reopening the flow; retrying"),
                 }
             }
-            tokio::select! {
-                _ = tokio::time::sleep(RETRY) => {}
-                _ = abort.cancelled() => {}
-            }
+            tokio::time::sleep(RETRY).await;
         }
     }
 }
@@ -507,339 +573,229 @@ pub(super) async fn open_answered(
     Ok((send, recv, peer_received))
 }
 
-/// Reads the TCP socket into the replay buffer until its end (returns the bytes read), an
-/// error, or `stop`. Waits for room while the buffer is at its bound.
-async fn pump(end: &EndState, tr: &mut ReadHalf<'_>, stop: &CancellationToken) -> std::io::Result<u64> {
-    let mut want = FIRST_BUF;
-    let mut buf = BytesMut::new();
-    let mut total = 0u64;
-    loop {
-        while end.lock().out.full() {
-            // This end now needs the peer's acks: a paused reader must go on.
-            end.reader.notify_one();
-            tokio::select! {
-                _ = end.room.notified() => {}
-                _ = stop.cancelled() => return Ok(total),
-            }
-        }
-        buf.reserve(want);
-        let r = tokio::select! {
-            r = tr.read_buf(&mut buf) => r,
-            _ = stop.cancelled() => return Ok(total),
-        };
-        match r? {
-            0 => {
-                end.lock().out.finish();
-                end.writer.notify_one();
-                end.reader.notify_one();
-                return Ok(total);
-            }
-            n => {
-                if n >= want {
-                    want = (want * 2).min(BUF);
-                }
-                total += n as u64;
-                end.lock().out.push(buf.split().freeze());
-                end.writer.notify_one();
-            }
-        }
-    }
+/// One stream of the flow: what [`poll_attempt`] keeps between polls.
+struct Attempt {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    /// This end's next offset to frame (data bytes, then +1 for the FIN).
+    pos: u64,
+    /// At the terminus, the answer still to send: `Some(now)` (see [`write_frames`]).
+    greet: Option<bool>,
+    /// The origin has not yet read the terminus's answer on this stream (it skips it).
+    skip_answer: bool,
+    dec: Decoder,
+    /// Chunks read from the stream at once.
+    chunks: [Bytes; CHUNKS],
+    /// Frames built and not yet all taken by the stream, from `sent` on.
+    frames: Vec<Bytes>,
+    sent: usize,
+    /// Finish the stream once `frames` are taken: this end has nothing more to say.
+    finish: bool,
+    /// The stream is finished (this end's half).
+    finished: bool,
+    /// The peer's half ended, with everything of both ends acknowledged.
+    read_end: bool,
+    headers: HeaderPool,
+    /// Interactive flows go before bulk ones on the link ([`super::priority`]).
+    pace: SmallFirst,
+    /// When an ack that is not yet due must go ([`ACK_DELAY`]); armed while one is pending.
+    ack_timer: Option<Pin<Box<Sleep>>>,
+    /// The ack timer fired: the pending ack is due.
+    ack_due: bool,
 }
 
-/// One stream of the flow: sends from `attach.peer_received` on, delivers what arrives, until
-/// done, broken, or `cancel`. Resets the stream unless done: with [`codes::GONE`] when the
-/// flow is over, else [`codes::RESET`] (the peer waits for a resume).
-async fn attempt(
-    end: &EndState,
-    attach: Attach,
-    greet: bool,
-    cancel: &CancellationToken,
-    abort: &CancellationToken,
-) -> Outcome {
+/// Runs one stream of the flow: sends from `attach.peer_received` on, delivers what arrives,
+/// until done, broken, or `cancel` (then it returns at its next poll). Resets the stream unless
+/// done: with [`codes::GONE`] when the flow is over, else [`codes::RESET`] (the peer waits
+/// for a resume).
+async fn attempt(end: &mut End<'_>, attach: Attach, greet: bool, cancel: &AtomicBool) -> Outcome {
     let Attach {
-        mut send,
-        mut recv,
+        send,
+        recv,
         peer_received,
         answered,
         answer_now,
         ..
     } = attach;
+    let pace = SmallFirst::new(std::time::Instant::now());
+    let _ = send.set_priority(pace.priority());
+    let mut a = Attempt {
+        send,
+        recv,
+        pos: peer_received,
+        greet: greet.then_some(answer_now),
+        skip_answer: !answered,
+        dec: Decoder::resuming(end.peer_fin),
+        chunks: std::array::from_fn(|_| Bytes::new()),
+        frames: Vec::new(),
+        sent: 0,
+        finish: false,
+        finished: false,
+        read_end: false,
+        headers: HeaderPool::default(),
+        pace,
+        ack_timer: None,
+        ack_due: false,
+    };
     // The peer has queued everything before `peer_received` (and will write it), but only
     // acknowledges it once written: keep it until then, resend from there.
-    let checked = end.lock().out.chunks_from(peer_received, &mut Vec::new());
-    let outcome = match checked {
+    let outcome = match end.out.chunks_from(peer_received, &mut Vec::new()) {
         Err(e) => Outcome::Fatal(e.to_string()),
-        Ok(()) => {
-            let local = cancel.child_token();
-            let w = async {
-                let o = write_side(end, &mut send, peer_received, greet.then_some(answer_now), &local).await;
-                if !matches!(o, Outcome::Done) {
-                    local.cancel();
-                }
-                o
-            };
-            let r = async {
-                let o = read_side(end, &mut recv, !answered, &local).await;
-                if !matches!(o, Outcome::Done) {
-                    local.cancel();
-                }
-                o
-            };
-            let (wo, ro) = tokio::join!(w, r);
-            if wo.rank() >= ro.rank() { wo } else { ro }
-        }
+        Ok(()) => std::future::poll_fn(|cx| poll_attempt(end, &mut a, cancel, cx)).await,
     };
     if !matches!(outcome, Outcome::Done) {
-        let over = abort.is_cancelled() || outcome.rank() >= 2;
-        let code = quinn::VarInt::from_u32(if over { codes::GONE } else { codes::RESET });
-        let _ = send.reset(code);
-        let _ = recv.stop(code);
+        let code = quinn::VarInt::from_u32(if outcome.rank() >= 2 { codes::GONE } else { codes::RESET });
+        let _ = a.send.reset(code);
+        let _ = a.recv.stop(code);
     }
     outcome
 }
 
-/// The writer of an attempt: data from `pos` on, the FIN, acks. At the terminus `greet` is
-/// `Some(now)`: the stream's first frame is the answer (what this end has received), sent at
-/// once when `now` (the origin waits for it), else with the first frame sent anyway. Finishes
-/// the stream as soon as it has nothing more to say: its FIN is sent and the peer's FIN is
-/// written and acknowledged (the reader still waits for the peer's last acks).
-async fn write_side(
-    end: &EndState,
-    send: &mut quinn::SendStream,
-    mut pos: u64,
-    greet: Option<bool>,
-    cancel: &CancellationToken,
-) -> Outcome {
-    let mut batch: Vec<Bytes> = Vec::new();
-    let mut frames: Vec<Bytes> = Vec::new();
-    let mut headers = resume::HeaderPool::default();
-    let mut greet = greet;
-    // Interactive flows go before bulk ones on the link ([`super::priority`]).
-    let mut pace = SmallFirst::new(std::time::Instant::now());
-    let _ = send.set_priority(pace.priority());
-    loop {
-        let (ack_at, done) = {
-            let mut s = end.lock();
-            batch.clear();
-            if let Err(e) = s.out.chunks_from(pos, &mut batch) {
-                return Outcome::Fatal(e.to_string());
-            }
-            let data_end = s.out.end();
-            let new_pos = pos.max(data_end);
-            let fin_now = s.out.finished() && new_pos == data_end;
-            frames.clear();
-            for mut b in batch.drain(..) {
-                while !b.is_empty() {
-                    let part = b.split_to(b.len().min(MAX_FRAME as usize));
-                    frames.push(headers.data(part.len() as u32));
-                    frames.push(part);
-                }
-            }
-            if fin_now {
-                frames.push(resume::fin_frame());
-            }
-            pos = new_pos + u64::from(fin_now);
-            let fin_written = s.peer_fin && s.queued == 0 && s.delivered == s.received;
-            // Everything of ours, FIN included, is on its way (or acknowledged).
-            let all_sent = s.out.finished() && pos > data_end;
-            // An ack rides along with anything sent anyway (no packet of its own for a
-            // request and its answer, nor for the peer's FIN while ours is still to come),
-            // else goes on its own every ACK_EVERY or ACK_DELAY; the ack of the peer's FIN
-            // goes at once when this end has nothing more to send (the peer waits for it
-            // to finish).
-            let due = s.delivered > s.ack_sent
-                && ((fin_written && all_sent)
-                    || !frames.is_empty()
-                    || s.delivered - s.ack_sent >= ACK_EVERY
-                    || s.ack_pending_since.is_some_and(|t| t.elapsed() >= ACK_DELAY));
-            if due {
-                frames.push(headers.ack(s.delivered));
-                s.ack_sent = s.delivered;
-                s.ack_pending_since = None;
-            }
-            if let Some(now) = greet
-                && (now || !frames.is_empty())
-            {
-                // The terminus's first frame on every stream says what it has received
-                // (queued to its socket): where the origin resends from.
-                frames.insert(0, headers.ack(s.received));
-                greet = None;
-            }
-            let ack_at = (s.delivered > s.ack_sent)
-                .then(|| s.ack_pending_since.map(|t| t + ACK_DELAY))
-                .flatten();
-            (ack_at, all_sent && fin_written && s.ack_sent == s.delivered)
-        };
-        if !frames.is_empty() {
-            let bytes = frames.iter().map(Bytes::len).sum();
-            if let Some(p) = pace.on_send(bytes, std::time::Instant::now()) {
-                let _ = send.set_priority(p);
-            }
-            let written = tokio::select! {
-                r = send.write_all_chunks(&mut frames) => r,
-                _ = cancel.cancelled() => return Outcome::Broken("superseded".into()),
-            };
-            match written {
-                Ok(()) => {}
-                Err(quinn::WriteError::Stopped(code)) if is_final(code) => return Outcome::Refused(code),
-                Err(e) => return Outcome::Broken(e.to_string()),
-            }
+/// One poll of an attempt: reads the stream, writes the socket, reads the socket, writes the
+/// stream, in turn, until none of them makes progress (then every one that waits has
+/// registered the task's waker) or [`MAX_PASSES`] (then it yields).
+fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mut Context<'_>) -> Poll<Outcome> {
+    for _ in 0..MAX_PASSES {
+        if cancel.load(Ordering::Relaxed) {
+            return Poll::Ready(Outcome::Broken("superseded".into()));
         }
-        if done {
-            let _ = send.finish();
-            return Outcome::Done;
-        }
-        let ack_timer = async {
-            match ack_at {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = end.writer.notified() => {}
-            _ = ack_timer => {}
-            _ = cancel.cancelled() => return Outcome::Broken("superseded".into()),
-        }
-    }
-}
-
-/// The reader of an attempt: decodes the peer's frames, queues its data for the sink,
-/// applies its acks; never waits for the socket. Returns when the stream ends, fails, or
-/// `cancel` (at any point: everything decoded is queued at once).
-async fn read_side(
-    end: &EndState,
-    recv: &mut quinn::RecvStream,
-    mut skip_answer: bool,
-    cancel: &CancellationToken,
-) -> Outcome {
-    let mut dec = Decoder::resuming(end.lock().peer_fin);
-    // Fewer slots than a plain flow's reader: chunks only move to the sink's queue here (the
-    // sink writes the whole queue with one `writev`), and an idle flow holds this array.
-    let mut chunks: [Bytes; READ_CHUNKS] = std::array::from_fn(|_| Bytes::new());
-    loop {
-        // Paused while the sink has plenty queued and this end waits for no ack (see
-        // QUEUE_SOFT); never while it does, or two ends whose applications each wait to write
-        // would wait on each other for ever.
-        loop {
-            let paused = {
-                let s = end.lock();
-                s.queued >= QUEUE_SOFT && !s.out.full() && !s.out.finished()
-            };
-            if !paused {
-                break;
-            }
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return Outcome::Broken("superseded".into()),
-                _ = end.reader.notified() => {}
-            }
-        }
-        let r = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Outcome::Broken("superseded".into()),
-            r = recv.read_chunks(&mut chunks) => r,
-        };
-        match r {
-            Ok(Some(n)) => {
-                let mut s = end.lock();
-                let (mut queued, mut fin, mut ack) = (false, false, None::<u64>);
-                for c in &mut chunks[..n] {
-                    let fed = dec.feed(std::mem::take(c), &mut |e| match e {
-                        Event::Data(b) => {
-                            s.received += b.len() as u64;
-                            s.queued += b.len() as u64;
-                            s.queue.push_back(b);
-                            queued = true;
-                        }
-                        // The terminus's answer is where to resend from, not an ack.
-                        Event::Ack(_) if skip_answer => skip_answer = false,
-                        Event::Ack(a) => ack = Some(ack.map_or(a, |x| x.max(a))),
-                        Event::Fin => fin = true,
-                    });
-                    if let Err(e) = fed {
-                        return Outcome::Fatal(e.to_string());
+        let mut progress = false;
+        // The reader: the peer's frames, never waiting for the socket while this end needs
+        // the peer's acks.
+        if !a.read_end && !end.reader_paused() {
+            match a.recv.poll_read_chunks(cx, &mut a.chunks) {
+                Poll::Ready(Ok(Some(n))) => {
+                    progress = true;
+                    if let Err(o) = end.take(&mut a.dec, &mut a.chunks[..n], &mut a.skip_answer) {
+                        return Poll::Ready(o);
                     }
                 }
-                if fin {
-                    s.received += 1;
-                    s.peer_fin = true;
+                Poll::Ready(Ok(None)) => {
+                    if !(end.out.done() && end.peer_fin) {
+                        return Poll::Ready(Outcome::Broken("stream finished before the flow ended".into()));
+                    }
+                    progress = true;
+                    a.read_end = true;
                 }
-                if s.queued > MAX_QUEUE {
-                    return Outcome::Fatal(format!("the peer sent {} bytes beyond its bound", s.queued));
+                Poll::Ready(Err(quinn::ReadError::Reset(code))) if is_final(code) => {
+                    return Poll::Ready(Outcome::Refused(code));
                 }
-                if let Some(a) = ack
-                    && let Err(e) = s.out.ack(a)
-                {
-                    return Outcome::Fatal(e.to_string());
-                }
-                drop(s);
-                if queued || fin {
-                    end.sink.notify_one();
-                }
-                if ack.is_some() {
-                    end.room.notify_one();
-                    end.writer.notify_one();
+                Poll::Ready(Err(e)) => return Poll::Ready(Outcome::Broken(e.to_string())),
+                Poll::Pending => {}
+            }
+        }
+        // The sink and the pump.
+        match end.sink(cx).and_then(|w| Ok(end.pump(cx)? | w)) {
+            Ok(p) => progress |= p,
+            Err(e) => return Poll::Ready(Outcome::Fatal(format!("tcp: {e}"))),
+        }
+        // The writer.
+        if !a.finished {
+            if a.sent == a.frames.len() {
+                a.frames.clear();
+                a.sent = 0;
+                write_frames(end, a);
+            }
+            if a.sent < a.frames.len() {
+                match a.send.poll_write_chunks(cx, &mut a.frames[a.sent..]) {
+                    Poll::Ready(Ok(w)) => {
+                        progress = true;
+                        a.sent += w.chunks;
+                    }
+                    Poll::Ready(Err(quinn::WriteError::Stopped(code))) if is_final(code) => {
+                        return Poll::Ready(Outcome::Refused(code));
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Outcome::Broken(e.to_string())),
+                    Poll::Pending => {}
                 }
             }
-            Ok(None) => {
-                let s = end.lock();
-                return if s.out.done() && s.peer_fin {
-                    Outcome::Done
-                } else {
-                    Outcome::Broken("stream finished before the flow ended".into())
-                };
+            if a.sent == a.frames.len() && a.finish {
+                let _ = a.send.finish();
+                a.finished = true;
+                progress = true;
             }
-            Err(quinn::ReadError::Reset(code)) if is_final(code) => return Outcome::Refused(code),
-            Err(e) => return Outcome::Broken(e.to_string()),
+            if let Some(at) = end.ack_pending_since.map(|t| t + ACK_DELAY)
+                && end.delivered > end.ack_sent
+                && !a.ack_due
+            {
+                let timer = a
+                    .ack_timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+                if timer.deadline() != at {
+                    timer.as_mut().reset(at);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    a.ack_due = true;
+                    progress = true;
+                }
+            }
+        }
+        if a.finished && a.read_end {
+            return Poll::Ready(Outcome::Done);
+        }
+        if !progress {
+            return Poll::Pending;
         }
     }
+    cx.waker().wake_by_ref();
+    Poll::Pending
 }
 
-/// Writes the peer's data, as the readers queue it, to the socket, then shuts its write side
-/// down after the peer's FIN; returns the bytes written. Lives as long as the flow, across
-/// streams. Stops at `stop` (the flow is over), even in the middle of a write.
-async fn sink(end: &EndState, tw: &mut WriteHalf<'_>, stop: &CancellationToken) -> std::io::Result<u64> {
-    let mut batch: Vec<Bytes> = Vec::new();
-    let mut total = 0u64;
-    loop {
-        let fin = {
-            let mut s = end.lock();
-            batch.extend(s.queue.drain(..));
-            // The FIN is behind all data: it goes once the queue is empty.
-            s.peer_fin && s.delivered + s.queued + 1 == s.received
-        };
-        if batch.is_empty() && !fin {
-            tokio::select! {
-                _ = end.sink.notified() => continue,
-                _ = stop.cancelled() => return Ok(total),
-            }
-        }
-        let written = tokio::select! {
-            r = write_all_chunks(tw, &mut batch) => r?,
-            _ = stop.cancelled() => return Ok(total),
-        };
-        batch.clear();
-        if fin {
-            let _ = tw.shutdown().await;
-        }
-        total += written;
-        let mut s = end.lock();
-        let was_pending = s.delivered > s.ack_sent;
-        if s.queued >= QUEUE_SOFT && s.queued - written < QUEUE_SOFT {
-            end.reader.notify_one();
-        }
-        s.queued -= written;
-        s.delivered += written + u64::from(fin);
-        if !was_pending {
-            s.ack_pending_since = Some(Instant::now());
-        }
-        let wake = !was_pending || fin || s.delivered - s.ack_sent >= ACK_EVERY;
-        drop(s);
-        if wake {
-            end.writer.notify_one();
-        }
-        if fin {
-            return Ok(total);
+/// Builds the writer's next frames into `a.frames`: data from `a.pos` on, the FIN, an ack when
+/// one is due, and at the terminus the answer (what it has received: where the origin resends
+/// from) first, at once when the origin waits for it, else with the first frame sent anyway.
+/// Sets `a.finish` once this end has nothing more to say: its FIN is sent and the peer's FIN
+/// is written and acknowledged (the reader still waits for the peer's last acks).
+fn write_frames(end: &mut End<'_>, a: &mut Attempt) {
+    let mut batch = Vec::new();
+    // `pos` is never before what is held: checked when the attempt started, and acks only
+    // move forward to what was sent.
+    if end.out.chunks_from(a.pos, &mut batch).is_err() {
+        return;
+    }
+    let data_end = end.out.end();
+    let new_pos = a.pos.max(data_end);
+    let fin_now = end.out.finished() && new_pos == data_end;
+    for mut b in batch {
+        while !b.is_empty() {
+            let part = b.split_to(b.len().min(MAX_FRAME as usize));
+            a.frames.push(a.headers.data(part.len() as u32));
+            a.frames.push(part);
         }
     }
+    if fin_now {
+        a.frames.push(resume::fin_frame());
+    }
+    a.pos = new_pos + u64::from(fin_now);
+    let fin_written = end.fin_written();
+    // Everything of ours, FIN included, is on its way (or acknowledged).
+    let all_sent = end.out.finished() && a.pos > data_end;
+    // An ack rides along with anything sent anyway (no packet of its own for a request and
+    // its answer, nor for the peer's FIN while ours is still to come), else goes on its own
+    // every ACK_EVERY or ACK_DELAY; the ack of the peer's FIN goes at once when this end has
+    // nothing more to send (the peer waits for it to finish).
+    let due = end.delivered > end.ack_sent
+        && ((fin_written && all_sent)
+            || !a.frames.is_empty()
+            || end.delivered - end.ack_sent >= ACK_EVERY
+            || a.ack_due);
+    if due {
+        a.frames.push(a.headers.ack(end.delivered));
+        end.ack_sent = end.delivered;
+        end.ack_pending_since = None;
+        a.ack_due = false;
+    }
+    if let Some(now) = a.greet
+        && (now || !a.frames.is_empty())
+    {
+        a.frames.insert(0, a.headers.ack(end.received));
+        a.greet = None;
+    }
+    if !a.frames.is_empty() {
+        let bytes = a.frames.iter().map(Bytes::len).sum();
+        if let Some(p) = a.pace.on_send(bytes, std::time::Instant::now()) {
+            let _ = a.send.set_priority(p);
+        }
+    }
+    a.finish = all_sent && fin_written && end.ack_sent == end.delivered;
 }

@@ -216,8 +216,9 @@ impl RecvStream {
         ReadChunks { stream: self, bufs }.await
     }
 
-    /// Foundation of [`Self::read_chunks`]
-    fn poll_read_chunks(
+    /// Foundation of [`Self::read_chunks`], public for callers that drive several streams
+    /// and sockets from one hand-written poll function
+    pub fn poll_read_chunks(
         &mut self,
         cx: &mut Context,
         bufs: &mut [Bytes],

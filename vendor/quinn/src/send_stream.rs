@@ -100,6 +100,19 @@ impl SendStream {
         poll_fn(|cx| self.execute_poll(cx, |s| s.write_chunks(bufs))).await
     }
 
+    /// Poll form of [`write_chunks`](Self::write_chunks), for callers that drive several
+    /// streams and sockets from one hand-written poll function
+    ///
+    /// Same effects on `bufs` and the same result; `Pending` means nothing was written and
+    /// the task will be woken when the stream can take more.
+    pub fn poll_write_chunks(
+        &mut self,
+        cx: &mut Context,
+        bufs: &mut [Bytes],
+    ) -> Poll<Result<Written, WriteError>> {
+        self.execute_poll(cx, |s| s.write_chunks(bufs))
+    }
+
     /// Write a single [`Bytes`] into this stream in its entirety
     ///
     /// Bytes to write are provided to this method as an single cheaply cloneable chunk. This
