@@ -57,6 +57,8 @@ use crate::names::Protocol;
 /// A receiver acknowledges what it delivered at most this long after delivering it, when it
 /// has not reached [`ACK_EVERY`] bytes before.
 const ACK_DELAY: Duration = Duration::from_millis(100);
+/// Chunks a reader takes from its stream at once.
+const READ_CHUNKS: usize = 32;
 /// Passes of [`poll_attempt`] in one poll before it yields to other tasks (a busy flow
 /// would otherwise keep its worker thread).
 const MAX_PASSES: usize = 32;
@@ -432,7 +434,8 @@ impl Forwarder {
                 Side::Origin { token, header } => {
                     debug!(%why, "flow's stream broke; reopening it");
                     let from = via.map(|c| c.remote_address().to_string()).unwrap_or_default();
-                    match self.reopen(end, header, *token).await {
+                    // Boxed: rarely run, and inline it would size every flow's future.
+                    match Box::pin(self.reopen(end, header, *token)).await {
                         Ok(a) => {
                             let to = a
                                 .via
@@ -584,8 +587,9 @@ struct Attempt {
     /// The origin has not yet read the terminus's answer on this stream (it skips it).
     skip_answer: bool,
     dec: Decoder,
-    /// Chunks read from the stream at once.
-    chunks: [Bytes; CHUNKS],
+    /// Chunks read from the stream at once (fewer than a plain flow's reader takes: the
+    /// sink writes the whole queue, up to [`CHUNKS`] at a time, and an idle flow holds this).
+    chunks: [Bytes; READ_CHUNKS],
     /// Frames built and not yet all taken by the stream, from `sent` on.
     frames: Vec<Bytes>,
     sent: usize,
