@@ -659,6 +659,9 @@ async fn attempt(end: &mut End<'_>, attach: Attach, greet: bool, cancel: &Atomic
 /// stream, in turn, until none of them makes progress (then every one that waits has
 /// registered the task's waker) or [`MAX_PASSES`] (then it yields).
 fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mut Context<'_>) -> Poll<Outcome> {
+    // The stream's halves that answered `Pending` in an earlier pass of this poll: they hold
+    // the waker already, and asking again costs a lock on the connection for nothing.
+    let (mut reader_waits, mut writer_waits) = (false, false);
     for _ in 0..MAX_PASSES {
         if cancel.load(Ordering::Relaxed) {
             return Poll::Ready(Outcome::Broken("superseded".into()));
@@ -666,7 +669,7 @@ fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mu
         let mut progress = false;
         // The reader: the peer's frames, never waiting for the socket while this end needs
         // the peer's acks.
-        if !a.read_end && !end.reader_paused() {
+        if !a.read_end && !reader_waits && !end.reader_paused() {
             match a.recv.poll_read_chunks(cx, &mut a.chunks) {
                 Poll::Ready(Ok(Some(n))) => {
                     progress = true;
@@ -685,7 +688,7 @@ fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mu
                     return Poll::Ready(Outcome::Refused(code));
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Outcome::Broken(e.to_string())),
-                Poll::Pending => {}
+                Poll::Pending => reader_waits = true,
             }
         }
         // The sink and the pump.
@@ -700,7 +703,7 @@ fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mu
                 a.sent = 0;
                 write_frames(end, a);
             }
-            if a.sent < a.frames.len() {
+            if a.sent < a.frames.len() && !writer_waits {
                 match a.send.poll_write_chunks(cx, &mut a.frames[a.sent..]) {
                     Poll::Ready(Ok(w)) => {
                         progress = true;
@@ -710,7 +713,7 @@ fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mu
                         return Poll::Ready(Outcome::Refused(code));
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Outcome::Broken(e.to_string())),
-                    Poll::Pending => {}
+                    Poll::Pending => writer_waits = true,
                 }
             }
             if a.sent == a.frames.len() && a.finish {
