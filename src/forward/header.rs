@@ -10,7 +10,7 @@
 //!               [ u8 family | src vip | u16 src port ]   (optional: the client's own VIP)
 //!               [ u8 'R' | u8 flags | token (16) | u64 received ]   (optional, TCP only:
 //!                 a resumable flow, see [`super::resume`]; flags bit 0: resuming,
-//!                 bit 1: the origin waits for the terminus's answer before sending)
+//!                 bit 1: answer lazily, the origin does not wait for it)
 //! datagram:     u8 kind=1 (forward) | u64 flow | flow header | payload
 //!               u8 kind=2 (reply)   | u64 flow | payload
 //! ```
@@ -118,7 +118,7 @@ impl FlowHeader {
         }
         if let Some(ext) = ext {
             out.push(TAG_RESUME);
-            out.push(u8::from(ext.resuming) | (u8::from(ext.waits) << 1));
+            out.push(u8::from(ext.resuming) | (u8::from(!ext.waits) << 1));
             out.extend_from_slice(&ext.token);
             out.extend_from_slice(&ext.received.to_be_bytes());
         }
@@ -176,7 +176,9 @@ impl FlowHeader {
             if flags > 3 {
                 return Err(HeaderError::Invalid("resume flags"));
             }
-            let (resuming, waits) = (flags & 1 != 0, flags & 2 != 0);
+            // Bit 1 set means *not* waiting, so an origin that predates it (flags 0 or 1, and
+            // waiting for the answer) is answered at once.
+            let (resuming, waits) = (flags & 1 != 0, flags & 2 == 0);
             let token = r.take(16)?.try_into().map_err(|_| HeaderError::Truncated)?;
             let received = u64::from_be_bytes(r.take(8)?.try_into().map_err(|_| HeaderError::Truncated)?);
             Some(ResumeExt {
@@ -326,6 +328,24 @@ mod tests {
             for n in 0..buf.len() {
                 assert!(FlowHeader::decode(&buf[..n]).is_err());
             }
+        }
+    }
+
+    #[test]
+    fn the_lazy_answer_bit_is_set_only_for_origins_that_do_not_wait() {
+        let h = header("127.77.1.10");
+        for (resuming, waits, flags) in [(false, true, 0u8), (true, true, 1), (false, false, 2)] {
+            let ext = ResumeExt {
+                token: [7; 16],
+                resuming,
+                waits,
+                received: 0,
+            };
+            let mut buf = Vec::new();
+            h.encode_with(Some(&ext), &mut buf);
+            // An origin that predates the bit sends 0 or 1 and waits: it is answered at once.
+            assert_eq!(buf[buf.len() - 25], flags);
+            assert_eq!(FlowHeader::decode_stream(&buf[2..]).unwrap().1, Some(ext));
         }
     }
 

@@ -25,9 +25,10 @@ use bytes::{Buf, Bytes};
 /// receive window, [`crate::quic::STREAM_WINDOW_MAX`]): the replay buffer never throttles a
 /// flow below what QUIC flow control already allows.
 pub const MAX_REPLAY: u64 = crate::quic::STREAM_WINDOW_MAX as u64;
-/// A receiver acknowledges at least every this many bytes (a quarter of the bound, so the
-/// sender never waits on an ack while it has room).
-pub const ACK_EVERY: u64 = MAX_REPLAY / 4;
+/// A receiver acknowledges at least every this many bytes (a sixteenth of the bound: with a
+/// quarter, a bulk flow stalled on its bound between acks, about 10% of its throughput,
+/// measured in docs/BENCHMARKS.md, session 10).
+pub const ACK_EVERY: u64 = MAX_REPLAY / 16;
 /// Largest data frame accepted (bytes). Senders write one frame per socket read (at most
 /// 256 KiB); anything above this is a broken or hostile peer.
 pub const MAX_FRAME: u32 = 1024 * 1024;

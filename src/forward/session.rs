@@ -233,7 +233,8 @@ impl<'t> End<'t> {
 
     /// Whether a reader must not take more from its stream now (see [`QUEUE_SOFT`]).
     fn reader_paused(&self) -> bool {
-        self.queued >= QUEUE_SOFT && !self.out.full() && !self.out.finished()
+        let needs_acks = self.out.full() || (self.out.finished() && !self.out.done());
+        self.queued >= QUEUE_SOFT && !needs_acks
     }
 
     /// Reads the socket once into the replay buffer, unless it is full or ended. Returns
@@ -597,7 +598,7 @@ struct Attempt {
     finish: bool,
     /// The stream is finished (this end's half).
     finished: bool,
-    /// The peer's half ended, with everything of both ends acknowledged.
+    /// The peer's half ended, with everything of this end (data and FIN) acknowledged by it.
     read_end: bool,
     headers: HeaderPool,
     /// Interactive flows go before bulk ones on the link ([`super::priority`]).
@@ -606,6 +607,10 @@ struct Attempt {
     ack_timer: Option<Pin<Box<Sleep>>>,
     /// The ack timer fired: the pending ack is due.
     ack_due: bool,
+    /// This stream has not yet carried an ack of what this end delivered before it: an ack
+    /// sent on the previous stream may have been lost with it, and the peer may be waiting
+    /// for nothing else (a full replay buffer, or its FIN), so one goes first thing.
+    ack_again: bool,
 }
 
 /// Runs one stream of the flow: sends from `attach.peer_received` on, delivers what arrives,
@@ -640,6 +645,7 @@ async fn attempt(end: &mut End<'_>, attach: Attach, greet: bool, cancel: &Atomic
         pace,
         ack_timer: None,
         ack_due: false,
+        ack_again: end.delivered > 0,
     };
     // The peer has queued everything before `peer_received` (and will write it), but only
     // acknowledges it once written: keep it until then, resend from there.
@@ -656,8 +662,12 @@ async fn attempt(end: &mut End<'_>, attach: Attach, greet: bool, cancel: &Atomic
 }
 
 /// One poll of an attempt: reads the stream, writes the socket, reads the socket, writes the
-/// stream, in turn, until none of them makes progress (then every one that waits has
-/// registered the task's waker) or [`MAX_PASSES`] (then it yields).
+/// stream, in turn, until none of them makes progress or [`MAX_PASSES`] (then it yields).
+/// When none makes progress, each that waits on something outside (the stream's halves, the
+/// socket's readiness, the ack timer) has registered the task's waker; the two that wait on
+/// each other (a reader paused on a long queue, a pump on a full replay buffer) register
+/// nothing, and need not: what unblocks them (the sink writing, an ack read, the socket
+/// ending) happens in this function and counts as progress, so another pass follows.
 fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mut Context<'_>) -> Poll<Outcome> {
     // The stream's halves that answered `Pending` in an earlier pass of this poll: they hold
     // the waker already, and asking again costs a lock on the connection for nothing.
@@ -781,16 +791,18 @@ fn write_frames(end: &mut End<'_>, a: &mut Attempt) {
     // its answer, nor for the peer's FIN while ours is still to come), else goes on its own
     // every ACK_EVERY or ACK_DELAY; the ack of the peer's FIN goes at once when this end has
     // nothing more to send (the peer waits for it to finish).
-    let due = end.delivered > end.ack_sent
-        && ((fin_written && all_sent)
-            || !a.frames.is_empty()
-            || end.delivered - end.ack_sent >= ACK_EVERY
-            || a.ack_due);
+    let due = a.ack_again
+        || (end.delivered > end.ack_sent
+            && ((fin_written && all_sent)
+                || !a.frames.is_empty()
+                || end.delivered - end.ack_sent >= ACK_EVERY
+                || a.ack_due));
     if due {
         a.frames.push(a.headers.ack(end.delivered));
         end.ack_sent = end.delivered;
         end.ack_pending_since = None;
         a.ack_due = false;
+        a.ack_again = false;
     }
     if let Some(now) = a.greet
         && (now || !a.frames.is_empty())
