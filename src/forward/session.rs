@@ -57,8 +57,10 @@ use crate::names::Protocol;
 /// A receiver acknowledges what it delivered at most this long after delivering it, when it
 /// has not reached [`ACK_EVERY`] bytes before.
 const ACK_DELAY: Duration = Duration::from_millis(100);
-/// Chunks a reader takes from its stream at once.
-const READ_CHUNKS: usize = 32;
+/// Chunks a reader takes from its stream at once (an idle flow holds this array).
+const READ_CHUNKS: usize = 8;
+/// Reads per pass of [`poll_attempt`]: `READ_CHUNKS * READ_ROUNDS` is [`CHUNKS`].
+const READ_ROUNDS: usize = CHUNKS / READ_CHUNKS;
 /// Passes of [`poll_attempt`] in one poll before it yields to other tasks (a busy flow
 /// would otherwise keep its worker thread).
 const MAX_PASSES: usize = 32;
@@ -679,7 +681,12 @@ fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mu
         let mut progress = false;
         // The reader: the peer's frames, never waiting for the socket while this end needs
         // the peer's acks.
-        if !a.read_end && !reader_waits && !end.reader_paused() {
+        // Up to READ_ROUNDS reads per pass, so the sink writes as many chunks at once as a
+        // plain flow's reader would (one `writev`), from a smaller array.
+        for _ in 0..READ_ROUNDS {
+            if a.read_end || reader_waits || end.reader_paused() {
+                break;
+            }
             match a.recv.poll_read_chunks(cx, &mut a.chunks) {
                 Poll::Ready(Ok(Some(n))) => {
                     progress = true;
