@@ -66,20 +66,30 @@ pub enum FrameError {
     ResumeBeforeAcked { from: u64, acked: u64 },
 }
 
-/// The 5-byte header of a data frame of `len` bytes (`len` <= [`MAX_FRAME`]).
-pub fn data_header(len: u32) -> Bytes {
+/// The 5 bytes of a data frame's header.
+fn data_bytes(len: u32) -> [u8; 5] {
     let mut h = [0u8; 5];
     h[0] = DATA;
     h[1..].copy_from_slice(&len.to_be_bytes());
-    Bytes::copy_from_slice(&h)
+    h
+}
+
+/// The 9 bytes of an ack frame.
+fn ack_bytes(delivered: u64) -> [u8; ACK_LEN] {
+    let mut h = [0u8; ACK_LEN];
+    h[0] = ACK;
+    h[1..].copy_from_slice(&delivered.to_be_bytes());
+    h
+}
+
+/// The 5-byte header of a data frame of `len` bytes (`len` <= [`MAX_FRAME`]).
+pub fn data_header(len: u32) -> Bytes {
+    Bytes::copy_from_slice(&data_bytes(len))
 }
 
 /// An ack frame: `delivered` peer bytes (+1 for its FIN) are written to the local socket.
 pub fn ack_frame(delivered: u64) -> Bytes {
-    let mut h = [0u8; 9];
-    h[0] = ACK;
-    h[1..].copy_from_slice(&delivered.to_be_bytes());
-    Bytes::copy_from_slice(&h)
+    Bytes::copy_from_slice(&ack_bytes(delivered))
 }
 
 /// Encodes frame headers and acks into one shared block, split off per frame: a small
@@ -104,18 +114,12 @@ impl HeaderPool {
 
     /// [`data_header`] from the pool.
     pub fn data(&mut self, len: u32) -> Bytes {
-        let mut h = [0u8; 5];
-        h[0] = DATA;
-        h[1..].copy_from_slice(&len.to_be_bytes());
-        self.take(&h)
+        self.take(&data_bytes(len))
     }
 
     /// [`ack_frame`] from the pool.
     pub fn ack(&mut self, delivered: u64) -> Bytes {
-        let mut h = [0u8; 9];
-        h[0] = ACK;
-        h[1..].copy_from_slice(&delivered.to_be_bytes());
-        self.take(&h)
+        self.take(&ack_bytes(delivered))
     }
 }
 
