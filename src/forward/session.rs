@@ -718,7 +718,9 @@ fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mu
             if a.sent == a.frames.len() {
                 a.frames.clear();
                 a.sent = 0;
-                write_frames(end, a);
+                if let Err(e) = write_frames(end, a) {
+                    return Poll::Ready(Outcome::Fatal(e.to_string()));
+                }
             }
             if a.sent < a.frames.len() && !writer_waits {
                 match a.send.poll_write_chunks(cx, &mut a.frames[a.sent..]) {
@@ -770,13 +772,12 @@ fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mu
 /// from) first, at once when the origin waits for it, else with the first frame sent anyway.
 /// Sets `a.finish` once this end has nothing more to say: its FIN is sent and the peer's FIN
 /// is written and acknowledged (the reader still waits for the peer's last acks).
-fn write_frames(end: &mut End<'_>, a: &mut Attempt) {
+///
+/// Errors: the peer acknowledged bytes this end has read but not yet sent it (a broken or
+/// hostile peer), so `a.pos` is before what is held.
+fn write_frames(end: &mut End<'_>, a: &mut Attempt) -> Result<(), FrameError> {
     let mut batch = Vec::new();
-    // `pos` is never before what is held: checked when the attempt started, and acks only
-    // move forward to what was sent.
-    if end.out.chunks_from(a.pos, &mut batch).is_err() {
-        return;
-    }
+    end.out.chunks_from(a.pos, &mut batch)?;
     let data_end = end.out.end();
     let new_pos = a.pos.max(data_end);
     let fin_now = end.out.finished() && new_pos == data_end;
@@ -824,4 +825,5 @@ fn write_frames(end: &mut End<'_>, a: &mut Attempt) {
         }
     }
     a.finish = all_sent && fin_written && end.ack_sent == end.delivered;
+    Ok(())
 }
