@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
@@ -49,7 +49,7 @@ use tracing::{debug, info};
 use super::header::{FlowHeader, ResumeExt};
 use super::priority::SmallFirst;
 use super::resume::{self, ACK_EVERY, Decoder, Event, FrameError, HeaderPool, MAX_FRAME, MAX_REPLAY, Replay, Token};
-use super::tcp::{BUF, CHUNKS, FIRST_BUF};
+use super::tcp::{BUF, CHUNKS, FIRST_BUF, consume, io_slices};
 use super::{Forwarder, Hop, codes};
 use crate::metrics::{self, Direction, FailReason, FlowMetrics};
 use crate::names::Protocol;
@@ -280,11 +280,10 @@ impl<'t> End<'t> {
                 Poll::Ready(r) => r?,
             }
             let written = {
-                let slices: [std::io::IoSlice<'_>; CHUNKS] =
-                    std::array::from_fn(|i| std::io::IoSlice::new(self.queue.get(i).map_or(&[], |c| c)));
-                self.tcp.try_write_vectored(&slices[..self.queue.len().min(CHUNKS)])
+                let (slices, n) = io_slices(&self.queue);
+                self.tcp.try_write_vectored(&slices[..n])
             };
-            let mut n = match written {
+            let n = match written {
                 Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -293,15 +292,9 @@ impl<'t> End<'t> {
             self.queued -= n as u64;
             self.wrote(n as u64, false);
             progress = true;
-            while n > 0 {
-                let Some(front) = self.queue.front_mut() else { break };
-                if front.len() <= n {
-                    n -= front.len();
-                    self.queue.pop_front();
-                } else {
-                    front.advance(n);
-                    n = 0;
-                }
+            consume(&mut self.queue, n);
+            while self.queue.front().is_some_and(Bytes::is_empty) {
+                self.queue.pop_front();
             }
         }
         // The FIN is behind all data: it goes once the queue is empty.

@@ -576,22 +576,42 @@ pub(super) async fn write_all_chunks<W: AsyncWrite + Unpin>(w: &mut W, chunks: &
         if pending.is_empty() {
             return Ok(total);
         }
-        let mut written = {
-            let slices: [IoSlice<'_>; CHUNKS] =
-                std::array::from_fn(|i| IoSlice::new(pending.get(i).map_or(&[], |c| c)));
-            w.write_vectored(&slices[..pending.len().min(CHUNKS)]).await?
+        let written = {
+            let (slices, n) = io_slices(pending);
+            w.write_vectored(&slices[..n]).await?
         };
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        for chunk in &mut chunks[first..] {
-            let n = written.min(chunk.len());
-            chunk.advance(n);
-            written -= n;
-            if written == 0 {
-                break;
-            }
+        consume(&mut chunks[first..], written);
+    }
+}
+
+/// The first [`CHUNKS`] (at most) of `chunks` as the slices of one `writev`, and how many
+/// of them there are.
+pub(super) fn io_slices<'a>(chunks: impl IntoIterator<Item = &'a Bytes>) -> ([IoSlice<'a>; CHUNKS], usize) {
+    let mut chunks = chunks.into_iter();
+    let mut n = 0;
+    let slices = std::array::from_fn(|_| match chunks.next() {
+        Some(c) => {
+            n += 1;
+            IoSlice::new(c)
         }
+        None => IoSlice::new(&[]),
+    });
+    (slices, n)
+}
+
+/// Takes the `written` bytes a `writev` took off the front of `chunks`: whole chunks are left
+/// empty, a partly written one is advanced.
+pub(super) fn consume<'a>(chunks: impl IntoIterator<Item = &'a mut Bytes>, mut written: usize) {
+    for chunk in chunks {
+        if written == 0 {
+            break;
+        }
+        let n = written.min(chunk.len());
+        chunk.advance(n);
+        written -= n;
     }
 }
 
