@@ -245,6 +245,7 @@ impl Agent {
                 vips_cidr: vips_cidr.clone(),
                 sidecar_gateway: config.gateway.clone(),
                 timing,
+                lanes: config.links.lanes.count(),
             },
             handler,
             shutdown.child_token(),
@@ -668,6 +669,42 @@ impl LinkHandler for Session {
                 }
             }
         };
+        tokio::select! {
+            r = writer => r,
+            r = reader => r,
+            r = self.carry(&conn) => r,
+        }
+    }
+
+    async fn run_lane(&self, name: &str, first: &quinn::Connection, lane: quinn::Connection) -> String {
+        /// Takes the lane out of routing however its session ends.
+        struct LaneGuard<'a> {
+            mesh: &'a Mesh,
+            first: &'a quinn::Connection,
+            lane: quinn::Connection,
+        }
+        impl Drop for LaneGuard<'_> {
+            fn drop(&mut self) {
+                self.mesh.lane_down(self.first, &self.lane);
+            }
+        }
+        if !self.mesh.lane_up(first, lane.clone()) {
+            return format!("link {name} is not routed");
+        }
+        let _guard = LaneGuard {
+            mesh: &self.mesh,
+            first,
+            lane: lane.clone(),
+        };
+        self.carry(&lane).await
+    }
+}
+
+impl Session {
+    /// Carries what the peer sends on `conn`, a link's first connection or one of its
+    /// lanes: flows (bidirectional streams), UDP datagrams, and datagrams too large for one
+    /// (unidirectional streams). Returns why the connection ended.
+    async fn carry(&self, conn: &quinn::Connection) -> String {
         let streams = async {
             loop {
                 match conn.accept_bi().await {
@@ -679,7 +716,7 @@ impl LinkHandler for Session {
         let datagrams = async {
             loop {
                 match conn.read_datagram().await {
-                    Ok(d) => self.forwarder.on_link_datagram(&conn, &d),
+                    Ok(d) => self.forwarder.on_link_datagram(conn, &d),
                     Err(e) => return describe_connection_error(&e),
                 }
             }
@@ -693,8 +730,6 @@ impl LinkHandler for Session {
             }
         };
         tokio::select! {
-            r = writer => r,
-            r = reader => r,
             r = streams => r,
             r = datagrams => r,
             r = unis => r,

@@ -828,6 +828,7 @@ fn links_table(links: &[LinkStatus]) -> String {
                 l.state.to_string(),
                 l.rtt_ms.map(|r| format!("{r:.1}ms")).unwrap_or_else(|| "-".into()),
                 l.cost.to_string(),
+                l.lanes.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
                 l.since.clone(),
                 format!("{:?}", l.role).to_lowercase(),
                 l.last_error.clone().unwrap_or_default(),
@@ -835,7 +836,7 @@ fn links_table(links: &[LinkStatus]) -> String {
         })
         .collect();
     table(
-        &["NAME", "PEER", "STATE", "RTT", "COST", "SINCE", "ROLE", "LAST ERROR"],
+        &["NAME", "PEER", "STATE", "RTT", "COST", "LANES", "SINCE", "ROLE", "LAST ERROR"],
         &rows,
     )
 }

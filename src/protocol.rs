@@ -206,6 +206,15 @@ pub enum Control {
         /// replacing each other. Absent from older dialers.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         link: Option<String>,
+        /// On a link's first connection: how many lanes (parallel QUIC connections,
+        /// `links.lanes`) the dialer would open. Absent from dialers without lanes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lanes: Option<u8>,
+        /// On an extra lane's connection: its index, from 1 ([`agree_lanes`] minus one at
+        /// most). Absent on a link's first connection, which is lane 0 and carries the
+        /// control stream.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lane: Option<u8>,
     },
     /// The acceptor's yes: the link is up from here on.
     Welcome {
@@ -214,6 +223,12 @@ pub enum Control {
         /// which speak version 1 only.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         version: Option<u32>,
+        /// On a link's first connection: how many lanes both ends use ([`agree_lanes`]).
+        /// Absent from acceptors without lanes, and for sidecars: then the link keeps one
+        /// connection, so a dialer never opens a lane an acceptor would take for a
+        /// reconnection.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lanes: Option<u8>,
     },
     /// The acceptor's no, with the reason; the connection is then closed.
     Reject { message: String },
@@ -229,6 +244,12 @@ pub enum Control {
 
 fn default_cost() -> u32 {
     1
+}
+
+/// The lanes a link uses: the fewer of what the dialer offered (`Hello.lanes`; one when
+/// absent) and what the acceptor is configured for (`ours`), at least one.
+pub fn agree_lanes(offered: Option<u8>, ours: u8) -> u8 {
+    offered.unwrap_or(1).min(ours).max(1)
 }
 
 /// Encodes one frame.
@@ -350,6 +371,8 @@ mod tests {
             vips_cidr: "127.77.0.0/16".into(),
             cost: 3,
             link: Some("london@2024-01-01T00:00:00Z".into()),
+            lanes: Some(4),
+            lane: None,
         };
         write_frame(&mut a, &hello).await.unwrap();
         write_frame(&mut a, &RedeemResponse::Rejected(Rejection::UsedUp { uses: 1 }))
@@ -404,12 +427,39 @@ mod tests {
             welcome,
             Control::Welcome {
                 site: "london".into(),
-                version: Some(1)
+                version: Some(1),
+                lanes: None,
             }
         );
         let r: RedeemResponse =
             serde_json::from_slice(br#"{"type":"rejected","reason":"quota_exceeded","limit":3}"#).unwrap();
         assert_eq!(r, RedeemResponse::Rejected(Rejection::Unrecognised));
+    }
+
+    #[test]
+    fn lanes_are_agreed_to_the_fewer_and_absent_fields_mean_one_connection() {
+        assert_eq!(agree_lanes(None, 8), 1, "a dialer without lanes");
+        assert_eq!(agree_lanes(Some(8), 2), 2);
+        assert_eq!(agree_lanes(Some(2), 8), 2);
+        assert_eq!(agree_lanes(Some(0), 4), 1, "never fewer than one");
+        // An older acceptor's welcome has no `lanes`: the dialer keeps one connection.
+        let old: Control = serde_json::from_slice(br#"{"type":"welcome","site":"london","version":1}"#).unwrap();
+        assert!(matches!(old, Control::Welcome { lanes: None, .. }));
+        // A first connection's hello names no lane; a lane's hello names its index.
+        let hello = |lane| Control::Hello {
+            version: 1,
+            min_version: Some(1),
+            site: "paris".into(),
+            vips_cidr: "127.77.0.0/16".into(),
+            cost: 1,
+            link: Some("london@x".into()),
+            lanes: Some(4),
+            lane,
+        };
+        let first = serde_json::to_string(&hello(None)).unwrap();
+        assert!(first.contains(r#""lanes":4"#) && !first.contains(r#""lane":"#), "{first}");
+        let third = serde_json::to_string(&hello(Some(2))).unwrap();
+        assert!(third.contains(r#""lane":2"#), "{third}");
     }
 
     #[test]

@@ -407,6 +407,7 @@ mod tests {
                 role: crate::link::Role::Dialer,
                 remote: Some("127.0.0.1:7401".into()),
                 last_error: None,
+                lanes: Some(2),
             }],
             vips: VipsStatus {
                 cidr: "127.77.0.0/16".parse().unwrap(),
@@ -475,7 +476,7 @@ mod tests {
             "links": [{
                 "name": "paris", "peer_site": "paris", "state": "up", "rtt_ms": 1.25, "cost": 3,
                 "since": "2027-01-15T08:00:00Z", "role": "dialer", "remote": "127.0.0.1:7401",
-                "last_error": null,
+                "last_error": null, "lanes": 2,
             }],
             "vips": {
                 "cidr": "127.77.0.0/16", "block": 95, "mode": "intercept",

@@ -410,8 +410,9 @@ impl Forwarder {
         }
     }
 
-    /// Where a flow for `target`, reached at `vip`, goes from here.
-    fn hop(&self, vip: &IpAddr, target: &VipTarget) -> Hop {
+    /// Where a flow for `target`, reached at `vip`, goes from here; `lane` is the flow's key
+    /// for the lane it takes on a link ([`crate::link::lanes::flow_key`]).
+    fn hop(&self, vip: &IpAddr, target: &VipTarget, lane: u64) -> Hop {
         let own_site = target.site == self.site;
         match self.mesh.role() {
             // A sidecar delivers its own pod's endpoints; everything else, its own site's
@@ -428,7 +429,7 @@ impl Forwarder {
             }
             Role::Gateway => {}
         }
-        match self.mesh.next_hop(&target.site) {
+        match self.mesh.next_hop(&target.site, lane) {
             Some(conn) => Hop::Conn(conn),
             None => Hop::Unreachable,
         }

@@ -111,6 +111,8 @@ pub(super) enum Side {
         token: Token,
         /// The flow's header, resent (with the extension) on every reopened stream.
         header: FlowHeader,
+        /// The flow's key for the lane it takes ([`crate::link::lanes::flow_key`]).
+        lane: u64,
     },
     /// Where the endpoint is: waits for the origin to reopen. Resumes arrive here.
     Terminus {
@@ -381,11 +383,11 @@ impl Forwarder {
                 // loop (measured: the whole flow's future twice as large).
                 let mut run = Box::pin(attempt(end, attach, greet, &cancel));
                 match side {
-                    Side::Origin { header, .. } => {
+                    Side::Origin { header, lane, .. } => {
                         let current = via.as_ref().map(|c| c.stable_id());
                         let moved = tokio::select! {
                             o = &mut run => Err(o),
-                            to = self.next_hop_moves(header, current) => Ok(to),
+                            to = self.next_hop_moves(header, *lane, current) => Ok(to),
                         };
                         match moved {
                             Err(o) => (o, None),
@@ -427,11 +429,11 @@ impl Forwarder {
                 continue;
             }
             attach = match side {
-                Side::Origin { token, header } => {
+                Side::Origin { token, header, lane } => {
                     debug!(%why, "flow's stream broke; reopening it");
                     let from = via.map(|c| c.remote_address().to_string()).unwrap_or_default();
                     // Boxed: rarely run, and inline it would size every flow's future.
-                    match Box::pin(self.reopen(end, header, *token)).await {
+                    match Box::pin(self.reopen(end, header, *lane, *token)).await {
                         Ok(a) => {
                             let to = a
                                 .via
@@ -466,13 +468,13 @@ impl Forwarder {
     }
 
     /// Where the origin's flow for `header` goes from here now, if over a connection.
-    fn current_conn(&self, header: &FlowHeader) -> Option<quinn::Connection> {
+    fn current_conn(&self, header: &FlowHeader, lane: u64) -> Option<quinn::Connection> {
         let view = self.mesh.view();
         let target = view
             .vips
             .get(&header.vip)
             .filter(|t| t.ready && t.exports(header.port, Protocol::Tcp))?;
-        match self.hop(&header.vip, target) {
+        match self.hop(&header.vip, target, lane) {
             Hop::Conn(c) => Some(c),
             Hop::Local | Hop::Unreachable => None,
         }
@@ -480,13 +482,13 @@ impl Forwarder {
 
     /// Returns (the new next hop's address) once routing sends the flow over a connection
     /// other than `current`; never while there is no other way (the flow waits on its own).
-    async fn next_hop_moves(&self, header: &FlowHeader, current: Option<usize>) -> String {
+    async fn next_hop_moves(&self, header: &FlowHeader, lane: u64, current: Option<usize>) -> String {
         let mut views = self.mesh.subscribe();
         loop {
             if views.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
-            if let Some(c) = self.current_conn(header)
+            if let Some(c) = self.current_conn(header, lane)
                 && Some(c.stable_id()) != current
             {
                 return c.remote_address().to_string();
@@ -496,7 +498,7 @@ impl Forwarder {
 
     /// Reopens the origin's flow on the current next hop, retrying until
     /// `links.idle_timeout`; returns the new stream, or how the flow ended.
-    async fn reopen(&self, end: &End<'_>, header: &FlowHeader, token: Token) -> Result<Attach, Outcome> {
+    async fn reopen(&self, end: &End<'_>, header: &FlowHeader, lane: u64, token: Token) -> Result<Attach, Outcome> {
         let deadline = Instant::now() + self.opts.resume_window;
         loop {
             let now = Instant::now();
@@ -506,7 +508,7 @@ impl Forwarder {
                     self.opts.resume_window
                 )));
             }
-            if let Some(conn) = self.current_conn(header) {
+            if let Some(conn) = self.current_conn(header, lane) {
                 let ext = ResumeExt {
                     token,
                     resuming: true,

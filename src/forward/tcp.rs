@@ -174,7 +174,10 @@ impl Forwarder {
         };
         let _ = client.set_nodelay(true);
         flow.opened();
-        let conn = match self.hop(&vip, target) {
+        // The flow's lane on each link: from the client's address and port, so a resumable
+        // flow that reopens takes the same lane while that lane lasts.
+        let lane = crate::link::lanes::flow_key(client.peer_addr().ok());
+        let conn = match self.hop(&vip, target, lane) {
             Hop::Local => {
                 let server = match connect(SocketAddr::new(target.ip, port)).await {
                     Ok(s) => s,
@@ -264,7 +267,7 @@ impl Forwarder {
             if let Some(attach) = attach {
                 // Boxed: a resumable flow's state is large, and unboxed it would size every
                 // plain flow's future too (about 5 KiB more per idle plain flow, measured).
-                let refused = Box::pin(self.resumable(client, attach, Side::Origin { token, header }, &flow)).await;
+                let refused = Box::pin(self.resumable(client, attach, Side::Origin { token, header, lane }, &flow)).await;
                 if refused {
                     // A terminus (or relay) on the path cannot resume: later flows go plain.
                     self.set_resume_support(&target.site, false);
@@ -370,7 +373,8 @@ impl Forwarder {
                 // A sidecar delivers to its own pod only; it never relays.
                 (Role::Sidecar, false) => return refuse(&mut send, &mut recv, codes::UNREACHABLE),
                 (Role::Sidecar, true) => None,
-                (Role::Gateway, false) => match self.mesh.next_hop(&header.site) {
+                // A relayed stream is never reopened here: any lane will do.
+                (Role::Gateway, false) => match self.mesh.next_hop(&header.site, rand::random()) {
                     Some(conn) => Some(conn),
                     None => {
                         relay.failed(FailReason::NoRoute);

@@ -280,7 +280,7 @@ impl Forwarder {
             // sends from (peer protocols check both).
             src: self.src_vip(target).map(|ip| SocketAddr::new(ip, client.port())),
         };
-        let next = match self.hop(&vip, target) {
+        let next = match self.hop(&vip, target, crate::link::lanes::flow_key(client)) {
             Hop::Local => Next::Local,
             Hop::Conn(conn) => Next::Link(conn),
             Hop::Unreachable => Next::Unreachable,
@@ -345,7 +345,10 @@ impl Forwarder {
                 let event = if header.site == self.site {
                     Event::Deliver { flow, header, from }
                 } else {
-                    let next = self.mesh.next_hop(&header.site);
+                    // The lane from the flow as this hop knows it, so all its datagrams
+                    // keep one lane (and one relay entry) onward.
+                    let lane = crate::link::lanes::flow_key((from.stable_id(), flow));
+                    let next = self.mesh.next_hop(&header.site, lane);
                     Event::Relay {
                         flow,
                         header,

@@ -27,6 +27,7 @@
 //! carries out the table's [`table::Action`]s.
 
 pub mod backoff;
+pub mod lanes;
 pub mod liveness;
 pub mod redeem;
 pub mod table;
@@ -136,6 +137,10 @@ pub struct LinkOptions {
     pub sidecar_gateway: Option<String>,
     /// Keep-alive and idle timeout of the connections we dial (`links:`).
     pub timing: crate::quic::LinkTiming,
+    /// Most lanes (parallel QUIC connections) per link to another site (`links.lanes`,
+    /// resolved): a link uses the fewer of both ends' ([`protocol::agree_lanes`]). A
+    /// sidecar's link to its gateway always has one.
+    pub lanes: u8,
 }
 
 /// The content of `links.yaml`.
@@ -180,6 +185,10 @@ pub struct LinkStatus {
     pub remote: Option<String>,
     /// Why the last attempt failed or the last connection ended, while not up.
     pub last_error: Option<String>,
+    /// How many of the link's lanes (parallel QUIC connections, `links.lanes`) are up,
+    /// its first connection included; absent while the link is not up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lanes: Option<usize>,
 }
 
 /// An established link (after `Hello`/`Welcome`), handed to the agent's [`LinkHandler`].
@@ -211,6 +220,39 @@ pub trait LinkHandler: Send + Sync + 'static {
     /// The link `name` on `conn` fell silent for `links.down_after` (`silent`), or was heard
     /// again: take it out of routing and DNS, or back in. Its connection stays.
     fn silent(&self, name: &str, conn: &quinn::Connection, silent: bool);
+
+    /// Carries flows and datagrams on `lane`, an extra lane of link `name` whose first
+    /// connection is `first` ([`lanes`]), until it ends (or is dropped); returns why.
+    async fn run_lane(&self, name: &str, first: &quinn::Connection, lane: quinn::Connection) -> String;
+}
+
+/// A dialled connection after its hello was welcomed.
+struct Dialed {
+    conn: quinn::Connection,
+    /// The control stream (unused on an extra lane, whose hello is all it carries).
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    /// How many lanes the link uses, as the acceptor agreed (first connection only).
+    lanes: u8,
+}
+
+/// What the acceptor learnt from a welcomed hello.
+struct Greeted {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    /// The link cost the dialer configured.
+    cost: u32,
+    /// The dialer's link identity.
+    peer_link: Option<String>,
+    /// For an extra lane: its index, and the link's first connection it joins.
+    lane: Option<(u8, quinn::Connection)>,
+}
+
+/// Closes extra lanes whose first connection ended.
+fn close_lanes(lanes: Vec<quinn::Connection>) {
+    for lane in lanes {
+        lane.close(close::SHUTDOWN.into(), b"the link's first connection ended");
+    }
 }
 
 /// The links of one agent: the [`LinkTable`] and the tasks and connections behind it.
@@ -225,6 +267,8 @@ pub struct Links {
     vips_cidr: String,
     /// Keep-alive and idle timeout of the connections we dial.
     timing: crate::quic::LinkTiming,
+    /// Most lanes per link (`links.lanes`, resolved; see [`LinkOptions::lanes`]).
+    lanes: u8,
     /// Where records are persisted.
     path: std::path::PathBuf,
     /// Records and live state by link name: the pure part, which says what to do.
@@ -261,6 +305,7 @@ impl Links {
             vips_cidr,
             sidecar_gateway,
             timing,
+            lanes,
         } = opts;
         let path = state_dir.links();
         let book: LinkBook = match &sidecar_gateway {
@@ -298,6 +343,7 @@ impl Links {
             endpoint,
             vips_cidr,
             timing,
+            lanes: lanes.max(1),
             path,
             table: Arc::new(Mutex::new(table)),
             cancels: Mutex::new(BTreeMap::new()),
@@ -471,27 +517,30 @@ impl Links {
                 _ = cancel.cancelled() => break,
             };
             match result {
-                Ok((conn, send, recv)) => {
+                Ok(Dialed { conn, send, recv, lanes }) => {
                     backoff.reset();
-                    info!(remote = %conn.remote_address(), rtt_ms = conn.rtt().as_millis() as u64, "link up");
+                    info!(remote = %conn.remote_address(), rtt_ms = conn.rtt().as_millis() as u64, lanes, "link up");
                     self.up(&record.name, &conn, None);
-                    let reason = self
-                        .session(Established {
-                            name: record.name.clone(),
-                            peer_site: record.peer_site.clone(),
-                            cost: record.cost,
-                            peer: self.identity.role.dialed_peer(),
-                            conn: conn.clone(),
-                            send,
-                            recv,
-                            cancel: cancel.clone(),
-                        })
-                        .await;
+                    let session = self.session(Established {
+                        name: record.name.clone(),
+                        peer_site: record.peer_site.clone(),
+                        cost: record.cost,
+                        peer: self.identity.role.dialed_peer(),
+                        conn: conn.clone(),
+                        send,
+                        recv,
+                        cancel: cancel.clone(),
+                    });
+                    let reason = tokio::select! {
+                        reason = session => reason,
+                        never = self.keep_lanes(&record, &conn, lanes, &cancel) => match never {},
+                    };
+                    let lanes = self.event(|t| t.ended(&record.name, &conn, LinkState::Connecting, reason.clone(), SystemTime::now()));
+                    close_lanes(lanes);
                     if cancel.is_cancelled() {
                         break;
                     }
                     warn!(reason = %reason, "link down; reconnecting");
-                    self.event(|t| t.ended(&record.name, &conn, LinkState::Connecting, reason, SystemTime::now()));
                 }
                 Err(e) => {
                     if attempt == 1 || attempt % 10 == 0 {
@@ -512,16 +561,13 @@ impl Links {
     }
 
     /// One attempt: every address of the peer in turn, handshake, then hello.
-    async fn connect(
-        &self,
-        record: &LinkRecord,
-    ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
+    async fn connect(&self, record: &LinkRecord) -> Result<Dialed, String> {
         let ca = identity::parse_cert_pem(&record.peer_ca, "peer_ca").map_err(|e| e.to_string())?;
         let cfg = crate::quic::client_config(&self.identity, &ca, ALPN_LINK, true, &self.timing)
             .map_err(|e| e.to_string())?;
         let mut errors = Vec::new();
         for addr in resolve_all(&record.addresses, &mut errors).await {
-            match tokio::time::timeout(DIAL_TIMEOUT, self.connect_addr(&cfg, addr, record)).await {
+            match tokio::time::timeout(DIAL_TIMEOUT, self.connect_addr(&cfg, addr, record, None)).await {
                 Ok(Ok(ok)) => return Ok(ok),
                 Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
                 Err(_) => errors.push(format!("{addr}: timed out")),
@@ -530,12 +576,15 @@ impl Links {
         Err(errors.join("; "))
     }
 
+    /// One handshake and hello at `addr`: the link's first connection (`lane` = `None`), or
+    /// its extra lane `lane`.
     async fn connect_addr(
         &self,
         cfg: &quinn::ClientConfig,
         addr: std::net::SocketAddr,
         record: &LinkRecord,
-    ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), String> {
+        lane: Option<u8>,
+    ) -> Result<Dialed, String> {
         let (peer_site, cost) = (record.peer_site.as_str(), record.cost);
         let conn = self
             .endpoint
@@ -551,6 +600,9 @@ impl Links {
             vips_cidr: self.vips_cidr.clone(),
             cost,
             link: Some(link_identity(record)),
+            // Lanes are for links between sites; a sidecar's link to its gateway has one.
+            lanes: (self.identity.role.dialed_peer() == Peer::Site && lane.is_none()).then_some(self.lanes),
+            lane,
         };
         // With TLS 1.3 a refused client certificate shows up only after connect(): on this
         // write or on the read below, whichever meets the close first. Either way, say why
@@ -570,9 +622,16 @@ impl Links {
             return Err(closed_because(e).await);
         }
         match protocol::read_frame::<_, Control>(&mut recv).await {
-            Ok(Control::Welcome { site, version }) if site == peer_site => {
-                debug!(peer = %site, version = version.unwrap_or(1), "link protocol agreed");
-                Ok((conn, send, recv))
+            Ok(Control::Welcome { site, version, lanes }) if site == peer_site => {
+                debug!(peer = %site, version = version.unwrap_or(1), lanes, "link protocol agreed");
+                Ok(Dialed {
+                    conn,
+                    send,
+                    recv,
+                    // An acceptor without lanes names none: then one connection, so no
+                    // lane can ever be taken there for a reconnection of the link.
+                    lanes: lanes.unwrap_or(1).clamp(1, self.lanes),
+                })
             }
             Ok(Control::Welcome { site, .. }) => {
                 conn.close(close::PROTOCOL.into(), b"unexpected site");
@@ -585,6 +644,115 @@ impl Links {
             }
             Err(e) => Err(closed_because(e).await),
         }
+    }
+
+    /// Keeps the extra lanes of a dialled link up while its first connection `first` runs
+    /// (the caller drops this future when it ends, which ends the lanes): dials the missing
+    /// ones one at a time (a source may have only a few handshakes in flight at the
+    /// acceptor), and dials a lane again after backoff when it fails alone. Never returns.
+    async fn keep_lanes(
+        &self,
+        record: &LinkRecord,
+        first: &quinn::Connection,
+        lanes: u8,
+        cancel: &CancellationToken,
+    ) -> std::convert::Infallible {
+        let Some(me) = self.me.upgrade() else {
+            return std::future::pending().await;
+        };
+        let mut missing: Vec<u8> = (1..lanes).rev().collect();
+        let mut running = tokio::task::JoinSet::new();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let next = missing.last().copied();
+            tokio::select! {
+                (i, dialed) = async {
+                    match next {
+                        Some(i) => (i, self.dial_lane(record, first, i).await),
+                        None => std::future::pending().await,
+                    }
+                } => match dialed {
+                    Ok(lane) => {
+                        missing.pop();
+                        backoff.reset();
+                        let (me, name, first, cancel) = (me.clone(), record.name.clone(), first.clone(), cancel.clone());
+                        running.spawn(async move { me.lane_session(&name, &first, lane, i, &cancel).await }.in_current_span());
+                    }
+                    Err(e) => {
+                        debug!(lane = i, error = %e, "lane attempt failed");
+                        tokio::time::sleep(backoff.next_delay(rand::random::<f64>())).await;
+                    }
+                },
+                Some(ended) = running.join_next() => {
+                    if let Ok(i) = ended {
+                        missing.push(i);
+                    }
+                    tokio::time::sleep(backoff.next_delay(rand::random::<f64>())).await;
+                }
+            }
+        }
+    }
+
+    /// Dials extra lane `index` of the link whose first connection is `first`, to the same
+    /// address.
+    async fn dial_lane(&self, record: &LinkRecord, first: &quinn::Connection, index: u8) -> Result<quinn::Connection, String> {
+        let ca = identity::parse_cert_pem(&record.peer_ca, "peer_ca").map_err(|e| e.to_string())?;
+        let cfg = crate::quic::client_config(&self.identity, &ca, ALPN_LINK, true, &self.timing)
+            .map_err(|e| e.to_string())?;
+        let dialed = tokio::time::timeout(
+            DIAL_TIMEOUT,
+            self.connect_addr(&cfg, first.remote_address(), record, Some(index)),
+        )
+        .await
+        .map_err(|_| "timed out".to_string())??;
+        Ok(dialed.conn)
+    }
+
+    /// Runs extra lane `index` of link `name` (first connection `first`), on either side,
+    /// until it, the first connection or the link ends; returns `index`. The lane is in the
+    /// table (for `link list` and metrics) while this runs, and closed when it returns or is
+    /// dropped.
+    async fn lane_session(
+        &self,
+        name: &str,
+        first: &quinn::Connection,
+        lane: quinn::Connection,
+        index: u8,
+        cancel: &CancellationToken,
+    ) -> u8 {
+        /// Takes the lane out of the table and closes it, however the session ends.
+        struct Guard<'a> {
+            links: &'a Links,
+            name: &'a str,
+            lane: quinn::Connection,
+            reason: String,
+        }
+        impl Drop for Guard<'_> {
+            fn drop(&mut self) {
+                self.links.event(|t| t.lane_ended(self.name, &self.lane));
+                self.lane.close(close::SHUTDOWN.into(), b"lane closed");
+                debug!(reason = %self.reason, "lane ended");
+            }
+        }
+        lane.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(crate::quic::LINK_BIDI_STREAMS));
+        if !self.event(|t| t.lane_up(name, first, lane.clone())) {
+            lane.close(close::SHUTDOWN.into(), b"the link's first connection ended");
+            return index;
+        }
+        let mut guard = Guard {
+            links: self,
+            name,
+            lane: lane.clone(),
+            reason: String::new(),
+        };
+        debug!(lane = index, remote = %lane.remote_address(), "lane up");
+        guard.reason = tokio::select! {
+            r = self.handler.run_lane(name, first, lane.clone()) => r,
+            e = lane.closed() => describe_connection_error(&e),
+            _ = first.closed() => "the link's first connection ended".to_string(),
+            _ = cancel.cancelled() => "link stopped".to_string(),
+        };
+        index
     }
 
     /// Handles a connection that arrived with the link ALPN: identifies the peer by its
@@ -615,13 +783,26 @@ impl Links {
         };
         let span = info_span!("link", name = %name, peer = %site, role = "acceptor");
         async move {
-            let Some((send, recv, cost, peer_link)) = self.hello(&conn, &site, Some(&name)).await else {
+            let Some(Greeted {
+                send,
+                recv,
+                cost,
+                peer_link,
+                lane,
+            }) = self.hello(&conn, &site, Some(&name)).await
+            else {
                 return;
             };
             if !self.contains(&name) {
                 return;
             }
             let cancel = self.cancel_token(&name);
+            if let Some((index, first)) = lane {
+                // The hello was all an extra lane's control stream carries.
+                drop((send, recv));
+                self.lane_session(&name, &first, conn, index, &cancel).await;
+                return;
+            }
             info!(%remote, "link up");
             self.up(&name, &conn, peer_link);
             let reason = self
@@ -637,7 +818,7 @@ impl Links {
                 })
                 .await;
             info!(reason = %reason, "link down");
-            self.event(|t| t.ended(&name, &conn, LinkState::Down, reason, SystemTime::now()));
+            close_lanes(self.event(|t| t.ended(&name, &conn, LinkState::Down, reason, SystemTime::now())));
         }
         .instrument(span)
         .await
@@ -651,7 +832,7 @@ impl Links {
         let span = info_span!("member", %remote);
         async move {
             let site = self.identity.site.clone();
-            let Some((send, recv, _, _)) = self.hello(&conn, &site, None).await else {
+            let Some(Greeted { send, recv, .. }) = self.hello(&conn, &site, None).await else {
                 return;
             };
             info!("sidecar connected");
@@ -690,13 +871,10 @@ impl Links {
     /// The acceptor's side of the hello: checks the dialer's claims against its certificate
     /// (`site`) and our settings, and, for a site's link `link`, that no other link of that
     /// site is live on it; answers `Welcome` or `Reject`. Returns the control stream, the
-    /// link cost the dialer configured and the dialer's link identity.
-    async fn hello(
-        &self,
-        conn: &quinn::Connection,
-        site: &str,
-        link: Option<&str>,
-    ) -> Option<(quinn::SendStream, quinn::RecvStream, u32, Option<String>)> {
+    /// link cost the dialer configured and the dialer's link identity, and for an extra
+    /// lane ([`lanes`]) the first connection it joins. A lane is welcomed only on a site's
+    /// link that is up with the same dialer link; it never replaces the link's connection.
+    async fn hello(&self, conn: &quinn::Connection, site: &str, link: Option<&str>) -> Option<Greeted> {
         let remote = conn.remote_address();
         let exchange = async {
             let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| describe_connection_error(&e))?;
@@ -727,6 +905,23 @@ impl Links {
                     }),
                 other => Some(format!("expected hello, got {other:?}")),
             };
+            // An extra lane joins the live first connection of the same dialer link.
+            let (reject, lane) = match (&msg, reject, link) {
+                (_, Some(r), _) => (Some(r), None),
+                (Control::Hello { lane: Some(i), .. }, None, _) if *i == 0 || *i >= crate::config::MAX_LANES => {
+                    (Some(format!("lane {i} is out of range")), None)
+                }
+                (Control::Hello { lane: Some(_), .. }, None, None) => {
+                    (Some("a sidecar's link has no lanes".to_string()), None)
+                }
+                (Control::Hello { lane: Some(i), link: claimed, .. }, None, Some(name)) => {
+                    match self.lock().lane_first(name, claimed.as_deref()) {
+                        Ok(first) => (None, Some((*i, first))),
+                        Err(e) => (Some(e), None),
+                    }
+                }
+                (_, None, _) => (None, None),
+            };
             if let Some(message) = reject {
                 let _ = protocol::write_frame(
                     &mut send,
@@ -740,11 +935,19 @@ impl Links {
                 conn.close(close::REJECTED.into(), message.as_bytes());
                 return Err(message);
             }
+            // Lanes are agreed on a site's link's first connection; a sidecar's has one.
+            let lanes = match &msg {
+                Control::Hello { lanes: offered, .. } if link.is_some() && lane.is_none() => {
+                    Some(protocol::agree_lanes(*offered, self.lanes))
+                }
+                _ => None,
+            };
             protocol::write_frame(
                 &mut send,
                 &Control::Welcome {
                     site: self.identity.site.clone(),
                     version: agreed.ok(),
+                    lanes,
                 },
             )
             .await
@@ -753,7 +956,13 @@ impl Links {
                 Control::Hello { cost, link, .. } => (cost.max(1), link),
                 _ => (1, None),
             };
-            Ok::<_, String>((send, recv, cost, peer_link))
+            Ok::<_, String>(Greeted {
+                send,
+                recv,
+                cost,
+                peer_link,
+                lane,
+            })
         };
         match tokio::time::timeout(DIAL_TIMEOUT, exchange).await {
             Ok(Ok(streams)) => Some(streams),
@@ -818,19 +1027,26 @@ impl Links {
         }
     }
 
-    /// Per-link numbers for metrics: (name, peer, up, rtt, bytes sent, bytes received).
+    /// Per-link numbers for metrics: (name, peer, up, rtt, bytes sent, bytes received). The
+    /// RTT is the first connection's; bytes are every lane's that is up.
     pub fn stats(&self) -> Vec<(String, String, bool, Option<Duration>, u64, u64)> {
-        self.lock()
+        let table = self.lock();
+        table
             .each()
             .map(|(name, peer, conn)| {
-                let stats = conn.map(|c| c.stats());
+                let (mut tx, mut rx) = (0, 0);
+                for c in conn.into_iter().chain(table.lanes(name).iter().filter(|_| conn.is_some())) {
+                    let s = c.stats();
+                    tx += s.udp_tx.bytes;
+                    rx += s.udp_rx.bytes;
+                }
                 (
                     name.to_string(),
                     peer.to_string(),
                     conn.is_some(),
                     conn.map(|c| c.rtt()),
-                    stats.as_ref().map(|s| s.udp_tx.bytes).unwrap_or(0),
-                    stats.as_ref().map(|s| s.udp_rx.bytes).unwrap_or(0),
+                    tx,
+                    rx,
                 )
             })
             .collect()

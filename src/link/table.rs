@@ -147,6 +147,9 @@ struct Entry<C> {
     /// The current connection: the only one that may take the link down, and the one a
     /// newer connection replaces.
     conn: Option<C>,
+    /// The current connection's extra lanes ([`super::lanes`]) that are up: they live and
+    /// die with it.
+    lanes: Vec<C>,
     /// Why the last attempt failed or the last connection ended (shown while not up).
     last_error: Option<String>,
     /// For an acceptor: the dialer's link identity (from its hello) of the current
@@ -168,6 +171,7 @@ impl<C> Entry<C> {
             state,
             since: now,
             conn: None,
+            lanes: Vec::new(),
             last_error: None,
             peer_link: None,
             duplicate_of: None,
@@ -397,6 +401,11 @@ impl<C: Conn> LinkTable<C> {
                 code: close::REPLACED,
                 reason: "replaced by a newer connection",
             });
+            actions.extend(e.lanes.drain(..).map(|lane| Action::Close {
+                conn: lane,
+                code: close::REPLACED,
+                reason: "the link's first connection was replaced",
+            }));
         }
         e.conn = Some(conn);
         e.peer_link = peer_link;
@@ -408,14 +417,67 @@ impl<C: Conn> LinkTable<C> {
     /// (`connecting` for a dialer, which retries; `down` for an acceptor). Ignored unless
     /// `conn` is the link's current connection or it has none: an old connection ending
     /// late must not take down its replacement.
-    pub fn ended(&mut self, name: &str, conn: &C, next: LinkState, reason: String, now: SystemTime) {
-        let Some(e) = self.entries.get_mut(name) else { return };
+    ///
+    /// Returns the connection's extra lanes, which end with it: the shell closes them.
+    pub fn ended(&mut self, name: &str, conn: &C, next: LinkState, reason: String, now: SystemTime) -> Vec<C> {
+        let Some(e) = self.entries.get_mut(name) else {
+            return Vec::new();
+        };
         if e.conn.as_ref().is_some_and(|cur| cur.id() != conn.id()) {
-            return;
+            return Vec::new();
         }
         e.conn = None;
         e.set_state(next, now);
         e.last_error = Some(reason);
+        std::mem::take(&mut e.lanes)
+    }
+
+    /// Whether an extra lane claiming to belong to the dialer link `claimed` may join link
+    /// `name` now: the link must be up on a live first connection of that same dialer link
+    /// (an acceptor) or of ours (a dialer, `claimed` = `None`). Returns that first
+    /// connection, or why not.
+    pub fn lane_first(&self, name: &str, claimed: Option<&str>) -> Result<C, String> {
+        let e = self.entries.get(name).ok_or_else(|| format!("no link {name:?}"))?;
+        let first = e
+            .conn
+            .as_ref()
+            .filter(|c| !c.is_closed())
+            .ok_or_else(|| format!("link {name:?} has no live first connection for a lane to join"))?;
+        if e.peer_link.as_deref() != claimed {
+            return Err(format!(
+                "the lane claims link {:?} but link {name:?} is up with {:?}",
+                claimed.unwrap_or("-"),
+                e.peer_link.as_deref().unwrap_or("-")
+            ));
+        }
+        Ok(first.clone())
+    }
+
+    /// An extra lane `lane` of link `name`'s first connection `first` is up. False (the
+    /// lane should close) when `first` is no longer the link's connection.
+    pub fn lane_up(&mut self, name: &str, first: &C, lane: C) -> bool {
+        let Some(e) = self.entries.get_mut(name) else {
+            return false;
+        };
+        if e.conn.as_ref().map(|c| c.id()) != Some(first.id()) {
+            return false;
+        }
+        if !e.lanes.iter().any(|l| l.id() == lane.id()) {
+            e.lanes.push(lane);
+        }
+        true
+    }
+
+    /// An extra lane of link `name` ended.
+    pub fn lane_ended(&mut self, name: &str, lane: &C) {
+        if let Some(e) = self.entries.get_mut(name) {
+            e.lanes.retain(|l| l.id() != lane.id());
+        }
+    }
+
+    /// The extra lanes of link `name` that are up (for metrics: their bytes count too).
+    pub fn lanes(&self, name: &str) -> &[C] {
+        self.entries.get(name).map_or(&[], |e| e.lanes.as_slice())
     }
 
     /// Link `name`'s connection `conn` fell silent for `links.down_after` (`silent`), or was
@@ -506,6 +568,7 @@ impl<C: Conn> LinkTable<C> {
                         None => None,
                     },
                     last_error: if up { None } else { e.last_error.clone() },
+                    lanes: conn.map(|_| 1 + e.lanes.len()),
                 }
             })
             .collect()
@@ -537,7 +600,9 @@ impl<C: Conn> LinkTable<C> {
 
     /// Every current connection (for closing them all at shutdown).
     pub fn conns(&self) -> impl Iterator<Item = &C> {
-        self.entries.values().filter_map(|e| e.conn.as_ref())
+        self.entries
+            .values()
+            .flat_map(|e| e.conn.as_ref().into_iter().chain(e.lanes.iter()))
     }
 }
 

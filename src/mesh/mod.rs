@@ -39,6 +39,7 @@ use tracing::warn;
 use self::core::{Action, ConnId, Event, MeshCore, Publication, To};
 use crate::catalog::{Advert, EndpointAd, PortAd, ServiceAd, View};
 use crate::config::Export;
+use crate::link::lanes::LaneSet;
 use crate::metrics::Metrics;
 use crate::protocol::Control;
 use crate::role::Role;
@@ -91,8 +92,9 @@ pub struct Mesh {
     inner: Mutex<Shell>,
     /// The current view, for listeners, DNS and the admin API.
     view: watch::Sender<Arc<View>>,
-    /// Destination site → connection to the next hop: read on every flow and datagram.
-    routes: RwLock<HashMap<String, quinn::Connection>>,
+    /// Destination site → lanes of the link to the next hop: read on every flow and
+    /// datagram.
+    routes: RwLock<HashMap<String, Arc<LaneSet>>>,
     /// VIP → connection of the sidecar that delivers it (gateways only); read per flow.
     member_routes: RwLock<HashMap<IpAddr, quinn::Connection>>,
     /// Gateway, or sidecar (member mode, see the module doc).
@@ -107,8 +109,9 @@ struct Shell {
     links: BTreeMap<String, (ConnId, mpsc::UnboundedSender<Control>)>,
     /// Control streams of connected sidecars by name (gateways only).
     members: BTreeMap<String, (ConnId, mpsc::UnboundedSender<Control>)>,
-    /// Every connection the core may route to, by id.
-    conns: HashMap<ConnId, quinn::Connection>,
+    /// Every connection the core may route to, by the id of its first connection, with
+    /// the link's extra lanes ([`crate::link::lanes`]).
+    conns: HashMap<ConnId, Arc<LaneSet>>,
 }
 
 impl Mesh {
@@ -187,7 +190,7 @@ impl Mesh {
             routes,
             member_routes,
         } = p;
-        let routes: HashMap<String, quinn::Connection> = routes
+        let routes: HashMap<String, Arc<LaneSet>> = routes
             .into_iter()
             .filter_map(|(site, id)| shell.conns.get(&id).map(|c| (site, c.clone())))
             .collect();
@@ -197,7 +200,7 @@ impl Mesh {
         }
         let member_routes: HashMap<IpAddr, quinn::Connection> = member_routes
             .into_iter()
-            .filter_map(|(vip, id)| shell.conns.get(&id).map(|c| (vip, c.clone())))
+            .filter_map(|(vip, id)| shell.conns.get(&id).map(|c| (vip, c.first().clone())))
             .collect();
         match self.member_routes.write() {
             Ok(mut r) => *r = member_routes,
@@ -240,11 +243,32 @@ impl Mesh {
         self.view.subscribe()
     }
 
-    /// The connection a flow to `site` leaves on, if `site` is reachable.
-    pub fn next_hop(&self, site: &str) -> Option<quinn::Connection> {
+    /// The connection a flow to `site` leaves on, if `site` is reachable: the lane of the
+    /// next hop's link that the flow's `key` ([`crate::link::lanes::flow_key`]) picks, the
+    /// same one for the same key while the link's lanes stay.
+    pub fn next_hop(&self, site: &str, key: u64) -> Option<quinn::Connection> {
         match self.routes.read() {
-            Ok(r) => r.get(site).cloned(),
-            Err(p) => p.into_inner().get(site).cloned(),
+            Ok(r) => r.get(site).map(|l| l.pick(key)),
+            Err(p) => p.into_inner().get(site).map(|l| l.pick(key)),
+        }
+    }
+
+    /// An extra lane of the link whose first connection is `first` came up: new flows may
+    /// take it. False when that link is no longer routed (the lane should close).
+    pub fn lane_up(&self, first: &quinn::Connection, lane: quinn::Connection) -> bool {
+        match self.lock().conns.get(&first.stable_id()) {
+            Some(lanes) => {
+                lanes.add(lane);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// An extra lane of the link whose first connection is `first` ended.
+    pub fn lane_down(&self, first: &quinn::Connection, lane: &quinn::Connection) {
+        if let Some(lanes) = self.lock().conns.get(&first.stable_id()) {
+            lanes.remove(lane);
         }
     }
 
@@ -299,7 +323,7 @@ impl Mesh {
     pub fn member_up(&self, name: &str, conn: quinn::Connection, control: mpsc::UnboundedSender<Control>) {
         let mut shell = self.lock();
         let id = conn.stable_id();
-        shell.conns.insert(id, conn);
+        shell.conns.insert(id, Arc::new(LaneSet::new(conn)));
         shell.members.insert(name.to_string(), (id, control));
         let _ = self.handle(
             &mut shell,
@@ -348,7 +372,7 @@ impl Mesh {
     ) {
         let mut shell = self.lock();
         let id = conn.stable_id();
-        shell.conns.insert(id, conn);
+        shell.conns.insert(id, Arc::new(LaneSet::new(conn)));
         shell.links.insert(name.to_string(), (id, control));
         let _ = self.handle(
             &mut shell,

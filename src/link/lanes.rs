@@ -1,0 +1,177 @@
+//! Lanes: a link's parallel QUIC connections (`links.lanes`), and which one a flow takes.
+//!
+//! One QUIC connection is driven by one task: its packets are decrypted, acknowledged and
+//! reassembled in order on one core, so one link could never use more than one core, and an
+//! interactive flow's packet waited behind every bulk packet read before it. A link therefore
+//! runs up to [`MAX_LANES`](crate::config::MAX_LANES) connections between the same two
+//! agents. Lane 0 is the link's first connection: it carries the control stream, and its
+//! liveness is the link's (`links.down_after`). The dialer opens the others once the first is
+//! up, each with a hello naming its index, and keeps them open while the first lasts; when
+//! the first ends, its lanes end with it. A lane that fails alone is dialled again, and its
+//! resumable flows move to the other lanes.
+//!
+//! Every flow stays on one lane: a TCP flow is one stream, and a UDP flow's datagrams keep
+//! their order and their relay's flow entry. The lane is chosen by rendezvous hashing
+//! (highest random weight) of a per-flow key over the lanes' connection ids, so a lane that
+//! comes or goes moves only the flows that were on it or now hash to it (about 1 in n), never
+//! the rest. [`pick_index`] is that choice, pure and unit-tested; [`LaneSet`] holds one
+//! link's live connections for the data plane.
+
+use std::sync::RwLock;
+
+/// Mixes a 64-bit value (splitmix64's finaliser): every input bit moves every output bit,
+/// so nearby keys (consecutive source ports) and nearby connection ids spread evenly.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The index in `ids` (the lanes' connection ids) of the lane a flow with `key` takes:
+/// the one whose `mix(key, id)` weighs most. `None` for no lanes. The same key and ids
+/// always give the same lane; removing a lane moves only its own flows.
+pub fn pick_index(key: u64, ids: impl IntoIterator<Item = u64>) -> Option<usize> {
+    let key = mix(key);
+    ids.into_iter()
+        .enumerate()
+        .max_by_key(|(_, id)| mix(key ^ mix(*id).rotate_left(17)))
+        .map(|(i, _)| i)
+}
+
+/// A per-flow key from what identifies the flow at its start (a client's address and
+/// port, a UDP flow's id): hashed, so flows from one client spread too.
+pub fn flow_key(parts: impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(parts)
+}
+
+/// One link's live connections, lane 0 first, as the data plane reads them on every new
+/// flow. Shared by the mesh's route table and the link's lane sessions, which add and
+/// remove lanes as they come and go.
+#[derive(Debug)]
+pub struct LaneSet {
+    /// The link's first connection: the id routing knows the link by, never removed.
+    first: quinn::Connection,
+    /// Lane 0 and every extra lane that is up. Read per flow (an uncontended read lock);
+    /// written only when a lane comes or goes.
+    conns: RwLock<Vec<quinn::Connection>>,
+}
+
+impl LaneSet {
+    /// A set of one lane: the link's first connection.
+    pub fn new(first: quinn::Connection) -> LaneSet {
+        LaneSet {
+            conns: RwLock::new(vec![first.clone()]),
+            first,
+        }
+    }
+
+    /// The link's first connection (lane 0).
+    pub fn first(&self) -> &quinn::Connection {
+        &self.first
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<quinn::Connection>> {
+        match self.conns.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<quinn::Connection>> {
+        match self.conns.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The connection a flow with `key` ([`flow_key`]) takes ([`pick_index`]).
+    pub fn pick(&self, key: u64) -> quinn::Connection {
+        let conns = self.read();
+        match pick_index(key, conns.iter().map(|c| c.stable_id() as u64)) {
+            Some(i) => conns[i].clone(),
+            None => self.first.clone(),
+        }
+    }
+
+    /// Adds an extra lane.
+    pub fn add(&self, lane: quinn::Connection) {
+        let mut conns = self.write();
+        if !conns.iter().any(|c| c.stable_id() == lane.stable_id()) {
+            conns.push(lane);
+        }
+    }
+
+    /// Removes an extra lane (never the first connection).
+    pub fn remove(&self, lane: &quinn::Connection) {
+        if lane.stable_id() != self.first.stable_id() {
+            self.write().retain(|c| c.stable_id() != lane.stable_id());
+        }
+    }
+
+    /// How many lanes are up, the first connection included.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Never empty: the first connection is always there.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Every lane's connection, the first one included.
+    pub fn conns(&self) -> Vec<quinn::Connection> {
+        self.read().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_always_takes_the_same_lane_and_no_lanes_means_none() {
+        let ids = [11, 12, 13, 14];
+        for key in 0..1000u64 {
+            assert_eq!(pick_index(key, ids), pick_index(key, ids));
+        }
+        assert_eq!(pick_index(7, []), None);
+        assert_eq!(pick_index(7, [42]), Some(0));
+    }
+
+    #[test]
+    fn flows_spread_evenly_over_lanes() {
+        let ids: Vec<u64> = (1..=4).collect();
+        let mut counts = [0usize; 4];
+        // Consecutive source ports of one client, as a load generator opens them.
+        for port in 40000..44000u16 {
+            let key = flow_key(("10.0.0.1", port));
+            counts[pick_index(key, ids.iter().copied()).unwrap()] += 1;
+        }
+        for c in counts {
+            assert!((800..1200).contains(&c), "uneven spread: {counts:?}");
+        }
+    }
+
+    #[test]
+    fn a_lane_that_goes_or_comes_moves_only_its_own_flows() {
+        let four: Vec<u64> = vec![5, 6, 7, 8];
+        let three: Vec<u64> = vec![5, 6, 8];
+        let mut moved = 0;
+        for key in 0..4000u64 {
+            let before = four[pick_index(key, four.iter().copied()).unwrap()];
+            let after = three[pick_index(key, three.iter().copied()).unwrap()];
+            if before != 7 {
+                assert_eq!(before, after, "a flow not on the lost lane moved");
+            } else {
+                moved += 1;
+            }
+        }
+        assert!((800..1200).contains(&moved), "{moved} flows were on the lost lane");
+        // Adding it back moves only the flows that now hash to it.
+        let back = (0..4000u64)
+            .filter(|k| three[pick_index(*k, three.iter().copied()).unwrap()] != four[pick_index(*k, four.iter().copied()).unwrap()])
+            .count();
+        assert_eq!(back, moved);
+    }
+}
