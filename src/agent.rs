@@ -490,8 +490,8 @@ impl Agent {
                 }
             }
             known = stats.iter().map(|s| (s.0.clone(), s.1.clone())).collect();
-            for (name, peer, up, rtt, tx, rx) in stats {
-                self.metrics.set_link(&name, &peer, up, rtt, tx, rx);
+            for (name, peer, sample) in stats {
+                self.metrics.set_link(&name, &peer, &sample);
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}

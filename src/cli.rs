@@ -836,7 +836,17 @@ fn links_table(links: &[LinkStatus]) -> String {
         })
         .collect();
     table(
-        &["NAME", "PEER", "STATE", "RTT", "COST", "LANES", "SINCE", "ROLE", "LAST ERROR"],
+        &[
+            "NAME",
+            "PEER",
+            "STATE",
+            "RTT",
+            "COST",
+            "LANES",
+            "SINCE",
+            "ROLE",
+            "LAST ERROR",
+        ],
         &rows,
     )
 }

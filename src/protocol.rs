@@ -457,7 +457,10 @@ mod tests {
             lane,
         };
         let first = serde_json::to_string(&hello(None)).unwrap();
-        assert!(first.contains(r#""lanes":4"#) && !first.contains(r#""lane":"#), "{first}");
+        assert!(
+            first.contains(r#""lanes":4"#) && !first.contains(r#""lane":"#),
+            "{first}"
+        );
         let third = serde_json::to_string(&hello(Some(2))).unwrap();
         assert!(third.contains(r#""lane":2"#), "{third}");
     }

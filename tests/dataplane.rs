@@ -1269,3 +1269,133 @@ fn a_resumable_flow_carries_full_load_both_ways() {
     writer.join().unwrap();
     server.join().unwrap();
 }
+
+/// `cfg` (a causeway.yaml) with `links.lanes` set.
+fn with_lanes(cfg: &str, lanes: u8) -> String {
+    cfg.lines()
+        .map(|l| match l.trim_start() {
+            t if t.starts_with("lanes:") => format!("  lanes: {lanes}"),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+/// The lanes up on `site`'s only link, as `link list -o json` shows them (absent while down).
+fn lanes_up(site: &Site) -> Option<u64> {
+    site.links().first().and_then(|l| l["lanes"].as_u64())
+}
+
+/// Waits until both ends of the link show `want` lanes up.
+fn wait_lanes(a: &Site, b: &Site, want: u64) {
+    assert!(
+        wait_for(Duration::from_secs(15), || lanes_up(a) == Some(want)
+            && lanes_up(b) == Some(want)),
+        "lanes up: {} {:?}, {} {:?}, want {want}\n{}\n{}",
+        a.name,
+        lanes_up(a),
+        b.name,
+        lanes_up(b),
+        tail(&a.log_text(), 10),
+        tail(&b.log_text(), 10)
+    );
+}
+
+/// Many flows at once through `vip`: each TCP flow sends its own 1 MiB pattern through the
+/// echo server and must get exactly it back; each UDP client must get its echo.
+fn many_flows_at_once(net: &Net, vip: std::net::IpAddr) {
+    // Threads spawned in the namespace's thread are in the namespace too.
+    net.run_in("paris", || {
+        let tcp: Vec<_> = (0..24u64)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let mut s = TcpStream::connect_timeout(&SocketAddr::new(vip, 9400), Duration::from_secs(3))?;
+                    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+                    let mut msg = vec![0u8; 1 << 20];
+                    Sequence(i + 100).fill(&mut msg);
+                    let mut tx = s.try_clone()?;
+                    let sent = msg.clone();
+                    let writer = std::thread::spawn(move || {
+                        tx.write_all(&sent)?;
+                        tx.shutdown(Shutdown::Write)
+                    });
+                    let mut back = Vec::new();
+                    s.read_to_end(&mut back)?;
+                    writer.join().expect("writer")?;
+                    Ok::<bool, std::io::Error>(back == msg)
+                })
+            })
+            .collect();
+        for i in 0..16 {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            let msg = format!("lane probe {i}");
+            assert!(
+                udp_echo(
+                    &socket,
+                    SocketAddr::new(vip, 9401),
+                    msg.as_bytes(),
+                    Duration::from_secs(5)
+                ),
+                "UDP client {i} got no echo"
+            );
+        }
+        for (i, h) in tcp.into_iter().enumerate() {
+            match h.join().unwrap() {
+                Ok(true) => {}
+                Ok(false) => panic!("flow {i}: other bytes came back"),
+                Err(e) => panic!("flow {i}: {e}"),
+            }
+        }
+    });
+}
+
+/// `links.lanes`: the ends agree on the fewer lanes (4 at the acceptor, 3 at the dialer),
+/// the dialer opens the extra ones, both list and export them, and many TCP and UDP flows at
+/// once cross them byte-exact. Lanes come back after the acceptor restarts, and one end
+/// configured for a single lane makes the link a single connection.
+#[test]
+fn a_link_opens_its_lanes_and_carries_many_flows_on_them() {
+    let Some(net) = Net::new(&["london", "paris"]) else {
+        return;
+    };
+    if !require(&["socat"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = common::sites_in(dir.path(), &net, &["london", "paris"], POD, |site| {
+        let cfg = site.state.join("causeway.yaml");
+        let lanes = if site.name == "london" { 4 } else { 3 };
+        std::fs::write(&cfg, with_lanes(&std::fs::read_to_string(&cfg).unwrap(), lanes)).unwrap();
+    });
+    s[0].link_spoke(dir.path(), &s[1], 1);
+    wait_lanes(&s[0], &s[1], 3);
+    let _tcp = echo(&net, "london", 9400);
+    let _udp = net.spawn(
+        "london",
+        &["socat", &format!("UDP-RECVFROM:9401,bind={POD},fork"), "EXEC:cat"],
+    );
+    s[0].set_exports(&format!(
+        "exports:\n  - service: echo\n    ports: [{{name: tcp, port: 9400}}, {{name: udp, port: 9401, protocol: UDP}}]\n    endpoints:\n      - {{hostname: echo-0, ip: {POD}}}\n"
+    ));
+    let vip: std::net::IpAddr = wait_vip(&s[1], "echo", "london", "echo-0").parse().unwrap();
+    many_flows_at_once(&net, vip);
+    let status = s[1].ok(&["status", "-o", "json"]);
+    assert!(status.contains("\"lanes\": 3"), "{status}");
+
+    // The acceptor restarts: the dialer links again, lanes and all.
+    s[0].stop();
+    s[0].start();
+    wait_lanes(&s[0], &s[1], 3);
+    wait_vip(&s[1], "echo", "london", "echo-0");
+    many_flows_at_once(&net, vip);
+
+    // One lane at one end: the link is one connection, as before lanes.
+    s[0].stop();
+    let cfg = s[0].state.join("causeway.yaml");
+    std::fs::write(&cfg, with_lanes(&std::fs::read_to_string(&cfg).unwrap(), 1)).unwrap();
+    s[0].start();
+    wait_lanes(&s[0], &s[1], 1);
+    wait_vip(&s[1], "echo", "london", "echo-0");
+    many_flows_at_once(&net, vip);
+}

@@ -267,7 +267,8 @@ impl Forwarder {
             if let Some(attach) = attach {
                 // Boxed: a resumable flow's state is large, and unboxed it would size every
                 // plain flow's future too (about 5 KiB more per idle plain flow, measured).
-                let refused = Box::pin(self.resumable(client, attach, Side::Origin { token, header, lane }, &flow)).await;
+                let refused =
+                    Box::pin(self.resumable(client, attach, Side::Origin { token, header, lane }, &flow)).await;
                 if refused {
                     // A terminus (or relay) on the path cannot resume: later flows go plain.
                     self.set_resume_support(&target.site, false);

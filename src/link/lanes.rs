@@ -170,7 +170,10 @@ mod tests {
         assert!((800..1200).contains(&moved), "{moved} flows were on the lost lane");
         // Adding it back moves only the flows that now hash to it.
         let back = (0..4000u64)
-            .filter(|k| three[pick_index(*k, three.iter().copied()).unwrap()] != four[pick_index(*k, four.iter().copied()).unwrap()])
+            .filter(|k| {
+                three[pick_index(*k, three.iter().copied()).unwrap()]
+                    != four[pick_index(*k, four.iter().copied()).unwrap()]
+            })
             .count();
         assert_eq!(back, moved);
     }

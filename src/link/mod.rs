@@ -517,7 +517,12 @@ impl Links {
                 _ = cancel.cancelled() => break,
             };
             match result {
-                Ok(Dialed { conn, send, recv, lanes }) => {
+                Ok(Dialed {
+                    conn,
+                    send,
+                    recv,
+                    lanes,
+                }) => {
                     backoff.reset();
                     info!(remote = %conn.remote_address(), rtt_ms = conn.rtt().as_millis() as u64, lanes, "link up");
                     self.up(&record.name, &conn, None);
@@ -535,7 +540,15 @@ impl Links {
                         reason = session => reason,
                         never = self.keep_lanes(&record, &conn, lanes, &cancel) => match never {},
                     };
-                    let lanes = self.event(|t| t.ended(&record.name, &conn, LinkState::Connecting, reason.clone(), SystemTime::now()));
+                    let lanes = self.event(|t| {
+                        t.ended(
+                            &record.name,
+                            &conn,
+                            LinkState::Connecting,
+                            reason.clone(),
+                            SystemTime::now(),
+                        )
+                    });
                     close_lanes(lanes);
                     if cancel.is_cancelled() {
                         break;
@@ -695,7 +708,12 @@ impl Links {
 
     /// Dials extra lane `index` of the link whose first connection is `first`, to the same
     /// address.
-    async fn dial_lane(&self, record: &LinkRecord, first: &quinn::Connection, index: u8) -> Result<quinn::Connection, String> {
+    async fn dial_lane(
+        &self,
+        record: &LinkRecord,
+        first: &quinn::Connection,
+        index: u8,
+    ) -> Result<quinn::Connection, String> {
         let ca = identity::parse_cert_pem(&record.peer_ca, "peer_ca").map_err(|e| e.to_string())?;
         let cfg = crate::quic::client_config(&self.identity, &ca, ALPN_LINK, true, &self.timing)
             .map_err(|e| e.to_string())?;
@@ -914,12 +932,18 @@ impl Links {
                 (Control::Hello { lane: Some(_), .. }, None, None) => {
                     (Some("a sidecar's link has no lanes".to_string()), None)
                 }
-                (Control::Hello { lane: Some(i), link: claimed, .. }, None, Some(name)) => {
-                    match self.lock().lane_first(name, claimed.as_deref()) {
-                        Ok(first) => (None, Some((*i, first))),
-                        Err(e) => (Some(e), None),
-                    }
-                }
+                (
+                    Control::Hello {
+                        lane: Some(i),
+                        link: claimed,
+                        ..
+                    },
+                    None,
+                    Some(name),
+                ) => match self.lock().lane_first(name, claimed.as_deref()) {
+                    Ok(first) => (None, Some((*i, first))),
+                    Err(e) => (Some(e), None),
+                },
                 (_, None, _) => (None, None),
             };
             if let Some(message) = reject {
@@ -1027,27 +1051,26 @@ impl Links {
         }
     }
 
-    /// Per-link numbers for metrics: (name, peer, up, rtt, bytes sent, bytes received). The
-    /// RTT is the first connection's; bytes are every lane's that is up.
-    pub fn stats(&self) -> Vec<(String, String, bool, Option<Duration>, u64, u64)> {
+    /// Per-link numbers for metrics: (name, peer, sample). The RTT is the first
+    /// connection's; bytes are every lane's that is up.
+    pub fn stats(&self) -> Vec<(String, String, crate::metrics::LinkSample)> {
         let table = self.lock();
         table
             .each()
             .map(|(name, peer, conn)| {
-                let (mut tx, mut rx) = (0, 0);
-                for c in conn.into_iter().chain(table.lanes(name).iter().filter(|_| conn.is_some())) {
+                let lanes = table.lanes(name).iter().filter(|_| conn.is_some());
+                let mut sample = crate::metrics::LinkSample {
+                    up: conn.is_some(),
+                    rtt: conn.map(|c| c.rtt()),
+                    ..Default::default()
+                };
+                for c in conn.into_iter().chain(lanes) {
                     let s = c.stats();
-                    tx += s.udp_tx.bytes;
-                    rx += s.udp_rx.bytes;
+                    sample.tx_bytes += s.udp_tx.bytes;
+                    sample.rx_bytes += s.udp_rx.bytes;
+                    sample.lanes += 1;
                 }
-                (
-                    name.to_string(),
-                    peer.to_string(),
-                    conn.is_some(),
-                    conn.map(|c| c.rtt()),
-                    tx,
-                    rx,
-                )
+                (name.to_string(), peer.to_string(), sample)
             })
             .collect()
     }

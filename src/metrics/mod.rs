@@ -262,6 +262,21 @@ type U64Gauge = Gauge<u64, AtomicU64>;
 /// A gauge holding a float (round-trip times in seconds).
 type F64Gauge = Gauge<f64, AtomicU64>;
 
+/// One link's numbers as the agent samples them each second ([`Metrics::set_link`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LinkSample {
+    /// Whether the link is up.
+    pub up: bool,
+    /// The first connection's smoothed RTT; `None` while unknown (down).
+    pub rtt: Option<Duration>,
+    /// Bytes sent on every lane that is up, as quinn reports them.
+    pub tx_bytes: u64,
+    /// Bytes received on every lane that is up.
+    pub rx_bytes: u64,
+    /// Lanes that are up, the first connection included; 0 while down.
+    pub lanes: usize,
+}
+
 /// The agent's metrics: one registry and a handle on every family in it.
 ///
 /// Families are reference-counted inside prometheus-client, so the handles here and the ones
@@ -304,11 +319,16 @@ pub struct Metrics {
     link_up: Family<LinkLabels, Gauge>,
     /// quinn's smoothed RTT estimate; absent while unknown (link down).
     link_rtt: Family<LinkLabels, F64Gauge>,
-    /// Bytes sent on the link's current connection, as quinn reports it. A gauge because it is
-    /// an absolute value that is set, and it starts again from 0 when the link reconnects.
+    /// Bytes sent on the link's current connection and its lanes, as quinn reports them. A
+    /// gauge because it is an absolute value that is set, and it starts again from 0 when the
+    /// link reconnects (and falls by a lane's bytes when that lane ends).
     link_sent: Family<LinkLabels, U64Gauge>,
-    /// Bytes received on the link's current connection, as quinn reports it.
+    /// Bytes received on the link's current connection and its lanes.
     link_received: Family<LinkLabels, U64Gauge>,
+    /// Lanes (parallel QUIC connections, `links.lanes`) of the link that are up, its first
+    /// connection included; 0 while down. Fewer than configured means the peer agreed to
+    /// fewer, or a lane keeps failing (its log says why).
+    link_lanes: Family<LinkLabels, U64Gauge>,
     /// Services this agent knows about (exported locally or imported from peers).
     services: U64Gauge,
     /// Local endpoints that are ready to receive flows.
@@ -349,6 +369,7 @@ impl Metrics {
         let link_rtt = Family::<LinkLabels, F64Gauge>::default();
         let link_sent = Family::<LinkLabels, U64Gauge>::default();
         let link_received = Family::<LinkLabels, U64Gauge>::default();
+        let link_lanes = Family::<LinkLabels, U64Gauge>::default();
         let services = U64Gauge::default();
         let ready_endpoints = U64Gauge::default();
         let open_files_limit = U64Gauge::default();
@@ -422,6 +443,11 @@ impl Metrics {
             Unit::Bytes,
             link_received.clone(),
         );
+        registry.register(
+            "link_lanes",
+            "Lanes (parallel QUIC connections) of the link that are up",
+            link_lanes.clone(),
+        );
         registry.register("services", "Services known to this agent", services.clone());
         registry.register(
             "ready_endpoints",
@@ -461,6 +487,7 @@ impl Metrics {
             link_rtt,
             link_sent,
             link_received,
+            link_lanes,
             services,
             ready_endpoints,
             open_files_limit,
@@ -568,9 +595,19 @@ impl Metrics {
     /// Sets a link's gauges from quinn's statistics. The agent refreshes them periodically; an
     /// unknown `rtt` (the link is down) removes the RTT series rather than reporting a stale or
     /// made-up value.
-    pub fn set_link(&self, link: &str, peer: &str, up: bool, rtt: Option<Duration>, tx_bytes: u64, rx_bytes: u64) {
+    pub fn set_link(&self, link: &str, peer: &str, sample: &LinkSample) {
+        let LinkSample {
+            up,
+            rtt,
+            tx_bytes,
+            rx_bytes,
+            lanes,
+        } = *sample;
         let labels = link_labels(link, peer);
         self.link_up.get_or_create(&labels).set(i64::from(up));
+        self.link_lanes
+            .get_or_create(&labels)
+            .set(u64::try_from(lanes).unwrap_or(u64::MAX));
         match rtt {
             Some(rtt) => {
                 self.link_rtt.get_or_create(&labels).set(rtt.as_secs_f64());
@@ -591,6 +628,7 @@ impl Metrics {
         self.link_rtt.remove(&labels);
         self.link_sent.remove(&labels);
         self.link_received.remove(&labels);
+        self.link_lanes.remove(&labels);
     }
 
     /// Sets the number of services this agent knows about.
@@ -803,21 +841,52 @@ mod tests {
     #[test]
     fn link_gauges_are_set_not_added() {
         let m = Metrics::new();
-        m.set_link("to-b", "site-b", true, Some(Duration::from_millis(25)), 100, 200);
-        m.set_link("to-b", "site-b", true, Some(Duration::from_millis(25)), 150, 260);
+        m.set_link(
+            "to-b",
+            "site-b",
+            &LinkSample {
+                up: true,
+                rtt: Some(Duration::from_millis(25)),
+                tx_bytes: 100,
+                rx_bytes: 200,
+                lanes: 2,
+            },
+        );
+        m.set_link(
+            "to-b",
+            "site-b",
+            &LinkSample {
+                up: true,
+                rtt: Some(Duration::from_millis(25)),
+                tx_bytes: 150,
+                rx_bytes: 260,
+                lanes: 1,
+            },
+        );
         let text = m.encode();
         for line in [
             r#"causeway_link_up{link="to-b",peer="site-b"} 1"#,
             r#"causeway_link_rtt_seconds{link="to-b",peer="site-b"} 0.025"#,
             r#"causeway_link_sent_bytes{link="to-b",peer="site-b"} 150"#,
             r#"causeway_link_received_bytes{link="to-b",peer="site-b"} 260"#,
+            r#"causeway_link_lanes{link="to-b",peer="site-b"} 1"#,
             "# UNIT causeway_link_rtt_seconds seconds",
         ] {
             assert!(has_line(&text, line), "missing {line:?} in:\n{text}");
         }
 
         // Down: up is 0 and the unknown RTT disappears rather than going stale.
-        m.set_link("to-b", "site-b", false, None, 0, 0);
+        m.set_link(
+            "to-b",
+            "site-b",
+            &LinkSample {
+                up: false,
+                rtt: None,
+                tx_bytes: 0,
+                rx_bytes: 0,
+                lanes: 0,
+            },
+        );
         let text = m.encode();
         assert!(
             has_line(&text, r#"causeway_link_up{link="to-b",peer="site-b"} 0"#),
@@ -829,8 +898,28 @@ mod tests {
     #[test]
     fn remove_link_removes_every_series_of_that_link() {
         let m = Metrics::new();
-        m.set_link("to-b", "site-b", true, Some(Duration::from_millis(5)), 1, 2);
-        m.set_link("to-c", "site-c", true, Some(Duration::from_millis(7)), 3, 4);
+        m.set_link(
+            "to-b",
+            "site-b",
+            &LinkSample {
+                up: true,
+                rtt: Some(Duration::from_millis(5)),
+                tx_bytes: 1,
+                rx_bytes: 2,
+                lanes: 1,
+            },
+        );
+        m.set_link(
+            "to-c",
+            "site-c",
+            &LinkSample {
+                up: true,
+                rtt: Some(Duration::from_millis(7)),
+                tx_bytes: 3,
+                rx_bytes: 4,
+                lanes: 1,
+            },
+        );
         m.remove_link("to-b", "site-b");
         let text = m.encode();
         assert!(!text.contains(r#"link="to-b""#), "{text}");
@@ -899,7 +988,17 @@ mod tests {
         }
         m.config_reload(true);
         m.config_reload(false);
-        m.set_link("to-b", "site-b", true, Some(Duration::from_millis(25)), 100, 200);
+        m.set_link(
+            "to-b",
+            "site-b",
+            &LinkSample {
+                up: true,
+                rtt: Some(Duration::from_millis(25)),
+                tx_bytes: 100,
+                rx_bytes: 200,
+                lanes: 1,
+            },
+        );
         m.set_services(3);
         m.set_endpoints(2);
         m.set_open_files_limit(1024);
