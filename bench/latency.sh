@@ -18,7 +18,7 @@
 #
 # Knobs (environment): TOOLS="direct socat causeway", COUNT=5000, WARMUP=500, STREAMS=4,
 # DURATION=12, LOAD_DELAY=1, ROUNDS=1 (each tool this many times, tools taking turns),
-# CW_WORKERS=1 (tokio workers per agent, as bench/run.sh), CAUSEWAY, LOADGEN,
+# CW_WORKERS=1 (tokio workers per agent, as bench/run.sh), CW_LANES=auto (links.lanes), CAUSEWAY, LOADGEN,
 # CARGO_TARGET_DIR, SKIP_BUILD=1, SKIP_APT=1. Takes about ROUNDS × tools × (2 × DURATION + 10) s.
 set -uo pipefail
 

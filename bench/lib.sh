@@ -86,12 +86,15 @@ bench_first_vip() {
 # bench_site_config STATE_DIR SITE ADVERTISE: rewrites the causeway.yaml that `causeway init`
 # wrote for the bench: links on 0.0.0.0:7400, DNS on 127.0.0.1:5353, no metrics listener; in
 # london, ADVERTISE as its link address and the `bench` service exported (the three servers'
-# ports on POD); links.resume as CW_RESUME says (default true).
+# ports on POD); links.resume as CW_RESUME says (default true), links.lanes as CW_LANES says
+# (default auto: min(CPUs, 8)).
 bench_site_config() {
     local dir=$1 site=$2 adv=$3
-    awk -v site="$site" -v adv="$adv" -v pod="$POD" -v ports="$IPERF_PORT $ECHO_PORT $ONESHOT_PORT" -v resume="${CW_RESUME:-true}" '
+    awk -v site="$site" -v adv="$adv" -v pod="$POD" -v ports="$IPERF_PORT $ECHO_PORT $ONESHOT_PORT" -v resume="${CW_RESUME:-true}" \
+        -v lanes="${CW_LANES:-auto}" '
         /^[a-z]/ { section = $1 }
         section == "links:" && /^  resume:/ { print "  resume: " resume; next }
+        section == "links:" && /^  lanes:/ { print "  lanes: " lanes; next }
         /^listen:/ { print "listen: 0.0.0.0:7400"; next }
         /^advertise:/ { if (site == "london") { print "advertise: [\"" adv "\"]"; next } }
         /^metrics:/ { next }

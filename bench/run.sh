@@ -17,7 +17,7 @@
 #
 # Knobs (environment): TOOLS="direct socat stunnel ssh rathole causeway", IPERF_SECONDS=10,
 # PINGPONG_COUNT=20000, PINGPONG_WARMUP=1000, CONNRATE_SECONDS=5, CONNRATE_CONCURRENCY=32, IDLE_FLOWS=1000,
-# IDLE_HOLD=3, CW_WORKERS=1 (tokio worker threads per causeway agent), CW_RESUME=true (links.resume), RATHOLE=/path/to/rathole (default: found on PATH or in /tmp/rathole/bin),
+# IDLE_HOLD=3, CW_WORKERS=1 (tokio worker threads per causeway agent), CW_RESUME=true (links.resume), CW_LANES=auto (links.lanes), RATHOLE=/path/to/rathole (default: found on PATH or in /tmp/rathole/bin),
 # PROFILE=1 (perf record, at PERF_FREQ=499 Hz, and per-thread CPU of the causeway agents during ping-pong, iperf3
 # and the connection test, kept in bench/results/), QUIET_WAIT=60 (seconds to wait, at most, before
 # each tool for other work on the machine to calm down), FOREIGN_MAX=10 and ATTEMPTS=2 (a

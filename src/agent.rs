@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::forward::{ForwardOptions, Forwarder};
 use crate::handshake::{Admission, Decision, Limits, Throttle};
 use crate::identity::{self, PeerTrust, SiteIdentity};
+use crate::link::lanes::Arrived;
 use crate::link::redeem::Issuer;
 use crate::link::{Established, LinkHandler, Links, describe_connection_error};
 use crate::mesh::{Mesh, VipStore};
@@ -672,7 +673,7 @@ impl LinkHandler for Session {
         tokio::select! {
             r = writer => r,
             r = reader => r,
-            r = self.carry(&conn) => r,
+            r = self.carry(&conn, if peer == Peer::Sidecar { Arrived::Unknown } else { Arrived::Interactive }) => r,
         }
     }
 
@@ -696,19 +697,20 @@ impl LinkHandler for Session {
             first,
             lane: lane.clone(),
         };
-        self.carry(&lane).await
+        self.carry(&lane, Arrived::Bulk).await
     }
 }
 
 impl Session {
     /// Carries what the peer sends on `conn`, a link's first connection or one of its
     /// lanes: flows (bidirectional streams), UDP datagrams, and datagrams too large for one
-    /// (unidirectional streams). Returns why the connection ended.
-    async fn carry(&self, conn: &quinn::Connection) -> String {
+    /// (unidirectional streams). `lane`: which kind of lane `conn` is
+    /// ([`crate::link::lanes`]). Returns why the connection ended.
+    async fn carry(&self, conn: &quinn::Connection, lane: Arrived) -> String {
         let streams = async {
             loop {
                 match conn.accept_bi().await {
-                    Ok((s, r)) => self.forwarder.accept_stream(s, r),
+                    Ok((s, r)) => self.forwarder.accept_stream(s, r, lane),
                     Err(e) => return describe_connection_error(&e),
                 }
             }

@@ -1304,8 +1304,15 @@ fn wait_lanes(a: &Site, b: &Site, want: u64) {
 
 /// Many flows at once through `vip`: each TCP flow sends its own 1 MiB pattern through the
 /// echo server and must get exactly it back; each UDP client must get its echo.
-fn many_flows_at_once(net: &Net, vip: std::net::IpAddr) {
+fn many_flows_at_once(net: &Net, vip: std::net::IpAddr, sites: &[Site]) {
     // Threads spawned in the namespace's thread are in the namespace too.
+    let logs = || {
+        format!(
+            "\n{}\n{}",
+            tail(&sites[0].log_text(), 30),
+            tail(&sites[1].log_text(), 30)
+        )
+    };
     net.run_in("paris", || {
         let tcp: Vec<_> = (0..24u64)
             .map(|i| {
@@ -1337,14 +1344,15 @@ fn many_flows_at_once(net: &Net, vip: std::net::IpAddr) {
                     msg.as_bytes(),
                     Duration::from_secs(5)
                 ),
-                "UDP client {i} got no echo"
+                "UDP client {i} got no echo{}",
+                logs()
             );
         }
         for (i, h) in tcp.into_iter().enumerate() {
             match h.join().unwrap() {
                 Ok(true) => {}
-                Ok(false) => panic!("flow {i}: other bytes came back"),
-                Err(e) => panic!("flow {i}: {e}"),
+                Ok(false) => panic!("flow {i}: other bytes came back{}", logs()),
+                Err(e) => panic!("flow {i}: {e}{}", logs()),
             }
         }
     });
@@ -1370,7 +1378,18 @@ fn a_link_opens_its_lanes_and_carries_many_flows_on_them() {
     });
     s[0].link_spoke(dir.path(), &s[1], 1);
     wait_lanes(&s[0], &s[1], 3);
-    let _tcp = echo(&net, "london", 9400);
+    // An echo server that holds every connection until its client half-closes and it has
+    // echoed everything (socat gives up 0.5 s after its client's FIN).
+    let listener = net.run_in("london", || TcpListener::bind((POD, 9400)).unwrap());
+    std::thread::spawn(move || {
+        for c in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let (mut rx, mut tx) = (&c, &c);
+                let _ = std::io::copy(&mut rx, &mut tx);
+                let _ = c.shutdown(Shutdown::Write);
+            });
+        }
+    });
     let _udp = net.spawn(
         "london",
         &["socat", &format!("UDP-RECVFROM:9401,bind={POD},fork"), "EXEC:cat"],
@@ -1379,7 +1398,7 @@ fn a_link_opens_its_lanes_and_carries_many_flows_on_them() {
         "exports:\n  - service: echo\n    ports: [{{name: tcp, port: 9400}}, {{name: udp, port: 9401, protocol: UDP}}]\n    endpoints:\n      - {{hostname: echo-0, ip: {POD}}}\n"
     ));
     let vip: std::net::IpAddr = wait_vip(&s[1], "echo", "london", "echo-0").parse().unwrap();
-    many_flows_at_once(&net, vip);
+    many_flows_at_once(&net, vip, &s);
     let status = s[1].ok(&["status", "-o", "json"]);
     assert!(status.contains("\"lanes\": 3"), "{status}");
 
@@ -1388,7 +1407,7 @@ fn a_link_opens_its_lanes_and_carries_many_flows_on_them() {
     s[0].start();
     wait_lanes(&s[0], &s[1], 3);
     wait_vip(&s[1], "echo", "london", "echo-0");
-    many_flows_at_once(&net, vip);
+    many_flows_at_once(&net, vip, &s);
 
     // One lane at one end: the link is one connection, as before lanes.
     s[0].stop();
@@ -1397,5 +1416,5 @@ fn a_link_opens_its_lanes_and_carries_many_flows_on_them() {
     s[0].start();
     wait_lanes(&s[0], &s[1], 1);
     wait_vip(&s[1], "echo", "london", "echo-0");
-    many_flows_at_once(&net, vip);
+    many_flows_at_once(&net, vip, &s);
 }

@@ -37,7 +37,7 @@ vips:
 metrics: 127.0.0.1:9400         # Prometheus text format at /metrics; omit to disable
 # gateway: causeway.grid.svc:7400 # sidecars only: the site's gateway, the one agent a sidecar links to
 links:
-  lanes: auto                   # parallel QUIC connections per link (accepted; one connection today)
+  lanes: auto                   # parallel QUIC connections per link; auto = min(CPUs, 8)
   down_after: 3s                # silence after which a link counts as down for routing and DNS
   idle_timeout: 30s             # silence after which a link's connections and their flows are given up
   resume: true                  # open TCP flows move to another path when theirs fails (costs CPU per flow)

@@ -35,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::catalog::{View, VipTarget};
+use crate::link::lanes::{Arrived, LaneChoice};
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::names::Protocol;
@@ -410,9 +411,9 @@ impl Forwarder {
         }
     }
 
-    /// Where a flow for `target`, reached at `vip`, goes from here; `lane` is the flow's key
-    /// for the lane it takes on a link ([`crate::link::lanes::flow_key`]).
-    fn hop(&self, vip: &IpAddr, target: &VipTarget, lane: u64) -> Hop {
+    /// Where a flow for `target`, reached at `vip`, goes from here; `lane` says which lane it
+    /// takes on a link ([`crate::link::lanes`]).
+    fn hop(&self, vip: &IpAddr, target: &VipTarget, lane: LaneChoice) -> Hop {
         let own_site = target.site == self.site;
         match self.mesh.role() {
             // A sidecar delivers its own pod's endpoints; everything else, its own site's
@@ -604,8 +605,10 @@ impl Forwarder {
     }
 
     /// Takes a flow stream that arrived on a link (relay or deliver it).
-    pub fn accept_stream(self: &Arc<Self>, send: quinn::SendStream, recv: quinn::RecvStream) {
-        self.tasks.spawn(self.clone().serve_stream(send, recv));
+    /// A flow's stream arrived on a link, on a lane of the kind `arrived` (a relay keeps it
+    /// on that kind onward: [`crate::link::lanes`]).
+    pub fn accept_stream(self: &Arc<Self>, send: quinn::SendStream, recv: quinn::RecvStream, arrived: Arrived) {
+        self.tasks.spawn(self.clone().serve_stream(send, recv, arrived));
     }
 
     /// Takes an oversized datagram carried on a unidirectional stream.

@@ -51,6 +51,7 @@ use super::priority::SmallFirst;
 use super::resume::{self, ACK_EVERY, Decoder, Event, FrameError, HeaderPool, MAX_FRAME, MAX_REPLAY, Replay, Token};
 use super::tcp::{BUF, CHUNKS, FIRST_BUF, consume, io_slices};
 use super::{Forwarder, Hop, codes};
+use crate::link::lanes::{BULK_MOVE, LaneChoice};
 use crate::metrics::{self, Direction, FailReason, FlowMetrics};
 use crate::names::Protocol;
 
@@ -111,8 +112,11 @@ pub(super) enum Side {
         token: Token,
         /// The flow's header, resent (with the extension) on every reopened stream.
         header: FlowHeader,
-        /// The flow's key for the lane it takes ([`crate::link::lanes::flow_key`]).
+        /// The flow's key for the lane it takes among several ([`crate::link::lanes::flow_key`]).
         lane: u64,
+        /// The flow carried [`BULK_MOVE`] bytes and moved from the interactive lane to a bulk
+        /// one ([`crate::link::lanes`]); it stays there.
+        bulk: bool,
     },
     /// Where the endpoint is: waits for the origin to reopen. Resumes arrive here.
     Terminus {
@@ -157,6 +161,19 @@ impl Outcome {
             Outcome::Gone(_) | Outcome::Refused(_) => 2,
             Outcome::Fatal(_) => 3,
         }
+    }
+}
+
+/// Why an origin's attempt on the interactive lane ended: the flow turned bulk, and moves to
+/// a bulk lane ([`crate::link::lanes`]).
+const TURNED_BULK: &str = "the flow turned bulk";
+
+/// The lane an origin's flow takes: the interactive one until it turned bulk.
+fn lane_choice(key: u64, bulk: bool) -> LaneChoice {
+    if bulk {
+        LaneChoice::Bulk(key)
+    } else {
+        LaneChoice::Interactive
     }
 }
 
@@ -381,13 +398,22 @@ impl Forwarder {
             let (outcome, resumed) = {
                 // Boxed: inline, its state would be laid out again beside each await of this
                 // loop (measured: the whole flow's future twice as large).
-                let mut run = Box::pin(attempt(end, attach, greet, &cancel));
+                // An origin's flow on the interactive lane of a link with bulk lanes moves once
+                // it has carried BULK_MOVE more bytes.
+                let move_after = match side {
+                    Side::Origin {
+                        header, bulk: false, ..
+                    } if self.mesh.has_bulk_lanes(&header.site) => Some(end.read + end.received + BULK_MOVE),
+                    _ => None,
+                };
+                let mut run = Box::pin(attempt(end, attach, greet, &cancel, move_after));
                 match side {
-                    Side::Origin { header, lane, .. } => {
+                    Side::Origin { header, lane, bulk, .. } => {
                         let current = via.as_ref().map(|c| c.stable_id());
+                        let choice = lane_choice(*lane, *bulk);
                         let moved = tokio::select! {
                             o = &mut run => Err(o),
-                            to = self.next_hop_moves(header, *lane, current) => Ok(to),
+                            to = self.next_hop_moves(header, choice, current) => Ok(to),
                         };
                         match moved {
                             Err(o) => (o, None),
@@ -429,11 +455,22 @@ impl Forwarder {
                 continue;
             }
             attach = match side {
-                Side::Origin { token, header, lane } => {
+                Side::Origin {
+                    token,
+                    header,
+                    lane,
+                    bulk,
+                } => {
+                    let turned_bulk = why == TURNED_BULK;
+                    *bulk |= turned_bulk;
                     debug!(%why, "flow's stream broke; reopening it");
                     let from = via.map(|c| c.remote_address().to_string()).unwrap_or_default();
                     // Boxed: rarely run, and inline it would size every flow's future.
-                    match Box::pin(self.reopen(end, header, *lane, *token)).await {
+                    match Box::pin(self.reopen(end, header, lane_choice(*lane, *bulk), *token)).await {
+                        Ok(a) if turned_bulk => {
+                            debug!("flow moved to a bulk lane");
+                            a
+                        }
                         Ok(a) => {
                             let to = a
                                 .via
@@ -468,7 +505,7 @@ impl Forwarder {
     }
 
     /// Where the origin's flow for `header` goes from here now, if over a connection.
-    fn current_conn(&self, header: &FlowHeader, lane: u64) -> Option<quinn::Connection> {
+    fn current_conn(&self, header: &FlowHeader, lane: LaneChoice) -> Option<quinn::Connection> {
         let view = self.mesh.view();
         let target = view
             .vips
@@ -482,7 +519,7 @@ impl Forwarder {
 
     /// Returns (the new next hop's address) once routing sends the flow over a connection
     /// other than `current`; never while there is no other way (the flow waits on its own).
-    async fn next_hop_moves(&self, header: &FlowHeader, lane: u64, current: Option<usize>) -> String {
+    async fn next_hop_moves(&self, header: &FlowHeader, lane: LaneChoice, current: Option<usize>) -> String {
         let mut views = self.mesh.subscribe();
         loop {
             if views.changed().await.is_err() {
@@ -498,7 +535,13 @@ impl Forwarder {
 
     /// Reopens the origin's flow on the current next hop, retrying until
     /// `links.idle_timeout`; returns the new stream, or how the flow ended.
-    async fn reopen(&self, end: &End<'_>, header: &FlowHeader, lane: u64, token: Token) -> Result<Attach, Outcome> {
+    async fn reopen(
+        &self,
+        end: &End<'_>,
+        header: &FlowHeader,
+        lane: LaneChoice,
+        token: Token,
+    ) -> Result<Attach, Outcome> {
         let deadline = Instant::now() + self.opts.resume_window;
         loop {
             let now = Instant::now();
@@ -608,13 +651,22 @@ struct Attempt {
     /// sent on the previous stream may have been lost with it, and the peer may be waiting
     /// for nothing else (a full replay buffer, or its FIN), so one goes first thing.
     ack_again: bool,
+    /// Once this end has read plus received this many bytes, the attempt ends with
+    /// [`TURNED_BULK`] so that the origin moves the flow to a bulk lane.
+    move_after: Option<u64>,
 }
 
 /// Runs one stream of the flow: sends from `attach.peer_received` on, delivers what arrives,
 /// until done, broken, or `cancel` (then it returns at its next poll). Resets the stream unless
 /// done: with [`codes::GONE`] when the flow is over, else [`codes::RESET`] (the peer waits
 /// for a resume).
-async fn attempt(end: &mut End<'_>, attach: Attach, greet: bool, cancel: &AtomicBool) -> Outcome {
+async fn attempt(
+    end: &mut End<'_>,
+    attach: Attach,
+    greet: bool,
+    cancel: &AtomicBool,
+    move_after: Option<u64>,
+) -> Outcome {
     let Attach {
         send,
         recv,
@@ -643,6 +695,7 @@ async fn attempt(end: &mut End<'_>, attach: Attach, greet: bool, cancel: &Atomic
         ack_timer: None,
         ack_due: false,
         ack_again: end.delivered > 0,
+        move_after,
     };
     // The peer has queued everything before `peer_received` (and will write it), but only
     // acknowledges it once written: keep it until then, resend from there.
@@ -672,6 +725,11 @@ fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mu
     for _ in 0..MAX_PASSES {
         if cancel.load(Ordering::Relaxed) {
             return Poll::Ready(Outcome::Broken("superseded".into()));
+        }
+        // Only once the far end holds the flow (it acked or sent something): a resume that
+        // overtook the flow's first stream, on another connection, would find no flow there.
+        if a.move_after.is_some_and(|m| end.read + end.received >= m) && (end.out.acked() > 0 || end.received > 0) {
+            return Poll::Ready(Outcome::Broken(TURNED_BULK.into()));
         }
         let mut progress = false;
         // The reader: the peer's frames, never waiting for the socket while this end needs

@@ -31,6 +31,7 @@ use tracing::{Instrument, debug, debug_span, warn};
 use super::header::{FlowHeader, MAX_HEADER, MAX_TTL, ResumeExt};
 use super::session::{ANSWER_TIMEOUT, Attach, OpenError, Side, open_answered};
 use super::{Forwarder, Hop, ListenerKey, codes, lock, resume};
+use crate::link::lanes::{Arrived, LaneChoice, flow_key};
 use crate::metrics::{self, Direction, FailReason, FlowMetrics};
 use crate::names::Protocol;
 use crate::role::Role;
@@ -174,10 +175,18 @@ impl Forwarder {
         };
         let _ = client.set_nodelay(true);
         flow.opened();
-        // The flow's lane on each link: from the client's address and port, so a resumable
-        // flow that reopens takes the same lane while that lane lasts.
-        let lane = crate::link::lanes::flow_key(client.peer_addr().ok());
-        let conn = match self.hop(&vip, target, lane) {
+        // A resumable flow starts on the link's interactive lane and moves to a bulk one if it
+        // turns bulk; a plain one cannot move, so it is spread over every lane by its client's
+        // address and port ([`crate::link::lanes`]).
+        let support = self.resume_support(&target.site);
+        let resumable = self.opts.resume && support != Some(false);
+        let lane = flow_key(client.peer_addr().ok());
+        let choice = if resumable {
+            LaneChoice::Interactive
+        } else {
+            LaneChoice::Spread(lane)
+        };
+        let conn = match self.hop(&vip, target, choice) {
             Hop::Local => {
                 let server = match connect(SocketAddr::new(target.ip, port)).await {
                     Ok(s) => s,
@@ -202,8 +211,7 @@ impl Forwarder {
             port,
             src: self.src_vip(target).map(|ip| SocketAddr::new(ip, 0)),
         };
-        let support = self.resume_support(&target.site);
-        if self.opts.resume && support != Some(false) {
+        if resumable {
             let token = resume::new_token();
             let ext = ResumeExt {
                 token,
@@ -267,8 +275,18 @@ impl Forwarder {
             if let Some(attach) = attach {
                 // Boxed: a resumable flow's state is large, and unboxed it would size every
                 // plain flow's future too (about 5 KiB more per idle plain flow, measured).
-                let refused =
-                    Box::pin(self.resumable(client, attach, Side::Origin { token, header, lane }, &flow)).await;
+                let refused = Box::pin(self.resumable(
+                    client,
+                    attach,
+                    Side::Origin {
+                        token,
+                        header,
+                        lane,
+                        bulk: false,
+                    },
+                    &flow,
+                ))
+                .await;
                 if refused {
                     // A terminus (or relay) on the path cannot resume: later flows go plain.
                     self.set_resume_support(&target.site, false);
@@ -330,7 +348,13 @@ impl Forwarder {
     }
 
     /// A stream arrived on a link: relay it, or deliver it to one of our endpoints.
-    pub async fn serve_stream(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    pub async fn serve_stream(
+        self: Arc<Self>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        arrived: Arrived,
+    ) {
+        let lane = arrived.onward(rand::random());
         let (header, ext) = match read_header(&mut recv).await {
             Ok(h) => h,
             Err(e) => {
@@ -374,8 +398,8 @@ impl Forwarder {
                 // A sidecar delivers to its own pod only; it never relays.
                 (Role::Sidecar, false) => return refuse(&mut send, &mut recv, codes::UNREACHABLE),
                 (Role::Sidecar, true) => None,
-                // A relayed stream is never reopened here: any lane will do.
-                (Role::Gateway, false) => match self.mesh.next_hop(&header.site, rand::random()) {
+                // Onward on a lane like the one it came on (a relay never reopens a stream).
+                (Role::Gateway, false) => match self.mesh.next_hop(&header.site, lane) {
                     Some(conn) => Some(conn),
                     None => {
                         relay.failed(FailReason::NoRoute);

@@ -41,6 +41,7 @@ use super::header::{Datagram, FlowHeader, MAX_TTL};
 use super::udpflows::{Action, Event, FlowKey, Handles, Holder, Next, Reply, UdpFlows};
 use super::{Forwarder, Hop, ListenerKey, lock};
 use crate::intercept::{self, RawUdp};
+use crate::link::lanes::{LaneChoice, flow_key};
 use crate::metrics::{self, DropReason, Metrics, Role};
 use crate::names::Protocol;
 use crate::role::Role as AgentRole;
@@ -280,7 +281,7 @@ impl Forwarder {
             // sends from (peer protocols check both).
             src: self.src_vip(target).map(|ip| SocketAddr::new(ip, client.port())),
         };
-        let next = match self.hop(&vip, target, crate::link::lanes::flow_key(client)) {
+        let next = match self.hop(&vip, target, LaneChoice::Spread(flow_key(client))) {
             Hop::Local => Next::Local,
             Hop::Conn(conn) => Next::Link(conn),
             Hop::Unreachable => Next::Unreachable,
@@ -347,7 +348,7 @@ impl Forwarder {
                 } else {
                     // The lane from the flow as this hop knows it, so all its datagrams
                     // keep one lane (and one relay entry) onward.
-                    let lane = crate::link::lanes::flow_key((from.stable_id(), flow));
+                    let lane = LaneChoice::Spread(flow_key((from.stable_id(), flow)));
                     let next = self.mesh.next_hop(&header.site, lane);
                     Event::Relay {
                         flow,

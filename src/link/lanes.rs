@@ -10,12 +10,19 @@
 //! the first ends, its lanes end with it. A lane that fails alone is dialled again, and its
 //! resumable flows move to the other lanes.
 //!
-//! Every flow stays on one lane: a TCP flow is one stream, and a UDP flow's datagrams keep
-//! their order and their relay's flow entry. The lane is chosen by rendezvous hashing
-//! (highest random weight) of a per-flow key over the lanes' connection ids, so a lane that
-//! comes or goes moves only the flows that were on it or now hash to it (about 1 in n), never
-//! the rest. [`pick_index`] is that choice, pure and unit-tested; [`LaneSet`] holds one
-//! link's live connections for the data plane.
+//! A flow's lane follows what it carries ([`LaneChoice`]). Lane 0 is the *interactive* lane:
+//! a resumable TCP flow starts there, and moves (once, by the resume machinery) to one of the
+//! other, *bulk* lanes when it has carried [`BULK_MOVE`] bytes. So heartbeats and requests
+//! share their congestion window and their receiving task with nothing bulk, which would
+//! otherwise queue ahead of them, while transfers spread over the other lanes and cores. UDP
+//! flows and plain (non-resumable) TCP flows cannot move and are spread over every lane.
+//!
+//! Otherwise a flow stays on its lane: a TCP flow is one stream, and a UDP flow's datagrams
+//! keep their order and their relay's flow entry. The lane among several is chosen by
+//! rendezvous hashing (highest random weight) of a per-flow key over the lanes' connection
+//! ids, so a lane that comes or goes moves only the flows that were on it or now hash to it
+//! (about 1 in n), never the rest. [`pick_index`] is that choice, pure and unit-tested;
+//! [`LaneSet`] holds one link's live connections for the data plane.
 
 use std::sync::RwLock;
 
@@ -36,6 +43,58 @@ pub fn pick_index(key: u64, ids: impl IntoIterator<Item = u64>) -> Option<usize>
         .enumerate()
         .max_by_key(|(_, id)| mix(key ^ mix(*id).rotate_left(17)))
         .map(|(i, _)| i)
+}
+
+/// The kind of lane a flow's stream arrived on, so that a relay sends it onward on the same
+/// kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrived {
+    /// A link's first connection: the interactive lane.
+    Interactive,
+    /// One of a link's other lanes.
+    Bulk,
+    /// A sidecar's connection to its gateway, which has one lane for everything.
+    Unknown,
+}
+
+impl Arrived {
+    /// The lane onward for a flow that arrived so; `key` spreads it among several.
+    pub fn onward(self, key: u64) -> LaneChoice {
+        match self {
+            Arrived::Interactive => LaneChoice::Interactive,
+            Arrived::Bulk => LaneChoice::Bulk(key),
+            Arrived::Unknown => LaneChoice::Spread(key),
+        }
+    }
+}
+
+/// Bytes a resumable TCP flow carries (both directions, at its origin) on the interactive
+/// lane before it moves to a bulk lane: far more than a request, a response or a burst of
+/// heartbeats, and little against a transfer, which pays one resume (a round trip) to move.
+pub const BULK_MOVE: u64 = 1024 * 1024;
+
+/// Which of a link's lanes a flow takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaneChoice {
+    /// Any lane, by the flow's key: flows that cannot move (UDP, plain TCP, relayed
+    /// streams whose class is unknown).
+    Spread(u64),
+    /// Lane 0, the link's first connection: a resumable flow until it turns bulk.
+    Interactive,
+    /// One of the lanes after the first, by the flow's key (lane 0 when there is no other).
+    Bulk(u64),
+}
+
+/// The index in `ids` (a link's lanes' connection ids, the first connection first) of the
+/// lane `choice` takes; 0 when `ids` has one or none.
+pub fn choose(choice: LaneChoice, ids: &[u64]) -> usize {
+    let (key, skip) = match choice {
+        LaneChoice::Interactive => return 0,
+        LaneChoice::Spread(key) => (key, 0),
+        LaneChoice::Bulk(key) if ids.len() > 1 => (key, 1),
+        LaneChoice::Bulk(key) => (key, 0),
+    };
+    pick_index(key, ids[skip.min(ids.len())..].iter().copied()).map_or(0, |i| i + skip)
 }
 
 /// A per-flow key from what identifies the flow at its start (a client's address and
@@ -85,13 +144,19 @@ impl LaneSet {
         }
     }
 
-    /// The connection a flow with `key` ([`flow_key`]) takes ([`pick_index`]).
-    pub fn pick(&self, key: u64) -> quinn::Connection {
-        let conns = self.read();
-        match pick_index(key, conns.iter().map(|c| c.stable_id() as u64)) {
-            Some(i) => conns[i].clone(),
-            None => self.first.clone(),
+    /// The connection a flow takes ([`LaneChoice`]; keys from [`flow_key`], choice among
+    /// several by [`pick_index`]).
+    pub fn pick(&self, choice: LaneChoice) -> quinn::Connection {
+        if choice == LaneChoice::Interactive {
+            return self.first.clone();
         }
+        let conns = self.read();
+        let mut ids = [0u64; crate::config::MAX_LANES as usize];
+        let n = conns.len().min(ids.len());
+        for (id, c) in ids.iter_mut().zip(conns.iter()) {
+            *id = c.stable_id() as u64;
+        }
+        conns[choose(choice, &ids[..n])].clone()
     }
 
     /// Adds an extra lane.
@@ -137,6 +202,29 @@ mod tests {
         }
         assert_eq!(pick_index(7, []), None);
         assert_eq!(pick_index(7, [42]), Some(0));
+    }
+
+    #[test]
+    fn interactive_flows_take_the_first_lane_and_bulk_ones_never_do_while_others_exist() {
+        let ids = [40, 41, 42, 43];
+        let mut bulk = [0usize; 4];
+        for key in 0..4000u64 {
+            assert_eq!(choose(LaneChoice::Interactive, &ids), 0);
+            bulk[choose(LaneChoice::Bulk(key), &ids)] += 1;
+            assert_eq!(choose(LaneChoice::Bulk(key), &ids), choose(LaneChoice::Bulk(key), &ids));
+        }
+        assert_eq!(bulk[0], 0, "a bulk flow on the interactive lane");
+        assert!(bulk[1..].iter().all(|n| (1100..1600).contains(n)), "uneven: {bulk:?}");
+        // Alone, the first lane carries everything; nothing at all still gives index 0.
+        assert_eq!(choose(LaneChoice::Bulk(9), &[40]), 0);
+        assert_eq!(choose(LaneChoice::Spread(9), &[]), 0);
+        let spread: std::collections::BTreeSet<usize> =
+            (0..100u64).map(|k| choose(LaneChoice::Spread(k), &ids)).collect();
+        assert_eq!(spread.len(), 4, "spread flows use every lane, the first too");
+        // A relay keeps the kind of lane a stream arrived on.
+        assert_eq!(Arrived::Interactive.onward(3), LaneChoice::Interactive);
+        assert_eq!(Arrived::Bulk.onward(3), LaneChoice::Bulk(3));
+        assert_eq!(Arrived::Unknown.onward(3), LaneChoice::Spread(3));
     }
 
     #[test]

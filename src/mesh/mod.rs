@@ -39,7 +39,7 @@ use tracing::warn;
 use self::core::{Action, ConnId, Event, MeshCore, Publication, To};
 use crate::catalog::{Advert, EndpointAd, PortAd, ServiceAd, View};
 use crate::config::Export;
-use crate::link::lanes::LaneSet;
+use crate::link::lanes::{LaneChoice, LaneSet};
 use crate::metrics::Metrics;
 use crate::protocol::Control;
 use crate::role::Role;
@@ -244,12 +244,21 @@ impl Mesh {
     }
 
     /// The connection a flow to `site` leaves on, if `site` is reachable: the lane of the
-    /// next hop's link that the flow's `key` ([`crate::link::lanes::flow_key`]) picks, the
-    /// same one for the same key while the link's lanes stay.
-    pub fn next_hop(&self, site: &str, key: u64) -> Option<quinn::Connection> {
+    /// next hop's link that `choice` picks, the same one for the same choice while the
+    /// link's lanes stay.
+    pub fn next_hop(&self, site: &str, choice: LaneChoice) -> Option<quinn::Connection> {
         match self.routes.read() {
-            Ok(r) => r.get(site).map(|l| l.pick(key)),
-            Err(p) => p.into_inner().get(site).map(|l| l.pick(key)),
+            Ok(r) => r.get(site).map(|l| l.pick(choice)),
+            Err(p) => p.into_inner().get(site).map(|l| l.pick(choice)),
+        }
+    }
+
+    /// Whether the link to `site`'s next hop has lanes besides its first connection (a
+    /// resumable flow there moves to one once it turns bulk).
+    pub fn has_bulk_lanes(&self, site: &str) -> bool {
+        match self.routes.read() {
+            Ok(r) => r.get(site).is_some_and(|l| l.len() > 1),
+            Err(p) => p.into_inner().get(site).is_some_and(|l| l.len() > 1),
         }
     }
 
