@@ -449,7 +449,9 @@ impl Forwarder {
                 other => return other,
             };
             if let Some(a) = resumed {
-                info!("flow resumed on a new stream (the old one was still open)");
+                // Debug, not info: at the terminus a move between lanes looks the same, and the origin
+                // logs real path changes at info.
+                debug!("flow resumed on a new stream (the old one was still open)");
                 flow.resumed();
                 attach = *a;
                 continue;
@@ -489,7 +491,7 @@ impl Forwarder {
                     tokio::select! {
                         a = resumes.recv() => match a {
                             Some(a) => {
-                                info!(%why, "flow resumed on a new stream");
+                                debug!(%why, "flow resumed on a new stream");
                                 flow.resumed();
                                 *a
                             }

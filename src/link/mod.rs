@@ -926,9 +926,14 @@ impl Links {
             // An extra lane joins the live first connection of the same dialer link.
             let (reject, lane) = match (&msg, reject, link) {
                 (_, Some(r), _) => (Some(r), None),
-                (Control::Hello { lane: Some(i), .. }, None, _) if *i == 0 || *i >= crate::config::MAX_LANES => {
-                    (Some(format!("lane {i} is out of range")), None)
-                }
+                // Never more lanes than this end is configured for, whatever a peer sends.
+                (Control::Hello { lane: Some(i), .. }, None, _) if *i == 0 || *i >= self.lanes => (
+                    Some(format!(
+                        "lane {i} is out of range: this agent runs at most {} lanes",
+                        self.lanes
+                    )),
+                    None,
+                ),
                 (Control::Hello { lane: Some(_), .. }, None, None) => {
                     (Some("a sidecar's link has no lanes".to_string()), None)
                 }
@@ -940,10 +945,16 @@ impl Links {
                     },
                     None,
                     Some(name),
-                ) => match self.lock().lane_first(name, claimed.as_deref()) {
-                    Ok(first) => (None, Some((*i, first))),
-                    Err(e) => (Some(e), None),
-                },
+                ) => {
+                    let table = self.lock();
+                    match table.lane_first(name, claimed.as_deref()) {
+                        Ok(_) if table.lanes(name).len() + 1 >= usize::from(self.lanes) => {
+                            (Some(format!("link {name} has all its {} lanes up", self.lanes)), None)
+                        }
+                        Ok(first) => (None, Some((*i, first))),
+                        Err(e) => (Some(e), None),
+                    }
+                }
                 (_, None, _) => (None, None),
             };
             if let Some(message) = reject {

@@ -952,4 +952,50 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn lanes_join_only_the_live_first_connection_of_the_same_dialer_link_and_end_with_it() {
+        let (mut t, _) = table(vec![record("rome", "rome", Role::Acceptor, 10)]);
+        // No first connection yet: no lane may join.
+        assert!(t.lane_first("rome", Some("rome@a")).is_err());
+        t.up("rome", conn(1), Some("rome@a".into()), at(200));
+        assert_eq!(t.lane_first("rome", Some("rome@a")), Ok(conn(1)));
+        // Another dialer link of the site, or none named, cannot add lanes to this one.
+        assert!(t.lane_first("rome", Some("rome@b")).unwrap_err().contains("rome@b"));
+        assert!(t.lane_first("rome", None).is_err());
+        assert!(t.lane_first("paris", Some("rome@a")).is_err());
+
+        assert!(t.lane_up("rome", &conn(1), conn(2)));
+        assert!(t.lane_up("rome", &conn(1), conn(3)));
+        assert!(t.lane_up("rome", &conn(1), conn(3)), "the same lane twice counts once");
+        assert!(
+            !t.lane_up("rome", &conn(9), conn(4)),
+            "a lane of a connection that is not current"
+        );
+        assert_eq!(state(&t, "rome").lanes, Some(3));
+        assert_eq!(t.lanes("rome").len(), 2);
+        assert_eq!(t.conns().count(), 3, "shutdown closes lanes too");
+        t.lane_ended("rome", &conn(2));
+        assert_eq!(state(&t, "rome").lanes, Some(2));
+
+        // A reconnection of the same dialer link replaces the first connection and closes
+        // its lanes.
+        let actions = t.up("rome", conn(5), Some("rome@a".into()), at(300));
+        let closed: Vec<usize> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Close { conn, .. } => Some(conn.id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closed, vec![1, 3]);
+        assert!(t.lanes("rome").is_empty());
+
+        // The first connection ends: its lanes come back to be closed, and none may join.
+        assert!(t.lane_up("rome", &conn(5), conn(6)));
+        let lanes = t.ended("rome", &conn(5), LinkState::Down, "gone".into(), at(400));
+        assert_eq!(lanes, vec![conn(6)]);
+        assert_eq!(state(&t, "rome").lanes, None, "no lanes while down");
+        assert!(t.lane_first("rome", Some("rome@a")).is_err());
+    }
 }
