@@ -1374,7 +1374,8 @@ fn a_link_opens_its_lanes_and_carries_many_flows_on_them() {
     let mut s = common::sites_in(dir.path(), &net, &["london", "paris"], POD, |site| {
         let cfg = site.state.join("causeway.yaml");
         let lanes = if site.name == "london" { 4 } else { 3 };
-        std::fs::write(&cfg, with_lanes(&std::fs::read_to_string(&cfg).unwrap(), lanes)).unwrap();
+        let text = with_lanes(&std::fs::read_to_string(&cfg).unwrap(), lanes);
+        std::fs::write(&cfg, format!("{text}metrics: 127.0.0.1:9400\n")).unwrap();
     });
     s[0].link_spoke(dir.path(), &s[1], 1);
     wait_lanes(&s[0], &s[1], 3);
@@ -1401,6 +1402,24 @@ fn a_link_opens_its_lanes_and_carries_many_flows_on_them() {
     many_flows_at_once(&net, vip, &s);
     let status = s[1].ok(&["status", "-o", "json"]);
     assert!(status.contains("\"lanes\": 3"), "{status}");
+    // Each flow carried 2 MiB, so it moved once from the interactive lane to a bulk one: the
+    // terminus counts that as a resume, the origin (which logs real path changes) does not.
+    let mut metrics = String::new();
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            metrics = scrape(&net, "paris");
+            metrics.contains(r#"causeway_link_lanes{link="london",peer="london"} 3"#)
+        }),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("causeway_flows_resumed_total{"), "{metrics}");
+    let london_metrics = scrape(&net, "london");
+    let moved: u64 = london_metrics
+        .lines()
+        .filter(|l| l.starts_with("causeway_flows_resumed_total{") && l.contains(r#"role="terminus""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .sum();
+    assert!(moved > 0, "no flow moved to a bulk lane:\n{london_metrics}");
 
     // The acceptor restarts: the dialer links again, lanes and all.
     s[0].stop();

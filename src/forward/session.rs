@@ -630,9 +630,6 @@ struct Attempt {
     /// The origin has not yet read the terminus's answer on this stream (it skips it).
     skip_answer: bool,
     dec: Decoder,
-    /// Chunks read from the stream at once (fewer than a plain flow's reader takes: the
-    /// sink writes the whole queue, up to [`CHUNKS`] at a time, and an idle flow holds this).
-    chunks: [Bytes; READ_CHUNKS],
     /// Frames built and not yet all taken by the stream, from `sent` on.
     frames: Vec<Bytes>,
     sent: usize,
@@ -686,7 +683,6 @@ async fn attempt(
         greet: greet.then_some(answer_now),
         skip_answer: !answered,
         dec: Decoder::resuming(end.peer_fin),
-        chunks: std::array::from_fn(|_| Bytes::new()),
         frames: Vec::new(),
         sent: 0,
         finish: false,
@@ -724,6 +720,10 @@ fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mu
     // The stream's halves that answered `Pending` in an earlier pass of this poll: they hold
     // the waker already, and asking again costs a lock on the connection for nothing.
     let (mut reader_waits, mut writer_waits) = (false, false);
+    // Chunks read from the stream at once (fewer than a plain flow's reader takes: the sink
+    // writes the whole queue, up to CHUNKS at a time). Local: `take` empties them within the
+    // pass, so an idle flow need not hold the array between polls.
+    let mut chunks: [Bytes; READ_CHUNKS] = std::array::from_fn(|_| Bytes::new());
     for _ in 0..MAX_PASSES {
         if cancel.load(Ordering::Relaxed) {
             return Poll::Ready(Outcome::Broken("superseded".into()));
@@ -742,10 +742,10 @@ fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mu
             if a.read_end || reader_waits || end.reader_paused() {
                 break;
             }
-            match a.recv.poll_read_chunks(cx, &mut a.chunks) {
+            match a.recv.poll_read_chunks(cx, &mut chunks) {
                 Poll::Ready(Ok(Some(n))) => {
                     progress = true;
-                    if let Err(o) = end.take(&mut a.dec, &mut a.chunks[..n], &mut a.skip_answer) {
+                    if let Err(o) = end.take(&mut a.dec, &mut chunks[..n], &mut a.skip_answer) {
                         return Poll::Ready(o);
                     }
                 }
@@ -806,6 +806,8 @@ fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mu
                     timer.as_mut().reset(at);
                 }
                 if timer.as_mut().poll(cx).is_ready() {
+                    // Dropped once fired: an idle flow need not keep it.
+                    a.ack_timer = None;
                     a.ack_due = true;
                     progress = true;
                 }

@@ -196,7 +196,10 @@ impl Forwarder {
                         return reset(client);
                     }
                 };
-                return self.splice_tcp_tcp(client, server, &flow).await;
+                // Boxed, as every path of this task: inline, each path's state would size the
+                // task of every flow, whichever path it takes (measured: a resumable flow's
+                // task held the plain splice's 3 KiB of chunk and slice arrays).
+                return Box::pin(self.splice_tcp_tcp(client, server, &flow)).await;
             }
             Hop::Conn(conn) => conn,
             Hop::Unreachable => {
@@ -302,7 +305,7 @@ impl Forwarder {
                 return reset(client);
             }
         };
-        self.splice_tcp_quic(client, send, recv, &flow).await;
+        Box::pin(self.splice_tcp_quic(client, send, recv, &flow)).await;
     }
 
     /// Whether `site`'s terminus resumes flows, if known (and not too long ago).
@@ -421,7 +424,8 @@ impl Forwarder {
                     }
                 };
                 relay.opened();
-                let (a, b) = tokio::join!(pipe_quic(recv, send2), pipe_quic(recv2, send));
+                // Boxed: see `tcp_origin`.
+                let (a, b) = Box::pin(async { tokio::join!(pipe_quic(recv, send2), pipe_quic(recv2, send)) }).await;
                 relay.bytes(Direction::ToEndpoint, a);
                 relay.bytes(Direction::FromEndpoint, b);
                 relay.closed();
@@ -471,7 +475,8 @@ impl Forwarder {
             };
             terminus.opened();
             let Some(ext) = ext else {
-                return self.splice_tcp_quic(tcp, send, recv, &terminus).await;
+                // Boxed: see `tcp_origin`.
+                return Box::pin(self.splice_tcp_quic(tcp, send, recv, &terminus)).await;
             };
             let (tx, rx) = tokio::sync::mpsc::channel(2);
             let Some(_registered) = Registered::new(&self, ext.token, &header, tx) else {
