@@ -1417,7 +1417,7 @@ fn a_link_opens_its_lanes_and_carries_many_flows_on_them() {
     let moved: u64 = london_metrics
         .lines()
         .filter(|l| l.starts_with("causeway_flows_resumed_total{") && l.contains(r#"role="terminus""#))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
     assert!(moved > 0, "no flow moved to a bulk lane:\n{london_metrics}");
 

@@ -41,8 +41,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, info};
 
@@ -102,7 +102,50 @@ pub(super) struct Attach {
 
 /// A resumable flow ending at this agent, as listed for streams that resume it: the VIP and
 /// port it was opened for (a resume must name the same), and where to hand the stream.
-pub(super) type Resumable = (std::net::IpAddr, u16, mpsc::Sender<Box<Attach>>);
+pub(super) type Resumable = (std::net::IpAddr, u16, Arc<Mailbox>);
+
+/// Where a stream that resumes a terminus flow is handed to the flow: one slot and a
+/// wake-up. About 80 bytes, where a bounded `mpsc` channel allocated a 32-slot block up front
+/// (800 bytes per flow) for something most flows never receive.
+#[derive(Default)]
+pub(super) struct Mailbox {
+    /// The stream not yet taken by the flow.
+    slot: std::sync::Mutex<Option<Box<Attach>>>,
+    /// Woken when `slot` is filled (a permit is kept if the flow is not waiting yet).
+    filled: tokio::sync::Notify,
+}
+
+impl Mailbox {
+    /// Hands `attach` to the flow; gives it back if another resume is still waiting there
+    /// (the origin retries).
+    pub(super) fn put(&self, attach: Box<Attach>) -> Result<(), Box<Attach>> {
+        let mut slot = match self.slot.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if slot.is_some() {
+            return Err(attach);
+        }
+        *slot = Some(attach);
+        drop(slot);
+        self.filled.notify_one();
+        Ok(())
+    }
+
+    /// The next stream handed over. Cancel-safe: a stream is taken only when returned.
+    async fn take(&self) -> Box<Attach> {
+        loop {
+            let taken = match self.slot.lock() {
+                Ok(mut g) => g.take(),
+                Err(p) => p.into_inner().take(),
+            };
+            if let Some(a) = taken {
+                return a;
+            }
+            self.filled.notified().await;
+        }
+    }
+}
 
 /// Which end of the flow this is.
 pub(super) enum Side {
@@ -121,8 +164,7 @@ pub(super) enum Side {
     /// Where the endpoint is: waits for the origin to reopen. Resumes arrive here.
     Terminus {
         /// Streams that resume this flow, handed over by [`Forwarder::serve_stream`].
-        /// (Boxed: a channel allocates room for 32 items up front, and a flow rarely sees one.)
-        resumes: mpsc::Receiver<Box<Attach>>,
+        resumes: Arc<Mailbox>,
     },
 }
 
@@ -429,12 +471,11 @@ impl Forwarder {
                     Side::Terminus { resumes } => {
                         let next = tokio::select! {
                             o = &mut run => Err(o),
-                            a = resumes.recv() => Ok(a),
+                            a = resumes.take() => Ok(a),
                         };
                         match next {
                             Err(o) => (o, None),
-                            Ok(None) => (run.await, None),
-                            Ok(Some(a)) => {
+                            Ok(a) => {
                                 // The origin moved the flow while the old stream looked alive
                                 // (a silent path): drop the old one, carry on on the new one.
                                 cancel.store(true, Ordering::Relaxed);
@@ -489,14 +530,11 @@ impl Forwarder {
                 Side::Terminus { resumes } => {
                     debug!(%why, "flow's stream broke; waiting for the origin to resume it");
                     tokio::select! {
-                        a = resumes.recv() => match a {
-                            Some(a) => {
-                                debug!(%why, "flow resumed on a new stream");
-                                flow.resumed();
-                                *a
-                            }
-                            None => return Outcome::Gone("no longer resumable".into()),
-                        },
+                        a = resumes.take() => {
+                            debug!(%why, "flow resumed on a new stream");
+                            flow.resumed();
+                            *a
+                        }
                         _ = tokio::time::sleep(self.opts.resume_window) => {
                             return Outcome::Gone(format!("not resumed within {:?}", self.opts.resume_window))
                         }

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::header::{FlowHeader, MAX_HEADER, MAX_TTL, ResumeExt};
-use super::session::{ANSWER_TIMEOUT, Attach, OpenError, Side, open_answered};
+use super::session::{ANSWER_TIMEOUT, Attach, Mailbox, OpenError, Side, open_answered};
 use super::{Forwarder, Hop, ListenerKey, codes, lock, resume};
 use crate::link::lanes::{Arrived, LaneChoice, flow_key};
 use crate::metrics::{self, Direction, FailReason, FlowMetrics};
@@ -331,11 +331,13 @@ impl Forwarder {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) -> Result<(), (quinn::SendStream, quinn::RecvStream)> {
-        let tx = lock(&self.resumes)
+        let mailbox = lock(&self.resumes)
             .get(&ext.token)
             .filter(|(vip, port, _)| *vip == header.vip && *port == header.port)
-            .map(|(_, _, tx)| tx.clone());
-        let Some(tx) = tx else { return Err((send, recv)) };
+            .map(|(_, _, m)| m.clone());
+        let Some(mailbox) = mailbox else {
+            return Err((send, recv));
+        };
         let attach = Attach {
             send,
             recv,
@@ -344,10 +346,7 @@ impl Forwarder {
             answer_now: true,
             via: None,
         };
-        tx.try_send(Box::new(attach)).map_err(|e| {
-            let a = e.into_inner();
-            (a.send, a.recv)
-        })
+        mailbox.put(Box::new(attach)).map_err(|a| (a.send, a.recv))
     }
 
     /// A stream arrived on a link: relay it, or deliver it to one of our endpoints.
@@ -478,8 +477,8 @@ impl Forwarder {
                 // Boxed: see `tcp_origin`.
                 return Box::pin(self.splice_tcp_quic(tcp, send, recv, &terminus)).await;
             };
-            let (tx, rx) = tokio::sync::mpsc::channel(2);
-            let Some(_registered) = Registered::new(&self, ext.token, &header, tx) else {
+            let mailbox = Arc::new(Mailbox::default());
+            let Some(_registered) = Registered::new(&self, ext.token, &header, mailbox.clone()) else {
                 debug!("a new flow reused a live token; refused");
                 terminus.failed(FailReason::Reset);
                 refuse(&mut send, &mut recv, codes::GONE);
@@ -493,7 +492,7 @@ impl Forwarder {
                 answer_now: ext.waits,
                 via: None,
             };
-            Box::pin(self.resumable(tcp, first, Side::Terminus { resumes: rx }, &terminus)).await;
+            Box::pin(self.resumable(tcp, first, Side::Terminus { resumes: mailbox }, &terminus)).await;
         }
         .instrument(span)
         .await
@@ -690,13 +689,13 @@ impl<'a> Registered<'a> {
         fwd: &'a Forwarder,
         token: resume::Token,
         header: &FlowHeader,
-        tx: tokio::sync::mpsc::Sender<Box<Attach>>,
+        mailbox: Arc<Mailbox>,
     ) -> Option<Registered<'a>> {
         let mut flows = lock(&fwd.resumes);
         if flows.contains_key(&token) {
             return None;
         }
-        flows.insert(token, (header.vip, header.port, tx));
+        flows.insert(token, (header.vip, header.port, mailbox));
         Some(Registered { fwd, token })
     }
 }
