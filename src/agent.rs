@@ -28,7 +28,7 @@ use crate::link::redeem::Issuer;
 use crate::link::{Established, LinkHandler, Links, describe_connection_error};
 use crate::mesh::{Mesh, VipStore};
 use crate::metrics::{HandshakeOutcome, Metrics};
-use crate::protocol::{self, ALPN_LINK, ALPN_REDEEM, Control, close};
+use crate::protocol::{self, ALPN_LANE, ALPN_LINK, ALPN_REDEEM, Control, close};
 use crate::quic;
 use crate::readiness::Readiness;
 use crate::role::{Peer, Role};
@@ -170,7 +170,7 @@ impl Agent {
                 .context("client address")?;
             quic::endpoint(any, None, identity.stateless_reset_key()).context("opening the sidecar's QUIC socket")?
         } else {
-            let server = quic::server_config(&identity, trust.clone(), &[ALPN_LINK, ALPN_REDEEM], &timing)?;
+            let server = quic::server_config(&identity, trust.clone(), &[ALPN_LINK, ALPN_LANE, ALPN_REDEEM], &timing)?;
             quic::endpoint(config.listen, Some(server), identity.stateless_reset_key())
                 .with_context(|| format!("binding the QUIC link port {} (listen)", config.listen))?
         };
@@ -443,7 +443,7 @@ impl Agent {
                             me.issuer.serve(conn).await;
                             drop(slot);
                         }
-                        Some(ALPN_LINK) => {
+                        Some(ALPN_LINK | ALPN_LANE) => {
                             drop(slot);
                             if conn.peer_identity().is_none() {
                                 if let Some(suppressed) = no_cert.allow(Instant::now()) {

@@ -14,6 +14,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const ALPN_REDEEM: &[u8] = b"causeway-redeem/1";
 /// ALPN of a link connection.
 pub const ALPN_LINK: &[u8] = b"causeway-link/1";
+/// ALPN of a link's extra lane (`links.lanes`): its own, so that an agent that predates lanes
+/// refuses one in the handshake instead of taking it for the link's connection.
+pub const ALPN_LANE: &[u8] = b"causeway-lane/1";
 /// Newest link protocol version this agent speaks (`Hello.version`); bumped on an
 /// incompatible change. Additive changes (a new field, a new message type) need no bump:
 /// every decoder here ignores fields and message types it does not know.

@@ -116,20 +116,16 @@ pub(super) struct Mailbox {
 }
 
 impl Mailbox {
-    /// Hands `attach` to the flow; gives it back if another resume is still waiting there
-    /// (the origin retries).
-    pub(super) fn put(&self, attach: Box<Attach>) -> Result<(), Box<Attach>> {
-        let mut slot = match self.slot.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
+    /// Hands `attach` to the flow. Returns a resume still waiting there, which it replaces:
+    /// the origin opens a resume only after giving up the one before, so it waits for the
+    /// newest alone.
+    pub(super) fn put(&self, attach: Box<Attach>) -> Option<Box<Attach>> {
+        let replaced = match self.slot.lock() {
+            Ok(mut g) => g.replace(attach),
+            Err(p) => p.into_inner().replace(attach),
         };
-        if slot.is_some() {
-            return Err(attach);
-        }
-        *slot = Some(attach);
-        drop(slot);
         self.filled.notify_one();
-        Ok(())
+        replaced
     }
 
     /// The next stream handed over. Cancel-safe: a stream is taken only when returned.
@@ -559,10 +555,17 @@ impl Forwarder {
 
     /// Returns (the new next hop's address) once routing sends the flow over a connection
     /// other than `current`; never while there is no other way (the flow waits on its own).
+    /// Lanes coming or going count too: a bulk flow that had to reopen on a link's first
+    /// connection (no other lane was up) moves to a bulk lane once one is.
     async fn next_hop_moves(&self, header: &FlowHeader, lane: LaneChoice, current: Option<usize>) -> String {
         let mut views = self.mesh.subscribe();
+        let mut lanes = self.mesh.subscribe_lanes();
         loop {
-            if views.changed().await.is_err() {
+            let changed = tokio::select! {
+                v = views.changed() => v,
+                l = lanes.changed() => l,
+            };
+            if changed.is_err() {
                 std::future::pending::<()>().await;
             }
             if let Some(c) = self.current_conn(header, lane)
@@ -768,7 +771,14 @@ fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mu
         }
         // Only once the far end holds the flow (it acked or sent something): a resume that
         // overtook the flow's first stream, on another connection, would find no flow there.
-        if a.move_after.is_some_and(|m| end.read + end.received >= m) && (end.out.acked() > 0 || end.received > 0) {
+        // And never once this end is finishing its stream (both directions ended here): its
+        // far end may be done with the flow already, and a resume would find nothing. A
+        // half-closed flow still moves.
+        if a.move_after.is_some_and(|m| end.read + end.received >= m)
+            && (end.out.acked() > 0 || end.received > 0)
+            && !a.finish
+            && !a.finished
+        {
             return Poll::Ready(Outcome::Broken(TURNED_BULK.into()));
         }
         let mut progress = false;

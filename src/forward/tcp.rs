@@ -346,7 +346,11 @@ impl Forwarder {
             answer_now: true,
             via: None,
         };
-        mailbox.put(Box::new(attach)).map_err(|a| (a.send, a.recv))
+        if let Some(mut older) = mailbox.put(Box::new(attach)) {
+            let _ = older.send.reset(codes::RESET.into());
+            let _ = older.recv.stop(codes::RESET.into());
+        }
+        Ok(())
     }
 
     /// A stream arrived on a link: relay it, or deliver it to one of our endpoints.

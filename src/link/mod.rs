@@ -43,7 +43,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::identity::{self, CertOwner, PeerTrust, SiteIdentity};
-use crate::protocol::{self, ALPN_LINK, Control, PROTOCOL_VERSION, close};
+use crate::protocol::{self, ALPN_LANE, ALPN_LINK, Control, PROTOCOL_VERSION, close};
 use crate::role::Peer;
 use crate::state::{self, StateError, rfc3339};
 use backoff::Backoff;
@@ -246,6 +246,13 @@ struct Greeted {
     peer_link: Option<String>,
     /// For an extra lane: its index, and the link's first connection it joins.
     lane: Option<(u8, quinn::Connection)>,
+}
+
+/// The ALPN a connection was made with.
+fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
 }
 
 /// Closes extra lanes whose first connection ended.
@@ -715,7 +722,7 @@ impl Links {
         index: u8,
     ) -> Result<quinn::Connection, String> {
         let ca = identity::parse_cert_pem(&record.peer_ca, "peer_ca").map_err(|e| e.to_string())?;
-        let cfg = crate::quic::client_config(&self.identity, &ca, ALPN_LINK, true, &self.timing)
+        let cfg = crate::quic::client_config(&self.identity, &ca, ALPN_LANE, true, &self.timing)
             .map_err(|e| e.to_string())?;
         let dialed = tokio::time::timeout(
             DIAL_TIMEOUT,
@@ -923,9 +930,16 @@ impl Links {
                     }),
                 other => Some(format!("expected hello, got {other:?}")),
             };
-            // An extra lane joins the live first connection of the same dialer link.
+            // An extra lane joins the live first connection of the same dialer link, and
+            // comes with the lane ALPN (which agents before lanes refuse); a first connection
+            // never does.
+            let lane_alpn = alpn(conn).as_deref() == Some(ALPN_LANE);
             let (reject, lane) = match (&msg, reject, link) {
                 (_, Some(r), _) => (Some(r), None),
+                (Control::Hello { lane, .. }, None, _) if lane.is_some() != lane_alpn => (
+                    Some("a lane's hello must come on a lane connection, and only there".to_string()),
+                    None,
+                ),
                 // Never more lanes than this end is configured for, whatever a peer sends.
                 (Control::Hello { lane: Some(i), .. }, None, _) if *i == 0 || *i >= self.lanes => (
                     Some(format!(
@@ -946,12 +960,15 @@ impl Links {
                     None,
                     Some(name),
                 ) => {
-                    let table = self.lock();
+                    // Checked and recorded under one lock, so lanes arriving at once cannot
+                    // all pass the count before any is recorded.
+                    let mut table = self.lock();
                     match table.lane_first(name, claimed.as_deref()) {
                         Ok(_) if table.lanes(name).len() + 1 >= usize::from(self.lanes) => {
                             (Some(format!("link {name} has all its {} lanes up", self.lanes)), None)
                         }
-                        Ok(first) => (None, Some((*i, first))),
+                        Ok(first) if table.lane_up(name, &first, conn.clone()) => (None, Some((*i, first))),
+                        Ok(_) => (Some(format!("link {name} changed its connection")), None),
                         Err(e) => (Some(e), None),
                     }
                 }
@@ -999,7 +1016,14 @@ impl Links {
                 lane,
             })
         };
-        match tokio::time::timeout(DIAL_TIMEOUT, exchange).await {
+        let result = tokio::time::timeout(DIAL_TIMEOUT, exchange).await;
+        if !matches!(result, Ok(Ok(_)))
+            && let Some(name) = link
+        {
+            // A lane recorded before its welcome failed is no lane (a no-op otherwise).
+            self.event(|t| t.lane_ended(name, conn));
+        }
+        match result {
             Ok(Ok(streams)) => Some(streams),
             Ok(Err(e)) => {
                 warn!(%remote, error = %e, "link hello failed");

@@ -95,6 +95,8 @@ pub struct Mesh {
     /// Destination site → lanes of the link to the next hop: read on every flow and
     /// datagram.
     routes: RwLock<HashMap<String, Arc<LaneSet>>>,
+    /// Bumped whenever a link's lanes change, for flows that wait for a bulk lane.
+    lanes_changed: watch::Sender<u64>,
     /// VIP → connection of the sidecar that delivers it (gateways only); read per flow.
     member_routes: RwLock<HashMap<IpAddr, quinn::Connection>>,
     /// Gateway, or sidecar (member mode, see the module doc).
@@ -133,6 +135,7 @@ impl Mesh {
             view: watch::channel(Arc::new(View::default())).0,
             routes: RwLock::new(HashMap::new()),
             member_routes: RwLock::new(HashMap::new()),
+            lanes_changed: watch::channel(0).0,
             role,
             metrics,
         });
@@ -265,13 +268,15 @@ impl Mesh {
     /// An extra lane of the link whose first connection is `first` came up: new flows may
     /// take it. False when that link is no longer routed (the lane should close).
     pub fn lane_up(&self, first: &quinn::Connection, lane: quinn::Connection) -> bool {
-        match self.lock().conns.get(&first.stable_id()) {
+        let added = match self.lock().conns.get(&first.stable_id()) {
             Some(lanes) => {
                 lanes.add(lane);
                 true
             }
             None => false,
-        }
+        };
+        self.lanes_changed.send_modify(|n| *n = n.wrapping_add(1));
+        added
     }
 
     /// An extra lane of the link whose first connection is `first` ended.
@@ -279,6 +284,12 @@ impl Mesh {
         if let Some(lanes) = self.lock().conns.get(&first.stable_id()) {
             lanes.remove(lane);
         }
+        self.lanes_changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees every change of any link's lanes.
+    pub fn subscribe_lanes(&self) -> watch::Receiver<u64> {
+        self.lanes_changed.subscribe()
     }
 
     /// What this agent is.
