@@ -838,31 +838,22 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
     }
 
+    /// A link sample: up, RTT in ms, bytes sent and received, lanes.
+    fn sample(up: bool, rtt_ms: Option<u64>, tx_bytes: u64, rx_bytes: u64, lanes: usize) -> LinkSample {
+        LinkSample {
+            up,
+            rtt: rtt_ms.map(Duration::from_millis),
+            tx_bytes,
+            rx_bytes,
+            lanes,
+        }
+    }
+
     #[test]
     fn link_gauges_are_set_not_added() {
         let m = Metrics::new();
-        m.set_link(
-            "to-b",
-            "site-b",
-            &LinkSample {
-                up: true,
-                rtt: Some(Duration::from_millis(25)),
-                tx_bytes: 100,
-                rx_bytes: 200,
-                lanes: 2,
-            },
-        );
-        m.set_link(
-            "to-b",
-            "site-b",
-            &LinkSample {
-                up: true,
-                rtt: Some(Duration::from_millis(25)),
-                tx_bytes: 150,
-                rx_bytes: 260,
-                lanes: 1,
-            },
-        );
+        m.set_link("to-b", "site-b", &sample(true, Some(25), 100, 200, 2));
+        m.set_link("to-b", "site-b", &sample(true, Some(25), 150, 260, 1));
         let text = m.encode();
         for line in [
             r#"causeway_link_up{link="to-b",peer="site-b"} 1"#,
@@ -876,17 +867,7 @@ mod tests {
         }
 
         // Down: up is 0 and the unknown RTT disappears rather than going stale.
-        m.set_link(
-            "to-b",
-            "site-b",
-            &LinkSample {
-                up: false,
-                rtt: None,
-                tx_bytes: 0,
-                rx_bytes: 0,
-                lanes: 0,
-            },
-        );
+        m.set_link("to-b", "site-b", &sample(false, None, 0, 0, 0));
         let text = m.encode();
         assert!(
             has_line(&text, r#"causeway_link_up{link="to-b",peer="site-b"} 0"#),
@@ -898,28 +879,8 @@ mod tests {
     #[test]
     fn remove_link_removes_every_series_of_that_link() {
         let m = Metrics::new();
-        m.set_link(
-            "to-b",
-            "site-b",
-            &LinkSample {
-                up: true,
-                rtt: Some(Duration::from_millis(5)),
-                tx_bytes: 1,
-                rx_bytes: 2,
-                lanes: 1,
-            },
-        );
-        m.set_link(
-            "to-c",
-            "site-c",
-            &LinkSample {
-                up: true,
-                rtt: Some(Duration::from_millis(7)),
-                tx_bytes: 3,
-                rx_bytes: 4,
-                lanes: 1,
-            },
-        );
+        m.set_link("to-b", "site-b", &sample(true, Some(5), 1, 2, 1));
+        m.set_link("to-c", "site-c", &sample(true, Some(7), 3, 4, 1));
         m.remove_link("to-b", "site-b");
         let text = m.encode();
         assert!(!text.contains(r#"link="to-b""#), "{text}");
@@ -988,17 +949,7 @@ mod tests {
         }
         m.config_reload(true);
         m.config_reload(false);
-        m.set_link(
-            "to-b",
-            "site-b",
-            &LinkSample {
-                up: true,
-                rtt: Some(Duration::from_millis(25)),
-                tx_bytes: 100,
-                rx_bytes: 200,
-                lanes: 1,
-            },
-        );
+        m.set_link("to-b", "site-b", &sample(true, Some(25), 100, 200, 1));
         m.set_services(3);
         m.set_endpoints(2);
         m.set_open_files_limit(1024);
