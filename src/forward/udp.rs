@@ -151,13 +151,23 @@ pub(super) struct EndpointSocket {
 /// The agent's handles in the flow tables: quinn connections, and tokio sockets.
 pub(super) struct Quic;
 
+/// A link connection as the UDP flow tables hold it: the lane's connection, which a flow's
+/// datagrams go on, and the id of its link (the link's first connection,
+/// [`Mesh::link_of`](crate::mesh::Mesh::link_of)), which the tables count a peer's flows by,
+/// so a peer with many lanes gets one share, not one per lane.
+#[derive(Clone)]
+pub(super) struct LaneLink {
+    conn: quinn::Connection,
+    link: usize,
+}
+
 impl Handles for Quic {
-    type Link = quinn::Connection;
+    type Link = LaneLink;
     type Vip = VipSocket;
     type Endpoint = EndpointSocket;
 
-    fn link_id(link: &quinn::Connection) -> usize {
-        link.stable_id()
+    fn link_id(link: &LaneLink) -> usize {
+        link.link
     }
 }
 
@@ -230,7 +240,13 @@ impl Forwarder {
                     service,
                     log_streamed,
                 } => {
-                    let streamed = self.send(&link, dgram, &service.name, &service.namespace, log_streamed.is_none());
+                    let streamed = self.send(
+                        &link.conn,
+                        dgram,
+                        &service.name,
+                        &service.namespace,
+                        log_streamed.is_none(),
+                    );
                     if let Some(key) = log_streamed.filter(|_| streamed) {
                         self.udp_event(Event::Streamed(key));
                     }
@@ -283,7 +299,7 @@ impl Forwarder {
         };
         let next = match self.hop(&vip, target, LaneChoice::Spread(flow_key(client))) {
             Hop::Local => Next::Local,
-            Hop::Conn(conn) => Next::Link(conn),
+            Hop::Conn(conn) => Next::Link(self.lane_link(conn)),
             Hop::Unreachable => Next::Unreachable,
         };
         let actions = self.udp_event(Event::FromClient {
@@ -328,6 +344,14 @@ impl Forwarder {
         true
     }
 
+    /// `conn` as the flow tables hold it, with the id of its link.
+    fn lane_link(&self, conn: quinn::Connection) -> LaneLink {
+        LaneLink {
+            link: self.mesh.link_of(&conn),
+            conn,
+        }
+    }
+
     /// A datagram arrived on a link (as a datagram or on a uni stream).
     pub fn on_link_datagram(self: &Arc<Self>, from: &quinn::Connection, data: &[u8]) {
         let dgram = match Datagram::decode(data) {
@@ -342,14 +366,14 @@ impl Forwarder {
         match dgram {
             Datagram::Forward { flow, header, payload } => {
                 debug!(flow, len = payload.len(), "forward datagram from link");
-                let from = from.clone();
+                let from = self.lane_link(from.clone());
                 let event = if header.site == self.site {
                     Event::Deliver { flow, header, from }
                 } else {
                     // The lane from the flow as this hop knows it, so all its datagrams
                     // keep one lane (and one relay entry) onward.
-                    let lane = LaneChoice::Spread(flow_key((from.stable_id(), flow)));
-                    let next = self.mesh.next_hop(&header.site, lane);
+                    let lane = LaneChoice::Spread(flow_key((from.conn.stable_id(), flow)));
+                    let next = self.mesh.next_hop(&header.site, lane).map(|c| self.lane_link(c));
                     Event::Relay {
                         flow,
                         header,
@@ -388,7 +412,7 @@ impl Forwarder {
                 flow,
                 header: header.clone(),
                 reply,
-                member,
+                member: self.lane_link(member),
                 service: &target.service,
                 namespace: &target.namespace,
                 payload,

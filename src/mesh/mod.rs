@@ -97,6 +97,9 @@ pub struct Mesh {
     routes: RwLock<HashMap<String, Arc<LaneSet>>>,
     /// Bumped whenever a link's lanes change, for flows that wait for a bulk lane.
     lanes_changed: watch::Sender<u64>,
+    /// Extra lane's connection id → its link's first connection id ([`Mesh::link_of`]);
+    /// read per UDP datagram from a link.
+    lane_links: RwLock<HashMap<usize, ConnId>>,
     /// VIP → connection of the sidecar that delivers it (gateways only); read per flow.
     member_routes: RwLock<HashMap<IpAddr, quinn::Connection>>,
     /// Gateway, or sidecar (member mode, see the module doc).
@@ -136,6 +139,7 @@ impl Mesh {
             routes: RwLock::new(HashMap::new()),
             member_routes: RwLock::new(HashMap::new()),
             lanes_changed: watch::channel(0).0,
+            lane_links: RwLock::new(HashMap::new()),
             role,
             metrics,
         });
@@ -270,6 +274,7 @@ impl Mesh {
     pub fn lane_up(&self, first: &quinn::Connection, lane: quinn::Connection) -> bool {
         let added = match self.lock().conns.get(&first.stable_id()) {
             Some(lanes) => {
+                self.lane_links_mut().insert(lane.stable_id(), first.stable_id());
                 lanes.add(lane);
                 true
             }
@@ -284,7 +289,26 @@ impl Mesh {
         if let Some(lanes) = self.lock().conns.get(&first.stable_id()) {
             lanes.remove(lane);
         }
+        self.lane_links_mut().remove(&lane.stable_id());
         self.lanes_changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn lane_links_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<usize, ConnId>> {
+        match self.lane_links.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The id of the link `conn` belongs to: its first connection's id (`conn`'s own for a
+    /// first connection, or any connection that is no lane).
+    pub fn link_of(&self, conn: &quinn::Connection) -> usize {
+        let id = conn.stable_id();
+        let links = match self.lane_links.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        links.get(&id).copied().unwrap_or(id)
     }
 
     /// A receiver that sees every change of any link's lanes.
