@@ -558,14 +558,9 @@ impl Forwarder {
     /// Lanes coming or going count too: a bulk flow that had to reopen on a link's first
     /// connection (no other lane was up) moves to a bulk lane once one is.
     async fn next_hop_moves(&self, header: &FlowHeader, lane: LaneChoice, current: Option<usize>) -> String {
-        let mut views = self.mesh.subscribe();
-        let mut lanes = self.mesh.subscribe_lanes();
+        let mut routes = self.mesh.subscribe_routes();
         loop {
-            let changed = tokio::select! {
-                v = views.changed() => v,
-                l = lanes.changed() => l,
-            };
-            if changed.is_err() {
+            if routes.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
             if let Some(c) = self.current_conn(header, lane)

@@ -95,8 +95,10 @@ pub struct Mesh {
     /// Destination site → lanes of the link to the next hop: read on every flow and
     /// datagram.
     routes: RwLock<HashMap<String, Arc<LaneSet>>>,
-    /// Bumped whenever a link's lanes change, for flows that wait for a bulk lane.
-    lanes_changed: watch::Sender<u64>,
+    /// Bumped whenever the routes or a link's lanes change: what an open flow watches to
+    /// move when its next hop (or its lane) does. One channel for both, as every open flow
+    /// polls it on each of its wake-ups.
+    routes_changed: watch::Sender<u64>,
     /// Extra lane's connection id → its link's first connection id ([`Mesh::link_of`]);
     /// read per UDP datagram from a link.
     lane_links: RwLock<HashMap<usize, ConnId>>,
@@ -138,7 +140,7 @@ impl Mesh {
             view: watch::channel(Arc::new(View::default())).0,
             routes: RwLock::new(HashMap::new()),
             member_routes: RwLock::new(HashMap::new()),
-            lanes_changed: watch::channel(0).0,
+            routes_changed: watch::channel(0).0,
             lane_links: RwLock::new(HashMap::new()),
             role,
             metrics,
@@ -225,6 +227,8 @@ impl Mesh {
                 .count(),
         );
         self.view.send_replace(Arc::new(view));
+        // After the view: a flow that wakes reads both.
+        self.routes_changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     pub fn site(&self) -> &str {
@@ -280,7 +284,7 @@ impl Mesh {
             }
             None => false,
         };
-        self.lanes_changed.send_modify(|n| *n = n.wrapping_add(1));
+        self.routes_changed.send_modify(|n| *n = n.wrapping_add(1));
         added
     }
 
@@ -290,7 +294,7 @@ impl Mesh {
             lanes.remove(lane);
         }
         self.lane_links_mut().remove(&lane.stable_id());
-        self.lanes_changed.send_modify(|n| *n = n.wrapping_add(1));
+        self.routes_changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     fn lane_links_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<usize, ConnId>> {
@@ -311,9 +315,9 @@ impl Mesh {
         links.get(&id).copied().unwrap_or(id)
     }
 
-    /// A receiver that sees every change of any link's lanes.
-    pub fn subscribe_lanes(&self) -> watch::Receiver<u64> {
-        self.lanes_changed.subscribe()
+    /// A receiver that sees every change of the routes or of any link's lanes.
+    pub fn subscribe_routes(&self) -> watch::Receiver<u64> {
+        self.routes_changed.subscribe()
     }
 
     /// What this agent is.
