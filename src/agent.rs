@@ -632,13 +632,14 @@ impl LinkHandler for Session {
             mut send,
             mut recv,
             cancel: _,
+            lanes,
         } = link;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         // On a gateway, a session with one of our sidecars is no link; on a sidecar, the
         // one link is to the gateway and is a link like any other to the mesh.
         let sidecar_here = peer == Peer::Sidecar;
         if peer.is_link() {
-            self.mesh.link_up(&name, &peer_site, cost, conn.clone(), tx);
+            self.mesh.link_up(&name, &peer_site, cost, conn.clone(), lanes, tx);
         } else {
             self.mesh.member_up(&name, conn.clone(), tx);
         }

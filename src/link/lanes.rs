@@ -114,15 +114,25 @@ pub struct LaneSet {
     /// Lane 0 and every extra lane that is up. Read per flow (an uncontended read lock);
     /// written only when a lane comes or goes.
     conns: RwLock<Vec<quinn::Connection>>,
+    /// How many lanes the link's ends agreed on: a flow that turns bulk before the others
+    /// are up moves anyway, and on to a bulk lane once one is.
+    agreed: u8,
 }
 
 impl LaneSet {
-    /// A set of one lane: the link's first connection.
-    pub fn new(first: quinn::Connection) -> LaneSet {
+    /// A set of one lane, the link's first connection, of a link that agreed on `agreed`
+    /// lanes.
+    pub fn new(first: quinn::Connection, agreed: u8) -> LaneSet {
         LaneSet {
             conns: RwLock::new(vec![first.clone()]),
             first,
+            agreed,
         }
+    }
+
+    /// How many lanes the link's ends agreed on (some may not be up).
+    pub fn agreed(&self) -> u8 {
+        self.agreed
     }
 
     /// The link's first connection (lane 0).

@@ -208,6 +208,9 @@ pub struct Established {
     pub recv: quinn::RecvStream,
     /// Cancelled when the link is removed or the agent stops.
     pub cancel: CancellationToken,
+    /// How many lanes the two ends agreed on ([`lanes`]; 1 for a sidecar's session), so
+    /// flows know bulk lanes are coming before they are up.
+    pub lanes: u8,
 }
 
 /// What runs on an established link: the catalog exchange and the data plane. The link
@@ -246,6 +249,8 @@ struct Greeted {
     peer_link: Option<String>,
     /// For an extra lane: its index, and the link's first connection it joins.
     lane: Option<(u8, quinn::Connection)>,
+    /// For a site's link's first connection: the lanes agreed in the welcome (else 1).
+    lanes: u8,
 }
 
 /// The ALPN a connection was made with.
@@ -542,6 +547,7 @@ impl Links {
                         send,
                         recv,
                         cancel: cancel.clone(),
+                        lanes,
                     });
                     let reason = tokio::select! {
                         reason = session => reason,
@@ -814,6 +820,7 @@ impl Links {
                 cost,
                 peer_link,
                 lane,
+                lanes,
             }) = self.hello(&conn, &site, Some(&name)).await
             else {
                 return;
@@ -840,6 +847,7 @@ impl Links {
                     send,
                     recv,
                     cancel,
+                    lanes,
                 })
                 .await;
             info!(reason = %reason, "link down");
@@ -872,6 +880,7 @@ impl Links {
                     send,
                     recv,
                     cancel: self.shutdown.child_token(),
+                    lanes: 1,
                 })
                 .await;
             self.lock_members().remove(&name);
@@ -1014,6 +1023,7 @@ impl Links {
                 cost,
                 peer_link,
                 lane,
+                lanes: lanes.unwrap_or(1),
             })
         };
         let result = tokio::time::timeout(DIAL_TIMEOUT, exchange).await;

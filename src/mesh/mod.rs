@@ -264,12 +264,12 @@ impl Mesh {
         }
     }
 
-    /// Whether the link to `site`'s next hop has lanes besides its first connection (a
-    /// resumable flow there moves to one once it turns bulk).
+    /// Whether the link to `site`'s next hop has (or agreed to have) lanes besides its first
+    /// connection: a resumable flow there moves to one once it turns bulk.
     pub fn has_bulk_lanes(&self, site: &str) -> bool {
         match self.routes.read() {
-            Ok(r) => r.get(site).is_some_and(|l| l.len() > 1),
-            Err(p) => p.into_inner().get(site).is_some_and(|l| l.len() > 1),
+            Ok(r) => r.get(site).is_some_and(|l| l.agreed() > 1),
+            Err(p) => p.into_inner().get(site).is_some_and(|l| l.agreed() > 1),
         }
     }
 
@@ -371,7 +371,7 @@ impl Mesh {
     pub fn member_up(&self, name: &str, conn: quinn::Connection, control: mpsc::UnboundedSender<Control>) {
         let mut shell = self.lock();
         let id = conn.stable_id();
-        shell.conns.insert(id, Arc::new(LaneSet::new(conn)));
+        shell.conns.insert(id, Arc::new(LaneSet::new(conn, 1)));
         shell.members.insert(name.to_string(), (id, control));
         let _ = self.handle(
             &mut shell,
@@ -416,11 +416,12 @@ impl Mesh {
         peer_site: &str,
         cost: u32,
         conn: quinn::Connection,
+        lanes: u8,
         control: mpsc::UnboundedSender<Control>,
     ) {
         let mut shell = self.lock();
         let id = conn.stable_id();
-        shell.conns.insert(id, Arc::new(LaneSet::new(conn)));
+        shell.conns.insert(id, Arc::new(LaneSet::new(conn, lanes)));
         shell.links.insert(name.to_string(), (id, control));
         let _ = self.handle(
             &mut shell,
