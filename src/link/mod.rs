@@ -701,6 +701,9 @@ impl Links {
                     Ok(lane) => {
                         missing.pop();
                         backoff.reset();
+                        if missing.is_empty() {
+                            info!(lanes, "all lanes up");
+                        }
                         let (me, name, first, cancel) = (me.clone(), record.name.clone(), first.clone(), cancel.clone());
                         running.spawn(async move { me.lane_session(&name, &first, lane, i, &cancel).await }.in_current_span());
                     }
@@ -835,7 +838,7 @@ impl Links {
                 self.lane_session(&name, &first, conn, index, &cancel).await;
                 return;
             }
-            info!(%remote, "link up");
+            info!(%remote, lanes, "link up");
             self.up(&name, &conn, peer_link);
             let reason = self
                 .session(Established {

@@ -433,13 +433,13 @@ impl Metrics {
         );
         registry.register_with_unit(
             "link_sent",
-            "Bytes sent on the link's current connection",
+            "Bytes sent on the link's current connection and its lanes",
             Unit::Bytes,
             link_sent.clone(),
         );
         registry.register_with_unit(
             "link_received",
-            "Bytes received on the link's current connection",
+            "Bytes received on the link's current connection and its lanes",
             Unit::Bytes,
             link_received.clone(),
         );
