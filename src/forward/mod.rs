@@ -537,9 +537,12 @@ impl Forwarder {
             }
         }
         let mut listeners = lock(&self.listeners);
+        // Whether any listener stopped or started: only then is the reconcile worth a line.
+        let mut changed = false;
         listeners.retain(|key, token| {
             let keep = wanted.contains(key);
             if !keep {
+                changed = true;
                 debug!(vip = %key.0, port = key.1, proto = %key.2, "listener stopped");
                 token.cancel();
                 if key.2 == Protocol::Udp {
@@ -567,6 +570,7 @@ impl Forwarder {
             };
             match result {
                 Ok(()) => {
+                    changed = true;
                     debug!(%addr, proto = %key.2, "listener started");
                     errors.remove(&listener_name(&key));
                     listeners.insert(key, token);
@@ -599,14 +603,13 @@ impl Forwarder {
             }
         }
         self.metrics.set_listener_errors(errors.len());
-        if !listeners.is_empty() {
+        if changed {
             info!(listeners = listeners.len(), "VIP listeners reconciled");
         }
     }
 
-    /// Takes a flow stream that arrived on a link (relay or deliver it).
-    /// A flow's stream arrived on a link, on a lane of the kind `arrived` (a relay keeps it
-    /// on that kind onward: [`crate::link::lanes`]).
+    /// Takes a flow's stream that arrived on a link (relays or delivers it), on a lane of the
+    /// kind `arrived` (a relay keeps it on that kind onward: [`crate::link::lanes`]).
     pub fn accept_stream(self: &Arc<Self>, send: quinn::SendStream, recv: quinn::RecvStream, arrived: Arrived) {
         self.tasks.spawn(self.clone().serve_stream(send, recv, arrived));
     }
