@@ -432,11 +432,7 @@ impl Agent {
                             return;
                         }
                     };
-                    let alpn = conn
-                        .handshake_data()
-                        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-                        .and_then(|h| h.protocol);
-                    match alpn.as_deref() {
+                    match crate::link::alpn(&conn).as_deref() {
                         Some(ALPN_REDEEM) => {
                             // A redeemer is not authenticated until its request is checked, so
                             // the exchange (bounded by its own timeout) keeps the slot.

@@ -50,7 +50,7 @@ use super::header::{FlowHeader, ResumeExt};
 use super::priority::SmallFirst;
 use super::resume::{self, ACK_EVERY, Decoder, Event, FrameError, HeaderPool, MAX_FRAME, MAX_REPLAY, Replay, Token};
 use super::tcp::{BUF, CHUNKS, FIRST_BUF, consume, io_slices};
-use super::{Forwarder, Hop, codes};
+use super::{Forwarder, Hop, codes, lock};
 use crate::link::lanes::{BULK_MOVE, LaneChoice};
 use crate::metrics::{self, Direction, FailReason, FlowMetrics};
 use crate::names::Protocol;
@@ -120,10 +120,7 @@ impl Mailbox {
     /// the origin opens a resume only after giving up the one before, so it waits for the
     /// newest alone.
     pub(super) fn put(&self, attach: Box<Attach>) -> Option<Box<Attach>> {
-        let replaced = match self.slot.lock() {
-            Ok(mut g) => g.replace(attach),
-            Err(p) => p.into_inner().replace(attach),
-        };
+        let replaced = lock(&self.slot).replace(attach);
         self.filled.notify_one();
         replaced
     }
@@ -131,10 +128,7 @@ impl Mailbox {
     /// The next stream handed over. Cancel-safe: a stream is taken only when returned.
     async fn take(&self) -> Box<Attach> {
         loop {
-            let taken = match self.slot.lock() {
-                Ok(mut g) => g.take(),
-                Err(p) => p.into_inner().take(),
-            };
+            let taken = lock(&self.slot).take();
             if let Some(a) = taken {
                 return a;
             }

@@ -183,21 +183,6 @@ impl LaneSet {
             self.write().retain(|c| c.stable_id() != lane.stable_id());
         }
     }
-
-    /// How many lanes are up, the first connection included.
-    pub fn len(&self) -> usize {
-        self.read().len()
-    }
-
-    /// Never empty: the first connection is always there.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    /// Every lane's connection, the first one included.
-    pub fn conns(&self) -> Vec<quinn::Connection> {
-        self.read().clone()
-    }
 }
 
 #[cfg(test)]

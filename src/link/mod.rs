@@ -254,7 +254,7 @@ struct Greeted {
 }
 
 /// The ALPN a connection was made with.
-fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+pub(crate) fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()
         .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|h| h.protocol)
@@ -586,11 +586,16 @@ impl Links {
         debug!("dialer stopped");
     }
 
+    /// The client configuration that dials `record`'s peer with `alpn` (a link's first
+    /// connection, or one of its lanes), pinned to the peer's recorded CA.
+    fn dial_config(&self, record: &LinkRecord, alpn: &[u8]) -> Result<quinn::ClientConfig, String> {
+        let ca = identity::parse_cert_pem(&record.peer_ca, "peer_ca").map_err(|e| e.to_string())?;
+        crate::quic::client_config(&self.identity, &ca, alpn, true, &self.timing).map_err(|e| e.to_string())
+    }
+
     /// One attempt: every address of the peer in turn, handshake, then hello.
     async fn connect(&self, record: &LinkRecord) -> Result<Dialed, String> {
-        let ca = identity::parse_cert_pem(&record.peer_ca, "peer_ca").map_err(|e| e.to_string())?;
-        let cfg = crate::quic::client_config(&self.identity, &ca, ALPN_LINK, true, &self.timing)
-            .map_err(|e| e.to_string())?;
+        let cfg = self.dial_config(record, ALPN_LINK)?;
         let mut errors = Vec::new();
         for addr in resolve_all(&record.addresses, &mut errors).await {
             match tokio::time::timeout(DIAL_TIMEOUT, self.connect_addr(&cfg, addr, record, None)).await {
@@ -730,9 +735,7 @@ impl Links {
         first: &quinn::Connection,
         index: u8,
     ) -> Result<quinn::Connection, String> {
-        let ca = identity::parse_cert_pem(&record.peer_ca, "peer_ca").map_err(|e| e.to_string())?;
-        let cfg = crate::quic::client_config(&self.identity, &ca, ALPN_LANE, true, &self.timing)
-            .map_err(|e| e.to_string())?;
+        let cfg = self.dial_config(record, ALPN_LANE)?;
         let dialed = tokio::time::timeout(
             DIAL_TIMEOUT,
             self.connect_addr(&cfg, first.remote_address(), record, Some(index)),

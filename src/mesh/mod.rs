@@ -258,19 +258,22 @@ impl Mesh {
     /// next hop's link that `choice` picks, the same one for the same choice while the
     /// link's lanes stay.
     pub fn next_hop(&self, site: &str, choice: LaneChoice) -> Option<quinn::Connection> {
+        self.with_route(site, |l| l.pick(choice))
+    }
+
+    /// `f` of the lanes of the link to `site`'s next hop, if `site` is reachable (under the
+    /// routes' read lock: no reference count taken on this per-flow path).
+    fn with_route<R>(&self, site: &str, f: impl FnOnce(&LaneSet) -> R) -> Option<R> {
         match self.routes.read() {
-            Ok(r) => r.get(site).map(|l| l.pick(choice)),
-            Err(p) => p.into_inner().get(site).map(|l| l.pick(choice)),
+            Ok(r) => r.get(site).map(|l| f(l)),
+            Err(p) => p.into_inner().get(site).map(|l| f(l)),
         }
     }
 
     /// Whether the link to `site`'s next hop has (or agreed to have) lanes besides its first
     /// connection: a resumable flow there moves to one once it turns bulk.
     pub fn has_bulk_lanes(&self, site: &str) -> bool {
-        match self.routes.read() {
-            Ok(r) => r.get(site).is_some_and(|l| l.agreed() > 1),
-            Err(p) => p.into_inner().get(site).is_some_and(|l| l.agreed() > 1),
-        }
+        self.with_route(site, |l| l.agreed() > 1).unwrap_or(false)
     }
 
     /// An extra lane of the link whose first connection is `first` came up: new flows may
