@@ -15,6 +15,7 @@
 //! flows, with a per-client share and eviction of the least recently used ([`flowbook`]),
 //! kept in the sans-IO tables of [`udpflows`].
 
+mod final_ack;
 pub mod flowbook;
 pub mod header;
 pub mod priority;
@@ -316,6 +317,8 @@ pub struct Forwarder {
     /// Sites whose terminus answered (`true`) or refused (`false`) a resumable flow, and when:
     /// flows to a site not known to resume wait for the first answer before sending.
     resume_peers: Mutex<HashMap<String, (bool, std::time::Instant)>>,
+    /// Final acks of resumable flows waiting for the next tick, to share packets.
+    final_acks: final_ack::FinalAcks,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -343,6 +346,7 @@ impl Forwarder {
             intercept: intercept.map(Arc::new),
             resumes: Mutex::new(HashMap::new()),
             resume_peers: Mutex::new(HashMap::new()),
+            final_acks: final_ack::FinalAcks::default(),
             shutdown,
             tasks: TaskTracker::new(),
         });
@@ -376,6 +380,9 @@ impl Forwarder {
         }
         fwd.tasks.spawn(fwd.clone().follow_view());
         fwd.tasks.spawn(fwd.clone().sweep_udp());
+        let f = fwd.clone();
+        fwd.tasks
+            .spawn(async move { f.final_acks.run(f.shutdown.clone()).await });
         fwd
     }
 

@@ -46,6 +46,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, info};
 
+use super::final_ack::FinalAcks;
 use super::header::{FlowHeader, ResumeExt};
 use super::priority::SmallFirst;
 use super::resume::{self, ACK_EVERY, Decoder, Event, FrameError, HeaderPool, MAX_FRAME, MAX_REPLAY, Replay, Token};
@@ -438,7 +439,7 @@ impl Forwarder {
                     } if self.mesh.has_bulk_lanes(&header.site) => Some(end.read + end.received + BULK_MOVE),
                     _ => None,
                 };
-                let mut run = Box::pin(attempt(end, attach, greet, &cancel, move_after));
+                let mut run = Box::pin(attempt(end, attach, greet, &cancel, move_after, &self.final_acks));
                 match side {
                     Side::Origin { header, lane, bulk, .. } => {
                         let current = via.as_ref().map(|c| c.stable_id());
@@ -683,6 +684,9 @@ struct Attempt {
     /// Once this end has read plus received this many bytes, the attempt ends with
     /// [`TURNED_BULK`] so that the origin moves the flow to a bulk lane.
     move_after: Option<u64>,
+    /// The flow is done but for this ack of the peer's FIN, which goes with the stream to
+    /// [`FinalAcks`] (written with others on its next tick).
+    final_ack: Option<Bytes>,
 }
 
 /// Runs one stream of the flow: sends from `attach.peer_received` on, delivers what arrives,
@@ -695,6 +699,7 @@ async fn attempt(
     greet: bool,
     cancel: &AtomicBool,
     move_after: Option<u64>,
+    finals: &FinalAcks,
 ) -> Outcome {
     let Attach {
         send,
@@ -724,6 +729,7 @@ async fn attempt(
         ack_due: false,
         ack_again: end.delivered > 0,
         move_after,
+        final_ack: None,
     };
     // The peer has queued everything before `peer_received` (and will write it), but only
     // acknowledges it once written: keep it until then, resend from there.
@@ -731,6 +737,10 @@ async fn attempt(
         Err(e) => Outcome::Fatal(e.to_string()),
         Ok(()) => std::future::poll_fn(|cx| poll_attempt(end, &mut a, cancel, cx)).await,
     };
+    if let (Outcome::Done, Some(frame)) = (&outcome, a.final_ack.take()) {
+        finals.put(a.send, frame);
+        return outcome;
+    }
     if !matches!(outcome, Outcome::Done) {
         let code = quinn::VarInt::from_u32(if outcome.rank() >= 2 { codes::GONE } else { codes::RESET });
         let _ = a.send.reset(code);
@@ -810,6 +820,14 @@ fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mu
             if a.sent == a.frames.len() {
                 a.frames.clear();
                 a.sent = 0;
+                // Everything is delivered both ways and the peer's stream has ended: the final
+                // ack goes with others on the next tick (super::final_ack), and the flow is done.
+                if a.read_end && end.fin_written() && end.out.done() && end.delivered > end.ack_sent && !a.ack_again {
+                    a.final_ack = Some(a.headers.ack(end.delivered));
+                    end.ack_sent = end.delivered;
+                    a.finished = true;
+                    return Poll::Ready(Outcome::Done);
+                }
                 if let Err(e) = write_frames(end, a) {
                     return Poll::Ready(Outcome::Fatal(e.to_string()));
                 }
