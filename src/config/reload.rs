@@ -6,8 +6,8 @@
 use super::Config;
 
 impl Config {
-    /// The keys whose change from `running` to `self` a running agent cannot apply: it keeps
-    /// their running values until restarted. Live: `exports`, `namespace`, `dns.upstream`,
+    /// The keys whose change from `running` to `self` a running agent cannot apply, each by
+    /// its full dotted name (`links.lanes`): it keeps their running values until restarted. Live: `exports`, `namespace`, `dns.upstream`,
     /// `dns.allow`, `dns.ttl`.
     pub fn restart_needed(&self, running: &Config) -> Vec<&'static str> {
         let mut keys = Vec::new();
@@ -21,12 +21,53 @@ impl Config {
         check(self.advertise != running.advertise, "advertise");
         check(self.dns.listen != running.dns.listen, "dns.listen");
         check(self.dns.zone != running.dns.zone, "dns.zone");
-        check(self.vips != running.vips, "vips");
-        check(self.links != running.links, "links");
-        check(self.limits != running.limits, "limits");
         check(self.metrics != running.metrics, "metrics");
         check(self.gateway != running.gateway, "gateway");
+        let (v, rv) = (&self.vips, &running.vips);
+        section(
+            &mut keys,
+            v != rv,
+            "vips",
+            &[
+                (v.cidr != rv.cidr, "vips.cidr"),
+                (v.block != rv.block, "vips.block"),
+                (v.mode != rv.mode, "vips.mode"),
+                (v.intercept_port != rv.intercept_port, "vips.intercept_port"),
+            ],
+        );
+        let (l, rl) = (&self.links, &running.links);
+        section(
+            &mut keys,
+            l != rl,
+            "links",
+            &[
+                (l.lanes != rl.lanes, "links.lanes"),
+                (l.down_after != rl.down_after, "links.down_after"),
+                (l.idle_timeout != rl.idle_timeout, "links.idle_timeout"),
+                (l.resume != rl.resume, "links.resume"),
+            ],
+        );
+        let (m, rm) = (&self.limits, &running.limits);
+        section(
+            &mut keys,
+            m != rm,
+            "limits",
+            &[
+                (m.max_flows != rm.max_flows, "limits.max_flows"),
+                (m.udp_idle != rm.udp_idle, "limits.udp_idle"),
+            ],
+        );
         keys
+    }
+}
+
+/// Adds the changed keys among `fields` (changed, dotted name) to `keys`; the section's own
+/// name when it `changed` but none of the fields listed did (a field added to it since).
+fn section(keys: &mut Vec<&'static str>, changed: bool, name: &'static str, fields: &[(bool, &'static str)]) {
+    let before = keys.len();
+    keys.extend(fields.iter().filter(|(c, _)| *c).map(|(_, k)| *k));
+    if changed && keys.len() == before {
+        keys.push(name);
     }
 }
 
@@ -47,7 +88,19 @@ mod tests {
         .unwrap();
         assert_eq!(
             not_live.restart_needed(&running),
-            ["listen", "dns.listen", "links", "limits", "metrics"]
+            [
+                "listen",
+                "dns.listen",
+                "metrics",
+                "links.down_after",
+                "limits.max_flows"
+            ]
+        );
+        let lanes = parse("site: a\nlinks:\n  lanes: 3\n  resume: false\nvips:\n  mode: intercept\n").unwrap();
+        assert_eq!(
+            lanes.restart_needed(&running),
+            ["vips.mode", "links.lanes", "links.resume"],
+            "each key by its own name, not its section's"
         );
     }
 }

@@ -300,6 +300,11 @@ impl<'de> Deserialize<'de> for Lanes {
             fn visit_str<E: de::Error>(self, w: &str) -> Result<Lanes, E> {
                 if w.trim() == "auto" {
                     Ok(Lanes::Auto)
+                } else if w.trim().parse::<u64>().is_ok() {
+                    Err(E::custom(format!(
+                        "\"{w}\" is a quoted string: write the number of lanes without quotes \
+                         (lanes: {w}), or `auto`"
+                    )))
                 } else {
                     Err(E::custom(format!(
                         "`{w}`: expected `auto` or a number of lanes from 1 to {MAX_LANES}"
@@ -448,6 +453,8 @@ mod tests {
         assert!(e.contains("links.lanes") && e.contains("1 to 8"), "{e}");
         let e = err("site: a\nlinks:\n  lanes: many\n");
         assert!(e.contains("links.lanes") && e.contains("auto"), "{e}");
+        let e = err("site: a\nlinks:\n  lanes: \"3\"\n");
+        assert!(e.contains("links.lanes") && e.contains("quoted string"), "{e}");
         let e = err("site: a\nlinks:\n  down_after: 0s\n");
         assert!(e.contains("links.down_after") && e.contains("line 3"), "{e}");
     }

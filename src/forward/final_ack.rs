@@ -45,6 +45,9 @@ struct Pending {
 #[derive(Default)]
 pub(super) struct FinalAcks {
     queue: Mutex<Vec<Pending>>,
+    /// The last batch's vector, empty, swapped in for the next: a busy agent does not
+    /// allocate the queue anew on every tick.
+    spare: Mutex<Vec<Pending>>,
     /// Wakes [`FinalAcks::run`] when the queue goes from empty to not: an idle agent has no
     /// timer running.
     queued: Notify,
@@ -84,13 +87,14 @@ impl FinalAcks {
     /// Writes and finishes every queued stream that takes its frame now; returns how many
     /// are left for the next tick.
     fn flush(&self) -> usize {
-        let batch = std::mem::take(&mut *lock(&self.queue));
+        let mut batch = std::mem::take(&mut *lock(&self.spare));
+        std::mem::swap(&mut batch, &mut *lock(&self.queue));
         if batch.is_empty() {
             return 0;
         }
         let mut cx = Context::from_waker(Waker::noop());
         let mut left = Vec::new();
-        for mut p in batch {
+        for mut p in batch.drain(..) {
             if write(&mut p, &mut cx) {
                 continue;
             }
@@ -101,6 +105,7 @@ impl FinalAcks {
                 left.push(p);
             }
         }
+        *lock(&self.spare) = batch;
         let n = left.len();
         if n > 0 {
             lock(&self.queue).append(&mut left);

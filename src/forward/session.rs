@@ -166,6 +166,9 @@ enum Outcome {
     Done,
     /// The stream failed or was superseded: the flow may move.
     Broken(String),
+    /// At the origin, on the interactive lane: the flow has carried enough to count as bulk
+    /// and moves to a bulk lane ([`crate::link::lanes`]), as a broken stream would.
+    TurnedBulk,
     /// The other end ended the flow (its TCP connection reset, or it does not know the flow).
     Gone(String),
     /// The stream was reset or stopped with a final code ([`is_final`]).
@@ -179,6 +182,7 @@ impl std::fmt::Display for Outcome {
         match self {
             Outcome::Done => f.write_str("done"),
             Outcome::Broken(why) => write!(f, "stream broke: {why}"),
+            Outcome::TurnedBulk => f.write_str("the flow turned bulk"),
             Outcome::Gone(why) => write!(f, "ended by the other end: {why}"),
             Outcome::Refused(code) => write!(f, "refused with code {code}"),
             Outcome::Fatal(why) => write!(f, "failed: {why}"),
@@ -190,16 +194,12 @@ impl Outcome {
     fn rank(&self) -> u8 {
         match self {
             Outcome::Done => 0,
-            Outcome::Broken(_) => 1,
+            Outcome::Broken(_) | Outcome::TurnedBulk => 1,
             Outcome::Gone(_) | Outcome::Refused(_) => 2,
             Outcome::Fatal(_) => 3,
         }
     }
 }
-
-/// Why an origin's attempt on the interactive lane ended: the flow turned bulk, and moves to
-/// a bulk lane ([`crate::link::lanes`]).
-const TURNED_BULK: &str = "the flow turned bulk";
 
 /// The lane an origin's flow takes: the interactive one until it turned bulk.
 fn lane_choice(key: u64, bulk: bool) -> LaneChoice {
@@ -476,8 +476,9 @@ impl Forwarder {
                     }
                 }
             };
-            let why = match outcome {
-                Outcome::Broken(why) => why,
+            let (why, turned_bulk) = match outcome {
+                Outcome::Broken(why) => (why, false),
+                Outcome::TurnedBulk => (Outcome::TurnedBulk.to_string(), true),
                 other => return other,
             };
             if let Some(a) = resumed {
@@ -495,7 +496,6 @@ impl Forwarder {
                     lane,
                     bulk,
                 } => {
-                    let turned_bulk = why == TURNED_BULK;
                     *bulk |= turned_bulk;
                     debug!(%why, "flow's stream broke; reopening it");
                     let from = via.map(|c| c.remote_address().to_string()).unwrap_or_default();
@@ -663,6 +663,9 @@ struct Attempt {
     dec: Decoder,
     /// Frames built and not yet all taken by the stream, from `sent` on.
     frames: Vec<Bytes>,
+    /// The replay buffer's chunks to frame next (kept empty between calls of
+    /// [`write_frames`], which would otherwise allocate it on every call that sends data).
+    batch: Vec<Bytes>,
     sent: usize,
     /// Finish the stream once `frames` are taken: this end has nothing more to say.
     finish: bool,
@@ -682,7 +685,7 @@ struct Attempt {
     /// for nothing else (a full replay buffer, or its FIN), so one goes first thing.
     ack_again: bool,
     /// Once this end has read plus received this many bytes, the attempt ends with
-    /// [`TURNED_BULK`] so that the origin moves the flow to a bulk lane.
+    /// [`Outcome::TurnedBulk`] so that the origin moves the flow to a bulk lane.
     move_after: Option<u64>,
     /// The flow is done but for this ack of the peer's FIN, which goes with the stream to
     /// [`FinalAcks`] (written with others on its next tick).
@@ -719,6 +722,7 @@ async fn attempt(
         skip_answer: !answered,
         dec: Decoder::resuming(end.peer_fin),
         frames: Vec::new(),
+        batch: Vec::new(),
         sent: 0,
         finish: false,
         finished: false,
@@ -778,7 +782,7 @@ fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mu
             && !a.finish
             && !a.finished
         {
-            return Poll::Ready(Outcome::Broken(TURNED_BULK.into()));
+            return Poll::Ready(Outcome::TurnedBulk);
         }
         let mut progress = false;
         // The reader: the peer's frames, never waiting for the socket while this end needs
@@ -888,12 +892,11 @@ fn poll_attempt(end: &mut End<'_>, a: &mut Attempt, cancel: &AtomicBool, cx: &mu
 /// Errors: the peer acknowledged bytes this end has read but not yet sent it (a broken or
 /// hostile peer), so `a.pos` is before what is held.
 fn write_frames(end: &mut End<'_>, a: &mut Attempt) -> Result<(), FrameError> {
-    let mut batch = Vec::new();
-    end.out.chunks_from(a.pos, &mut batch)?;
+    end.out.chunks_from(a.pos, &mut a.batch)?;
     let data_end = end.out.end();
     let new_pos = a.pos.max(data_end);
     let fin_now = end.out.finished() && new_pos == data_end;
-    for mut b in batch {
+    for mut b in a.batch.drain(..) {
         while !b.is_empty() {
             let part = b.split_to(b.len().min(MAX_FRAME as usize));
             a.frames.push(a.headers.data(part.len() as u32));

@@ -784,10 +784,11 @@ impl Links {
         };
         debug!(lane = index, remote = %lane.remote_address(), "lane up");
         guard.reason = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => "link stopped".to_string(),
             r = self.handler.run_lane(name, first, lane.clone()) => r,
             e = lane.closed() => describe_connection_error(&e),
             _ = first.closed() => "the link's first connection ended".to_string(),
-            _ = cancel.cancelled() => "link stopped".to_string(),
         };
         index
     }
@@ -1062,10 +1063,13 @@ impl Links {
         conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(crate::quic::LINK_BIDI_STREAMS));
         let cancel = link.cancel.clone();
         let name = link.name.clone();
+        // Biased, the stop first: at shutdown the connection closes and the handler fails
+        // at about the same time, and the link-down reason would vary from run to run.
         tokio::select! {
+            biased;
+            _ = cancel.cancelled() => "link stopped".to_string(),
             reason = self.handler.run(link) => reason,
             e = conn.closed() => describe_connection_error(&e),
-            _ = cancel.cancelled() => "link stopped".to_string(),
             never = self.watch_liveness(&name, &conn) => match never {},
         }
     }
