@@ -219,8 +219,9 @@ pub struct LinksConfig {
     pub idle_timeout: Duration,
     /// Whether the TCP flows this agent originates are resumable: framed end to end with a
     /// bounded replay buffer, so an open flow moves to another path when its own fails
-    /// (docs/REFERENCE.md, *What survives a path change*). It costs CPU and memory per flow
-    /// (docs/BENCHMARKS.md); `false` gives plain streams, which an outage shorter than
+    /// (docs/REFERENCE.md, *What survives a path change*). Its cost per connection is
+    /// within the benchmarks' noise (docs/BENCHMARKS.md, *Session 12*); `false` gives plain
+    /// streams, which an outage shorter than
     /// `idle_timeout` on their own path still survives. Flows from other agents are resumable
     /// as they ask, whatever this says.
     pub resume: bool,
