@@ -40,7 +40,7 @@ links:
   lanes: auto                   # parallel QUIC connections per link; auto = min(CPUs, 8)
   down_after: 3s                # silence after which a link counts as down for routing and DNS
   idle_timeout: 30s             # silence after which a link's connections and their flows are given up
-  resume: true                  # open TCP flows move to another path when theirs fails (costs CPU per flow)
+  resume: true                  # open TCP flows move to another path when theirs fails
 limits:
   max_flows: {DEFAULT_MAX_FLOWS}               # concurrent forwarded TCP flows per agent
   udp_idle: 60s                 # humantime duration, idle UDP flows expire
