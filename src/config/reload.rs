@@ -3,7 +3,7 @@
 //! settings at once; every other key keeps its running value, and [`Config::restart_needed`]
 //! names those keys so the reload status and the log can say a restart is due.
 
-use super::Config;
+use super::{Config, Limits, LinksConfig, VipsConfig};
 
 impl Config {
     /// The keys whose change from `running` to `self` a running agent cannot apply, each by
@@ -23,51 +23,33 @@ impl Config {
         check(self.dns.zone != running.dns.zone, "dns.zone");
         check(self.metrics != running.metrics, "metrics");
         check(self.gateway != running.gateway, "gateway");
-        let (v, rv) = (&self.vips, &running.vips);
-        section(
-            &mut keys,
-            v != rv,
-            "vips",
-            &[
-                (v.cidr != rv.cidr, "vips.cidr"),
-                (v.block != rv.block, "vips.block"),
-                (v.mode != rv.mode, "vips.mode"),
-                (v.intercept_port != rv.intercept_port, "vips.intercept_port"),
-            ],
-        );
-        let (l, rl) = (&self.links, &running.links);
-        section(
-            &mut keys,
-            l != rl,
-            "links",
-            &[
-                (l.lanes != rl.lanes, "links.lanes"),
-                (l.down_after != rl.down_after, "links.down_after"),
-                (l.idle_timeout != rl.idle_timeout, "links.idle_timeout"),
-                (l.resume != rl.resume, "links.resume"),
-            ],
-        );
-        let (m, rm) = (&self.limits, &running.limits);
-        section(
-            &mut keys,
-            m != rm,
-            "limits",
-            &[
-                (m.max_flows != rm.max_flows, "limits.max_flows"),
-                (m.udp_idle != rm.udp_idle, "limits.udp_idle"),
-            ],
-        );
+        // Destructured, so that a key added to a section cannot be left out here.
+        let VipsConfig {
+            cidr,
+            block,
+            mode,
+            intercept_port,
+        } = &self.vips;
+        let rv = &running.vips;
+        check(*cidr != rv.cidr, "vips.cidr");
+        check(*block != rv.block, "vips.block");
+        check(*mode != rv.mode, "vips.mode");
+        check(*intercept_port != rv.intercept_port, "vips.intercept_port");
+        let LinksConfig {
+            lanes,
+            down_after,
+            idle_timeout,
+            resume,
+        } = &self.links;
+        let rl = &running.links;
+        check(*lanes != rl.lanes, "links.lanes");
+        check(*down_after != rl.down_after, "links.down_after");
+        check(*idle_timeout != rl.idle_timeout, "links.idle_timeout");
+        check(*resume != rl.resume, "links.resume");
+        let Limits { max_flows, udp_idle } = &self.limits;
+        check(*max_flows != running.limits.max_flows, "limits.max_flows");
+        check(*udp_idle != running.limits.udp_idle, "limits.udp_idle");
         keys
-    }
-}
-
-/// Adds the changed keys among `fields` (changed, dotted name) to `keys`; the section's own
-/// name when it `changed` but none of the fields listed did (a field added to it since).
-fn section(keys: &mut Vec<&'static str>, changed: bool, name: &'static str, fields: &[(bool, &'static str)]) {
-    let before = keys.len();
-    keys.extend(fields.iter().filter(|(c, _)| *c).map(|(_, k)| *k));
-    if changed && keys.len() == before {
-        keys.push(name);
     }
 }
 

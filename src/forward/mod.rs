@@ -331,6 +331,7 @@ impl Forwarder {
         intercept: Option<Intercepting>,
         shutdown: CancellationToken,
     ) -> Arc<Forwarder> {
+        let resume_window = opts.resume_window;
         let fwd = Arc::new(Forwarder {
             site: mesh.site().to_string(),
             flow_permits: Arc::new(Semaphore::new(opts.max_flows)),
@@ -346,7 +347,7 @@ impl Forwarder {
             intercept: intercept.map(Arc::new),
             resumes: Mutex::new(HashMap::new()),
             resume_peers: Mutex::new(HashMap::new()),
-            final_acks: final_ack::FinalAcks::default(),
+            final_acks: final_ack::FinalAcks::new(resume_window),
             shutdown,
             tasks: TaskTracker::new(),
         });

@@ -276,6 +276,13 @@ impl<'t> End<'t> {
         self.peer_fin && self.delivered == self.received
     }
 
+    /// Everything is delivered both ways but possibly this end's FIN, whose ack is all the
+    /// flow waits for: the peer's FIN is written, this end's socket ended and all its data is
+    /// acknowledged.
+    fn owes_nothing(&self) -> bool {
+        self.fin_written() && self.out.finished() && self.out.held() == 0
+    }
+
     /// Counts `n` peer bytes (+1 for its FIN when `fin`) as written to the socket.
     fn wrote(&mut self, n: u64, fin: bool) {
         if self.delivered == self.ack_sent {
@@ -604,6 +611,14 @@ impl Forwarder {
                         });
                     }
                     Ok(Err(OpenError::Failed(why))) => debug!(%why, "reopening the flow failed; retrying"),
+                    // The terminus no longer holds the flow, and nothing of it was owed but the
+                    // ack of our FIN: it ended the flow once our FIN reached it, and its final
+                    // ack (super::final_ack) was lost with the old stream. Whatever else ended
+                    // it, both our client's directions are complete: close, do not reset.
+                    Ok(Err(OpenError::Refused(code))) if code == codes::GONE.into() && end.owes_nothing() => {
+                        debug!("the terminus ended the flow before its final ack reached us");
+                        return Err(Outcome::Done);
+                    }
                     Ok(Err(e)) => return Err(Outcome::Gone(e.to_string())),
                     Err(_) => debug!("no answer to reopening the flow; retrying"),
                 }
