@@ -24,6 +24,7 @@
 //! cores against each other in one process (tests only).
 
 pub mod core;
+
 #[cfg(test)]
 mod sim;
 
@@ -203,18 +204,12 @@ impl Mesh {
             .into_iter()
             .filter_map(|(site, id)| shell.conns.get(&id).map(|c| (site, c.clone())))
             .collect();
-        match self.routes.write() {
-            Ok(mut r) => *r = routes,
-            Err(p) => *p.into_inner() = routes,
-        }
+        *write(&self.routes) = routes;
         let member_routes: HashMap<IpAddr, quinn::Connection> = member_routes
             .into_iter()
             .filter_map(|(vip, id)| shell.conns.get(&id).map(|c| (vip, c.first().clone())))
             .collect();
-        match self.member_routes.write() {
-            Ok(mut r) => *r = member_routes,
-            Err(p) => *p.into_inner() = member_routes,
-        }
+        *write(&self.member_routes) = member_routes;
         for c in &view.conflicts {
             warn!("{c}");
         }
@@ -264,10 +259,7 @@ impl Mesh {
     /// `f` of the lanes of the link to `site`'s next hop, if `site` is reachable (under the
     /// routes' read lock: no reference count taken on this per-flow path).
     fn with_route<R>(&self, site: &str, f: impl FnOnce(&LaneSet) -> R) -> Option<R> {
-        match self.routes.read() {
-            Ok(r) => r.get(site).map(|l| f(l)),
-            Err(p) => p.into_inner().get(site).map(|l| f(l)),
-        }
+        read(&self.routes).get(site).map(|l| f(l))
     }
 
     /// Whether the link to `site`'s next hop has (or agreed to have) lanes besides its first
@@ -281,7 +273,7 @@ impl Mesh {
     pub fn lane_up(&self, first: &quinn::Connection, lane: quinn::Connection) -> bool {
         let added = match self.lock().conns.get(&first.stable_id()) {
             Some(lanes) => {
-                self.lane_links_mut().insert(lane.stable_id(), first.stable_id());
+                write(&self.lane_links).insert(lane.stable_id(), first.stable_id());
                 lanes.add(lane);
                 true
             }
@@ -296,26 +288,15 @@ impl Mesh {
         if let Some(lanes) = self.lock().conns.get(&first.stable_id()) {
             lanes.remove(lane);
         }
-        self.lane_links_mut().remove(&lane.stable_id());
+        write(&self.lane_links).remove(&lane.stable_id());
         self.routes_changed.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    fn lane_links_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<usize, ConnId>> {
-        match self.lane_links.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
     }
 
     /// The id of the link `conn` belongs to: its first connection's id (`conn`'s own for a
     /// first connection, or any connection that is no lane).
     pub fn link_of(&self, conn: &quinn::Connection) -> usize {
         let id = conn.stable_id();
-        let links = match self.lane_links.read() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        links.get(&id).copied().unwrap_or(id)
+        read(&self.lane_links).get(&id).copied().unwrap_or(id)
     }
 
     /// A receiver that sees every change of the routes or of any link's lanes.
@@ -406,10 +387,7 @@ impl Mesh {
 
     /// The connection of the sidecar that delivers `vip`, if one does.
     pub fn member_for(&self, vip: &IpAddr) -> Option<quinn::Connection> {
-        match self.member_routes.read() {
-            Ok(r) => r.get(vip).cloned(),
-            Err(p) => p.into_inner().get(vip).cloned(),
-        }
+        read(&self.member_routes).get(vip).cloned()
     }
 
     /// A link came up: remember it, give the peer everything we know, advertise the change.
@@ -486,6 +464,17 @@ impl Mesh {
             },
         );
     }
+}
+
+/// Reads `l`, whether or not a writer panicked: the tables are replaced whole or changed by
+/// one insert or remove, so a poisoned one is still consistent.
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes `l`, whether or not a writer panicked (see [`read`]).
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
