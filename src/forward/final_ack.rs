@@ -34,8 +34,6 @@ use super::{codes, lock};
 /// holds meanwhile (a finished flow's socket and state) and long against the gap between
 /// short connections under load (about 150 µs on 2 vCPUs), so a batch carries tens.
 pub(super) const TICK: Duration = Duration::from_millis(5);
-/// The queue's vectors keep at most this many entries' room between bursts.
-const KEEP: usize = 4096;
 
 /// One final ack waiting for the next tick.
 struct Pending {
@@ -49,9 +47,6 @@ struct Pending {
 /// The queue of final acks and the tick that writes them (see the module doc).
 pub(super) struct FinalAcks {
     queue: Mutex<Vec<Pending>>,
-    /// The last batch's vector, empty, swapped in for the next: a busy agent does not
-    /// allocate the queue anew on every tick.
-    spare: Mutex<Vec<Pending>>,
     /// Wakes [`FinalAcks::run`] when the queue goes from empty to not: an idle agent has no
     /// timer running.
     queued: Notify,
@@ -66,7 +61,6 @@ impl FinalAcks {
     pub(super) fn new(give_up: Duration) -> FinalAcks {
         FinalAcks {
             queue: Mutex::new(Vec::new()),
-            spare: Mutex::new(Vec::new()),
             queued: Notify::new(),
             give_up,
             closed: AtomicBool::new(false),
@@ -119,14 +113,13 @@ impl FinalAcks {
     /// Writes and finishes every queued stream that takes its frame now, and resets those
     /// blocked since `give_up` before `now`; returns how many are left for the next tick.
     fn flush(&self, now: Instant) -> usize {
-        let mut batch = std::mem::take(&mut *lock(&self.spare));
-        std::mem::swap(&mut batch, &mut *lock(&self.queue));
+        let batch = std::mem::take(&mut *lock(&self.queue));
         if batch.is_empty() {
             return 0;
         }
         let mut cx = Context::from_waker(Waker::noop());
         let mut left = Vec::new();
-        for mut p in batch.drain(..) {
+        for mut p in batch {
             if write(&mut p, &mut cx) {
                 continue;
             }
@@ -136,13 +129,9 @@ impl FinalAcks {
                 left.push(p);
             }
         }
-        batch.shrink_to(KEEP);
-        *lock(&self.spare) = batch;
         let n = left.len();
         if n > 0 {
-            let mut q = lock(&self.queue);
-            q.append(&mut left);
-            q.shrink_to(KEEP);
+            lock(&self.queue).append(&mut left);
         }
         n
     }
